@@ -1,0 +1,85 @@
+"""The measured loop: warm-up, timed iterations, statistics, console report, one record."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from llmbench.backends import Backend
+from llmbench.devices import peak_memory_bytes, peak_memory_kind, reset_peak_memory
+from llmbench.errors import UserError
+from llmbench.prompts import PromptInputs
+from llmbench.timing import IterationTiming, StepTimer, summarize
+
+
+@dataclass
+class Measurement:
+    iterations: list[IterationTiming] = field(default_factory=list)
+    output_text: str | None = None
+    output_token_ids: list[int] | None = None
+    peak_memory_bytes: int | None = None
+    complete: bool = False
+
+
+def decode_first_row(tokenizer, ids: torch.Tensor, input_len: int) -> tuple[str | None, list[int]]:
+    new_ids = ids[0, input_len:].tolist()
+    text = tokenizer.decode(new_ids, skip_special_tokens=False) if tokenizer is not None else None
+    return text, new_ids
+
+
+def measure(backend: Backend, inputs: PromptInputs, config, device: torch.device, tokenizer,
+            measurement: Measurement) -> Measurement:
+    """Fill `measurement` as iterations finish, so a caller that catches an interruption keeps them."""
+    n_new, beams = config.max_new_tokens, config.num_beams
+    timer = StepTimer(device, per_token=config.token_latency)
+    backend.warm_up_shapes(inputs, n_new, beams)
+    for _ in tqdm(range(config.num_warmup), desc="warm-up", disable=config.quiet, file=sys.stderr):
+        backend.generate(inputs, n_new, beams, timer if config.token_latency else None)
+    reset_peak_memory(device)
+    for _ in tqdm(range(config.num_iter), desc="measured", disable=config.quiet, file=sys.stderr):
+        timer.start()
+        ids = backend.generate(inputs, n_new, beams, timer if config.token_latency else None)
+        generated = int(ids.shape[1]) - inputs.num_tokens
+        timing = timer.stop(generated)
+        if generated != n_new:
+            raise UserError(f"generation returned {generated} new tokens instead of {n_new}: "
+                            f"backend {backend.name} does not honour min_new_tokens for this model")
+        if config.token_latency and len(timing.token_latencies_s) != generated:
+            raise UserError(f"timed {len(timing.token_latencies_s)} steps for {generated} tokens: "
+                            f"backend {backend.name} skips the per-token hook")
+        if measurement.output_text is None and measurement.output_token_ids is None:
+            measurement.output_text, measurement.output_token_ids = decode_first_row(tokenizer, ids, inputs.num_tokens)
+            if not config.quiet and measurement.output_text is not None:
+                print(f"Output: {measurement.output_text!r}", flush=True)
+        measurement.iterations.append(timing)
+    measurement.peak_memory_bytes = peak_memory_bytes(device)
+    measurement.complete = True
+    return measurement
+
+
+def metrics_for(measurement: Measurement, batch_size: int, weight_bytes: int) -> dict:
+    metrics = summarize(measurement.iterations, batch_size)
+    next_s = metrics["next_token_latency_s"]
+    metrics["weight_bandwidth_gb_s"] = weight_bytes / next_s / 1e9 if next_s else None
+    metrics["peak_memory_bytes"] = measurement.peak_memory_bytes
+    return metrics
+
+
+def print_report(metrics: dict, device: torch.device, print_memory: bool) -> None:
+    """The seed's console labels (log parsers rely on them), then the additions."""
+    print(f"Inference latency: {metrics['e2e_latency_s']:.3f} sec.")
+    if metrics["first_token_latency_s"] is not None:
+        print(f"First token average latency: {metrics['first_token_latency_s']:.3f} sec.")
+    if metrics["next_token_latency_s"] is not None:
+        print(f"Average 2... latency: {metrics['next_token_latency_s']:.3f} sec.")
+        print(f"P50 2... latency: {metrics['p50_next_token_latency_s']:.3f} sec.")
+        print(f"P90 2... latency: {metrics['p90_next_token_latency_s']:.3f} sec.")
+        print(f"P99 2... latency: {metrics['p99_next_token_latency_s']:.3f} sec.")
+    print(f"Throughput: {metrics['throughput_tokens_per_s']:.2f} tokens/s")
+    if metrics["weight_bandwidth_gb_s"] is not None:
+        print(f"Weight read bandwidth: {metrics['weight_bandwidth_gb_s']:.2f} GB/s")
+    if print_memory and metrics["peak_memory_bytes"] is not None:
+        print(f"Peak memory ({peak_memory_kind(device)}): {metrics['peak_memory_bytes'] / 2**30:.3f} GiB")

@@ -1,0 +1,202 @@
+"""Command-line flags, defined once for every entry script, and the validated RunConfig."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmbench.errors import UserError
+
+DTYPES = ("float16", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda", "xpu")
+BACKENDS = ("eager", "compile", "ipex")
+DEFAULT_RESULTS = Path("results") / "results.jsonl"
+DEFAULT_ACC_TASK = "lambada_openai"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported on one line (no usage block) with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=prog,
+        description="Time (--benchmark) or evaluate (--accuracy-only) text generation of a causal LM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mode = p.add_argument_group("mode")
+    mode.add_argument("--benchmark", action="store_true", help="time generation (the default mode)")
+    mode.add_argument("--accuracy-only", action="store_true", help="run lm-eval tasks instead of timing")
+
+    model = p.add_argument_group("model")
+    model.add_argument("-m", "--model-id", default=None,
+                       help="hub id, local model folder or .gguf file; default: the built-in SmolLM2-135M-Instruct")
+    model.add_argument("--device", choices=DEVICES, default="auto", help="auto picks xpu, then cuda, then cpu")
+    model.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="default: float16 on cuda/xpu, bfloat16 on cpu")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow running Python code shipped with a checkpoint")
+    model.add_argument("--dummy-weights", action="store_true",
+                       help="random weights at the real size (no download): timing only")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--num-beams", type=positive_int, default=4)
+    gen.add_argument("--greedy", action="store_true", help="greedy search (same as --num-beams 1)")
+    gen.add_argument("--batch-size", type=positive_int, default=1)
+    gen.add_argument("--input-tokens", type=positive_int, default=32,
+                     help="prompt length in tokens, cut exactly from prompt.json")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32,
+                     help="tokens generated per run (exactly this many: EOS never ends a run early)")
+    gen.add_argument("--prompt", default=None, help="your own prompt text instead of prompt.json (used whole)")
+    gen.add_argument("--prompt-file", type=Path, default=None, help="prompt.json to cut prompts from")
+    gen.add_argument("--seed", type=int, default=42)
+
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument("--num-iter", type=positive_int, default=10, help="measured iterations")
+    bench.add_argument("--num-warmup", type=non_negative_int, default=3, help="warm-up iterations (not measured)")
+    bench.add_argument("--token-latency", action="store_true",
+                       help="time every generated token (first and next-token latency)")
+    bench.add_argument("--print-memory", action="store_true", help="print peak memory")
+    bench.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file records are appended to")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars or generated text")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--backend", choices=BACKENDS, default="eager")
+    opt.add_argument("--ipex", action="store_true", help="same as --backend ipex")
+    opt.add_argument("--woq", choices=("int4", "int8"), default=None, help="weight-only quantization")
+    opt.add_argument("--woq-group-size", type=positive_int, default=None, help="quantization group size")
+    opt.add_argument("--woq-algo", choices=("rtn", "gptq", "awq"), default="rtn")
+    opt.add_argument("--calib-dataset", default=None, help="calibration text/JSONL file or dataset name (gptq, awq)")
+    opt.add_argument("--woq-checkpoint", type=Path, default=None,
+                     help="low-precision checkpoint: saved after quantizing, loaded when it exists")
+    opt.add_argument("--ki", action="store_true", help="DeepSpeed kernel injection (distributed runs)")
+    opt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    acc = p.add_argument_group("accuracy")
+    acc.add_argument("--acc-tasks", default=DEFAULT_ACC_TASK, help="comma-separated lm-eval tasks")
+    acc.add_argument("--acc-limit", "--acc-iter", type=positive_int, default=None,
+                     help="evaluate only the first N documents of each task")
+    acc.add_argument("--acc-batch-size", type=positive_int, default=1, help="lm-eval batch size")
+    acc.add_argument("--acc-data-dir", type=Path, default=None,
+                     help="folder holding lambada_test.jsonl (offline lambada_openai)")
+    return p
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, validated; flows one way through the pipeline."""
+
+    mode: str
+    model_id: str | None
+    device: str
+    dtype: str | None
+    backend: str
+    num_beams: int
+    batch_size: int
+    input_tokens: int
+    max_new_tokens: int
+    num_iter: int
+    num_warmup: int
+    token_latency: bool
+    prompt: str | None
+    prompt_file: Path | None
+    seed: int
+    print_memory: bool
+    results: Path
+    quiet: bool
+    trust_remote_code: bool
+    dummy_weights: bool
+    woq: str | None
+    woq_group_size: int | None
+    woq_algo: str
+    calib_dataset: str | None
+    woq_checkpoint: Path | None
+    ki: bool
+    acc_tasks: list[str] = field(default_factory=list)
+    acc_limit: int | None = None
+    acc_batch_size: int = 1
+    acc_data_dir: Path | None = None
+
+    def to_record(self) -> dict:
+        """The settings that identify a run, JSON-ready."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+        return out
+
+
+def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunConfig:
+    """Parse flags into a RunConfig; contradictions become a UserError."""
+    args = build_parser(prog).parse_args(argv)
+    if args.benchmark and args.accuracy_only:
+        raise UserError("--benchmark and --accuracy-only are two different runs: pass one of them")
+    if args.ipex and args.backend not in ("eager", "ipex"):
+        raise UserError(f"--ipex means --backend ipex, which contradicts --backend {args.backend}: pass one")
+    backend = "ipex" if args.ipex else args.backend
+    if args.accuracy_only and not os.environ.get("LLM_ACC_TEST"):
+        # The seed gated accuracy runs behind this variable; keep accepting runs without it.
+        os.environ["LLM_ACC_TEST"] = "1"
+    tasks = [t.strip() for t in args.acc_tasks.split(",") if t.strip()]
+    if args.accuracy_only and not tasks:
+        raise UserError("--acc-tasks is empty: name at least one lm-eval task, e.g. --acc-tasks lambada_openai")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty: give some text, or drop the flag to use prompt.json")
+    if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):
+        raise UserError("--woq-checkpoint/--woq-group-size/--calib-dataset need --woq int4 or --woq int8")
+    return RunConfig(
+        mode="accuracy" if args.accuracy_only else "benchmark",
+        model_id=args.model_id,
+        device=args.device,
+        dtype=args.dtype,
+        backend=backend,
+        num_beams=1 if args.greedy else args.num_beams,
+        batch_size=args.batch_size,
+        input_tokens=args.input_tokens,
+        max_new_tokens=args.max_new_tokens,
+        num_iter=args.num_iter,
+        num_warmup=args.num_warmup,
+        token_latency=args.token_latency,
+        prompt=args.prompt,
+        prompt_file=args.prompt_file,
+        seed=args.seed,
+        print_memory=args.print_memory,
+        results=args.results,
+        quiet=args.quiet,
+        trust_remote_code=args.trust_remote_code,
+        dummy_weights=args.dummy_weights,
+        woq=args.woq,
+        woq_group_size=args.woq_group_size,
+        woq_algo=args.woq_algo,
+        calib_dataset=args.calib_dataset,
+        woq_checkpoint=args.woq_checkpoint,
+        ki=args.ki,
+        acc_tasks=tasks,
+        acc_limit=args.acc_limit,
+        acc_batch_size=args.acc_batch_size,
+        acc_data_dir=args.acc_data_dir,
+    )

