@@ -25,7 +25,7 @@ def quiet_libraries(verbose: bool) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    for name in ("torchao", "torch._dynamo", "torch._inductor", "DeepSpeed"):
+    for name in ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

