@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import resource
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -75,7 +75,7 @@ def peak_memory_kind(device: torch.device) -> str:
     return "process peak RSS" if device.type == "cpu" else f"{device.type} max allocated"
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

