@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# One-click woq sweep driven by env vars; see docs/sweeps.md.
+PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python}" -m llmbench.sweep --kind woq "$@"
