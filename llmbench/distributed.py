@@ -1,0 +1,392 @@
+"""Tensor-parallel runs over MPI / torchrun / deepspeed ranks: find the rank, join the group, shard the model.
+
+Only the distributed entry script imports this module; the single-process path never does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmbench.backends import Backend
+from llmbench.errors import UserError
+
+# (launcher, rank, size, local rank, local size) environment variables, most specific first.
+LAUNCHER_ENV = (
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("pals", "PALS_RANKID", "PMI_SIZE", "PALS_LOCAL_RANKID", "PALS_LOCAL_SIZE"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+)
+MPI_LAUNCHERS = ("openmpi", "pals", "mpich")
+DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
+# Families whose fused projections DeepSpeed AutoTP splits wrongly; transformers' own plan shards them right.
+TP_PLAN_FAMILIES = frozenset({"phi3"})
+TIMEOUT_ENV = "LLMBENCH_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+SHM_ENV = "LLMBENCH_DS_SHM_ALLREDUCE"
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands among the ranks of one job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    launcher: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(environ, name: str | None) -> int | None:
+    value = environ.get(name) if name else None
+    return int(value) if value not in (None, "") and value.strip().lstrip("-").isdigit() else None
+
+
+def discover_world(environ=None) -> World:
+    """Rank and size from the launcher's environment (MPI implementations, torchrun, deepspeed); else one rank."""
+    environ = os.environ if environ is None else environ
+    for launcher, rank_var, size_var, local_rank_var, local_size_var in LAUNCHER_ENV:
+        rank, size = _int_env(environ, rank_var), _int_env(environ, size_var)
+        if rank is None or size is None:
+            continue
+        local_rank = _int_env(environ, local_rank_var)
+        local_size = _int_env(environ, local_size_var) or _int_env(environ, "LOCAL_SIZE")
+        if launcher == "torchrun" and "LOCAL_SIZE" in environ and "LOCAL_WORLD_SIZE" not in environ:
+            launcher = "deepspeed"
+        if local_rank is None:  # single-node assumption, corrected by mpi4py when it runs
+            local_rank = rank
+        if not 0 <= rank < size:
+            raise UserError(f"{rank_var}={rank} is not a rank of a job of {size_var}={size} ranks")
+        return World(rank, size, local_rank, local_size or size, launcher)
+    return World()
+
+
+def timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UserError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds") from None
+
+
+def _mpi_comm(world: World):
+    """mpi4py's COMM_WORLD under an MPI launcher, else None (mpi4py missing or built for another MPI)."""
+    if world.launcher not in MPI_LAUNCHERS:
+        return None
+    try:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        return comm if comm.Get_size() == world.size else None
+    except Exception:  # noqa: BLE001 - mpi4py bound to another MPI: fall back to the environment
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous(world: World) -> World:
+    """Set MASTER_ADDR/MASTER_PORT and the torch.distributed variables; -> the world, local ranks made exact."""
+    comm = _mpi_comm(world)
+    if comm is not None:
+        from mpi4py import MPI
+
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        world = World(world.rank, world.size, node.Get_rank(), node.Get_size(), world.launcher)
+        single_node = world.local_size == world.size
+        address = None
+        if world.is_main:
+            address = (os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else
+                                                         socket.gethostbyname(socket.gethostname())),
+                       os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = comm.bcast(address, root=0)
+    else:
+        if world.local_size != world.size and "MASTER_ADDR" not in os.environ:
+            raise UserError("a job over several nodes needs MASTER_ADDR (the address of rank 0's node) "
+                            "or mpi4py built for the MPI that launched it")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.size), LOCAL_RANK=str(world.local_rank),
+                      LOCAL_SIZE=str(world.local_size), LOCAL_WORLD_SIZE=str(world.local_size))
+    return world
+
+
+def share_cpu_cores(world: World) -> None:
+    """Give each rank on a node its own slice of the cores: ranks that all run as many threads as the node
+    has cores oversubscribe it and slow every all-reduce down by an order of magnitude."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) != os.cpu_count() or world.local_size <= 1:
+        torch.set_num_threads(len(cores))  # the launcher bound this rank already
+        return
+    per_rank = max(1, len(cores) // world.local_size)
+    mine = cores[world.local_rank * per_rank:(world.local_rank + 1) * per_rank] or cores[-per_rank:]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+
+
+def init_process_group(world: World, device: torch.device) -> None:
+    """Join the job's process group with the device's backend; every collective is bounded by the timeout."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    elif device.type == "xpu":
+        torch.xpu.set_device(world.local_rank)
+    if device.type == "cpu":
+        share_cpu_cores(world)
+    backend = DIST_BACKEND[device.type]
+    if device.type == "xpu" and not tdist.is_backend_available("xccl"):
+        backend = "ccl"  # oneCCL bindings for PyTorch register "ccl" (older torch has no xccl)
+        import oneccl_bindings_for_pytorch  # noqa: F401
+    tdist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                             timeout=dt.timedelta(seconds=timeout_s()))
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    return device if device.type == "cpu" else torch.device(device.type, world.local_rank)
+
+
+def _model_type(config, loaded=None) -> str | None:
+    if loaded is not None:
+        return getattr(loaded.model.config, "model_type", None)
+    if config.dummy_weights:
+        return None
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    where, _, _ = resolve_source(config.model_id, quiet=True)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None  # the loader reports the problem in its own words
+
+
+def _probe_ids(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    vocab = int(getattr(model.config, "vocab_size", 0) or 64)
+    return (torch.arange(1, 9, device=device) % vocab).unsqueeze(0)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def _agrees(tp: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    return tp.shape == ref.shape and bool((tp - ref).abs().max() <= tolerance * max(1.0, float(ref.abs().max())))
+
+
+def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool):
+    """Shard with DeepSpeed AutoTP (kernel injection only with --ki); -> the sharded model (still a
+    transformers model, so generate() with beam search works on it)."""
+    import deepspeed
+
+    if device.type == "cpu" and not os.environ.get(SHM_ENV):
+        # DeepSpeed's shared-memory all-reduce is compiled at start-up and is no faster than gloo here
+        # (docs/distributed.md); LLMBENCH_DS_SHM_ALLREDUCE=1 turns it back on. (The package attribute
+        # deepspeed.comm.torch is the torch library, hence sys.modules.)
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
+                                      replace_with_kernel_inject=ki)
+    return engine.module
+
+
+def _tp_plan_kwargs() -> dict:
+    try:
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except ImportError:
+        return {"tp_plan": "auto"}
+
+
+def load_with_tp_plan(config, dtype: torch.dtype):
+    """Sharded loading by transformers' own tensor-parallel plan: each rank reads only its shard."""
+    from transformers import AutoModelForCausalLM
+
+    from llmbench.compat import dtype_kwargs
+    from llmbench.models import LoadedModel, load_tokenizer, one_line, resolve_source
+
+    if config.dummy_weights:
+        raise UserError("this model family needs transformers' tensor-parallel plan, which loads real weights: "
+                        "drop --dummy-weights")
+    where, name, source = resolve_source(config.model_id, quiet=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=config.trust_remote_code,
+                                                     **dtype_kwargs(dtype), **_tp_plan_kwargs())
+    except (ValueError, NotImplementedError) as exc:
+        raise UserError(f"-m {name}: transformers cannot shard this model over ranks: {one_line(exc)}") from exc
+    model.eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(where, config.trust_remote_code), name=name,
+                       source=source)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True for a linear layer split over ranks (DeepSpeed AutoTP layer or a DTensor-sharded weight)."""
+    from deepspeed.module_inject.layers import TensorParallel_Layer
+
+    weight = getattr(module, "weight", None)
+    return isinstance(module, TensorParallel_Layer) or type(weight).__name__ == "DTensor" or (
+        weight is not None and type(getattr(weight, "data", None)).__name__ == "DTensor")
+
+
+def local_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes this rank holds (each DTensor counted by its local shard)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def load_sharded(load: Callable[[torch.device], object], config, device: torch.device, dtype: torch.dtype,
+                 world: World):
+    """Load the model and shard it over the ranks -> (LoadedModel, facts for the record).
+
+    AutoTP first: the model is built on the CPU, checked against its unsharded output, then sharded
+    (DeepSpeed moves each shard to the rank's device and the full copy is freed at once). Families that
+    AutoTP splits wrongly, or any model whose sharded output disagrees, go to transformers' tensor-parallel
+    plan, which loads only this rank's shard.
+    """
+    from llmbench.models import one_line
+
+    if config.ki and device.type == "cpu":
+        raise UserError("--ki (DeepSpeed kernel injection) needs a GPU: drop --ki on cpu")
+    device = rank_device(device, world)
+    init_process_group(world, device)
+    facts: dict = {"world_size": world.size, "launcher": world.launcher}
+    family = _model_type(config)
+    loaded, method, reason = None, None, None
+    if family not in TP_PLAN_FAMILIES:
+        loaded = load(torch.device("cpu"))
+        family = _model_type(config, loaded)
+    if family in TP_PLAN_FAMILIES:
+        reason = f"AutoTP splits {family}'s fused projections with the unsharded head count"
+    else:
+        ids = _probe_ids(loaded.model, torch.device("cpu"))
+        reference = _logits(loaded.model, ids) if device.type == "cpu" else None
+        start = time.perf_counter()
+        try:
+            loaded.model = autotp(loaded.model, dtype, world, device, config.ki)
+            sharded = _logits(loaded.model, ids.to(device))
+            if reference is None or _agrees(sharded, reference, dtype):
+                method = "deepspeed-autotp" + ("-kernel-inject" if config.ki else "")
+            else:
+                reason = "AutoTP output differs from the unsharded model's"
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            reason = f"AutoTP failed: {one_line(exc)}"
+        facts["shard_time_s"] = time.perf_counter() - start
+    if not all(gather(world, method is not None)):  # the ranks must agree, or they would wait on each other
+        method, reason = None, reason or "AutoTP failed on another rank"
+    if method is None:
+        loaded = None
+        gc.collect()
+        loaded = load_with_tp_plan(config, dtype)
+        method = "transformers-tp-plan"
+    facts.update(method=method, fallback_reason=reason)
+    gc.collect()
+    facts["sharded_linear_layers"] = sum(is_sharded(m) for m in loaded.model.modules())
+    facts["rank_weight_bytes"] = gather(world, local_weight_bytes(loaded.model))
+    return loaded, facts
+
+
+def gather(world: World, value) -> list:
+    """Every rank's `value`, in rank order, on every rank (a collective: all ranks must call it)."""
+    import torch.distributed as tdist
+
+    values = [None] * world.size
+    tdist.all_gather_object(values, value)
+    return values
+
+
+def barrier(world: World) -> None:
+    import torch.distributed as tdist
+
+    if world.size > 1:
+        tdist.barrier()
+
+
+class RankSynchronized(Backend):
+    """A backend whose every generation ends at a barrier, so each timed iteration starts with the ranks
+    together and rank 0's wall time covers the slowest rank."""
+
+    def __init__(self, inner: Backend, world: World):
+        super().__init__()
+        self.inner, self.world = inner, world
+        self.name, self.model = inner.name, inner.model
+
+    @property
+    def details(self) -> dict:  # type: ignore[override]
+        return self.inner.details
+
+    @details.setter
+    def details(self, value: dict) -> None:
+        pass  # Backend.__init__ assigns it; the inner backend owns it
+
+    def warm_up_shapes(self, inputs, max_new_tokens: int, num_beams: int) -> None:
+        self.inner.warm_up_shapes(inputs, max_new_tokens, num_beams)
+        barrier(self.world)
+
+    def generate(self, inputs, max_new_tokens: int, num_beams: int, timer=None) -> torch.Tensor:
+        ids = self.inner.generate(inputs, max_new_tokens, num_beams, timer)
+        barrier(self.world)
+        return ids
+
+
+def abort(world: World, code: int, prog: str) -> None:
+    """End the whole job now: the other ranks may be waiting in a collective that will never complete."""
+    print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    comm = _mpi_comm(world)
+    if comm is not None:
+        comm.Abort(code)
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of run_generation_with_deepspeed.py: one rank of a tensor-parallel job."""
+    from llmbench.main import main as run_main
+
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        world = discover_world()
+        if world.size > 1:
+            world = rendezvous(world)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    code = 1
+    try:
+        code = run_main(argv, prog, world=world)
+    finally:
+        if code != 0 and world.size > 1:
+            abort(world, code, prog)
+    if world.size > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    return code

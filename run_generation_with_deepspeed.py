@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""One rank of a tensor-parallel run (DeepSpeed AutoTP): the flags and modes of run_generation.py.
+
+    mpirun -np 2 --prepend-rank python run_generation_with_deepspeed.py --benchmark ...
+"""
+
+import sys
+
+from llmbench.distributed import main
+
+if __name__ == "__main__":
+    sys.exit(main())
