@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbench.report import CASE_PARAMETERS, PARAMETERS, to_row, varying
+from llmbench.report import CASE_PARAMETERS, PARAMETERS, sort_key, to_row, varying
 
 MAX_TIMELINES = 6
+PRECISION_ORDER = ("float32", "bfloat16", "float16", "int8", "int4")
 ACCURACY_NAMES = ("acc", "accuracy", "acc_norm", "exact_match", "em", "f1")
 LABEL_BASE = ("model", "backend", "precision")
 SHORT = {"batch_size": "bs", "num_beams": "beam", "input_tokens": "in", "max_new_tokens": "out",
@@ -48,9 +49,10 @@ def _line_plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, title
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    for label, group in _series(rows, x).items():
+    series = _series(rows, x)
+    for label, group in series.items():
         ax.plot([r[x] for r in group], [r[y] for r in group], marker="o", label=label)
-        for r in group:
+        for r in group if len(series) <= 3 else []:  # value labels only while they cannot pile up
             ax.annotate(f"{r[y]:.3g}", (r[x], r[y]), textcoords="offset points", xytext=(0, 6), ha="center",
                         fontsize=8)
     xs = sorted({r[x] for r in rows})
@@ -84,7 +86,7 @@ def plot_timeline(records: list[dict], path: Path) -> Path | None:
 
     rows = [row for row, _ in timed]
     extra = [c for c in varying(rows, CASE_PARAMETERS) if c not in ("mode", "dtype", "woq", *LABEL_BASE)]
-    shown = sorted(timed, key=lambda t: [str(t[0].get(c)) for c in PARAMETERS])[:MAX_TIMELINES]
+    shown = sorted(timed, key=lambda t: sort_key(t[0]))[:MAX_TIMELINES]
     fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
     highest = max(ms[:, 1:].max() if ms.shape[1] > 1 else 0 for _, ms in shown)
     first_max = max(np.median(ms[:, 0]) for _, ms in shown)
@@ -133,7 +135,8 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    precisions = list(dict.fromkeys(r["precision"] for r in sorted(rows, key=lambda r: str(r["precision"]))))
+    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    precisions = sorted({r["precision"] for r in rows}, key=lambda p: (rank.get(p, len(rank)), str(p)))
     extra = [c for c in varying(rows, CASE_PARAMETERS) if c not in ("mode", "dtype", "woq", "precision")]
     bars: dict[str, dict] = defaultdict(dict)
     for r in rows:

@@ -140,13 +140,14 @@ def complete_records(records: list[dict]) -> tuple[list[dict], int]:
     return list(kept.values()), incomplete
 
 
-def _sort_key(row: dict) -> tuple:
+def sort_key(row: dict) -> tuple:
     return tuple((row.get(p) is None, row.get(p) if isinstance(row.get(p), (int, float)) else str(row.get(p)))
                  for p in PARAMETERS)
 
 
 def varying(rows: list[dict], columns: tuple[str, ...] | list[str]) -> list[str]:
-    return [c for c in columns if len({json.dumps(r.get(c), default=str) for r in rows}) > 1]
+    """The columns holding more than one known value (a missing value is not a different one)."""
+    return [c for c in columns if len({json.dumps(r.get(c), default=str) for r in rows if r.get(c) is not None}) > 1]
 
 
 def summary_table(rows: list[dict]) -> tuple[list[str], list[str]]:
@@ -156,23 +157,30 @@ def summary_table(rows: list[dict]) -> tuple[list[str], list[str]]:
     for r in rows[1:]:
         metric_cols += [c for c in r if c not in PARAMETERS and c != "precision" and c not in metric_cols]
     metric_cols = [c for c in metric_cols if any(r.get(c) is not None for r in rows)]
-    constant = [c for c in PARAMETERS if c not in shown and rows and rows[0].get(c) is not None]
+    constant = [c for c in PARAMETERS if c not in shown and any(r.get(c) is not None for r in rows)]
     return shown + metric_cols, constant
 
 
 def render_tables(records: list[dict]) -> tuple[str, str, list[dict]]:
-    """-> (markdown, csv, rows) for the complete records."""
+    """-> (markdown, csv, rows) for the complete records: one markdown table per mode, one CSV."""
     kept, incomplete = complete_records(records)
     if not kept:
         raise UserError(f"no complete records among {len(records)} ({incomplete} incomplete): nothing to summarize")
-    rows = sorted((to_row(r) for r in kept), key=_sort_key)
-    columns, constant = summary_table(rows)
-    md = markdown_table(rows, columns, DIGITS)
-    notes = [f"{len(rows)} runs. Same in every run: " +
-             (", ".join(f"{c}={rows[0][c]}" for c in constant) or "nothing") + "."]
+    rows = sorted((to_row(r) for r in kept), key=sort_key)
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: (m != "benchmark", m))
+    sections, csv_columns = [], ["mode"] if len(modes) > 1 else []
+    for mode in modes:
+        part = [r for r in rows if r["mode"] == mode]
+        columns, constant = summary_table(part)
+        csv_columns += [c for c in columns if c not in csv_columns]
+        known = ", ".join(f"{c}={next(r[c] for r in part if r.get(c) is not None)}" for c in constant if c != "mode")
+        title = f"## {mode.capitalize()}\n\n" if len(modes) > 1 else ""
+        sections.append(f"{title}{markdown_table(part, columns, DIGITS)}\n\n"
+                        f"{len(part)} runs. Same in every run: {known or 'nothing'}.\n")
     if incomplete:
-        notes.append(f"{incomplete} incomplete records (interrupted runs) left out.")
-    return md + "\n\n" + " ".join(notes) + "\n", csv_text(rows, columns), rows
+        sections.append(f"{incomplete} incomplete records (interrupted runs) left out.\n")
+    csv_columns = [c for c in PARAMETERS if c in csv_columns] + [c for c in csv_columns if c not in PARAMETERS]
+    return "\n".join(sections), csv_text(rows, csv_columns), rows
 
 
 def write_report(paths: list[Path], out: Path) -> str:

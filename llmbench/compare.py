@@ -1,0 +1,119 @@
+"""`python -m llmbench.compare A B`: two result sets side by side, with B/A ratios per matching case.
+
+Cases match on the parameters that say what was measured (model, dtype, batch size, input length, ...),
+except those that tell the two sets apart: by default the parameters that take one value in A and another
+in B (two backends, two devices, ...); `--by` names them instead. The commit and host never take part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from llmbench.errors import UserError
+from llmbench.printers import markdown_table
+from llmbench.report import CASE_PARAMETERS, PARAMETERS, complete_records, load_records, to_row, varying
+
+COMPARED = ("first_token_ms", "next_token_ms", "p90_next_token_ms", "tokens_per_s", "peak_mem_gib")
+SET_LABELS = ("git_commit", "device_name", "hostname")
+
+
+def set_rows(path: Path) -> list[dict]:
+    kept, _ = complete_records(load_records([path]))
+    if not kept:
+        raise UserError(f"{path} holds no complete records")
+    return [to_row(r) for r in kept]
+
+
+def differing(a: list[dict], b: list[dict]) -> list[str]:
+    """Parameters with no value in common between the two sets (what the comparison is about)."""
+    return [c for c in CASE_PARAMETERS if not {str(r.get(c)) for r in a} & {str(r.get(c)) for r in b}]
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """The compared latency/throughput figures, then any accuracy metric (not its standard error)."""
+    accuracy = [c for r in rows if r["mode"] == "accuracy" for c, v in r.items()
+                if c not in PARAMETERS and isinstance(v, (int, float)) and "stderr" not in c]
+    return [c for c in (*COMPARED, *dict.fromkeys(accuracy)) if any(r.get(c) is not None for r in rows)]
+
+
+def compare(a: list[dict], b: list[dict], by: list[str] | None = None) -> tuple[list[dict], list[str], dict]:
+    """-> (table rows, table columns, facts) with A, B and B/A for each metric of each matching case."""
+    by = differing(a, b) if by is None else by
+    unknown = [c for c in by if c not in CASE_PARAMETERS]
+    if unknown:
+        raise UserError(f"--by {','.join(unknown)} is not a case parameter: choose from {', '.join(CASE_PARAMETERS)}")
+    keys = [c for c in CASE_PARAMETERS if c not in by]
+    index_b = {tuple(str(r.get(k)) for k in keys): r for r in b}
+    pairs = [(ra, index_b[key]) for ra in a if (key := tuple(str(ra.get(k)) for k in keys)) in index_b]
+    if not pairs:
+        raise UserError("no case of A matches one of B" + (f" (ignoring {', '.join(by)})" if by else "") +
+                        ": pass --by with the parameters that differ between the two sets")
+    shown_keys = varying([ra for ra, _ in pairs], keys) or ["model"]
+    metrics = metric_columns([r for pair in pairs for r in pair])
+    rows, columns = [], list(shown_keys)
+    for m in metrics:
+        columns += [f"{m} A", f"{m} B", f"{m} B/A"]
+    for ra, rb in pairs:
+        row = {k: ra.get(k) for k in shown_keys}
+        for m in metrics:
+            va, vb = ra.get(m), rb.get(m)
+            row[f"{m} A"], row[f"{m} B"] = va, vb
+            row[f"{m} B/A"] = vb / va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else None
+        rows.append(row)
+    geomean = {shown_keys[0]: "geomean"}
+    for m in metrics:
+        ratios = [r[f"{m} B/A"] for r in rows if r[f"{m} B/A"] and r[f"{m} B/A"] > 0]
+        geomean[f"{m} B/A"] = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+    if len(rows) > 1:
+        rows.append(geomean)
+    facts = {"by": by, "matched": len(pairs), "only_a": len(a) - len(pairs),
+             "only_b": len(b) - len({id(rb) for _, rb in pairs})}
+    return rows, columns, facts
+
+
+def describe(rows: list[dict], by: list[str]) -> str:
+    """What a set is: its values of the differing parameters, then its commit/device/host when single."""
+    parts = []
+    for c in (*by, *SET_LABELS):
+        values = sorted({str(r.get(c)) for r in rows if r.get(c) is not None})
+        if len(values) == 1:
+            parts.append(f"{c}={values[0]}")
+    return ", ".join(parts)
+
+
+def render(path_a: Path, path_b: Path, by: list[str] | None) -> str:
+    a, b = set_rows(path_a), set_rows(path_b)
+    rows, columns, facts = compare(a, b, by)
+    digits = {c: 3 if c.endswith("B/A") else 2 for c in columns}
+    lines = [f"A: {path_a} ({describe(a, facts['by'])})", "",
+             f"B: {path_b} ({describe(b, facts['by'])})", "",
+             markdown_table(rows, columns, digits), "",
+             f"{facts['matched']} matching cases" + (f" (ignoring {', '.join(facts['by'])})" if facts["by"] else "") +
+             f"; {facts['only_a']} only in A, {facts['only_b']} only in B. B/A < 1: B is lower (faster for latency, "
+             "slower for tokens_per_s)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmbench.compare",
+                                     description="Compare two result sets (JSONL files or run folders): B/A ratios.")
+    parser.add_argument("a", type=Path, help="baseline results (file or folder)")
+    parser.add_argument("b", type=Path, help="results compared against the baseline")
+    parser.add_argument("--by", default=None,
+                        help="comma-separated parameters that differ between A and B and are not matched "
+                             "(e.g. backend, device, dtype); default: those with no value in common")
+    args = parser.parse_args(argv)
+    by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by is not None else None
+    try:
+        print(render(args.a, args.b, by), end="")
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
