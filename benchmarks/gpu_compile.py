@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Eager vs the compile backend on one GPU with a Llama-2-7B-shaped model (random fp16 weights, built on the GPU):
+greedy, batch 1, next-token latency against the weight-read roofline of the card.
+
+    python benchmarks/gpu_compile.py            # on a CUDA machine
+    python benchmarks/gpu_compile.py --tiny     # a 2-layer model on cpu: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmbench.backends import get_backend
+from llmbench.compat import dtype_kwargs
+from llmbench.devices import device_name, synchronize
+from llmbench.models import weight_bytes
+from llmbench.prompts import synthetic_prompt
+from llmbench.timing import StepTimer
+
+# Datasheet memory bandwidth, bytes/s, by a name fragment of the device.
+DATASHEET_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def llama2_7b_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512)
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def build_model(device: torch.device, dtype: torch.dtype, tiny: bool) -> torch.nn.Module:
+    """Random weights created directly on the device in `dtype` (no fp32 copy on the host)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(llama2_7b_config(tiny), **dtype_kwargs(dtype))
+    return model.eval()
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int) -> float:
+    """Bytes moved per second by a device-to-device copy of a large buffer, reads and writes both counted
+    (a copy moves as many bytes as it reads, so this is what a read-only stream can reach at best)."""
+    src = torch.empty(size_bytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        runs.append(time.perf_counter() - start)
+    return 2 * size_bytes / min(runs)
+
+
+def time_backend(name: str, model, inputs, new_tokens: int, iters: int, device: torch.device):
+    backend = get_backend(name)
+    start = time.perf_counter()
+    backend.prepare(model, device, next(model.parameters()).dtype, None)
+    backend.warm_up_shapes(inputs, new_tokens, 1)
+    backend.generate(inputs, new_tokens, 1)  # warm-up
+    setup_s = time.perf_counter() - start
+    timer = StepTimer(device)
+    next_token, ids = [], None
+    for _ in range(iters):
+        timer.start()
+        ids = backend.generate(inputs, new_tokens, 1, timer)
+        next_token += timer.stop(new_tokens).token_latencies_s[1:]
+    return statistics.mean(next_token), statistics.median(next_token), setup_s, ids, backend.details
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="2-layer model on cpu (fp32): checks the script")
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-iter", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.float16
+    model = build_model(device, dtype, args.tiny)
+    wbytes = weight_bytes(model)
+    gpu = device_name(device)
+    datasheet = next((bw for key, bw in DATASHEET_BANDWIDTH.items() if key in gpu), None)
+    measured = copy_bandwidth(device, 2**30 if args.tiny else 8 * 2**30)
+    print(f"device: {gpu}; torch {torch.__version__}; weights {wbytes / 1e9:.2f} GB ({dtype})")
+    print(f"copy bandwidth measured: {measured / 1e12:.2f} TB/s; datasheet: "
+          f"{datasheet / 1e12 if datasheet else float('nan'):.2f} TB/s")
+    for label, bw in (("datasheet", datasheet), ("measured copy", measured)):
+        if bw:
+            print(f"roofline ({label}): {wbytes / bw * 1e3:.2f} ms/token")
+    inputs = synthetic_prompt(model.config.vocab_size, args.input_tokens, 1, device)
+    results = {}
+    for name in ("eager", "compile"):
+        mean_s, median_s, setup_s, ids, details = time_backend(name, model, inputs, args.max_new_tokens,
+                                                               args.num_iter, device)
+        results[name] = (mean_s, ids)
+        line = (f"{name:8s} next-token mean {mean_s * 1e3:.2f} ms, median {median_s * 1e3:.2f} ms, "
+                f"{wbytes / mean_s / 1e12:.2f} TB/s achieved")
+        if datasheet:
+            line += f", {wbytes / datasheet / mean_s * 100:.0f}% of datasheet roofline"
+        line += f"; set-up incl. compile {setup_s:.1f} s"
+        print(line, flush=True)
+        if details.get("compile_time_s"):
+            print(f"         compile details: {details['compile_time_s']} mode={details['compile_mode']}")
+    speedup = results["eager"][0] / results["compile"][0]
+    new_e = results["eager"][1][0, args.input_tokens:]
+    new_c = results["compile"][1][0, args.input_tokens:]
+    differs = (new_e != new_c).nonzero()
+    agree = int(differs[0, 0]) if differs.numel() else new_e.numel()
+    print(f"compile speed-up over eager: {speedup:.2f}x; leading greedy tokens equal to eager: "
+          f"{agree}/{new_e.numel()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
