@@ -190,7 +190,8 @@ def _probe_ids(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return model(input_ids=ids).logits.float().cpu()
+        # with the attention mask, as generate() passes it (Bloom builds its head-sharded alibi only from a mask)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
 
 
 def _agrees(tp: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -210,7 +211,25 @@ def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: tor
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
+    if getattr(engine.module.config, "model_type", None) == "bloom":
+        engine.module.transformer.register_forward_pre_hook(_with_2d_mask, with_kwargs=True)
     return engine.module
+
+
+def _with_2d_mask(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Bloom without a 2D attention mask (what generate() passes in transformers 5) builds its alibi for every
+    head, bypassing the head-sharded builder AutoTP installs: give it the all-ones mask it would assume."""
+    if kwargs.get("attention_mask") is not None:
+        return None
+    tokens = args[0] if args and args[0] is not None else kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs["inputs_embeds"]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    batch, length = tokens.shape[:2]
+    kv_length = cache.get_mask_sizes(length, 0)[0] if hasattr(cache, "get_mask_sizes") else (
+        length + (cache.get_seq_length() if cache is not None else 0))
+    kwargs["attention_mask"] = torch.ones(batch, kv_length, dtype=torch.long, device=tokens.device)
+    return args, kwargs
 
 
 def _tp_plan_kwargs() -> dict:

@@ -1,0 +1,144 @@
+"""Tensor-parallel runs over 2 MPI ranks on the CPU, against the single-process run of the same tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import BloomConfig, GPTJConfig, OPTConfig, Phi3Config, Qwen2Config
+
+from llmbench.distributed import World, discover_world
+from llmbench.errors import UserError
+from llmbench.results import read_records
+from tests.conftest import ROOT, run_cli
+from tests.tiny import save_tiny_model, tiny_llama_config
+
+MPIRUN = shutil.which("mpirun")
+needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="no mpirun on PATH: install the project's requirements")
+LAUNCH_TIMEOUT_S = 300
+SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+
+def family_configs(vocab: int) -> dict:
+    """One tiny config per family AutoTP (or transformers' plan) shards: 2 layers, hidden 64, 4 heads."""
+    return {
+        "llama": tiny_llama_config(vocab),
+        "qwen2": Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=False, **SPECIAL_IDS),
+        "opt": OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=512, **SPECIAL_IDS),
+        "bloom": BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, **SPECIAL_IDS),
+        "gptj": GPTJConfig(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
+                           **SPECIAL_IDS),
+        "phi3": Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False, **SPECIAL_IDS),
+    }
+
+
+def mpirun(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([MPIRUN, "-np", "2", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, World()),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, World(1, 2, 1, 2, "mpich")),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, World(3, 4, 1, 2, "openmpi")),
+    ({"PALS_RANKID": "5", "PMI_SIZE": "8", "PALS_LOCAL_RANKID": "1", "PALS_LOCAL_SIZE": "4"},
+     World(5, 8, 1, 4, "pals")),
+    ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, World(2, 4, 0, 2, "torchrun")),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2"}, World(1, 2, 1, 2, "deepspeed")),
+])
+def test_rank_and_size_come_from_every_launchers_variables(environ, expected):
+    assert discover_world(environ) == expected
+
+
+def test_a_rank_outside_the_job_is_refused():
+    with pytest.raises(UserError, match="PMI_RANK=2"):
+        discover_world({"PMI_RANK": "2", "PMI_SIZE": "2"})
+
+
+@needs_mpi
+def test_every_family_sharded_over_two_ranks_generates_what_one_process_does(tmp_path, tokenizer):
+    """Greedy and beam-4 ids equal the unsharded model's; each rank holds half of every sharded linear layer."""
+    folders = [save_tiny_model(tmp_path / name, config, tokenizer)
+               for name, config in family_configs(len(tokenizer)).items()]
+    out = tmp_path / "findings.json"
+    run = mpirun(sys.executable, "tests/tp_check.py", str(out), *map(str, folders))
+    assert run.returncode == 0, run.stderr[-3000:]
+    by_rank = json.loads(out.read_text())
+    assert len(by_rank) == 2
+    for rank, findings in enumerate(by_rank):
+        assert [f["family"] for f in findings] == list(family_configs(8))
+        for f in findings:
+            expected = "transformers-tp-plan" if f["family"] == "phi3" else "deepspeed-autotp"
+            assert f["method"] == expected, (rank, f["family"])
+            assert f["tp_greedy"] == f["greedy"], (rank, f["family"])
+            assert f["tp_beam"] == f["beam"], (rank, f["family"])
+            assert len(f["greedy"]) == 8
+            layers = {name: share for name, share in f["fractions"].items() if name != "lm_head"}
+            # at least the attention output and MLP down projections of both layers
+            assert len(layers) >= 4, (rank, f["family"], f["fractions"])
+            assert set(layers.values()) == {0.5}, (rank, f["family"], f["fractions"])
+    for family_rank0, family_rank1 in zip(*by_rank):
+        # AutoTP splits the output head in blocks of 64 columns (one block at hidden size 64): the two ranks'
+        # parts still make exactly one whole head
+        head = [family_rank0["fractions"].get("lm_head"), family_rank1["fractions"].get("lm_head")]
+        assert head == [None, None] or sum(head) == 1.0, (family_rank0["family"], head)
+
+
+@needs_mpi
+def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_path, tiny_llama):
+    common = ["--benchmark", "-m", str(tiny_llama), "--greedy", "--dtype", "float32", "--input-tokens", "24",
+              "--max-new-tokens", "12", "--num-iter", "2", "--num-warmup", "1", "--token-latency"]
+    single = run_cli(*common, "--results", str(tmp_path / "single.jsonl"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    tp = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", *common,
+                "--results", str(tmp_path / "tp.jsonl"))
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    [record] = read_records(tmp_path / "tp.jsonl")
+    [reference] = read_records(tmp_path / "single.jsonl")
+    assert record["world_size"] == 2
+    assert record["output_token_ids"] == reference["output_token_ids"]
+    assert record["tensor_parallel"]["method"] == "deepspeed-autotp"
+    assert len(record["tensor_parallel"]["rank_peak_memory_bytes"]) == 2
+    assert all(b > 0 for b in record["tensor_parallel"]["rank_peak_memory_bytes"])
+    assert all(len(it["token_latencies_s"]) == 12 for it in record["iterations"])
+    # rank 0 alone reports: the seed's labels appear once, tagged with rank 0
+    latency_lines = [line for line in tp.stdout.splitlines() if "Inference latency:" in line]
+    assert len(latency_lines) == 1 and latency_lines[0].startswith("[0]"), tp.stdout
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+import llmbench.backends.base as base
+from llmbench.distributed import main
+if os.environ.get("PMI_RANK") == "1":
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+    base.hf_generate = broken
+sys.exit(main(sys.argv[1:], prog="run_generation_with_deepspeed.py"))
+"""
+
+
+@needs_mpi
+def test_a_failing_rank_ends_the_whole_job_with_one_clear_line(tiny_llama, tmp_path):
+    """Rank 1 fails while rank 0 waits in an all-reduce: the job ends, not hangs, and says which rank failed."""
+    start = time.monotonic()
+    run = mpirun("--prepend-rank", sys.executable, "-c", FAIL_ON_RANK_1, "--benchmark", "-m", str(tiny_llama),
+                 "--greedy", "--dtype", "float32", "--input-tokens", "16", "--max-new-tokens", "4", "--num-iter", "1",
+                 "--results", str(tmp_path / "r.jsonl"), timeout=240)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 240
+    assert "[1] run_generation_with_deepspeed.py: error: RuntimeError: injected failure" in run.stderr, run.stderr
+    assert "rank 1 of 2 failed (exit 1); ending the job" in run.stderr
+    assert not (tmp_path / "r.jsonl").exists()
