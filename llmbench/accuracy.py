@@ -159,8 +159,10 @@ def accuracy_records(results: dict, base: dict, config: RunConfig) -> list[dict]
     return records
 
 
-def run_accuracy(config: RunConfig) -> int:
-    """--accuracy-only: prepare the model exactly as --benchmark would, evaluate it, print and record."""
+def run_accuracy(config: RunConfig, world=None) -> int:
+    """--accuracy-only: prepare the model exactly as --benchmark would, evaluate it, print and record.
+    With a `world` of several ranks (llmbench.distributed.World) every rank evaluates its shard in lockstep
+    and rank 0 alone prints and records."""
     from lm_eval.utils import make_table
 
     from llmbench.devices import resolve_device, resolve_dtype
@@ -172,13 +174,17 @@ def run_accuracy(config: RunConfig) -> int:
     torch.manual_seed(config.seed)
     quiet_lm_eval(config.quiet)
     task_dict = load_tasks(config.acc_tasks, config.acc_data_dir)  # bad names or data fail before the model loads
-    loaded, backend, facts = prepare(config, device, dtype)
+    loaded, backend, facts = prepare(config, device, dtype, world)
     if loaded.tokenizer is None:
         raise UserError("--accuracy-only needs the model's tokenizer, and this model has none (dummy weights?)")
     model = backend.model if backend.model is not None else loaded.model
-    results = evaluate(model, loaded.tokenizer, config, task_dict=task_dict)
+    results = evaluate(model, loaded.tokenizer, config, rank=world.rank if world else 0, task_dict=task_dict)
+    if results is None:
+        return 0  # a rank other than 0 of a tensor-parallel run
     print(make_table(results))
     base = base_record(config, loaded, backend, device, dtype, facts)
+    if world is not None:
+        base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     for record in accuracy_records(results, base, config):
         append_record(config.results, record)
     if not config.quiet:

@@ -174,7 +174,7 @@ def run(config: RunConfig, world=None) -> int:
     if config.mode == "accuracy":
         from llmbench.accuracy import run_accuracy
 
-        return run_accuracy(config)
+        return run_accuracy(config, world)
     return run_benchmark(config, world)
 
 
