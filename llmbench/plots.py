@@ -26,6 +26,10 @@ def _pyplot():
     return plt
 
 
+def _short(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _label(row: dict, extra: list[str]) -> str:
     base = [Path(str(row.get("model"))).name, row.get("backend"), row.get("precision")]
     words = [str(b) for b in base if b]
@@ -53,7 +57,7 @@ def _line_plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, title
     for label, group in series.items():
         ax.plot([r[x] for r in group], [r[y] for r in group], marker="o", label=label)
         for r in group if len(series) <= 3 else []:  # value labels only while they cannot pile up
-            ax.annotate(f"{r[y]:.3g}", (r[x], r[y]), textcoords="offset points", xytext=(0, 6), ha="center",
+            ax.annotate(_short(r[y]), (r[x], r[y]), textcoords="offset points", xytext=(0, 6), ha="center",
                         fontsize=8)
     xs = sorted({r[x] for r in rows})
     if log2_x and len(xs) > 1 and xs[-1] / xs[0] >= 8:

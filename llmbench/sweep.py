@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = {"benchmark": "run_benchmark.sh", "woq": "run_benchmark_woq.sh", "accuracy": "run_accuracy.sh",
             "ds-benchmark": "run_benchmark_ds.sh", "ds-accuracy": "run_accuracy_ds.sh"}[args.kind]
+    # Ctrl-C stops the sweep even when a shell started it with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         plan = make_plan(args.kind, os.environ)
         return run_sweep(plan)
