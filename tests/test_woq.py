@@ -1,0 +1,110 @@
+"""Weight-only quantization: quantize, save, reload and generate the same tokens; bad input is one line."""
+
+import json
+
+import pytest
+import torch
+
+from llmbench.main import main
+from llmbench.models import weight_bytes
+
+RUN = ("--benchmark", "--greedy", "--input-tokens", "16", "--max-new-tokens", "8", "--num-iter", "1",
+       "--num-warmup", "0", "--token-latency", "--quiet")
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("scheme, group_size, layout, quantized, skipped", [
+    ("int8", None, "Int8Tensor", 15, []),
+    # The CPU int4 packing needs output sizes divisible by 16: the 600-token lm_head stays bf16, and says so.
+    ("int4", "32", "Int4OpaqueTensor", 14, ["lm_head"]),
+])
+def test_quantize_save_reload_same_tokens(tiny_llama, tmp_path, scheme, group_size, layout, quantized, skipped):
+    checkpoint, results = tmp_path / "ckpt", tmp_path / "r.jsonl"
+    args = [*RUN, "-m", str(tiny_llama), "--woq", scheme, "--woq-checkpoint", str(checkpoint), "--results",
+            str(results), *(["--woq-group-size", group_size] if group_size else [])]
+    assert main(args) == 0
+    assert (checkpoint / "woq_settings.json").is_file() and (checkpoint / "quantized_state_dict.pt").is_file()
+    assert main(args) == 0  # the checkpoint exists now: loaded, not quantized again
+    made, reloaded = records(results)
+    assert reloaded["output_token_ids"] == made["output_token_ids"]
+    assert len(made["output_token_ids"]) == 8
+    for record in (made, reloaded):
+        q = record["quantization"]
+        assert q["scheme"] == scheme and q["algo"] == "rtn" and q["layout"] == layout
+        assert q["group_size"] == (int(group_size) if group_size else None)
+        assert q["library"].startswith("torchao ")
+        assert q["quantized_layers"] == quantized and q["skipped_layers"] == skipped
+        assert q["checkpoint"] == str(checkpoint)
+    assert reloaded["weight_bytes"] == made["weight_bytes"]
+
+
+def test_int4_weight_bytes_count_packed_weights(tiny_llama):
+    """4 bits per weight plus a bf16 scale and zero per group of 32, against the bf16 model's 16 bits."""
+    from llmbench.cli import parse_config
+    from llmbench.models import load_model
+    from llmbench.quantize import quantize_model
+
+    loaded = load_model(str(tiny_llama), torch.device("cpu"), torch.bfloat16)
+    layers = [m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    before = weight_bytes(loaded.model)
+    quantize_model(loaded, parse_config(["--woq", "int4", "--woq-group-size", "32"]), torch.device("cpu"),
+                   torch.bfloat16)
+    dense = sum(m.in_features * m.out_features for m in layers)
+    packed = dense // 2 + dense // 32 * 2 * 2
+    assert weight_bytes(loaded.model) == before - 2 * dense + packed
+
+
+def test_awq_calibrates_on_a_local_file(tiny_llama, tmp_path):
+    from llmbench.cli import parse_config
+    from llmbench.models import load_model
+    from llmbench.quantize import quantize_model
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": f"Passage {i} tells of rivers, hills and old towns."}) + "\n"
+                             for i in range(4)))
+    loaded = load_model(str(tiny_llama), torch.device("cpu"), torch.bfloat16)
+    config = parse_config(["--woq", "int4", "--woq-algo", "awq", "--calib-dataset", str(calib), "--quiet"])
+    settings = quantize_model(loaded, config, torch.device("cpu"), torch.bfloat16)
+    assert settings["algo"] == "awq" and settings["quantized_layers"] == 14
+    # AWQ's per-channel activation scales ride along with each quantized weight.
+    assert loaded.model.model.layers[0].mlp.down_proj.weight.act_pre_scale is not None
+    ids = loaded.tokenizer("rivers and hills", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.isfinite(loaded.model(ids).logits).all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--woq", "int4", "--woq-group-size", "128"], "does not divide the input size 64 of layer"),
+    (["--woq", "int4", "--woq-group-size", "48"], "int4 kernels take 32, 64, 128, 256"),
+    (["--woq", "int8", "--woq-algo", "awq"], "--woq-algo awq calibrates on sample text: pass --calib-dataset"),
+    (["--woq", "int8", "--woq-algo", "gptq", "--calib-dataset", "no-such-dataset-here"], "not a loadable dataset"),
+    (["--woq", "int8", "--woq-algo", "gptq", "--calib-dataset", "CALIB"], "torchao's GPTQ runs on CUDA only"),
+])
+def test_bad_input_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dataset name is looked up in the local cache only
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Some calibration text.\n\nAnd another passage.\n")
+    extra = [str(calib) if arg == "CALIB" else arg for arg in extra]
+    code = main([*RUN, "-m", str(tiny_llama), "--results", str(tmp_path / "r.jsonl"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_checkpoint_mismatch_and_foreign_folder_are_one_line(tiny_llama, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    base = [*RUN, "-m", str(tiny_llama), "--results", str(tmp_path / "r.jsonl"), "--woq-checkpoint", str(checkpoint)]
+    assert main([*base, "--woq", "int8"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--woq", "int4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was made with other settings: scheme 'int8' (this run: 'int4')" in err and "\n" not in err
+    foreign = tmp_path / "empty"
+    foreign.mkdir()
+    assert main([*RUN, "-m", str(tiny_llama), "--results", str(tmp_path / "r.jsonl"), "--woq", "int8",
+                 "--woq-checkpoint", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a quantized checkpoint" in err and "\n" not in err
