@@ -142,3 +142,21 @@ def test_a_failing_rank_ends_the_whole_job_with_one_clear_line(tiny_llama, tmp_p
     assert "[1] run_generation_with_deepspeed.py: error: RuntimeError: injected failure" in run.stderr, run.stderr
     assert "rank 1 of 2 failed (exit 1); ending the job" in run.stderr
     assert not (tmp_path / "r.jsonl").exists()
+
+
+@needs_mpi
+def test_accuracy_under_tensor_parallelism_equals_the_single_process_accuracy(tmp_path, tiny_llama):
+    lambada = ROOT.parent / "shared" / "data" / "lambada_openai"
+    common = ["--accuracy-only", "-m", str(tiny_llama), "--dtype", "float32", "--acc-data-dir", str(lambada),
+              "--acc-limit", "12", "--acc-batch-size", "4", "--quiet"]
+    single = run_cli(*common, "--results", str(tmp_path / "single.jsonl"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    tp = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", *common,
+                "--results", str(tmp_path / "tp.jsonl"))
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    [record] = read_records(tmp_path / "tp.jsonl")
+    [reference] = read_records(tmp_path / "single.jsonl")
+    assert record["world_size"] == 2 and record["tensor_parallel"]["method"] == "deepspeed-autotp"
+    assert record["num_samples"] == reference["num_samples"] == 12
+    assert record["metrics"]["acc"] == reference["metrics"]["acc"]
+    assert record["metrics"]["perplexity"] == pytest.approx(reference["metrics"]["perplexity"], rel=1e-4)
