@@ -1,0 +1,67 @@
+"""What does --token-latency cost? Plain generate() against generate() with the per-token hook, in one run.
+
+Runs both on the same loaded model, interleaved (A, B, A, B, ...) so drift on a shared machine hits both
+alike, and prints the end-to-end latency of each and their ratio.
+
+    python benchmarks/token_latency_overhead.py [--dtype bfloat16] [--iters 10] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmbench.cli import parse_config  # noqa: E402
+from llmbench.devices import resolve_device, resolve_dtype  # noqa: E402
+from llmbench.main import build_inputs, prepare, quiet_libraries  # noqa: E402
+from llmbench.timing import StepTimer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model-id", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    flags = ["--benchmark", "--device", "cpu", "--dtype", args.dtype, "--num-beams", str(args.num_beams),
+             "--input-tokens", str(args.input_tokens), "--max-new-tokens", str(args.max_new_tokens), "--quiet"]
+    if args.model_id:
+        flags += ["-m", args.model_id]
+    config = parse_config(flags)
+    quiet_libraries(verbose=False, no_progress=True)
+    device = resolve_device(config.device)
+    loaded, backend, _ = prepare(config, device, resolve_dtype(config.dtype, device))
+    inputs = build_inputs(config, loaded, device)
+    plain_timer = StepTimer(device, per_token=False)
+    hooked_timer = StepTimer(device, per_token=True)
+
+    def once(timer: StepTimer, hooked: bool) -> float:
+        timer.start()
+        ids = backend.generate(inputs, config.max_new_tokens, config.num_beams, timer if hooked else None)
+        return timer.stop(int(ids.shape[1]) - inputs.num_tokens).e2e_latency_s
+
+    for _ in range(2):  # warm-up both paths
+        once(plain_timer, False)
+        once(hooked_timer, True)
+    plain, hooked = [], []
+    for _ in range(args.iters):
+        plain.append(once(plain_timer, False))
+        hooked.append(once(hooked_timer, True))
+    p, h = statistics.median(plain), statistics.median(hooked)
+    print(f"model {loaded.name}, {config.dtype or args.dtype}, beams {config.num_beams}, "
+          f"{config.input_tokens} in / {config.max_new_tokens} new tokens, {args.iters} interleaved iterations")
+    print(f"plain generate():             median e2e {p * 1e3:8.2f} ms")
+    print(f"generate() + per-token hook:  median e2e {h * 1e3:8.2f} ms")
+    print(f"--token-latency overhead: x{h / p:.3f} ({(h - p) / config.max_new_tokens * 1e6:+.0f} us per token)")
+
+
+if __name__ == "__main__":
+    main()
