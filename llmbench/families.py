@@ -93,8 +93,8 @@ FAMILIES = {
     "llama": "Llama (Llama 2, CodeLlama, Llama 3, Baichuan2-shaped)", "mistral": "Mistral", "mixtral": "Mixtral",
     "gemma": "Gemma", "phi3": "Phi-3", "gptj": "GPT-J", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
     "opt": "OPT", "bloom": "Bloom", "glm": "GLM (ChatGLM3-shaped)", "falcon": "Falcon", "gpt_neox": "GPT-NeoX",
-    "gpt2": "GPT-2", "qwen": "Qwen (original, own code)", "chatglm": "ChatGLM (own code)",
-    "baichuan": "Baichuan (own code)",
+    "gpt2": "GPT-2", "qwen": "Qwen (original)", "chatglm": "ChatGLM",
+    "baichuan": "Baichuan",
 }
 
 

@@ -101,7 +101,7 @@ def test_weights_are_allocated_once_in_the_target_dtype(tmp_path):
     assert proc.returncode == 0, proc.stderr
     grown, weights = map(int, proc.stdout.split()[-2:])
     assert weights > 500e6  # ~300 M parameters in bfloat16
-    assert grown < 1.25 * weights
+    assert grown < 1.5 * weights  # a float32 copy on the way would make it 2x or 3x
 
 
 def test_dummy_cli_from_a_config_file_uses_synthetic_ids(tmp_path):
