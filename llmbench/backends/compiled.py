@@ -164,6 +164,19 @@ class CompileBackend(Backend):
                 timer.step()
         return torch.cat([input_ids, *tokens], dim=1)
 
+    def teacher_forced_log_probs(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (EOS masked) the compiled step gives before each token of `continuation`, fed one at
+        a time after the prompt: (batch, continuation length, vocab). For checking the compiled path's numerics."""
+        batch, length = input_ids.shape
+        steps = continuation.shape[1]
+        with torch.inference_mode():
+            cache = self._cache_for(batch, length + steps)
+            out = [self._beam_log_probs(input_ids, cache, self._positions(0, length))]
+            for i in range(steps - 1):
+                position = self._positions(length + i, length + i + 1)
+                out.append(self._call_step(self._beam_step, continuation[:, i:i + 1], cache, position))
+        return torch.stack(out, dim=1)
+
     def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
                      timer: StepTimer | None) -> torch.Tensor:
         """Beam search as transformers runs it when EOS is forbidden: no beam finishes early, all hypotheses have

@@ -1,0 +1,75 @@
+"""ipex: Intel Extension for PyTorch's ipex.llm.optimize (ipex.optimize_transformers on older releases), on cpu or
+xpu, decoded by transformers' generate(). IPEX is archived (last release 2.8): it runs only in a matching set of
+torch, IPEX and transformers, which requirements-ipex.txt pins for a virtual environment of its own."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+
+import torch
+from packaging.version import Version
+
+from llmbench.backends.base import Backend, hf_generate
+from llmbench.compat import TRANSFORMERS_VERSION
+from llmbench.errors import UserError
+from llmbench.prompts import PromptInputs
+from llmbench.timing import StepTimer
+
+INSTALL_HINT = ("install the matching set in its own virtual environment: python -m venv ~/.venvs/llmbench-ipex && "
+                "~/.venvs/llmbench-ipex/bin/pip install -r requirements-ipex.txt (see docs/backends.md)")
+# ipex.llm.optimize of IPEX <= 2.8 crashes on newer transformers (it patches attention classes that moved).
+LAST_TRANSFORMERS_FOR_IPEX = {(2, 8): Version("4.51.3"), (2, 7): Version("4.51.3"), (2, 6): Version("4.46.3")}
+
+
+def check_ipex_environment() -> str:
+    """-> the IPEX version, after checking it matches torch and transformers (IPEX exits the process on import when
+    torch does not match, so the versions are compared before importing it)."""
+    try:
+        ipex_version = Version(metadata.version("intel-extension-for-pytorch"))
+    except metadata.PackageNotFoundError:
+        raise UserError(f"--backend ipex needs Intel Extension for PyTorch, which is not installed; {INSTALL_HINT}") \
+            from None
+    torch_version = Version(torch.__version__.split("+")[0])
+    if ipex_version.release[:2] != torch_version.release[:2]:
+        raise UserError(f"intel-extension-for-pytorch {ipex_version} needs torch "
+                        f"{'.'.join(map(str, ipex_version.release[:2]))}.x, but torch {torch.__version__} is "
+                        f"installed; {INSTALL_HINT}")
+    newest = LAST_TRANSFORMERS_FOR_IPEX.get(ipex_version.release[:2])
+    if newest is not None and TRANSFORMERS_VERSION > newest:
+        raise UserError(f"intel-extension-for-pytorch {ipex_version} works with transformers <= {newest}, but "
+                        f"transformers {TRANSFORMERS_VERSION} is installed; {INSTALL_HINT}")
+    return str(ipex_version)
+
+
+class IpexBackend(Backend):
+    name = "ipex"
+
+    def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
+        if device.type not in ("cpu", "xpu"):
+            raise UserError(f"--backend ipex runs on cpu or xpu, not {device.type}: use --backend compile on "
+                            f"{device.type}")
+        version = check_ipex_environment()
+        import intel_extension_for_pytorch as ipex
+
+        self.device, self.dtype = device, dtype
+        model = model.eval()
+        if hasattr(ipex, "llm") and hasattr(ipex.llm, "optimize"):
+            api = "ipex.llm.optimize"
+            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type)
+        else:
+            api = "ipex.optimize_transformers"
+            model = ipex.optimize_transformers(model, dtype=dtype, inplace=True, deployment_mode=True)
+        self.model = model
+        self.details = {"ipex_version": version, "ipex_api": api}
+
+    def _autocast(self):
+        # As in IPEX's own examples: bf16 runs under autocast, so ops it leaves alone still take bf16.
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def generate(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
+                 timer: StepTimer | None = None) -> torch.Tensor:
+        with self._autocast():
+            return hf_generate(self.model, inputs, max_new_tokens, num_beams, timer)
