@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Every backend on the default model in one run: next-token latency, speed-up over eager, achieved weight bandwidth
+against this machine's measured read bandwidth, and greedy-token agreement with eager.
+
+    python benchmarks/backends.py                       # float32 and bfloat16, cpu
+    python benchmarks/backends.py --dtypes bfloat16 --profile --lock /tmp/llmbench-cpu.lock
+
+ipex joins when Intel Extension for PyTorch is importable with a matching torch/transformers (requirements-ipex.txt).
+In float32 every backend must give eager's greedy tokens (exit status 1 otherwise); in bfloat16 the number of
+leading tokens that agree is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmbench.backends import get_backend
+from llmbench.devices import DTYPE_BY_NAME, resolve_device
+from llmbench.errors import UserError
+from llmbench.models import load_model, weight_bytes
+from llmbench.prompts import cut_prompt
+from llmbench.timing import StepTimer
+
+
+def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s a full-tensor sum streams from memory (best of `repeats`), with torch's threads."""
+    data = torch.ones(size_bytes // 4, dtype=torch.float32)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
+
+
+@contextlib.contextmanager
+def held(lock_path: str | None):
+    """Hold an flock on `lock_path` (if given) while timing, so others' jobs on a shared machine stay out."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def available_backends() -> list[str]:
+    names = ["eager", "compile"]
+    try:
+        from llmbench.backends.ipex import check_ipex_environment
+
+        check_ipex_environment()
+        names.append("ipex")
+    except UserError as exc:
+        print(f"ipex skipped: {exc}", flush=True)
+    return names
+
+
+def measure(name: str, dtype: torch.dtype, args, device: torch.device, lock: str | None) -> dict:
+    loaded = load_model(None, device, dtype, quiet=True)
+    inputs = cut_prompt(loaded.tokenizer, args.input_tokens, args.batch_size, device)
+    backend = get_backend(name)
+    start = time.perf_counter()
+    backend.prepare(loaded.model, device, dtype, None)
+    backend.warm_up_shapes(inputs, args.max_new_tokens, 1)
+    backend.generate(inputs, args.max_new_tokens, 1)  # warm-up
+    setup_s = time.perf_counter() - start
+    timer, next_token, ids = StepTimer(device), [], None
+    with held(lock):
+        for _ in range(args.num_iter):
+            timer.start()
+            ids = backend.generate(inputs, args.max_new_tokens, 1, timer)
+            next_token += timer.stop(args.max_new_tokens).token_latencies_s[1:]
+    return {"name": name, "next_token_s": statistics.mean(next_token), "setup_s": setup_s,
+            "ids": ids[0, inputs.num_tokens:].tolist(), "weight_bytes": weight_bytes(loaded.model),
+            "details": backend.details, "backend": backend, "inputs": inputs}
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def profile(result: dict, args, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    backend, inputs = result["backend"], result["inputs"]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        backend.generate(inputs, args.max_new_tokens, 1)
+    print(f"\nProfile of one {result['name']} generation ({args.max_new_tokens} tokens), by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default=None, help="comma-separated; default: eager, compile, ipex if present")
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-iter", type=int, default=3)
+    parser.add_argument("--lock", default=None, help="flock this file while timing (a shared machine)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the fastest backend")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    names = args.backends.split(",") if args.backends else available_backends()
+    with held(args.lock):
+        bandwidth = read_bandwidth()
+    print(f"device {device}, {torch.get_num_threads()} threads; measured read bandwidth {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
+    failed = False
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPE_BY_NAME[dtype_name]
+        results = [measure(name, dtype, args, device, args.lock) for name in names]
+        eager = next((r for r in results if r["name"] == "eager"), results[0])
+        roofline_s = eager["weight_bytes"] / bandwidth
+        print(f"\n{dtype_name}: weights {eager['weight_bytes'] / 1e6:.0f} MB, "
+              f"roofline {roofline_s * 1e3:.2f} ms/token; "
+              f"batch {args.batch_size}, {args.input_tokens} input tokens, {args.max_new_tokens} new, greedy")
+        print(f"{'backend':8s} {'ms/token':>9s} {'speed-up':>9s} {'GB/s':>7s} {'% roofline':>10s} "
+              f"{'tokens = eager':>15s} {'set-up s':>9s}")
+        for r in results:
+            agree = leading_agreement(r["ids"], eager["ids"])
+            if dtype == torch.float32 and agree != len(eager["ids"]):
+                failed = True
+            print(f"{r['name']:8s} {r['next_token_s'] * 1e3:9.2f} {eager['next_token_s'] / r['next_token_s']:8.2f}x "
+                  f"{r['weight_bytes'] / r['next_token_s'] / 1e9:7.1f} {roofline_s / r['next_token_s'] * 100:9.0f}% "
+                  f"{agree:>8d} of {len(eager['ids']):<3d} {r['setup_s']:9.1f}", flush=True)
+        if args.profile:
+            profile(min(results, key=lambda r: r["next_token_s"]), args)
+    if failed:
+        print("FAILED: a backend's float32 greedy tokens differ from eager's", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
