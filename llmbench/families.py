@@ -120,10 +120,6 @@ def builtin_config(model_id: str):
     return config
 
 
-def family_of(model_type: str | None) -> str:
-    return FAMILIES.get(model_type or "", model_type or "unknown")
-
-
 def is_native(model_type: str | None) -> bool:
     """Whether this transformers release builds the model type itself."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -151,8 +147,9 @@ def check_remote_code(config_file: Path, name: str, trust_remote_code: bool) -> 
     if not isinstance(auto_map, dict) or is_native(model_type):
         return  # transformers builds it natively (any shipped code is not needed)
     if not trust_remote_code:
-        raise UserError(f"-m {name}: model type {model_type!r} ({family_of(model_type)}) runs only with the Python "
-                        "code shipped with the checkpoint: rerun with --trust-remote-code if you trust that code")
+        family = f" ({FAMILIES[model_type]})" if model_type in FAMILIES else ""
+        raise UserError(f"-m {name}: model type {model_type!r}{family} runs only with the Python code shipped with "
+                        "the checkpoint: rerun with --trust-remote-code if you trust that code")
     folder = config_file.parent
     for ref in _code_refs(auto_map):
         if "--" in ref:

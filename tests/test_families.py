@@ -128,6 +128,7 @@ def test_remote_code_runs_with_trust_remote_code(tmp_path):
 @pytest.mark.parametrize("dummy", [False, True])
 def test_remote_code_without_the_flag_is_one_line(tmp_path, capsys, dummy):
     folder = make_remote_code_folder(tmp_path / "remote")
+    capsys.readouterr()  # only the run's own output counts
     assert bench(folder, tmp_path / "r.jsonl", "--greedy", *(["--dummy-weights"] if dummy else [])) == 2
     err = one_line_error(capsys)
     assert str(folder) in err and "--trust-remote-code" in err and "tinyremote" in err
@@ -135,6 +136,7 @@ def test_remote_code_without_the_flag_is_one_line(tmp_path, capsys, dummy):
 
 def test_remote_code_with_missing_files_is_one_line(tmp_path, capsys):
     folder = make_remote_code_folder(tmp_path / "remote", with_code=False)
+    capsys.readouterr()
     assert bench(folder, tmp_path / "r.jsonl", "--greedy", "--trust-remote-code") == 2
     err = one_line_error(capsys)
     assert "configuration_tinyremote.py" in err and "copy" in err
@@ -144,6 +146,7 @@ def test_remote_code_from_a_hub_repository_is_one_line(tmp_path, capsys):
     folder = make_remote_code_folder(tmp_path / "remote", auto_map={
         "AutoConfig": "someorg/somerepo--configuration_tinyremote.TinyRemoteConfig",
         "AutoModelForCausalLM": "someorg/somerepo--modeling_tinyremote.TinyRemoteForCausalLM"})
+    capsys.readouterr()
     assert bench(folder, tmp_path / "r.jsonl", "--greedy", "--trust-remote-code") == 2
     err = one_line_error(capsys)
     assert "someorg/somerepo" in err and "offline" in err
