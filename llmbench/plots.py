@@ -140,7 +140,8 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
-    precisions = sorted({r["precision"] for r in rows}, key=lambda p: (rank.get(p, len(rank)), str(p)))
+    precisions = sorted({r["precision"] for r in rows},
+                        key=lambda p: (rank.get(str(p).split("-")[0].split("/")[0], len(rank)), str(p)))
     extra = [c for c in varying(rows, CASE_PARAMETERS) if c not in ("mode", "dtype", "woq", "precision")]
     bars: dict[str, dict] = defaultdict(dict)
     for r in rows:
@@ -153,6 +154,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
         ys = [values[p] for p in precisions if p in values]
         drawn = ax.bar(xs, ys, width=width, label=name, color=f"C{i}")
         ax.bar_label(drawn, fmt="%.4g", fontsize=8)
+    ax.set_ylim(0, max(r[metric] for r in rows) * 1.15 or 1)
     ax.set_xticks(range(len(precisions)), [str(p) for p in precisions])
     ax.set_xlabel("precision (dtype, or weight-only quantization)")
     ax.set_ylabel(metric)

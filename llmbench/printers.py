@@ -14,7 +14,7 @@ def format_value(value, digits: int = 2) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        if value != 0 and abs(value) < 10 ** -digits:
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e6):
             return f"{value:.{digits}g}"
         return f"{value:.{digits}f}"
     return str(value)

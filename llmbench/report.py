@@ -16,11 +16,11 @@ from llmbench.printers import csv_text, markdown_table
 
 # Parameters that tell runs apart, in table order: (column, where it is in a record).
 PARAMETERS = ("mode", "model", "device", "device_name", "dtype", "woq", "backend", "world_size", "batch_size",
-              "num_beams", "input_tokens", "max_new_tokens", "task", "num_iter", "num_warmup", "git_commit",
-              "hostname")
+              "num_beams", "input_tokens", "max_new_tokens", "task", "filter", "limit", "num_iter", "num_warmup",
+              "git_commit", "hostname")
 # The parameters that say what was measured (not where, when or how often): cases match on these.
 CASE_PARAMETERS = ("mode", "model", "device", "dtype", "woq", "backend", "world_size", "batch_size", "num_beams",
-                   "input_tokens", "max_new_tokens", "task")
+                   "input_tokens", "max_new_tokens", "task", "filter", "limit")
 # Benchmark metrics: (column, key in record["metrics"], scale, decimals).
 BENCH_METRICS = (
     ("first_token_ms", "first_token_latency_s", 1e3, 2),
@@ -64,20 +64,28 @@ def load_records(paths: list[Path]) -> list[dict]:
 
 
 def precision_of(record: dict) -> str | None:
-    """Weight precision: the woq scheme when quantized, else the dtype."""
+    """Weight precision: 'int4-g32/bfloat16' when quantized (scheme/compute dtype), else the dtype."""
     woq = woq_of(record)
-    return woq or record.get("dtype") or (record.get("config") or {}).get("dtype")
+    dtype = record.get("dtype") or (record.get("config") or {}).get("dtype")
+    if woq and woq != "none":
+        return f"{woq}/{dtype}" if dtype else woq
+    return dtype
 
 
 def woq_of(record: dict) -> str | None:
+    """'int4-g32' (scheme, group size, algorithm when not rtn); 'none' for a record that says it is not quantized."""
     quant = record.get("quantization")
     if isinstance(quant, dict):
-        for key in ("scheme", "woq", "weight_dtype", "dtype", "bits"):
-            if quant.get(key):
-                return str(quant[key])
+        scheme = quant.get("scheme") or quant.get("woq") or quant.get("weight_dtype") or quant.get("bits")
+        if scheme:
+            group, algo = quant.get("group_size"), quant.get("algo")
+            return f"{scheme}" + (f"-g{group}" if group else "") + (f"-{algo}" if algo and algo != "rtn" else "")
     if isinstance(quant, str) and quant:
         return quant
-    return (record.get("config") or {}).get("woq")
+    config = record.get("config") or {}
+    if config.get("woq"):
+        return config["woq"]
+    return "none" if "quantization" in record or config else None
 
 
 def _flat_numbers(metrics: dict, prefix: str = "") -> dict:
@@ -110,6 +118,8 @@ def to_row(record: dict) -> dict:
         "input_tokens": record.get("input_tokens"),
         "max_new_tokens": record.get("max_new_tokens"),
         "task": ",".join(task) if isinstance(task, list) else task,
+        "filter": record.get("filter") if record.get("filter") != "none" else None,
+        "limit": record.get("limit"),
         "num_iter": record.get("num_iter"),
         "num_warmup": record.get("num_warmup"),
         "git_commit": (env.get("git_commit") or "")[:12] or None,

@@ -193,7 +193,7 @@ def case_label(plan: Plan, case: dict) -> str:
         value = case[name]
         if name == "model":
             return "default" if value is None else Path(str(value)).name
-        return "default" if value is None else str(value)
+        return ("none" if name == "woq" else "default") if value is None else str(value)
 
     return " ".join(f"{name}={show(name)}" for name in varying)
 
