@@ -51,7 +51,11 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str | None]:
 
 def _model(env: str, text: str) -> str:
     # A local folder or file is made absolute, so the same sweep from another folder finds the same run.
-    return str(Path(text).resolve()) if os.path.exists(text) else text
+    if os.path.exists(text):
+        return str(Path(text).resolve())
+    if text.startswith(("/", "./", "../", "~")):
+        raise UserError(f"{env}={text}: no such file or folder")
+    return text  # a hub id
 
 
 def _task(env: str, text: str) -> str:
@@ -364,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
