@@ -45,11 +45,14 @@ def check_ipex_environment() -> str:
 class IpexBackend(Backend):
     name = "ipex"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.ipex_version = check_ipex_environment()  # before any model is loaded, where the caller allows
+
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         if device.type not in ("cpu", "xpu"):
             raise UserError(f"--backend ipex runs on cpu or xpu, not {device.type}: use --backend compile on "
                             f"{device.type}")
-        version = check_ipex_environment()
         import intel_extension_for_pytorch as ipex
 
         self.device, self.dtype = device, dtype
@@ -61,7 +64,7 @@ class IpexBackend(Backend):
             api = "ipex.optimize_transformers"
             model = ipex.optimize_transformers(model, dtype=dtype, inplace=True, deployment_mode=True)
         self.model = model
-        self.details = {"ipex_version": version, "ipex_api": api}
+        self.details = {"ipex_version": self.ipex_version, "ipex_api": api}
 
     def _autocast(self):
         # As in IPEX's own examples: bf16 runs under autocast, so ops it leaves alone still take bf16.
