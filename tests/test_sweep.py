@@ -37,6 +37,7 @@ def run_driver(tmp_path: Path, script: str = "run_benchmark.sh", timeout: float 
     ("run_benchmark.sh", "input", "0"),
     ("run_benchmark_woq.sh", "woq", "int3"),
     ("run_accuracy.sh", "device", "tpu"),
+    ("run_benchmark_ds.sh", "model", "./no-such-model"),
 ])
 def test_bad_env_value_stops_before_any_work(tmp_path, script, name, value):
     done = run_driver(tmp_path, script, timeout=60, **{name: value})
