@@ -1,0 +1,155 @@
+"""bf16 vs INT8 vs INT4 weight-only next-token latency in one run, eager and compiled, optionally against llama.cpp.
+
+    python benchmarks/woq.py [--backends eager,compile] [--anchor]
+
+Each (scheme, backend) pair runs the same pipeline as run_generation.py --benchmark (load, quantize, prepare,
+warm up / compile), then times greedy decoding while holding the shared CPU lock (/tmp/llmbench-cpu.lock), so
+compiling never blocks others and timings are not disturbed by runs that respect the lock. Bytes read per token
+are the weights one decode step touches: every parameter except an input embedding table that is not also the
+output head (one row of it is read per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import gc
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
+from llmbench.cli import parse_config  # noqa: E402
+from llmbench.devices import resolve_device, resolve_dtype  # noqa: E402
+from llmbench.main import build_inputs, prepare, quiet_libraries  # noqa: E402
+from llmbench.models import _tensor_bytes, weight_bytes  # noqa: E402
+
+LOCK = Path("/tmp/llmbench-cpu.lock")
+ANCHOR = ROOT.parent / "shared" / "anchors" / "llama_bench.sh"
+
+
+@contextlib.contextmanager
+def cpu_lock(enabled: bool):
+    if not enabled:
+        yield
+        return
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    total = weight_bytes(model)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embedding:
+        total -= _tensor_bytes(embedding)
+    return total
+
+
+def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
+    argv = ["--benchmark", "--greedy", "--device", args.device, "--backend", backend,
+            "--input-tokens", str(args.input_tokens), "--max-new-tokens", str(args.max_new_tokens),
+            "--num-iter", str(args.num_iter), "--num-warmup", str(args.num_warmup), "--token-latency", "--quiet"]
+    if args.model:
+        argv += ["-m", args.model]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if scheme != "bf16":
+        argv += ["--woq", scheme]
+        if scheme == "int4" and args.group_size:
+            argv += ["--woq-group-size", str(args.group_size)]
+    config = parse_config(argv)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded, prepared, facts = prepare(config, device, dtype)
+    inputs = build_inputs(config, loaded, device)
+    prepared.warm_up_shapes(inputs, config.max_new_tokens, config.num_beams)  # compiles outside the lock
+    measurement = Measurement()
+    with cpu_lock(not args.no_lock and device.type == "cpu"):
+        measure(prepared, inputs, config, device, None, measurement)
+    metrics = metrics_for(measurement, config.batch_size, weight_bytes(loaded.model))
+    read = bytes_read_per_token(loaded.model)
+    next_s = metrics["next_token_latency_s"]
+    row = {"scheme": scheme, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+           "next_ms": next_s * 1e3, "first_ms": metrics["first_token_latency_s"] * 1e3,
+           "bytes_read": read, "gb_s": read / next_s / 1e9, "tokens": measurement.output_token_ids,
+           "compile_s": sum(prepared.details.get("compile_time_s", {}).values()) or None,
+           "quantization": facts.get("quantization")}
+    del loaded, prepared
+    gc.collect()
+    return row
+
+
+def run_anchor(allow_busy: bool) -> float | None:
+    """llama.cpp's ms/token on the same model and machine (tg after 32 tokens of context), or None."""
+    env = {"ANCHORS_ALLOW_BUSY": "1"} if allow_busy else {}
+    done = subprocess.run(["bash", str(ANCHOR)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+    found = re.search(r"llama\.cpp tg@d32 ms/token: ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or not found:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"llama.cpp anchor did not run: {last}", file=sys.stderr)
+        return None
+    return float(found.group(1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-m", "--model", default=None, help="default: the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cpu")
+    p.add_argument("--schemes", default="bf16,int8,int4")
+    p.add_argument("--backends", default="eager,compile")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")
+    p.add_argument("--input-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-iter", type=int, default=5)
+    p.add_argument("--num-warmup", type=int, default=1)
+    p.add_argument("--anchor", action="store_true", help="also time llama.cpp (../shared/anchors/llama_bench.sh)")
+    p.add_argument("--anchor-allow-busy", action="store_true", help="time llama.cpp even when the CPUs are busy")
+    p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} while timing")
+    args = p.parse_args()
+    quiet_libraries(verbose=False, no_progress=True)
+    rows = []
+    for backend in args.backends.split(","):
+        for scheme in args.schemes.split(","):
+            print(f"[{scheme} {backend}] preparing ...", file=sys.stderr, flush=True)
+            rows.append(run_one(scheme, backend, args))
+    base = {r["backend"]: r["next_ms"] for r in rows if r["scheme"] == "bf16"}
+    print(f"\n{'scheme':<7}{'backend':<9}{'next ms/token':>14}{'vs bf16':>9}{'MB read/token':>15}{'GB/s':>7}"
+          f"{'compile s':>11}  quantization")
+    for r in rows:
+        ratio = f"{base[r['backend']] / r['next_ms']:.2f}x" if r["backend"] in base else "-"
+        q = r["quantization"]
+        detail = f"{q['layout']} g{q['group_size']} {q['quantized_layers']} layers" if q else r["dtype"]
+        compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else "-"
+        print(f"{r['scheme']:<7}{r['backend']:<9}{r['next_ms']:>14.2f}{ratio:>9}{r['bytes_read'] / 1e6:>15.1f}"
+              f"{r['gb_s']:>7.1f}{compile_s:>11}  {detail}")
+    for r in rows:
+        if r["scheme"] != "bf16" and r["backend"] in base:
+            ref = next(x for x in rows if x["scheme"] == "bf16" and x["backend"] == r["backend"])
+            same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
+            print(f"{r['scheme']} {r['backend']}: {same}/{len(ref['tokens'])} greedy tokens equal to bf16's")
+    if args.anchor:
+        llama_ms = run_anchor(args.anchor_allow_busy)
+        ours = [r for r in rows if r["scheme"] == "int4"]
+        if llama_ms and ours:
+            best = min(ours, key=lambda r: r["next_ms"])
+            print(f"llama.cpp Q4_1: {llama_ms:.2f} ms/token; our INT4 ({best['backend']}): {best['next_ms']:.2f} "
+                  f"ms/token; ours / llama.cpp = {best['next_ms'] / llama_ms:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
