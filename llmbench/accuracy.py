@@ -169,6 +169,8 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     from llmbench.main import base_record, prepare
     from llmbench.results import append_record
 
+    if config.dummy_weights:
+        raise UserError("--dummy-weights are random, so their accuracy means nothing: drop --dummy-weights")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
@@ -182,6 +184,8 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     if results is None:
         return 0  # a rank other than 0 of a tensor-parallel run
     print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     base = base_record(config, loaded, backend, device, dtype, facts)
     if world is not None:
         base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))

@@ -118,6 +118,7 @@ def bad_inputs(tmp_path: Path) -> dict:
         "folder without the data": (["--acc-data-dir", str(empty)], "has no lambada_test.jsonl"),
         "empty task list": (["--acc-tasks", ","], "--acc-tasks is empty"),
         "both modes": (["--benchmark"], "two different runs"),
+        "random weights": (["--dummy-weights", "--acc-data-dir", str(LAMBADA_DIR)], "drop --dummy-weights"),
     }
 
 
