@@ -116,7 +116,8 @@ def quantize_model(loaded: LoadedModel, config, device: torch.device, dtype: tor
     existing = getattr(model.config, "quantization_config", None)
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
-        raise UserError(f"-m {loaded.name} is already quantized ({method}); drop --woq to run it as it is")
+        raise UserError(f"-m {loaded.name} is already quantized ({getattr(method, 'value', method)}); "
+                        "drop --woq to run it as it is")
     linears = linear_layers(model)
     if not linears:
         raise UserError(f"--woq: -m {loaded.name} has no torch.nn.Linear layers to quantize")

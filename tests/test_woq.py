@@ -108,3 +108,20 @@ def test_checkpoint_mismatch_and_foreign_folder_are_one_line(tiny_llama, tmp_pat
                  "--woq-checkpoint", str(foreign)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a quantized checkpoint" in err and "\n" not in err
+
+
+def test_torchao_quantized_folder_loads_through_transformers(tiny_llama, tmp_path, capsys):
+    """A transformers folder quantized with TorchAoConfig runs as it is; asking to quantize it again is refused."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    folder = tmp_path / "prequantized"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+    results = tmp_path / "r.jsonl"
+    assert main([*RUN, "-m", str(folder), "--results", str(results)]) == 0
+    assert len(records(results)[0]["output_token_ids"]) == 8
+    capsys.readouterr()
+    assert main([*RUN, "-m", str(folder), "--results", str(results), "--woq", "int4"]) == 2
+    assert "is already quantized (torchao); drop --woq" in capsys.readouterr().err
