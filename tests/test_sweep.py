@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def driver_env(tmp_path: Path, **values: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("model", "bs", "input", "output", "iter", "warmup",
                                                              "beam", "dtype", "device", "backend", "woq", "task",
                                                              "np", "EXTRA_ARGS", "QUIET")}
-    return {**env, "RESULTS_DIR": str(tmp_path / "results"), **values}
+    return {**env, "PYTHON": sys.executable, "RESULTS_DIR": str(tmp_path / "results"), **values}
 
 
 def run_driver(tmp_path: Path, script: str = "run_benchmark.sh", timeout: float = 300, **values: str):
