@@ -50,8 +50,9 @@ def task_specs(names: list[str], data_dir: Path | None) -> tuple[list[str | dict
 
 
 def load_tasks(names: list[str], data_dir: Path | None) -> dict:
-    """Build lm-eval Task objects (data loaded) up front, so a bad name or unreachable data is one clear line."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    """-> {task name: lm-eval Task, data loaded}, built up front so that a bad name or unreachable data is one
+    clear line before any model loads. A group (e.g. mmlu) becomes its leaf tasks."""
+    from lm_eval.tasks import TaskManager
 
     specs, need_builtin = task_specs(names, data_dir)
     manager = TaskManager(include_defaults=need_builtin)
@@ -63,10 +64,15 @@ def load_tasks(names: list[str], data_dir: Path | None) -> dict:
     task_dict = {}
     for name, spec in zip(names, specs):
         try:
-            task_dict.update(get_task_dict([spec], manager))
+            task_dict.update(manager.load(spec)["tasks"])
         except (ConnectionError, OSError, ValueError, ImportError, RuntimeError) as exc:
-            hint = ("pass --acc-data-dir DIR (a folder holding lambada_test.jsonl) to run it offline"
-                    if name in shipped_tasks() else "its dataset must be reachable or in the HF datasets cache")
+            shipped = shipped_tasks().get(name)
+            if shipped is not None:
+                files = ", ".join(yaml.safe_load(shipped.read_text(encoding="utf-8"))["dataset_kwargs"]["data_files"]
+                                  .values())
+                hint = f"pass --acc-data-dir DIR (a folder holding {files}) to run it offline"
+            else:
+                hint = "its dataset must be reachable or in the HF datasets cache"
             raise UserError(f"task {name}: cannot load its dataset ({one_line(exc)}): {hint}") from exc
     return task_dict
 
