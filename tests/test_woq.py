@@ -125,3 +125,18 @@ def test_torchao_quantized_folder_loads_through_transformers(tiny_llama, tmp_pat
     capsys.readouterr()
     assert main([*RUN, "-m", str(folder), "--results", str(results), "--woq", "int4"]) == 2
     assert "is already quantized (torchao); drop --woq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [
+    ["--num-beams", "2", "--batch-size", "2"],
+    ["--backend", "compile"],
+])
+def test_int4_runs_with_beams_batches_and_compile(tiny_llama, tmp_path, monkeypatch, extra):
+    monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "default")  # compiles several times faster than max-autotune
+    results = tmp_path / "r.jsonl"
+    args = [a for a in RUN if a != "--greedy" or "--num-beams" not in extra]
+    assert main([*args, "-m", str(tiny_llama), "--woq", "int4", "--results", str(results), *extra]) == 0
+    record = records(results)[0]
+    assert len(record["output_token_ids"]) == 8 and record["complete"]
+    assert record["quantization"]["layout"] == "Int4OpaqueTensor"
+    assert record["backend"] == ("compile" if "compile" in extra else "eager")
