@@ -74,6 +74,23 @@ def test_family_tokenizer_cuts_exact_prompts(family, text_key, family_folders, t
     assert text.startswith(decoded[:200])
 
 
+LAMBADA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lambada_openai"
+
+
+# An accuracy run costs 10-30 s here (lm-eval indexes its whole task catalogue each time), so two families stand
+# for the rest: Bloom (ALiBi, no position limit) and GLM (ChatGLM3's shapes, rotary on half of each head).
+@pytest.mark.parametrize("family", ["bloom", "glm"])
+def test_family_runs_through_the_accuracy_path(family, family_folders, tmp_path):
+    results = tmp_path / "acc.jsonl"
+    rc = main(["--accuracy-only", "-m", str(family_folders[family]), "--acc-tasks", "lambada_openai",
+               "--acc-data-dir", str(LAMBADA_DIR), "--acc-limit", "2", "--dtype", "float32", "--quiet",
+               "--results", str(results)], prog="run_generation.py")
+    assert rc == 0
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["task"] == "lambada_openai" and record["num_samples"] == 2
+    assert 0.0 <= record["metrics"]["acc"] <= 1.0 and record["metrics"]["perplexity"] > 1.0
+
+
 # A checkpoint whose architecture lives in its own Python files, as Qwen-7B, ChatGLM3 and Baichuan2 do.
 REMOTE_CONFIG_CODE = '''
 from transformers import LlamaConfig
