@@ -134,15 +134,20 @@ def _code_refs(auto_map: dict) -> list[str]:
     return refs
 
 
+def _read_object(path: Path, name: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"-m {name}: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"-m {name}: {path} does not hold a JSON object")
+    return data
+
+
 def check_remote_code(config_file: Path, name: str, trust_remote_code: bool) -> None:
     """A checkpoint whose architecture exists only in its own Python files runs only with --trust-remote-code,
     and only when those files are at hand; otherwise one line says which and what to do."""
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"-m {name}: cannot read {config_file}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"-m {name}: {config_file} does not hold a JSON object")
+    data = _read_object(config_file, name)
     auto_map, model_type = data.get("auto_map"), data.get("model_type")
     if not isinstance(auto_map, dict) or is_native(model_type):
         return  # transformers builds it natively (any shipped code is not needed)
@@ -151,13 +156,19 @@ def check_remote_code(config_file: Path, name: str, trust_remote_code: bool) -> 
         raise UserError(f"-m {name}: model type {model_type!r}{family} runs only with the Python code shipped with "
                         "the checkpoint: rerun with --trust-remote-code if you trust that code")
     folder = config_file.parent
-    for ref in _code_refs(auto_map):
-        if "--" in ref:
-            repo = ref.split("--")[0]
-            raise UserError(f"-m {name}: config.json takes its code from the hub repository {repo}, which cannot be "
-                            f"fetched offline: copy that repository's .py files into {folder} and drop the "
-                            f"'{repo}--' prefixes from auto_map")
-        module_file = folder / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
-        if not module_file.is_file():
-            raise UserError(f"-m {name}: its code file {module_file.name} (named in config.json auto_map) is not in "
-                            f"{folder}: copy the checkpoint's .py files (configuration_*.py, modeling_*.py, ...) there")
+    maps = {config_file.name: auto_map}
+    tokenizer_file = folder / "tokenizer_config.json"
+    if tokenizer_file.is_file():
+        maps[tokenizer_file.name] = _read_object(tokenizer_file, name).get("auto_map") or {}
+    for source, mapping in maps.items():
+        for ref in _code_refs(mapping if isinstance(mapping, dict) else {}):
+            if "--" in ref:
+                repo = ref.split("--")[0]
+                raise UserError(f"-m {name}: {source} takes its code from the hub repository {repo}, which cannot "
+                                f"be fetched offline: copy that repository's .py files into {folder} and drop the "
+                                f"'{repo}--' prefixes from auto_map")
+            module_file = folder / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+            if not module_file.is_file():
+                raise UserError(f"-m {name}: its code file {module_file.name} (named in {source} auto_map) is not "
+                                f"in {folder}: copy the checkpoint's .py files (configuration_*.py, modeling_*.py, "
+                                "tokenization_*.py) there")

@@ -167,3 +167,14 @@ def test_remote_code_from_a_hub_repository_is_one_line(tmp_path, capsys):
     assert bench(folder, tmp_path / "r.jsonl", "--greedy", "--trust-remote-code") == 2
     err = one_line_error(capsys)
     assert "someorg/somerepo" in err and "offline" in err
+
+
+def test_remote_tokenizer_code_missing_is_one_line(tmp_path, capsys):
+    folder = make_remote_code_folder(tmp_path / "remote")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_tinyremote.TinyRemoteTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert bench(folder, tmp_path / "r.jsonl", "--greedy", "--trust-remote-code") == 2
+    err = one_line_error(capsys)
+    assert "tokenization_tinyremote.py" in err and "tokenizer_config.json" in err
