@@ -45,13 +45,25 @@ def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 @contextlib.contextmanager
-def held(lock_path: str | None):
-    """Hold an flock on `lock_path` (if given) while timing, so others' jobs on a shared machine stay out."""
+def held(lock_path: str | None, wait_s: float):
+    """Hold an flock on `lock_path` (if given) while timing, so cooperating jobs on a shared machine stay out; after
+    `wait_s` seconds without it, time anyway and say so."""
     if lock_path is None:
         yield
         return
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print(f"note: {lock_path} still held by another job after {wait_s:.0f} s: timing without it",
+                          flush=True)
+                    yield
+                    return
+                time.sleep(1)
         try:
             yield
         finally:
@@ -70,7 +82,8 @@ def available_backends() -> list[str]:
     return names
 
 
-def measure(name: str, dtype: torch.dtype, args, device: torch.device, lock: str | None) -> dict:
+def prepared(name: str, dtype: torch.dtype, args, device: torch.device) -> dict:
+    """Load, prepare, compile and warm up one backend (untimed, no lock needed)."""
     loaded = load_model(None, device, dtype, quiet=True)
     inputs = cut_prompt(loaded.tokenizer, args.input_tokens, args.batch_size, device)
     backend = get_backend(name)
@@ -78,16 +91,19 @@ def measure(name: str, dtype: torch.dtype, args, device: torch.device, lock: str
     backend.prepare(loaded.model, device, dtype, None)
     backend.warm_up_shapes(inputs, args.max_new_tokens, 1)
     backend.generate(inputs, args.max_new_tokens, 1)  # warm-up
-    setup_s = time.perf_counter() - start
-    timer, next_token, ids = StepTimer(device), [], None
-    with held(lock):
-        for _ in range(args.num_iter):
-            timer.start()
-            ids = backend.generate(inputs, args.max_new_tokens, 1, timer)
-            next_token += timer.stop(args.max_new_tokens).token_latencies_s[1:]
-    return {"name": name, "next_token_s": statistics.mean(next_token), "setup_s": setup_s,
-            "ids": ids[0, inputs.num_tokens:].tolist(), "weight_bytes": weight_bytes(loaded.model),
+    print(f"{name} {str(dtype).removeprefix('torch.')} ready", flush=True)
+    return {"name": name, "setup_s": time.perf_counter() - start, "weight_bytes": weight_bytes(loaded.model),
             "details": backend.details, "backend": backend, "inputs": inputs}
+
+
+def measure(result: dict, args, device: torch.device) -> None:
+    timer, next_token, ids = StepTimer(device), [], None
+    for _ in range(args.num_iter):
+        timer.start()
+        ids = result["backend"].generate(result["inputs"], args.max_new_tokens, 1, timer)
+        next_token += timer.stop(args.max_new_tokens).token_latencies_s[1:]
+    result["next_token_s"] = statistics.mean(next_token)
+    result["ids"] = ids[0, result["inputs"].num_tokens:].tolist()
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -118,6 +134,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--num-iter", type=int, default=3)
     parser.add_argument("--lock", default=None, help="flock this file while timing (a shared machine)")
+    parser.add_argument("--lock-wait", type=float, default=1800, help="seconds to wait for --lock, then time anyway")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the fastest backend")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -125,12 +142,14 @@ def main() -> int:
     failed, bandwidth = False, None
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPE_BY_NAME[dtype_name]
-        results = [measure(name, dtype, args, device, args.lock) for name in names]
-        if bandwidth is None:  # measured after the first compiles, which need no lock
-            with held(args.lock):
+        results = [prepared(name, dtype, args, device) for name in names]
+        with held(args.lock, args.lock_wait):
+            if bandwidth is None:
                 bandwidth = read_bandwidth()
-            print(f"device {device}, {torch.get_num_threads()} threads; measured read bandwidth "
-                  f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+                print(f"device {device}, {torch.get_num_threads()} threads; measured read bandwidth "
+                      f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+            for result in results:
+                measure(result, args, device)
         eager = next((r for r in results if r["name"] == "eager"), results[0])
         roofline_s = eager["weight_bytes"] / bandwidth
         print(f"\n{dtype_name}: weights {eager['weight_bytes'] / 1e6:.0f} MB, "
