@@ -18,6 +18,7 @@ import torch
 
 from llmbench.backends import Backend
 from llmbench.errors import UserError
+from llmbench.tp_layers import plain_linears
 
 # (launcher, rank, size, local rank, local size) environment variables, most specific first.
 LAUNCHER_ENV = (
@@ -213,6 +214,7 @@ def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: tor
                                       replace_with_kernel_inject=ki)
     if getattr(engine.module.config, "model_type", None) == "bloom":
         engine.module.transformer.register_forward_pre_hook(_with_2d_mask, with_kwargs=True)
+    plain_linears(engine.module)
     return engine.module
 
 
@@ -263,21 +265,14 @@ def load_with_tp_plan(config, dtype: torch.dtype):
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    """True for a linear layer split over ranks (DeepSpeed AutoTP layer or a DTensor-sharded weight)."""
+    """True for a linear layer split over ranks (AutoTP's, as converted by plain_linears or left as DeepSpeed's,
+    or a DTensor-sharded weight)."""
     from deepspeed.module_inject.layers import TensorParallel_Layer
 
     weight = getattr(module, "weight", None)
-    return isinstance(module, TensorParallel_Layer) or type(weight).__name__ == "DTensor" or (
+    return getattr(module, "tp_sharded", False) or isinstance(module, TensorParallel_Layer) or (
+        type(weight).__name__ == "DTensor") or (
         weight is not None and type(getattr(weight, "data", None)).__name__ == "DTensor")
-
-
-def local_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes this rank holds (each DTensor counted by its local shard)."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
 
 
 def load_sharded(load: Callable[[torch.device], object], config, device: torch.device, dtype: torch.dtype,
@@ -327,7 +322,6 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     facts.update(method=method, fallback_reason=reason)
     gc.collect()
     facts["sharded_linear_layers"] = sum(is_sharded(m) for m in loaded.model.modules())
-    facts["rank_weight_bytes"] = gather(world, local_weight_bytes(loaded.model))
     return loaded, facts
 
 

@@ -157,7 +157,8 @@ def run_benchmark(config: RunConfig, world=None) -> int:
             if world is not None and world.size > 1 and measurement.complete:
                 from llmbench.distributed import gather
 
-                record["tensor_parallel"]["rank_peak_memory_bytes"] = gather(world, measurement.peak_memory_bytes)
+                record["tensor_parallel"].update(rank_weight_bytes=gather(world, record["weight_bytes"]),
+                                                 rank_peak_memory_bytes=gather(world, measurement.peak_memory_bytes))
             if world is None or world.is_main:
                 append_record(config.results, record)
     if world is not None and not world.is_main:

@@ -139,7 +139,8 @@ def test_a_failing_rank_ends_the_whole_job_with_one_clear_line(tiny_llama, tmp_p
                  "--results", str(tmp_path / "r.jsonl"), timeout=240)
     assert run.returncode != 0
     assert time.monotonic() - start < 240
-    assert "[1] run_generation_with_deepspeed.py: error: RuntimeError: injected failure" in run.stderr, run.stderr
+    assert "[1] run_generation_with_deepspeed.py: error: RuntimeError: injected failure" in run.stderr, (
+        run.stdout[-2000:], run.stderr[-3000:])
     assert "rank 1 of 2 failed (exit 1); ending the job" in run.stderr
     assert not (tmp_path / "r.jsonl").exists()
 
@@ -160,3 +161,24 @@ def test_accuracy_under_tensor_parallelism_equals_the_single_process_accuracy(tm
     assert record["num_samples"] == reference["num_samples"] == 12
     assert record["metrics"]["acc"] == reference["metrics"]["acc"]
     assert record["metrics"]["perplexity"] == pytest.approx(reference["metrics"]["perplexity"], rel=1e-4)
+
+
+@needs_mpi
+def test_int8_weight_only_quantization_applies_to_each_ranks_shard(tmp_path, tiny_llama):
+    run = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", "--benchmark", "-m",
+                 str(tiny_llama), "--greedy", "--dtype", "float32", "--woq", "int8", "--input-tokens", "16",
+                 "--max-new-tokens", "8", "--num-iter", "1", "--num-warmup", "0", "--quiet",
+                 "--results", str(tmp_path / "tp.jsonl"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    [record] = read_records(tmp_path / "tp.jsonl")
+    tp, quantization = record["tensor_parallel"], record["quantization"]
+    assert record["world_size"] == 2 and len(record["output_token_ids"]) == 8
+    assert quantization["scheme"] == "int8" and quantization["skipped_layers"] == []
+    # every sharded projection of both layers, and rank 0's columns of the output head
+    assert quantization["quantized_layers"] == tp["sharded_linear_layers"] == 15
+    # beyond the replicated fp32 embedding, rank 0 holds int8 weights (1 byte each, plus scales): less than a
+    # quarter of the fp32 bytes of the layers and head
+    layer_params = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128  # q, o; k, v (2 kv heads); gate, up, down
+    embedding_bytes = head_bytes = 4 * 600 * 64
+    linear_fp32_bytes = 4 * 2 * layer_params + head_bytes
+    assert tp["rank_weight_bytes"][0] - embedding_bytes < linear_fp32_bytes / 4
