@@ -33,6 +33,9 @@ def dummy_config(model_id: str | None, trust_remote_code: bool):
                         "config.json, or a config.json file")
     path = Path(model_id).expanduser()
     config_file = path / "config.json" if path.is_dir() else path
+    if config_file.is_file() and config_file.suffix != ".json":
+        raise UserError(f"-m {model_id}: --dummy-weights builds a model from a config.json (a file, or a folder "
+                        "holding one), not from this file")
     if config_file.is_file():
         check_remote_code(config_file, model_id, trust_remote_code)
         try:
@@ -123,5 +126,10 @@ def load_dummy_model(model_id: str | None, device: torch.device, dtype: torch.dt
                         f"{str(dtype).removeprefix('torch.')}, but {device.type} has {free / 2**30:.1f} GiB free: "
                         "pick a smaller model or a device with more memory")
     model = build_random_model(config, device, dtype, trust_remote_code)
-    tokenizer = load_tokenizer(str(tokenizer_folder), trust_remote_code) if tokenizer_folder else None
+    tokenizer = None
+    if tokenizer_folder is not None:
+        try:
+            tokenizer = load_tokenizer(str(tokenizer_folder), trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"-m {name}: cannot load the tokenizer in {tokenizer_folder}: {one_line(exc)}") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="dummy", dummy_weights=True)

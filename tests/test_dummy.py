@@ -157,3 +157,10 @@ def test_dummy_weights_user_errors_are_one_line(argv, expected, capsys, tmp_path
 def test_folder_without_config_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_dummy_model(str(tmp_path), torch.device("cpu"), torch.bfloat16)
+
+
+def test_a_file_other_than_a_config_is_a_user_error(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="config.json"):
+        load_dummy_model(str(gguf), torch.device("cpu"), torch.bfloat16)
