@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     code = 1
     try:
         code = run_main(argv, prog, world=world)
+    except SystemExit as exc:  # a bad flag: argparse has printed it
+        code = exc.code if isinstance(exc.code, int) else 1
+        raise
     finally:
         if code != 0 and world.size > 1:
             abort(world, code, prog)
