@@ -35,6 +35,7 @@ TP_PLAN_FAMILIES = frozenset({"phi3"})
 TIMEOUT_ENV = "LLMBENCH_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 SHM_ENV = "LLMBENCH_DS_SHM_ALLREDUCE"
+SHM_OP = "deepspeed_shm_comm"
 
 
 @dataclass(frozen=True)
@@ -200,15 +201,31 @@ def _agrees(tp: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
     return tp.shape == ref.shape and bool((tp - ref).abs().max() <= tolerance * max(1.0, float(ref.abs().max())))
 
 
+def shm_allreduce_wanted() -> bool:
+    """DeepSpeed's shared-memory all-reduce for CPU ranks on one node: faster than gloo (docs/distributed.md),
+    but compiled on first use (~70 s on 2 cores, needs g++ and ninja). LLMBENCH_DS_SHM_ALLREDUCE=1 uses it
+    (compiling it if need be), =0 keeps gloo; unset, it is used where it is already compiled."""
+    choice = os.environ.get(SHM_ENV, "").strip()
+    if choice in ("0", "1"):
+        return choice == "1"
+    if choice:
+        raise UserError(f"{SHM_ENV}={choice!r}: expected 1 (use DeepSpeed's shared-memory all-reduce) or 0 (gloo)")
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(SHM_OP, verbose=False)
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return os.path.isfile(os.path.join(folder, f"{SHM_OP}.so"))
+
+
 def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool):
     """Shard with DeepSpeed AutoTP (kernel injection only with --ki); -> the sharded model (still a
     transformers model, so generate() with beam search works on it)."""
     import deepspeed
 
-    if device.type == "cpu" and not os.environ.get(SHM_ENV):
-        # DeepSpeed's shared-memory all-reduce is compiled at start-up and is no faster than gloo here
-        # (docs/distributed.md); LLMBENCH_DS_SHM_ALLREDUCE=1 turns it back on. (The package attribute
-        # deepspeed.comm.torch is the torch library, hence sys.modules.)
+    if device.type == "cpu" and not shm_allreduce_wanted():
+        # (the package attribute deepspeed.comm.torch is the torch library, hence sys.modules)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
@@ -290,7 +307,9 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         raise UserError("--ki (DeepSpeed kernel injection) needs a GPU: drop --ki on cpu")
     device = rank_device(device, world)
     init_process_group(world, device)
-    facts: dict = {"world_size": world.size, "launcher": world.launcher}
+    facts: dict = {"world_size": world.size, "launcher": world.launcher,
+                   "cpu_allreduce": ("deepspeed-shm" if shm_allreduce_wanted() else "gloo") if device.type == "cpu"
+                   else None}
     family = _model_type(config)
     loaded, method, reason = None, None, None
     if family not in TP_PLAN_FAMILIES:
@@ -319,6 +338,7 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         gc.collect()
         loaded = load_with_tp_plan(config, dtype)
         method = "transformers-tp-plan"
+        facts["cpu_allreduce"] = "gloo" if device.type == "cpu" else None  # transformers calls torch.distributed
     facts.update(method=method, fallback_reason=reason)
     gc.collect()
     facts["sharded_linear_layers"] = sum(is_sharded(m) for m in loaded.model.modules())

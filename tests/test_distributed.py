@@ -12,7 +12,7 @@ import time
 import pytest
 from transformers import BloomConfig, GPTJConfig, OPTConfig, Phi3Config, Qwen2Config
 
-from llmbench.distributed import World, discover_world
+from llmbench.distributed import World, discover_world, shm_allreduce_wanted
 from llmbench.errors import UserError
 from llmbench.results import read_records
 from tests.conftest import ROOT, run_cli
@@ -67,6 +67,18 @@ def test_a_rank_outside_the_job_is_refused():
         discover_world({"PMI_RANK": "2", "PMI_SIZE": "2"})
 
 
+@pytest.mark.parametrize("value, wanted", [("1", True), ("0", False)])
+def test_the_cpu_allreduce_can_be_chosen(monkeypatch, value, wanted):
+    monkeypatch.setenv("LLMBENCH_DS_SHM_ALLREDUCE", value)
+    assert shm_allreduce_wanted() is wanted
+
+
+def test_a_bad_cpu_allreduce_choice_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("LLMBENCH_DS_SHM_ALLREDUCE", "yes")
+    with pytest.raises(UserError, match="expected 1 .* or 0"):
+        shm_allreduce_wanted()
+
+
 @needs_mpi
 def test_every_family_sharded_over_two_ranks_generates_what_one_process_does(tmp_path, tokenizer):
     """Greedy and beam-4 ids equal the unsharded model's; each rank holds half of every sharded linear layer."""
@@ -110,6 +122,8 @@ def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_p
     assert record["world_size"] == 2
     assert record["output_token_ids"] == reference["output_token_ids"]
     assert record["tensor_parallel"]["method"] == "deepspeed-autotp"
+    # DeepSpeed's shared-memory all-reduce where it is compiled already, gloo elsewhere
+    assert record["tensor_parallel"]["cpu_allreduce"] == ("deepspeed-shm" if shm_allreduce_wanted() else "gloo")
     assert len(record["tensor_parallel"]["rank_peak_memory_bytes"]) == 2
     assert all(b > 0 for b in record["tensor_parallel"]["rank_peak_memory_bytes"])
     assert all(len(it["token_latencies_s"]) == 12 for it in record["iterations"])
