@@ -104,13 +104,16 @@ def test_compile_cli_run_records_compile_time_apart(tiny_llama, cli, tmp_path, c
     proc = cli("--benchmark", "-m", str(tiny_llama), "--backend", "compile", "--dtype", "float32", "--greedy",
                "--batch-size", "2", "--input-tokens", str(INPUT_TOKENS), "--max-new-tokens", str(NEW_TOKENS),
                "--num-iter", "2", "--num-warmup", "1", "--token-latency", "--quiet", "--results", str(results),
-               "--device", "cpu", env={"TORCHINDUCTOR_CACHE_DIR": str(compile_env)})
+               "--device", "cpu",
+               # the record is under test here, not the kernels: the quick mode keeps the subprocess short
+               env={"TORCHINDUCTOR_CACHE_DIR": str(compile_env), "LLMBENCH_COMPILE_MODE": "default"})
     assert proc.returncode == 0, proc.stderr
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["backend"] == "compile"
     assert record["complete"] is True
     details = record["backend_details"]
     assert list(details["compile_time_s"]) == [f"batch2_beams1_in{INPUT_TOKENS}_new{NEW_TOKENS}"]
+    assert details["compile_mode"] == "default"
     assert record["metrics"]["next_token_latency_s"] > 0
     assert "Average 2... latency" in proc.stdout
 

@@ -16,6 +16,7 @@ from transformers import StaticCache
 
 from llmbench.backends.base import Backend, generation_config
 from llmbench.devices import synchronize
+from llmbench.errors import UserError
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
 
@@ -56,7 +57,11 @@ def compile_options(device: torch.device) -> tuple[str, dict]:
     if os.environ.get("LLMBENCH_COMPILE_MODE"):
         mode = os.environ["LLMBENCH_COMPILE_MODE"]
         extra = {k: v for k, v in extra.items() if k == "freezing"}
-    return mode, {**list_mode_options(mode), **extra}
+    try:
+        return mode, {**list_mode_options(mode), **extra}
+    except (KeyError, RuntimeError):
+        raise UserError(f"LLMBENCH_COMPILE_MODE={mode!r} is not a torch.compile mode: use default, reduce-overhead, "
+                        "max-autotune or max-autotune-no-cudagraphs") from None
 
 
 def new_static_cache(model_config, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> StaticCache:
