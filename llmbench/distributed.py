@@ -393,9 +393,8 @@ def abort(world: World, code: int, prog: str) -> None:
     print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
           flush=True)
     sys.stdout.flush()
-    comm = _mpi_comm(world)
-    if comm is not None:
-        comm.Abort(code)
+    # Exiting (rather than MPI_Abort) lets the launcher forward this rank's last lines before it ends the
+    # other ranks: MPI launchers, torchrun and deepspeed all end a job whose rank exits non-zero.
     os._exit(code)
 
 
