@@ -93,7 +93,7 @@ def build_inputs(config: RunConfig, loaded: LoadedModel, device: torch.device):
 
 
 def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, facts: dict) -> dict:
-    from llmbench.models import weight_bytes
+    from llmbench.models import checkpoint_quantization, weight_bytes
     from llmbench.results import environment, now_utc
 
     return {
@@ -116,7 +116,7 @@ def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, 
         "dummy_weights": loaded.dummy_weights,
         "num_parameters": loaded.num_parameters,
         "weight_bytes": weight_bytes(loaded.model),
-        "quantization": facts.get("quantization"),
+        "quantization": facts.get("quantization") or checkpoint_quantization(loaded.model),
         "world_size": 1,
         "load_time_s": facts.get("load_time_s"),
         "prepare_time_s": facts.get("prepare_time_s"),

@@ -164,3 +164,13 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters (each shared tensor once): what one decode step reads at the least."""
     return sum(_tensor_bytes(p) for p in model.parameters())
+
+
+def checkpoint_quantization(model: torch.nn.Module) -> dict | None:
+    """The quantization a checkpoint was saved with (GPTQ, AWQ, TorchAO folders), as the record states it."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    method = settings.get("quant_method")
+    return {"scheme": "checkpoint", "library": str(getattr(method, "value", method)), "checkpoint_config": settings}

@@ -121,7 +121,9 @@ def test_torchao_quantized_folder_loads_through_transformers(tiny_llama, tmp_pat
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
     results = tmp_path / "r.jsonl"
     assert main([*RUN, "-m", str(folder), "--results", str(results)]) == 0
-    assert len(records(results)[0]["output_token_ids"]) == 8
+    record = records(results)[0]
+    assert len(record["output_token_ids"]) == 8
+    assert record["quantization"]["library"] == "torchao"  # the checkpoint's own quantization is recorded
     capsys.readouterr()
     assert main([*RUN, "-m", str(folder), "--results", str(results), "--woq", "int4"]) == 2
     assert "is already quantized (torchao); drop --woq" in capsys.readouterr().err
