@@ -51,6 +51,7 @@ def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype, world=N
     from llmbench.backends import get_backend
 
     facts: dict = {}
+    backend = get_backend(config.backend)  # first: a backend that cannot run here fails before any loading
     start = time.perf_counter()
     if world is not None and world.size > 1:
         from llmbench.distributed import load_sharded
@@ -65,7 +66,6 @@ def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype, world=N
         from llmbench.quantize import quantize_model
 
         facts["quantization"] = quantize_model(loaded, config, device, dtype)
-    backend = get_backend(config.backend)
     start = time.perf_counter()
     backend.prepare(loaded.model, device, dtype, config)
     facts["prepare_time_s"] = time.perf_counter() - start
