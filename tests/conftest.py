@@ -10,6 +10,20 @@ from tests.tiny import save_tiny_model, tiny_llama_config, train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ipex: needs the IPEX environment; runs only with LLMBENCH_IPEX_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """IPEX tests need their own environment (torch 2.8, transformers 4.51): opt-in, deselected otherwise."""
+    if os.environ.get("LLMBENCH_IPEX_TESTS"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("ipex")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("ipex")]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()
