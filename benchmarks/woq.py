@@ -92,10 +92,10 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     return row
 
 
-def run_anchor(allow_busy: bool) -> float | None:
+def run_anchor(allow_busy: bool, script: Path = ANCHOR) -> float | None:
     """llama.cpp's ms/token on the same model and machine (tg after 32 tokens of context), or None."""
     env = {"ANCHORS_ALLOW_BUSY": "1"} if allow_busy else {}
-    done = subprocess.run(["bash", str(ANCHOR)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+    done = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     found = re.search(r"llama\.cpp tg@d32 ms/token: ([0-9.]+)", done.stdout)
     if done.returncode != 0 or not found:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -117,6 +117,9 @@ def main() -> int:
     p.add_argument("--num-iter", type=int, default=5)
     p.add_argument("--num-warmup", type=int, default=1)
     p.add_argument("--anchor", action="store_true", help="also time llama.cpp (../shared/anchors/llama_bench.sh)")
+    p.add_argument("--anchor-script", type=Path, default=ANCHOR,
+                   help="llama.cpp anchor script (one that prints 'llama.cpp tg@d32 ms/token: X'), e.g. a build "
+                        "for a CPU the shared one's instruction set does not fit")
     p.add_argument("--anchor-allow-busy", action="store_true", help="time llama.cpp even when the CPUs are busy")
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} while timing")
     args = p.parse_args()
@@ -142,7 +145,7 @@ def main() -> int:
             same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
             print(f"{r['scheme']} {r['backend']}: {same}/{len(ref['tokens'])} greedy tokens equal to bf16's")
     if args.anchor:
-        llama_ms = run_anchor(args.anchor_allow_busy)
+        llama_ms = run_anchor(args.anchor_allow_busy, args.anchor_script)
         ours = [r for r in rows if r["scheme"] == "int4"]
         if llama_ms and ours:
             best = min(ours, key=lambda r: r["next_ms"])
