@@ -115,17 +115,24 @@ def test_every_family_sharded_over_two_ranks_generates_what_one_process_does(tmp
         assert head == [None, None] or sum(head) == 1.0, (family_rank0["family"], head)
 
 
-@needs_mpi
-def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_path, tiny_llama):
-    common = ["--benchmark", "-m", str(tiny_llama), "--greedy", "--dtype", "float32", "--input-tokens", "24",
-              "--max-new-tokens", "12", "--num-iter", "2", "--num-warmup", "1", "--token-latency"]
+def single_and_tensor_parallel(common: list[str], tmp_path) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """The same flags through run_generation.py and the seed's `mpirun -np 2 --prepend-rank` form:
+    -> (the single-process record, the tensor-parallel record, the mpirun process)."""
     single = run_cli(*common, "--results", str(tmp_path / "single.jsonl"))
     assert single.returncode == 0, single.stderr[-2000:]
     tp = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", *common,
                 "--results", str(tmp_path / "tp.jsonl"))
     assert tp.returncode == 0, tp.stderr[-3000:]
-    [record] = read_records(tmp_path / "tp.jsonl")
     [reference] = read_records(tmp_path / "single.jsonl")
+    [record] = read_records(tmp_path / "tp.jsonl")
+    return reference, record, tp
+
+
+@needs_mpi
+def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_path, tiny_llama):
+    common = ["--benchmark", "-m", str(tiny_llama), "--greedy", "--dtype", "float32", "--input-tokens", "24",
+              "--max-new-tokens", "12", "--num-iter", "2", "--num-warmup", "1", "--token-latency"]
+    reference, record, tp = single_and_tensor_parallel(common, tmp_path)
     assert record["world_size"] == 2
     assert record["output_token_ids"] == reference["output_token_ids"]
     assert record["tensor_parallel"]["method"] == "deepspeed-autotp"
@@ -171,13 +178,7 @@ def test_accuracy_under_tensor_parallelism_equals_the_single_process_accuracy(tm
     lambada = ROOT.parent / "shared" / "data" / "lambada_openai"
     common = ["--accuracy-only", "-m", str(tiny_llama), "--dtype", "float32", "--acc-data-dir", str(lambada),
               "--acc-limit", "12", "--acc-batch-size", "4", "--quiet"]
-    single = run_cli(*common, "--results", str(tmp_path / "single.jsonl"))
-    assert single.returncode == 0, single.stderr[-2000:]
-    tp = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", *common,
-                "--results", str(tmp_path / "tp.jsonl"))
-    assert tp.returncode == 0, tp.stderr[-3000:]
-    [record] = read_records(tmp_path / "tp.jsonl")
-    [reference] = read_records(tmp_path / "single.jsonl")
+    reference, record, _ = single_and_tensor_parallel(common, tmp_path)
     assert record["world_size"] == 2 and record["tensor_parallel"]["method"] == "deepspeed-autotp"
     assert record["num_samples"] == reference["num_samples"] == 12
     assert record["metrics"]["acc"] == reference["metrics"]["acc"]
