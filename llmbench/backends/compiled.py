@@ -1,12 +1,19 @@
 """compile: one static KV cache per shape, eager prefill, and the one-token decode step compiled by torch.compile.
 
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
-own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes), runs 2-3x faster than
-eager on cpu. Greedy and beam search both run this loop; beam search reorders the cache in place.
+own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes) and dynamo's guards
+skipped once a shape is compiled, is faster than eager on every device measured (figures: docs/backends.md).
+Greedy and beam search both run this loop; beam search reorders the cache in place.
+
+Which kernels the compiled step uses is chosen per CPU kind (`kernels` in the record): on CPUs with AMX, oneDNN's
+prepacked 16-bit GEMMs (freezing + max-autotune); elsewhere, linears and attention written so that inductor
+generates every kernel (llmbench/backends/generated_kernels.py), since there the library GEMV reaches about half
+the memory bandwidth and the flash-attention kernel's copies dominate a one-token step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -14,21 +21,29 @@ import time
 import torch
 from transformers import StaticCache
 
+from llmbench.backends import generated_kernels
 from llmbench.backends.base import Backend, generation_config
 from llmbench.devices import synchronize
 from llmbench.errors import UserError
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
 
-# Per device: (torch.compile mode, extra inductor options). On cpu, freezing prepacks the weights for oneDNN,
-# max-autotune lets inductor pick (and generate) the GEMM kernels, the C++ wrapper cuts per-call overhead, and
-# concat_linear fuses the q/k/v and gate/up projections into one GEMM each. On cuda, CUDA graphs remove launch
-# overhead, which dominates one-token steps.
+# Per device and kernel choice: (torch.compile mode, extra inductor options). With library kernels on cpu, freezing
+# prepacks the weights for oneDNN, max-autotune lets inductor pick (and generate) the GEMM kernels, the C++ wrapper
+# cuts per-call overhead, and concat_linear fuses the q/k/v and gate/up projections into one GEMM each. Generated
+# kernels need no more than inductor's defaults. On cuda, CUDA graphs remove launch overhead, which dominates
+# one-token steps.
 SETTINGS = {
-    "cpu": ("max-autotune-no-cudagraphs", {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
-    "cuda": ("reduce-overhead", {"coordinate_descent_tuning": True}),
-    "xpu": ("default", {}),
+    ("cpu", "library"): ("max-autotune-no-cudagraphs",
+                         {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
+    ("cpu", "generated"): ("default", {}),
+    ("cuda", "library"): ("reduce-overhead", {"coordinate_descent_tuning": True}),
+    ("xpu", "library"): ("default", {}),
 }
+KERNEL_CHOICES = ("generated", "library")
+# Rows (batch x beams) up to which a decode step's linears are generated reductions: each weight row is reused
+# from cache by every row, so the step stays bound by reading the weights once.
+GENERATED_LINEAR_MAX_ROWS = 8
 
 
 def inductor_cache_dir() -> str:
@@ -48,12 +63,41 @@ def inductor_cache_dir() -> str:
     return current
 
 
-def compile_options(device: torch.device) -> tuple[str, dict]:
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """-> (kernels, why): `library` (oneDNN/MKL, cuBLAS, oneMKL) or `generated` (inductor's own C++ kernels).
+    LLMBENCH_COMPILE_KERNELS overrides the choice (the record says so)."""
+    forced = os.environ.get("LLMBENCH_COMPILE_KERNELS")
+    if forced:
+        if forced not in KERNEL_CHOICES or (forced == "generated" and device.type != "cpu"):
+            raise UserError(f"LLMBENCH_COMPILE_KERNELS={forced!r}: use library, or generated (cpu only)")
+        return forced, "LLMBENCH_COMPILE_KERNELS"
+    if device.type != "cpu":
+        return "library", f"{device.type}: vendor GEMM libraries"
+    flags = cpu_flags()
+    amx = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
+    if amx and amx in flags:
+        return "library", f"the CPU has {amx}: oneDNN's prepacked {str(dtype).removeprefix('torch.')} GEMMs use AMX"
+    return "generated", ("no AMX for this dtype: inductor-generated reductions stream the weights faster than the "
+                         "library GEMV")
+
+
+def compile_options(device: torch.device, kernels: str = "library") -> tuple[str, dict]:
     """-> (mode, inductor options) as one options dict for torch.compile (which takes mode or options).
     LLMBENCH_COMPILE_MODE (e.g. `default`: compiles several times faster, runs slower) replaces the device's mode."""
     from torch._inductor import list_mode_options
 
-    mode, extra = SETTINGS.get(device.type, SETTINGS["xpu"])
+    mode, extra = SETTINGS.get((device.type, kernels), SETTINGS[("xpu", "library")])
     if os.environ.get("LLMBENCH_COMPILE_MODE"):
         mode = os.environ["LLMBENCH_COMPILE_MODE"]
         extra = {k: v for k, v in extra.items() if k == "freezing"}
@@ -82,9 +126,18 @@ class CompileBackend(Backend):
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         super().prepare(model, device, dtype, config)
         self.device, self.dtype = device, dtype
-        self.mode, self.options = compile_options(device)
-        self.details = {"compile_mode": self.mode, "inductor_options": dict(self.options),
-                        "inductor_cache_dir": inductor_cache_dir(), "compile_time_s": {}}
+        self.kernels, why = choose_kernels(device, dtype)
+        self.mode, self.options = compile_options(device, self.kernels)
+        self.details = {"compile_mode": self.mode, "inductor_options": dict(self.options), "kernels": self.kernels,
+                        "kernels_reason": why, "inductor_cache_dir": inductor_cache_dir(), "compile_time_s": {}}
+        if self.kernels == "generated":
+            self.details["generated_linears"] = generated_kernels.use_reduction_linears(model,
+                                                                                         GENERATED_LINEAR_MAX_ROWS)
+            self.details["generated_attention"] = generated_kernels.use_generated_attention(model)
+        # Once a shape is compiled, dynamo's guards (a check of every cache tensor, ~2 ms a step on cpu) are skipped:
+        # nothing about the step's inputs changes between calls but the values of the token and position.
+        self.details["guards_after_warm_up"] = "skipped" if device.type == "cpu" else "evaluated"
+        self._compiled_shapes: set[tuple[int, int, int]] = set()
         params = inspect.signature(model.forward).parameters
         # transformers >= 5 names the cache argument `cache` and tracks positions inside it; 4.x needs cache_position.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -143,14 +196,26 @@ class CompileBackend(Backend):
         self.generate(inputs, max_new_tokens, num_beams, None)
         synchronize(self.device)
         self.details["compile_time_s"][key] = time.perf_counter() - start
+        self._compiled_shapes.add(self._shape_key(inputs.input_ids, max_new_tokens, num_beams))
         self.details["fx_graph_cache_hits"] = counters["inductor"]["fxgraph_cache_hit"] - hits_before
 
     def generate(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
                  timer: StepTimer | None = None) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._guards(inputs.input_ids, max_new_tokens, num_beams):
             if num_beams == 1:
                 return self._greedy(inputs.input_ids, max_new_tokens, timer)
             return self._beam_search(inputs.input_ids, max_new_tokens, num_beams, timer)
+
+    @staticmethod
+    def _shape_key(input_ids: torch.Tensor, max_new_tokens: int, num_beams: int) -> tuple[int, int, int]:
+        return input_ids.shape[0] * num_beams, input_ids.shape[1], max_new_tokens
+
+    def _guards(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int):
+        """Skip guard evaluation for a shape compiled by warm_up_shapes (a new shape still compiles, guarded)."""
+        if self.details["guards_after_warm_up"] == "skipped" and \
+                self._shape_key(input_ids, max_new_tokens, num_beams) in self._compiled_shapes:
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
     def _positions(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.device)

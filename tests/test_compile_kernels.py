@@ -1,0 +1,103 @@
+"""The compile backend's kernel choice per CPU kind: generated kernels replace every library linear and attention
+call inside the decode step, give eager's ids in fp32 (plain and INT8 weights), and the library path still works."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llmbench.backends import get_backend
+from llmbench.backends.compiled import choose_kernels
+from llmbench.errors import UserError
+from llmbench.models import load_model
+from llmbench.prompts import cut_prompt
+
+CPU = torch.device("cpu")
+INPUT_TOKENS, NEW_TOKENS = 16, 12
+LIBRARY_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_attention_math")
+
+
+@pytest.fixture
+def compile_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def prepared(model, kernels, monkeypatch, inputs, num_beams):
+    monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", kernels)
+    backend = get_backend("compile")
+    backend.prepare(model, CPU, next(model.parameters()).dtype, None)
+    backend.warm_up_shapes(inputs, NEW_TOKENS, num_beams)
+    return backend
+
+
+def library_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key in LIBRARY_OPS)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, compile_env, monkeypatch, num_beams):
+    loaded = load_model(str(tiny_llama), CPU, torch.float32)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 2, CPU)
+    eager = get_backend("eager")
+    eager.prepare(loaded.model, CPU, torch.float32, None)
+    eager_ids = eager.generate(inputs, NEW_TOKENS, num_beams)
+    with torch.inference_mode():
+        prefill_calls = library_calls(lambda: loaded.model(input_ids=inputs.input_ids.repeat_interleave(num_beams, 0)))
+    backend = prepared(loaded.model, "generated", monkeypatch, inputs, num_beams)
+    assert backend.details["kernels"] == "generated"
+    assert backend.details["generated_linears"] == sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    assert backend.details["generated_attention"] is True
+    ids = []
+    calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, num_beams)))
+    assert prefill_calls > 0
+    assert calls == prefill_calls  # the eager prefill's; none from the NEW_TOKENS - 1 compiled steps
+    assert torch.equal(ids[0], eager_ids)
+
+
+def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monkeypatch):
+    from llmbench.cli import parse_config
+    from llmbench.quantize import quantize_model
+
+    loaded = load_model(str(tiny_llama), CPU, torch.float32)
+    quantize_model(loaded, parse_config(["--woq", "int8", "--quiet"]), CPU, torch.float32)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
+    eager = get_backend("eager")
+    eager.prepare(loaded.model, CPU, torch.float32, None)
+    ids = eager.generate(inputs, NEW_TOKENS, 1)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
+    eager_log_probs = torch.log_softmax(logits, dim=-1)
+    backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
+    assert backend.details["generated_linears"] > 0
+    compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
+    keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
+    keep[loaded.model.config.eos_token_id] = False  # forbidden on the compiled path
+    assert (compiled - eager_log_probs)[..., keep].abs().max().item() < 1e-3
+
+
+def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch):
+    monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "default")  # the choice is under test, not max-autotune
+    loaded = load_model(str(tiny_llama), CPU, torch.float32)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
+    eager = get_backend("eager")
+    eager.prepare(loaded.model, CPU, torch.float32, None)
+    eager_ids = eager.generate(inputs, NEW_TOKENS, 1)
+    backend = prepared(loaded.model, "library", monkeypatch, inputs, 1)
+    assert backend.details["kernels"] == "library" and "generated_linears" not in backend.details
+    assert torch.equal(backend.generate(inputs, NEW_TOKENS, 1), eager_ids)
+
+
+def test_kernel_choice_follows_the_cpu_and_the_override(monkeypatch):
+    monkeypatch.delenv("LLMBENCH_COMPILE_KERNELS", raising=False)
+    monkeypatch.setattr("llmbench.backends.compiled.cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    assert choose_kernels(CPU, torch.bfloat16)[0] == "library"
+    assert choose_kernels(CPU, torch.float32)[0] == "generated"  # AMX has no fp32 tiles
+    monkeypatch.setattr("llmbench.backends.compiled.cpu_flags", lambda: {"avx2", "fma"})
+    assert choose_kernels(CPU, torch.bfloat16)[0] == "generated"
+    monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "library")
+    assert choose_kernels(CPU, torch.bfloat16) == ("library", "LLMBENCH_COMPILE_KERNELS")
+    monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "fast")
+    with pytest.raises(UserError, match="LLMBENCH_COMPILE_KERNELS='fast'"):
+        choose_kernels(CPU, torch.bfloat16)
