@@ -21,7 +21,7 @@ from llmbench.validity import (
     tree_cpu_s,
     warning_line,
 )
-from tests.conftest import error_lines
+from tests.conftest import ROOT, error_lines
 from tests.test_benchmark import SEED_LABELS, bench_args, only_record
 
 N_NEW, N_ITER = 16, 3
@@ -266,3 +266,21 @@ def test_profile_bad_input_is_one_line(run_main, tmp_path, extra, message):
     assert status == 2
     lines = error_lines(err)
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_distributed_record_counts_the_ranks_as_its_own(tmp_path, tiny_llama):
+    """Rank 0's record carries validity; both ranks (and their launcher) are this job's own processes."""
+    from tests.test_distributed import mpirun
+
+    results = tmp_path / "tp.jsonl"
+    done = mpirun("--prepend-rank", sys.executable, str(ROOT / "run_generation_with_deepspeed.py"),
+                  "--benchmark", "-m", str(tiny_llama), "--greedy", "--dtype", "float32", "--input-tokens", "16",
+                  "--max-new-tokens", "8", "--num-iter", "2", "--num-warmup", "1", "--token-latency", "--quiet",
+                  "--results", str(results))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = only_record(results)
+    assert record["world_size"] == 2 and isinstance(record["valid"], bool)
+    cpu = record["validity"]["cpu"]
+    assert len(cpu["own_pids"]) == 2 and os.getpid() not in cpu["own_pids"]
+    assert 0.0 <= cpu["other_share"] <= 1.0
+    check_energy(record)
