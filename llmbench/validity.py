@@ -251,9 +251,14 @@ def _nvml():
 
 
 def _nvml_handle(nvml, device):
+    """NVML's handle of a CUDA device: NVML numbers all GPUs, CUDA only those in CUDA_VISIBLE_DEVICES."""
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return nvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(index))  # what clock_rate() uses
+    except (AttributeError, RuntimeError, ValueError, nvml.NVMLError):
+        pass
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:
         try:
@@ -322,8 +327,10 @@ class GpuWatch:
             if before is not None and after is not None and window_ns > 0:
                 setattr(figures, attr, (after - before) / window_ns)
         procs = self._call(nv.nvmlDeviceGetComputeRunningProcesses, default=[]) or []
-        utilization = {s.pid: s.smUtil for s in self._call(nv.nvmlDeviceGetProcessUtilization, self._t0_us,
-                                                             default=[]) or []}
+        samples: dict[int, list[int]] = {}  # pid -> its SM % samples since the start
+        for sample in self._call(nv.nvmlDeviceGetProcessUtilization, self._t0_us, default=[]) or []:
+            samples.setdefault(sample.pid, []).append(sample.smUtil)
+        utilization = {pid: sum(v) / len(v) for pid, v in samples.items()}
         pids = {p.pid for p in procs} | set(utilization)
         figures.own_pid_visible = bool(pids & self.own_pids)
         for p in procs:

@@ -284,3 +284,23 @@ def test_distributed_record_counts_the_ranks_as_its_own(tmp_path, tiny_llama):
     assert len(cpu["own_pids"]) == 2 and os.getpid() not in cpu["own_pids"]
     assert 0.0 <= cpu["other_share"] <= 1.0
     check_energy(record)
+
+
+def test_gpu_watch_and_energy_on_cuda_or_the_reason_without_it():
+    """With an NVIDIA GPU, NVML's figures; without one, the reason they are missing (never an error)."""
+    import torch
+
+    from llmbench.energy import nvml_counters
+    from llmbench.validity import GpuWatch
+
+    device = torch.device("cuda", 0)
+    watch = GpuWatch(device, [os.getpid()])
+    watch.start()
+    figures = watch.stop()
+    counters, reason = nvml_counters(device)
+    if torch.cuda.is_available():
+        assert figures.unreadable is None and figures.name and figures.sm_clock_mhz_max > 0
+        assert counters or reason
+    else:
+        assert figures.unreadable and figures.name is None
+        assert counters == [] and reason

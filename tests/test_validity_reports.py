@@ -110,7 +110,8 @@ def test_sweep_reruns_invalid_cases_on_resume(tmp_path, tiny_llama):
     first = run_driver(tmp_path, **values)
     assert first.returncode == 0, first.stderr[-2000:]
     run_dir = Path(first.stdout.strip().splitlines()[-1])
-    assert "not valid (no warm-up iteration ran" in first.stderr
+    notes = [line for line in first.stderr.splitlines() if line.startswith("case 1/1: not valid (")]
+    assert len(notes) == 1 and "no warm-up iteration ran" in notes[0], first.stderr[-2000:]
     assert "NOT VALID" in (run_dir / "summary.md").read_text()
     again = run_driver(tmp_path, **values)
     assert "already recorded, skipped" in again.stderr
