@@ -204,12 +204,13 @@ def test_default_model_quiet_run_is_valid(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = only_record(results)
     share = record["validity"]["cpu"]["other_share"]
-    print(f"other processes used {share:.1%} of the CPUs; reasons: {record['validity']['reasons']}")
-    assert record["valid"] is True, record["validity"]["reasons"]
-    assert "figures are unreliable" not in proc.stderr
-    assert record["validity"]["cpu"]["own_share"] > 0.3  # the decode itself kept the CPUs busy
+    own = record["validity"]["cpu"]["own_share"]
+    print(f"other processes used {share:.1%} of the CPUs, this run {own:.1%}; reasons: {record['validity']['reasons']}")
     check_spread(record, proc.stdout)
     check_energy(record)
+    assert record["valid"] is True, record["validity"]["reasons"]
+    assert "figures are unreliable" not in proc.stderr
+    assert own > 0.3  # alone on the machine, the decode's threads keep the CPUs busy
 
 
 def test_default_model_beside_two_busy_processes_is_not_valid(cli, tmp_path):
