@@ -20,6 +20,7 @@ class Energy:
     joules_per_token: float | None
     average_watts: float | None
     window_s: float | None
+    generated_tokens: int | None  # over the measured iterations, batch included
     source: str | None  # e.g. "rapl:package-0", "nvml", "hwmon:card1"
     scope: str | None  # what the counter covers
     reason: str | None  # why it is null
@@ -29,7 +30,7 @@ class Energy:
 
 
 def unavailable(reason: str) -> Energy:
-    return Energy(None, None, None, None, None, None, reason)
+    return Energy(None, None, None, None, None, None, None, reason)
 
 
 def is_virtual_machine() -> bool:
@@ -170,4 +171,5 @@ class EnergyMeter:
             joules += delta
         return Energy(joules=joules, joules_per_token=joules / generated_tokens if generated_tokens else None,
                       average_watts=joules / window_s if window_s > 0 else None, window_s=window_s,
+                      generated_tokens=generated_tokens,
                       source="+".join(c.source for c in self.counters), scope=self.counters[0].scope, reason=None)

@@ -80,9 +80,8 @@ class MeasuredWindow:
 
             joules = gather(self.world, energy.joules)
             if all(j is not None for j in joules) and energy.window_s:
-                tokens = energy.joules / energy.joules_per_token if energy.joules_per_token else 0
                 energy.joules = sum(joules)
-                energy.joules_per_token = energy.joules / tokens if tokens else None
+                energy.joules_per_token = energy.joules / energy.generated_tokens if energy.generated_tokens else None
                 energy.average_watts = energy.joules / energy.window_s
                 energy.scope = f"{energy.scope}, summed over {len(joules)} ranks"
         validity = assess(iterations, record["metrics"], record["num_iter"], record["max_new_tokens"],
