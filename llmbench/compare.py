@@ -77,7 +77,7 @@ def compare(a: list[dict], b: list[dict], by: list[str] | None = None,
                 row[f"{m} B/A"] = None
         if bad:
             flagged += 1
-            refused += valid_only
+            refused += int(valid_only)
             row["validity"] = f"{'refused: ' if valid_only else ''}{bad} not valid"
         rows.append(row)
     if flagged:

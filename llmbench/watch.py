@@ -43,7 +43,6 @@ class MeasuredWindow:
         self.started = self.stopped = False
         self.cpu_figures = self.gpu_figures = None
         self.energy_figures: Energy | None = None
-        self._tokens = 0
 
     def start(self) -> None:
         self.cpu.start()
