@@ -22,6 +22,7 @@ class Measurement:
     output_token_ids: list[int] | None = None
     peak_memory_bytes: int | None = None
     complete: bool = False
+    window: object | None = None  # llmbench.watch.MeasuredWindow: started and stopped around the measured loop
 
 
 def decode_first_row(tokenizer, ids: torch.Tensor, input_len: int) -> tuple[str | None, list[int]]:
@@ -39,6 +40,8 @@ def measure(backend: Backend, inputs: PromptInputs, config, device: torch.device
     for _ in tqdm(range(config.num_warmup), desc="warm-up", disable=config.quiet, file=sys.stderr):
         backend.generate(inputs, n_new, beams, timer if config.token_latency else None)
     reset_peak_memory(device)
+    if measurement.window is not None:
+        measurement.window.start()
     for _ in tqdm(range(config.num_iter), desc="measured", disable=config.quiet, file=sys.stderr):
         timer.start()
         ids = backend.generate(inputs, n_new, beams, timer if config.token_latency else None)
@@ -55,6 +58,8 @@ def measure(backend: Backend, inputs: PromptInputs, config, device: torch.device
             if not config.quiet and measurement.output_text is not None:
                 print(f"Output: {measurement.output_text!r}", flush=True)
         measurement.iterations.append(timing)
+    if measurement.window is not None:
+        measurement.window.stop(sum(it.generated_tokens for it in measurement.iterations))
     measurement.peak_memory_bytes = peak_memory_bytes(device)
     measurement.complete = True
     return measurement
@@ -79,7 +84,26 @@ def print_report(metrics: dict, device: torch.device, print_memory: bool) -> Non
         print(f"P90 2... latency: {metrics['p90_next_token_latency_s']:.3f} sec.")
         print(f"P99 2... latency: {metrics['p99_next_token_latency_s']:.3f} sec.")
     print(f"Throughput: {metrics['throughput_tokens_per_s']:.2f} tokens/s")
+    print_spread(metrics)
     if metrics["weight_bandwidth_gb_s"] is not None:
         print(f"Weight read bandwidth: {metrics['weight_bandwidth_gb_s']:.2f} GB/s")
     if print_memory and metrics["peak_memory_bytes"] is not None:
         print(f"Peak memory ({peak_memory_kind(device)}): {metrics['peak_memory_bytes'] / 2**30:.3f} GiB")
+
+
+SPREAD_LINES = (  # (label, mean key, stddev key, cv key, unit, decimals); labels unlike the seed's labels
+    ("inference", "e2e_latency_s", "e2e_latency_stddev_s", "e2e_latency_cv", "sec.", 3),
+    ("first token", "first_token_latency_s", "first_token_latency_stddev_s", "first_token_latency_cv", "sec.", 3),
+    ("next token", "next_token_latency_s", "next_token_latency_stddev_s", "next_token_latency_cv", "sec.", 3),
+    ("throughput", "throughput_tokens_per_s", "throughput_stddev_tokens_per_s", "throughput_cv", "tokens/s", 2),
+)
+
+
+def print_spread(metrics: dict) -> None:
+    """`mean ± stddev (CV)` on lines of their own, for the figures measured more than once."""
+    for label, key, sd_key, cv_key, unit, digits in SPREAD_LINES:
+        mean, stddev, cv = metrics.get(key), metrics.get(sd_key), metrics.get(cv_key)
+        if mean is None or stddev is None:
+            continue
+        cv_text = f" (CV {cv:.1%})" if cv is not None else ""
+        print(f"Spread, {label}: {mean:.{digits}f} ± {stddev:.{digits}f} {unit}{cv_text}")

@@ -83,6 +83,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--print-memory", action="store_true", help="print peak memory")
     bench.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file records are appended to")
     bench.add_argument("--quiet", action="store_true", help="no progress bars or generated text")
+    bench.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                       help="after the measured iterations, profile one more generation (torch.profiler): "
+                            "Perfetto/Chrome trace and top-operators table written to DIR")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--backend", choices=BACKENDS, default="eager")
@@ -140,6 +143,7 @@ class RunConfig:
     acc_limit: int | None = None
     acc_batch_size: int = 1
     acc_data_dir: Path | None = None
+    profile: Path | None = None
 
     def to_record(self) -> dict:
         """The settings that identify a run, JSON-ready."""
@@ -166,6 +170,12 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         raise UserError("--acc-tasks is empty: name at least one lm-eval task, e.g. --acc-tasks lambada_openai")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: give some text, or drop the flag to use prompt.json")
+    if args.profile is not None:
+        if args.accuracy_only:
+            raise UserError("--profile profiles a benchmark run: drop it with --accuracy-only")
+        from llmbench.profiling import check_folder
+
+        check_folder(args.profile)
     if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):
         raise UserError("--woq-checkpoint/--woq-group-size/--calib-dataset need --woq int4 or --woq int8")
     return RunConfig(
@@ -199,4 +209,5 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         acc_limit=args.acc_limit,
         acc_batch_size=args.acc_batch_size,
         acc_data_dir=args.acc_data_dir,
+        profile=args.profile,
     )

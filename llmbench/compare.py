@@ -39,8 +39,17 @@ def metric_columns(rows: list[dict]) -> list[str]:
     return [c for c in (*COMPARED, *dict.fromkeys(accuracy)) if any(r.get(c) is not None for r in rows)]
 
 
-def compare(a: list[dict], b: list[dict], by: list[str] | None = None) -> tuple[list[dict], list[str], dict]:
-    """-> (table rows, table columns, facts) with A, B and B/A for each metric of each matching case."""
+def not_valid(ra: dict, rb: dict) -> str | None:
+    """'A', 'B' or 'A, B': the sides of a pair whose record is not valid (unknown validity is not 'not valid')."""
+    sides = [side for side, r in (("A", ra), ("B", rb)) if r.get("valid") is False]
+    return ", ".join(sides) or None
+
+
+def compare(a: list[dict], b: list[dict], by: list[str] | None = None,
+            valid_only: bool = False) -> tuple[list[dict], list[str], dict]:
+    """-> (table rows, table columns, facts) with A, B and B/A for each metric of each matching case.
+    A pair involving a record that is not valid is flagged; with `valid_only` its ratios are refused (left
+    empty, out of the geometric mean)."""
     by = differing(a, b) if by is None else by
     unknown = [c for c in by if c not in CASE_PARAMETERS]
     if unknown:
@@ -56,21 +65,37 @@ def compare(a: list[dict], b: list[dict], by: list[str] | None = None) -> tuple[
     rows, columns = [], list(shown_keys)
     for m in metrics:
         columns += [f"{m} A", f"{m} B", f"{m} B/A"]
+    flagged = refused = 0
     for ra, rb in pairs:
         row = {k: ra.get(k) for k in shown_keys}
+        bad = not_valid(ra, rb)
         for m in metrics:
             va, vb = ra.get(m), rb.get(m)
             row[f"{m} A"], row[f"{m} B"] = va, vb
             row[f"{m} B/A"] = vb / va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else None
+            if bad and valid_only:
+                row[f"{m} B/A"] = None
+        if bad:
+            flagged += 1
+            refused += int(valid_only)
+            row["validity"] = f"{'refused: ' if valid_only else ''}{bad} not valid"
         rows.append(row)
+    if flagged:
+        columns.append("validity")
+    if valid_only and refused == len(pairs):
+        raise UserError(f"--valid-only: each of the {len(pairs)} matching cases involves a record that is not valid "
+                        "(see the records' validity.reasons): rerun them on a quiet machine")
     geomean = {shown_keys[0]: "geomean"}
     for m in metrics:
         ratios = [r[f"{m} B/A"] for r in rows if r[f"{m} B/A"] and r[f"{m} B/A"] > 0]
         geomean[f"{m} B/A"] = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
     if len(rows) > 1:
         rows.append(geomean)
+    unknown = sum(ra.get("valid") is None or rb.get("valid") is None for ra, rb in pairs
+                  if ra.get("mode") == "benchmark")
     facts = {"by": by, "matched": len(pairs), "only_a": len(a) - len(pairs),
-             "only_b": len(b) - len({id(rb) for _, rb in pairs})}
+             "only_b": len(b) - len({id(rb) for _, rb in pairs}), "not_valid": flagged, "refused": refused,
+             "unknown_validity": unknown}
     return rows, columns, facts
 
 
@@ -84,16 +109,29 @@ def describe(rows: list[dict], by: list[str]) -> str:
     return ", ".join(parts)
 
 
-def render(path_a: Path, path_b: Path, by: list[str] | None) -> str:
+def validity_note(facts: dict) -> str:
+    notes = []
+    if facts["refused"]:
+        notes.append(f"{facts['refused']} cases refused (--valid-only): a record of theirs is not valid")
+    elif facts["not_valid"]:
+        notes.append(f"{facts['not_valid']} cases involve a record that is not valid (column validity): their ratios "
+                     "are unreliable; --valid-only refuses them")
+    if facts["unknown_validity"]:
+        notes.append(f"{facts['unknown_validity']} cases involve records of unknown validity (recorded before "
+                     "validity was checked)")
+    return "".join(f"\n\n{n}." for n in notes)
+
+
+def render(path_a: Path, path_b: Path, by: list[str] | None, valid_only: bool = False) -> str:
     a, b = set_rows(path_a), set_rows(path_b)
-    rows, columns, facts = compare(a, b, by)
+    rows, columns, facts = compare(a, b, by, valid_only)
     digits = {c: 3 if c.endswith("B/A") else 2 for c in columns}
     lines = [f"A: {path_a} ({describe(a, facts['by'])})", "",
              f"B: {path_b} ({describe(b, facts['by'])})", "",
              markdown_table(rows, columns, digits), "",
              f"{facts['matched']} matching cases" + (f" (ignoring {', '.join(facts['by'])})" if facts["by"] else "") +
              f"; {facts['only_a']} only in A, {facts['only_b']} only in B. B/A < 1: B is lower (faster for latency, "
-             "slower for tokens_per_s)."]
+             "slower for tokens_per_s)." + validity_note(facts)]
     return "\n".join(lines) + "\n"
 
 
@@ -105,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", default=None,
                         help="comma-separated parameters that differ between A and B and are not matched "
                              "(e.g. backend, device, dtype); default: those with no value in common")
+    parser.add_argument("--valid-only", action="store_true",
+                        help="refuse the ratios of cases where a record is not valid (valid: false)")
     args = parser.parse_args(argv)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by is not None else None
     try:
-        print(render(args.a, args.b, by), end="")
+        print(render(args.a, args.b, by, args.valid_only), end="")
     except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

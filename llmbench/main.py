@@ -140,9 +140,14 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     if world is not None:
         record.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     record.update(input_tokens=inputs.num_tokens, prompt_source=inputs.source)
-    measurement = Measurement()
+    from llmbench.watch import MeasuredWindow, print_run_notes, profile_after
+
+    measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world))
+    profile_table = None
     try:
         measure(backend, inputs, config, device, loaded.tokenizer, measurement)
+        if config.profile is not None:
+            record["profile"], profile_table = profile_after(backend, inputs, config, device, record, world)
     finally:
         # Whatever happened, iterations already measured are written (marked incomplete).
         if measurement.iterations:
@@ -154,6 +159,7 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 output_text=measurement.output_text,
                 output_token_ids=measurement.output_token_ids,
             )
+            record.update(measurement.window.record_fields(record, measurement.complete))
             if world is not None and world.size > 1 and measurement.complete:
                 from llmbench.distributed import gather
 
@@ -164,6 +170,7 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     if world is not None and not world.is_main:
         return 0
     print_report(record["metrics"], device, config.print_memory)
+    print_run_notes(record, profile_table)
     if not config.quiet:
         print(f"Record appended to {config.results}")
     return 0

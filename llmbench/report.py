@@ -32,7 +32,15 @@ BENCH_METRICS = (
     ("peak_mem_gib", "peak_memory_bytes", 1 / 2**30, 3),
 )
 BENCH_SOURCE_KEYS = {key for _, key, _, _ in BENCH_METRICS} | {"p50_next_token_latency_s", "p99_next_token_latency_s"}
+SPREAD_SUFFIXES = ("_stddev_s", "_stddev_tokens_per_s", "_cv")  # in the records, not in the tables
 DIGITS = {col: d for col, _, _, d in BENCH_METRICS}
+NOT_SHOWN = ("precision", "validity_reasons")  # row keys for plots and notes, not table columns
+
+
+def validity_of(record: dict) -> bool | None:
+    """A benchmark record's `valid`; None (unknown) for accuracy records and records from before it existed."""
+    value = record.get("valid")
+    return value if isinstance(value, bool) and record.get("mode", "benchmark") == "benchmark" else None
 
 
 def load_records(paths: list[Path]) -> list[dict]:
@@ -128,11 +136,14 @@ def to_row(record: dict) -> dict:
     if row["mode"] == "accuracy":
         for key in ("batch_size", "num_beams", "input_tokens", "max_new_tokens", "num_iter", "num_warmup"):
             row[key] = None  # not what an accuracy run varies
+    row["valid"] = validity_of(record)
+    row["validity_reasons"] = (record.get("validity") or {}).get("reasons") if row["valid"] is False else None
     metrics = record.get("metrics") or {}
     for col, key, scale, _ in BENCH_METRICS:
         value = metrics.get(key)
         row[col] = value * scale if isinstance(value, (int, float)) else None
-    row.update({k: v for k, v in _flat_numbers(metrics).items() if k not in BENCH_SOURCE_KEYS})
+    row.update({k: v for k, v in _flat_numbers(metrics).items()
+                if k not in BENCH_SOURCE_KEYS and not k.endswith(SPREAD_SUFFIXES)})
     row["precision"] = precision_of(record)
     return row
 
@@ -163,12 +174,28 @@ def varying(rows: list[dict], columns: tuple[str, ...] | list[str]) -> list[str]
 def summary_table(rows: list[dict]) -> tuple[list[str], list[str]]:
     """(columns to show, parameters that are the same in every row)."""
     shown = varying(rows, PARAMETERS) or ["model"]
-    metric_cols = [c for c in rows[0] if c not in PARAMETERS and c != "precision"] if rows else []
+    metric_cols = [c for c in rows[0] if c not in PARAMETERS and c not in NOT_SHOWN] if rows else []
     for r in rows[1:]:
-        metric_cols += [c for c in r if c not in PARAMETERS and c != "precision" and c not in metric_cols]
+        metric_cols += [c for c in r if c not in PARAMETERS and c not in NOT_SHOWN and c not in metric_cols]
     metric_cols = [c for c in metric_cols if any(r.get(c) is not None for r in rows)]
     constant = [c for c in PARAMETERS if c not in shown and any(r.get(c) is not None for r in rows)]
     return shown + metric_cols, constant
+
+
+def validity_notes(rows: list[dict], columns: list[str]) -> str:
+    """Under a table: the runs marked valid=false and why, and how many predate validity (blank)."""
+    if not any(r.get("valid") is not None for r in rows):
+        return ""
+    shown = [c for c in columns if c in PARAMETERS]
+    lines = []
+    for r in rows:
+        if r.get("valid") is False:
+            case = " ".join(f"{c}={r.get(c)}" for c in shown)
+            lines.append(f"- NOT VALID, figures unreliable: {case}: {'; '.join(r.get('validity_reasons') or [])}")
+    unknown = sum(r.get("valid") is None for r in rows)
+    if unknown:
+        lines.append(f"- {unknown} runs of unknown validity (recorded before validity was checked): valid is blank")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def render_tables(records: list[dict]) -> tuple[str, str, list[dict]]:
@@ -186,7 +213,7 @@ def render_tables(records: list[dict]) -> tuple[str, str, list[dict]]:
         known = ", ".join(f"{c}={next(r[c] for r in part if r.get(c) is not None)}" for c in constant if c != "mode")
         title = f"## {mode.capitalize()}\n\n" if len(modes) > 1 else ""
         sections.append(f"{title}{markdown_table(part, columns, DIGITS)}\n\n"
-                        f"{len(part)} runs. Same in every run: {known or 'nothing'}.\n")
+                        f"{len(part)} runs. Same in every run: {known or 'nothing'}.\n{validity_notes(part, columns)}")
     if incomplete:
         sections.append(f"{incomplete} incomplete records (interrupted runs) left out.\n")
     csv_columns = [c for c in PARAMETERS if c in csv_columns] + [c for c in csv_columns if c not in PARAMETERS]

@@ -125,6 +125,7 @@ class Plan:
     results_dir: Path
     quiet: bool
     cases: list[dict] = field(default_factory=list)
+    rerun_invalid: bool = False  # RERUN_INVALID=1: a case whose records are all `valid: false` runs again
 
     def identity(self) -> dict:
         return {"kind": self.kind_name, "axes": self.values, "extra_args": self.extra_args,
@@ -169,8 +170,12 @@ def make_plan(kind_name: str, env: Mapping[str, str]) -> Plan:
     acc_dir = env.get("ACC_DATA_DIR") or None
     if acc_dir and not Path(acc_dir).is_dir():
         raise UserError(f"ACC_DATA_DIR={acc_dir} is not a folder")
+    rerun_invalid = env.get("RERUN_INVALID", "")
+    if rerun_invalid not in ("", "0", "1"):
+        raise UserError(f"RERUN_INVALID={rerun_invalid!r}: set it to 1 (rerun cases recorded as not valid) or 0")
     plan = Plan(kind_name, kind, values, extra, str(Path(acc_dir).resolve()) if acc_dir else None,
-                Path(env.get("RESULTS_DIR") or "results"), env.get("QUIET", "") not in ("", "0"))
+                Path(env.get("RESULTS_DIR") or "results"), env.get("QUIET", "") not in ("", "0"),
+                rerun_invalid=rerun_invalid == "1")
     names = list(values)
     plan.cases = [dict(zip(names, combo)) for combo in itertools.product(*values.values())]
     return plan
@@ -212,14 +217,17 @@ def _record_value(record: dict, key: str):
     return value
 
 
+def case_records(plan: Plan, case: dict, records: list[dict]) -> list[dict]:
+    """The complete records of this run folder that have exactly this case's parameters."""
+    return [r for r in records if r.get("mode", plan.kind.mode) == plan.kind.mode and r.get("complete", True)
+            and all(_record_value(r, a.record_key) == case[a.env] for a in plan.kind.axes)]
+
+
 def is_recorded(plan: Plan, case: dict, records: list[dict]) -> bool:
-    """True when a complete record of this run folder has exactly this case's parameters."""
-    for record in records:
-        if record.get("mode", plan.kind.mode) != plan.kind.mode or not record.get("complete", True):
-            continue
-        if all(_record_value(record, a.record_key) == case[a.env] for a in plan.kind.axes):
-            return True
-    return False
+    """True when a complete record has this case's parameters; with RERUN_INVALID=1 it must not be `valid: false`
+    (a record from before validity was recorded has none, and counts)."""
+    found = case_records(plan, case, records)
+    return any(r.get("valid") is not False for r in found) if plan.rerun_invalid else bool(found)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -317,14 +325,20 @@ def run_sweep(plan: Plan) -> int:
                 say(f"case {k}/{n}: {label}: already recorded, skipped")
                 continue
             bar.set_description(f"case {k}/{n}")
-            say(f"case {k}/{n}: {label}" + (f" (ETA {eta(started, ran, todo)})" if ran else ""))
+            before = read_records(results)
+            again = " (recorded as not valid: running it again)" if case_records(plan, case, before) else ""
+            say(f"case {k}/{n}: {label}{again}" + (f" (ETA {eta(started, ran, todo)})" if ran else ""))
             log = run_dir / "logs" / f"case{k:03d}-{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)[:80]}.log"
             rc = run_case(case_command(plan, case, results), log)
             ran += 1
-            if rc != 0 or not is_recorded(plan, case, read_records(results)):
+            new = case_records(plan, case, read_records(results)[len(before):])
+            if rc != 0 or not new:
                 failed += 1
                 why = f"exit {rc}" if rc else "no complete record"
                 tqdm.write(f"case {k}/{n} failed ({why}): {last_line(log)} [log: {log}]", file=sys.stderr)
+            elif new[-1].get("valid") is False:
+                reasons = "; ".join((new[-1].get("validity") or {}).get("reasons") or [])
+                say(f"case {k}/{n}: not valid ({reasons}): RERUN_INVALID=1 runs it again on resume")
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()

@@ -64,7 +64,9 @@ class _TimerCriterion(StoppingCriteria):
 
 
 def summarize(iterations: list[IterationTiming], batch_size: int) -> dict:
-    """The record's metrics; next-token statistics pool every later step of every measured iteration."""
+    """The record's metrics; next-token statistics pool every later step of every measured iteration.
+    Spread: sample stddev and CV of e2e latency, first-token latency and per-iteration throughput across
+    iterations, and of next-token latency across the pooled steps."""
     e2e = np.array([it.e2e_latency_s for it in iterations])
     generated = sum(it.generated_tokens for it in iterations) * batch_size
     metrics = {
@@ -77,11 +79,27 @@ def summarize(iterations: list[IterationTiming], batch_size: int) -> dict:
         "p99_next_token_latency_s": None,
     }
     timed = [it.token_latencies_s for it in iterations if it.token_latencies_s]
+    first, later = np.array([]), np.array([])
     if timed:
-        metrics["first_token_latency_s"] = float(np.mean([t[0] for t in timed]))
+        first = np.array([t[0] for t in timed])
+        metrics["first_token_latency_s"] = float(first.mean())
         later = np.concatenate([t[1:] for t in timed])
         if later.size:
             metrics["next_token_latency_s"] = float(later.mean())
             for p in (50, 90, 99):
                 metrics[f"p{p}_next_token_latency_s"] = float(np.percentile(later, p))
+    throughputs = np.array([it.generated_tokens * batch_size / it.e2e_latency_s for it in iterations
+                            if it.e2e_latency_s > 0])
+    for name, values, unit in (("e2e_latency", e2e, "_s"), ("first_token_latency", first, "_s"),
+                               ("next_token_latency", later, "_s"), ("throughput", throughputs, "_tokens_per_s")):
+        metrics[f"{name}_stddev{unit}"], metrics[f"{name}_cv"] = spread(values)
     return metrics
+
+
+def spread(values: np.ndarray) -> tuple[float | None, float | None]:
+    """(sample standard deviation, coefficient of variation = stddev / mean); None below two values."""
+    if values.size < 2:
+        return None, None
+    stddev = float(values.std(ddof=1))
+    mean = float(values.mean())
+    return stddev, (stddev / mean if mean else None)

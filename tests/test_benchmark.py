@@ -189,5 +189,6 @@ def test_interrupted_run_keeps_earlier_records_and_its_iterations(tmp_path, tiny
     records = read_records(results)
     assert records[0] == earlier
     assert len(records) == 2 and records[1]["complete"] is False
+    assert records[1]["valid"] is False and "the run stopped after" in records[1]["validity"]["reasons"][-1]
     assert len(records[1]["iterations"]) >= 1
     assert all(it["generated_tokens"] == 64 for it in records[1]["iterations"])

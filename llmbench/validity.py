@@ -1,0 +1,422 @@
+"""Can a run's figures be trusted? What else the machine did while the measured iterations ran, and the verdict.
+
+CpuWatch reads the CPUs' busy time (/proc/stat) and this job's own CPU time (psutil) at the start and the end of
+the measured iterations: the difference is what other processes took. GpuWatch reads NVML's clocks, throttle
+reasons and the device's other processes. `assess` turns those figures, the latencies' spread and the run's own
+facts (tokens, warm-up, completeness) into `valid` and the reasons against it. Thresholds: docs/validity.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+# Thresholds (docs/validity.md says why these values).
+MAX_OTHER_CPU_SHARE = 0.25  # quiet 2-core runs show a few %; two busy loops beside a 2-thread decode ~50%
+MAX_STEAL_SHARE = 0.25  # CPU time the hypervisor gave to other virtual machines
+MAX_NEXT_TOKEN_CV = 1.0  # quiet CPUs: 5-20%; a disturbed 2-thread decode: well above 100%
+MIN_NEXT_TOKEN_STEPS = 8
+MAX_E2E_CV = 0.5  # the iterations repeat the same work: a quiet run varies by a few %
+MIN_E2E_ITERATIONS = 3
+MAX_OTHER_GPU_SM_PERCENT = 10.0  # other processes' mean SM utilization on the device
+MAX_GPU_THERMAL_SHARE = 0.10  # share of the window the GPU spent clocked down for heat
+
+PROC_STAT = Path("/proc/stat")
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+def clock_ticks_per_s() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
+
+
+def read_cpu_times(cpus: list[int], stat_text: str | None = None) -> dict[str, float] | None:
+    """Seconds of busy, steal and total time summed over `cpus` (cpuN lines of /proc/stat); None where absent."""
+    if stat_text is None:
+        try:
+            stat_text = PROC_STAT.read_text()
+        except OSError:
+            return None
+    wanted, hz = set(cpus), clock_ticks_per_s()
+    busy = steal = total = 0.0
+    seen = 0
+    for line in stat_text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in wanted:
+            continue
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+        user, nice, system, idle, iowait, irq, softirq, stolen = (int(v) for v in (fields + ["0"] * 8)[:8])
+        busy += user + nice + system + irq + softirq
+        steal += stolen
+        total += user + nice + system + idle + iowait + irq + softirq + stolen
+        seen += 1
+    if not seen:
+        return None
+    return {"busy_s": busy / hz, "steal_s": steal / hz, "total_s": total / hz}
+
+
+def tree_cpu_s(roots: list[int], lone: list[int] = ()) -> float:
+    """CPU seconds (user + system) used so far by the processes `roots`, their live descendants and the children
+    they have reaped, plus the processes `lone` alone. A process that is gone counts nothing."""
+    total, seen = 0.0, set()
+
+    def add(proc: psutil.Process, reaped: bool) -> None:
+        nonlocal total
+        if proc.pid in seen:
+            return
+        seen.add(proc.pid)
+        t = proc.cpu_times()
+        total += t.user + t.system + ((t.children_user + t.children_system) if reaped else 0.0)
+
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            add(root, True)
+            for child in root.children(recursive=True):
+                try:
+                    add(child, True)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+    for pid in lone:
+        try:
+            add(psutil.Process(pid), False)
+        except psutil.Error:
+            pass
+    return total
+
+
+def read_frequencies_mhz(cpus: list[int]) -> tuple[float | None, str | None]:
+    """Mean current clock of `cpus` (cpufreq, else /proc/cpuinfo's 'cpu MHz'), and where it was read."""
+    values = []
+    for cpu in cpus:
+        try:
+            values.append(int((SYS_CPU / f"cpu{cpu}/cpufreq/scaling_cur_freq").read_text()) / 1000)
+        except (OSError, ValueError):
+            break
+    if values and len(values) == len(cpus):
+        return sum(values) / len(values), "cpufreq"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, None
+    wanted, cpu, values = set(cpus), None, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            cpu = int(value)
+        elif key == "cpu MHz" and cpu in wanted:
+            values.append(float(value))
+    return (sum(values) / len(values), "/proc/cpuinfo") if values else (None, None)
+
+
+def read_throttle_count(cpus: list[int]) -> int | None:
+    """Thermal throttling events so far on `cpus` (Intel's thermal_throttle counters); None where not exposed."""
+    total, found = 0, False
+    for cpu in cpus:
+        for name in ("core_throttle_count", "package_throttle_count"):
+            try:
+                total += int((SYS_CPU / f"cpu{cpu}/thermal_throttle/{name}").read_text())
+                found = True
+            except (OSError, ValueError):
+                pass
+    return total if found else None
+
+
+@dataclass
+class CpuFigures:
+    """What the watched CPUs did during the measured iterations (shares are of window_s x cpus)."""
+
+    cpus: list[int]
+    window_s: float
+    other_share: float | None  # other processes' busy time
+    other_share_resolution: float | None  # +/- from the counters' tick resolution
+    own_share: float | None  # this job's processes
+    steal_share: float | None
+    own_pids: list[int]
+    load_average_before: list[float] | None  # 1, 5, 15 minutes
+    load_average_after: list[float] | None
+    frequency_mhz_before: float | None
+    frequency_mhz_after: float | None
+    frequency_source: str | None
+    throttle_events: int | None
+    unreadable: str | None = None  # why the CPU share could not be measured
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class CpuWatch:
+    """CPU time of the watched CPUs and of this job's processes between start() and stop().
+
+    `own_pids`: the job's processes whose trees count as its own (default: this process); `lone_pids`: processes
+    counted without their trees (a launcher); `cpus`: the CPUs the job may run on (default: this affinity)."""
+
+    def __init__(self, own_pids: list[int] | None = None, lone_pids: list[int] | None = None,
+                 cpus: list[int] | None = None):
+        self.own_pids = own_pids or [os.getpid()]
+        self.lone_pids = lone_pids or []
+        if cpus is None:
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+                range(os.cpu_count() or 1))
+        self.cpus = cpus
+        self._start: tuple | None = None
+
+    def _sample(self) -> tuple:
+        return (time.perf_counter(), read_cpu_times(self.cpus), tree_cpu_s(self.own_pids, self.lone_pids),
+                read_throttle_count(self.cpus))
+
+    def start(self) -> None:
+        self._load_before = _load_average()
+        self._freq_before, self._freq_source = read_frequencies_mhz(self.cpus)
+        self._start = self._sample()
+
+    def stop(self) -> CpuFigures:
+        wall, times, own, throttle = self._sample()
+        wall0, times0, own0, throttle0 = self._start
+        freq_after, _ = read_frequencies_mhz(self.cpus)
+        window_s = wall - wall0
+        capacity_s = window_s * len(self.cpus)
+        figures = CpuFigures(
+            cpus=self.cpus, window_s=window_s, other_share=None, other_share_resolution=None, own_share=None,
+            steal_share=None, own_pids=self.own_pids, load_average_before=self._load_before,
+            load_average_after=_load_average(), frequency_mhz_before=self._freq_before,
+            frequency_mhz_after=freq_after, frequency_source=self._freq_source,
+            throttle_events=throttle - throttle0 if throttle is not None and throttle0 is not None else None)
+        if times is None or times0 is None or capacity_s <= 0:
+            figures.unreadable = "no /proc/stat (not Linux?): the CPU share of other processes is unknown"
+            return figures
+        own_s = own - own0
+        figures.own_share = own_s / capacity_s
+        figures.other_share = max(0.0, (times["busy_s"] - times0["busy_s"] - own_s) / capacity_s)
+        figures.steal_share = (times["steal_s"] - times0["steal_s"]) / capacity_s
+        # Each counter delta is exact only to one tick: the CPUs' busy sums and the job's user + system times.
+        ticks = 2 * len(self.cpus) + 2 * (len(self.own_pids) + len(self.lone_pids))
+        figures.other_share_resolution = ticks / clock_ticks_per_s() / capacity_s
+        return figures
+
+
+# NVML clock-event reason bits (nvml.h: nvmlClocksEventReason*), and those that mean the GPU was held back.
+GPU_CLOCK_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
+                     0x8: "hw_slowdown", 0x10: "sync_boost", 0x20: "sw_thermal_slowdown",
+                     0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+GPU_SLOWDOWN_REASONS = {"hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"}
+
+
+def clock_reason_names(mask: int) -> list[str]:
+    return [name for bit, name in GPU_CLOCK_REASONS.items() if mask & bit]
+
+
+@dataclass
+class GpuFigures:
+    """An NVIDIA GPU's state at the start and end of the measured iterations (NVML)."""
+
+    name: str | None = None
+    sm_clock_mhz_before: int | None = None
+    sm_clock_mhz_after: int | None = None
+    sm_clock_mhz_max: int | None = None
+    clock_reasons_before: list[str] = field(default_factory=list)
+    clock_reasons_after: list[str] = field(default_factory=list)
+    thermal_throttle_share: float | None = None  # share of the window clocked down for heat (NVML violation time)
+    power_throttle_share: float | None = None
+    temperature_c_after: int | None = None
+    own_pid_visible: bool | None = None  # False: NVML reports another PID namespace's ids (a container)
+    other_processes: list[dict] = field(default_factory=list)  # pid, name, used memory, mean SM %
+    other_sm_percent: float | None = None
+    unreadable: str | None = None
+
+
+def _nvml():
+    try:
+        import pynvml
+    except ImportError:
+        return None, "pynvml is not installed (pip install nvidia-ml-py)"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return None, f"NVML could not start: {exc}"
+    return pynvml, None
+
+
+def _nvml_handle(nvml, device):
+    """NVML's handle of a CUDA device: NVML numbers all GPUs, CUDA only those in CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return nvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(index))  # what clock_rate() uses
+    except (AttributeError, RuntimeError, ValueError, nvml.NVMLError):
+        pass
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except nvml.NVMLError:
+            pass
+    return nvml.nvmlDeviceGetHandleByIndex(index)
+
+
+class GpuWatch:
+    """NVML figures of one CUDA device between start() and stop(); `own_pids` are this job's processes."""
+
+    def __init__(self, device, own_pids: list[int]):
+        self.device, self.own_pids = device, set(own_pids)
+        self.nvml, self.unreadable = _nvml()
+        self.handle = None
+        if self.nvml is not None:
+            try:
+                self.handle = _nvml_handle(self.nvml, device)
+            except self.nvml.NVMLError as exc:
+                self.unreadable = f"NVML has no handle for {device}: {exc}"
+
+    def _call(self, fn, *args, default=None):
+        try:
+            return fn(self.handle, *args)
+        except self.nvml.NVMLError:
+            return default
+
+    def _reasons(self) -> list[str]:
+        get = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            self.nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        mask = self._call(get)
+        return clock_reason_names(mask) if mask is not None else []
+
+    def _violation_ns(self, policy: int) -> int | None:
+        status = self._call(self.nvml.nvmlDeviceGetViolationStatus, policy)
+        return getattr(status, "violationTime", None)
+
+    def start(self) -> None:
+        if self.handle is None:
+            return
+        nv = self.nvml
+        self._t0 = time.perf_counter()
+        self._t0_us = int(time.time() * 1e6)
+        self._clock0 = self._call(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM)
+        self._reasons0 = self._reasons()
+        self._thermal0 = self._violation_ns(nv.NVML_PERF_POLICY_THERMAL)
+        self._power0 = self._violation_ns(nv.NVML_PERF_POLICY_POWER)
+
+    def stop(self) -> GpuFigures:
+        if self.handle is None:
+            return GpuFigures(unreadable=self.unreadable)
+        nv = self.nvml
+        window_ns = (time.perf_counter() - self._t0) * 1e9
+        name = self._call(nv.nvmlDeviceGetName)
+        figures = GpuFigures(
+            name=name.decode() if isinstance(name, bytes) else name,
+            sm_clock_mhz_before=self._clock0,
+            sm_clock_mhz_after=self._call(nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM),
+            sm_clock_mhz_max=self._call(nv.nvmlDeviceGetMaxClockInfo, nv.NVML_CLOCK_SM),
+            clock_reasons_before=self._reasons0, clock_reasons_after=self._reasons(),
+            temperature_c_after=self._call(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU))
+        for attr, policy, before in (("thermal_throttle_share", nv.NVML_PERF_POLICY_THERMAL, self._thermal0),
+                                     ("power_throttle_share", nv.NVML_PERF_POLICY_POWER, self._power0)):
+            after = self._violation_ns(policy)
+            if before is not None and after is not None and window_ns > 0:
+                setattr(figures, attr, (after - before) / window_ns)
+        procs = self._call(nv.nvmlDeviceGetComputeRunningProcesses, default=[]) or []
+        samples: dict[int, list[int]] = {}  # pid -> its SM % samples since the start
+        for sample in self._call(nv.nvmlDeviceGetProcessUtilization, self._t0_us, default=[]) or []:
+            samples.setdefault(sample.pid, []).append(sample.smUtil)
+        utilization = {pid: sum(v) / len(v) for pid, v in samples.items()}
+        pids = {p.pid for p in procs} | set(utilization)
+        figures.own_pid_visible = bool(pids & self.own_pids)
+        for p in procs:
+            if p.pid in self.own_pids:
+                continue
+            try:
+                name = psutil.Process(p.pid).name()
+            except psutil.Error:
+                name = None
+            figures.other_processes.append({"pid": p.pid, "name": name, "used_memory_bytes": p.usedGpuMemory,
+                                            "sm_percent": utilization.get(p.pid)})
+        if utilization:
+            figures.other_sm_percent = float(sum(v for pid, v in utilization.items() if pid not in self.own_pids))
+        return figures
+
+
+@dataclass
+class Validity:
+    """The verdict on one benchmark run and the figures behind it (record keys `valid` and `validity`)."""
+
+    valid: bool
+    reasons: list[str]
+    complete: bool
+    iterations_measured: int
+    iterations_requested: int
+    warmup_iterations: int
+    tokens_as_requested: bool
+    next_token_latency_cv: float | None
+    e2e_latency_cv: float | None
+    cpu: CpuFigures | None
+    gpu: GpuFigures | None
+    thresholds: dict
+
+    def to_record(self) -> dict:
+        out = asdict(self)
+        out.pop("valid")
+        return out
+
+
+THRESHOLDS = {"max_other_cpu_share": MAX_OTHER_CPU_SHARE, "max_steal_share": MAX_STEAL_SHARE,
+              "max_next_token_cv": MAX_NEXT_TOKEN_CV, "min_next_token_steps": MIN_NEXT_TOKEN_STEPS,
+              "max_e2e_cv": MAX_E2E_CV, "min_e2e_iterations": MIN_E2E_ITERATIONS,
+              "max_other_gpu_sm_percent": MAX_OTHER_GPU_SM_PERCENT, "max_gpu_thermal_share": MAX_GPU_THERMAL_SHARE}
+
+
+def assess(iterations: list[dict], metrics: dict, requested_iterations: int, requested_tokens: int,
+           warmup_iterations: int, complete: bool, cpu: CpuFigures | None = None,
+           gpu: GpuFigures | None = None) -> Validity:
+    """The verdict: `iterations` are the record's (generated_tokens, token_latencies_s), `metrics` its metrics."""
+    reasons = []
+    if cpu is not None and cpu.other_share is not None:
+        # Only a share above the threshold by more than the counters' resolution counts (short windows are coarse).
+        if cpu.other_share - (cpu.other_share_resolution or 0.0) > MAX_OTHER_CPU_SHARE:
+            reasons.append(f"other processes used {cpu.other_share:.0%} of the CPUs during measurement")
+        if (cpu.steal_share or 0.0) - (cpu.other_share_resolution or 0.0) > MAX_STEAL_SHARE:
+            reasons.append(f"the hypervisor gave {cpu.steal_share:.0%} of this machine's CPU time to others "
+                           "during measurement (steal)")
+    if cpu is not None and cpu.throttle_events:
+        reasons.append(f"the CPUs were thermally throttled {cpu.throttle_events} times during measurement")
+    if gpu is not None:
+        slowed = sorted(GPU_SLOWDOWN_REASONS & (set(gpu.clock_reasons_before) | set(gpu.clock_reasons_after)))
+        if slowed:
+            reasons.append(f"the GPU was clocked down ({', '.join(slowed)})")
+        if (gpu.thermal_throttle_share or 0.0) > MAX_GPU_THERMAL_SHARE:
+            reasons.append(f"the GPU was clocked down for heat {gpu.thermal_throttle_share:.0%} of the time")
+        if gpu.own_pid_visible and (gpu.other_sm_percent or 0.0) > MAX_OTHER_GPU_SM_PERCENT:
+            reasons.append(f"other processes used {gpu.other_sm_percent:.0f}% of the GPU's SMs during measurement")
+    next_cv, e2e_cv = metrics.get("next_token_latency_cv"), metrics.get("e2e_latency_cv")
+    steps = sum(max(0, len(it.get("token_latencies_s") or []) - 1) for it in iterations)
+    if next_cv is not None and steps >= MIN_NEXT_TOKEN_STEPS and next_cv > MAX_NEXT_TOKEN_CV:
+        reasons.append(f"next-token latencies vary by {next_cv:.0%} (CV)")
+    if e2e_cv is not None and len(iterations) >= MIN_E2E_ITERATIONS and e2e_cv > MAX_E2E_CV:
+        reasons.append(f"end-to-end latencies vary by {e2e_cv:.0%} across iterations (CV)")
+    tokens_ok = all(it.get("generated_tokens") == requested_tokens for it in iterations)
+    if not tokens_ok:
+        reasons.append(f"some iterations generated other than the {requested_tokens} tokens requested")
+    if warmup_iterations == 0:
+        reasons.append("no warm-up iteration ran (--num-warmup 0): the first measured one includes one-time costs")
+    if not complete:
+        reasons.append(f"the run stopped after {len(iterations)} of {requested_iterations} measured iterations")
+    return Validity(valid=not reasons, reasons=reasons, complete=complete, iterations_measured=len(iterations),
+                    iterations_requested=requested_iterations, warmup_iterations=warmup_iterations,
+                    tokens_as_requested=tokens_ok, next_token_latency_cv=next_cv, e2e_latency_cv=e2e_cv, cpu=cpu,
+                    gpu=gpu, thresholds=dict(THRESHOLDS))
+
+
+def warning_line(reasons: list[str]) -> str:
+    """The one stderr line of a run that is not valid."""
+    return f"warning: {'; '.join(reasons)}: figures are unreliable"
