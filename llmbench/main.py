@@ -93,6 +93,7 @@ def build_inputs(config: RunConfig, loaded: LoadedModel, device: torch.device):
 
 
 def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, facts: dict) -> dict:
+    from llmbench.devices import choose_dtype
     from llmbench.models import checkpoint_quantization, weight_bytes
     from llmbench.results import environment, now_utc
 
@@ -104,6 +105,7 @@ def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, 
         "model_source": loaded.source,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        "dtype_reason": choose_dtype(config.dtype, device).reason,
         "backend": backend.name,
         "batch_size": config.batch_size,
         "num_beams": config.num_beams,
