@@ -150,11 +150,11 @@ def override_bandwidth() -> float | None:
     return value
 
 
-def device_bandwidth(device: torch.device, measure: bool = True) -> dict:
+def device_bandwidth(device: torch.device, measure: bool = True, refresh: bool = False) -> dict:
     """The bandwidth the roofline divides by, and where it came from. -> {"read_bandwidth_gb_s", "source",
     "method", ...}; on GPUs also "datasheet_bandwidth_gb_s" and "measured_bandwidth_gb_s". Never raises for a failed
     measurement (the run's figures matter more): read_bandwidth_gb_s is then None and "error" says why. Without
-    `measure`, only a cached measurement is used."""
+    `measure`, only a cached measurement is used; with `refresh`, it is measured anew (see measured_bandwidth)."""
     override = override_bandwidth()
     if override is not None:
         return {"read_bandwidth_gb_s": override, "source": OVERRIDE_ENV, "method": "set by the user"}
@@ -163,7 +163,7 @@ def device_bandwidth(device: torch.device, measure: bool = True) -> dict:
         datasheet = datasheet_bandwidth(device_name(device))
         info["datasheet_bandwidth_gb_s"] = datasheet / 1e9 if datasheet else None
     try:
-        measured = measured_bandwidth(device, measure=measure)
+        measured = measured_bandwidth(device, refresh=refresh, measure=measure)
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         info.update(read_bandwidth_gb_s=info.get("datasheet_bandwidth_gb_s"), error=str(exc),
                     source="datasheet" if info.get("datasheet_bandwidth_gb_s") else None)

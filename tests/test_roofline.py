@@ -1,6 +1,10 @@
 """The roofline in every benchmark record: bytes read per step, the host's cached bandwidth, the override."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from llmbench import roofline as rl
 from llmbench.errors import UserError
+from llmbench.host import cpu_kind
 from llmbench.models import load_model, weight_bytes
 from llmbench.results import read_records
-from tests.tiny import tiny_llama_config
+from tests.conftest import ROOT
+from tests.tiny import TINY_SHAPES, tiny_family_config, tiny_llama_config
 
 CPU = torch.device("cpu")
 
@@ -78,7 +84,7 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert first["source"] == "measured" and first["read_bandwidth_gb_s"] > 0.1
     assert first["method"] == f"sum of a 1 GiB float32 tensor, {torch.get_num_threads()} threads, best of 10"
     (path,) = (tmp_path / "host").glob("*.json")
-    assert path.name.startswith(__import__("socket").gethostname() + "-cpu-")
+    assert path.name.startswith(socket.gethostname() + "-cpu-")
     second = rl.device_bandwidth(CPU)
     assert second["source"] == "cache" and second["read_bandwidth_gb_s"] == first["read_bandwidth_gb_s"]
     # A figure measured in a busy moment does not stick: a refresh keeps the best figure seen.
@@ -116,8 +122,6 @@ def test_default_model_bytes_read(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "falcon", "gemma", "opt"])
 def test_kv_bytes_follow_each_family_config(family):
-    from tests.tiny import TINY_SHAPES, tiny_family_config
-
     config = tiny_family_config(family, 600)
     model = AutoModelForCausalLM.from_config(config)
     ids = torch.randint(0, 600, (1, 5))
@@ -140,3 +144,30 @@ def test_bad_override_raises_user_error(monkeypatch):
     monkeypatch.setenv(rl.OVERRIDE_ENV, "nan")
     with pytest.raises(UserError):
         rl.device_bandwidth(CPU)
+
+
+def test_roofline_table_script(tmp_path, tiny_llama):
+    """benchmarks/roofline.py end to end on a tiny model: the CPU kind on top, one row per case with its roofline."""
+    env = {**os.environ, rl.OVERRIDE_ENV: "10"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "-m", str(tiny_llama), "--schemes", "fp32,int8",
+           "--backends", "eager", "--num-iter", "1", "--num-warmup", "0", "--max-new-tokens", "4", "--no-anchor",
+           "--no-lock"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"CPU: {cpu_kind().describe()}; ")
+    assert f"read bandwidth: 10.0 GB/s ({rl.OVERRIDE_ENV}" in lines[1]
+    header = next(i for i, line in enumerate(lines) if line.startswith("backend"))
+    rows = [line.split() for line in lines[header + 1:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "int8", "bfloat16")]
+    for r in rows:
+        ms, roofline_ms, share, read_mb = float(r[3]), float(r[4]), r[5], float(r[6])
+        assert roofline_ms == pytest.approx(read_mb / 10, rel=0.01, abs=0.01)
+        assert share == f"{roofline_ms / ms * 100:.0f}%"
+    assert float(rows[1][6]) < float(rows[0][6])  # int8 weights are read in a quarter of fp32's bytes and less
+
+
+def test_roofline_script_refuses_unknown_schemes():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--schemes", "bf16,int3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown int3" in proc.stderr
