@@ -26,7 +26,7 @@ from llmbench.models import _tensor_bytes, cache_dir, weight_bytes
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
-GPU_COPY_BYTES = 4 << 30
+GPU_COPY_BYTES = 2 << 30  # per buffer: 4 GiB in all, beside a loaded model
 REPEATS = 10  # best of: a momentary disturbance (another process, a page fault) does not stick
 # Datasheet memory bandwidth, bytes/s, by a fragment of the device name; the first fragment found wins, so more
 # specific names come first ("H100 PCIe" before "H100").
