@@ -5,6 +5,7 @@ import torch
 
 from llmbench.devices import choose_dtype, default_cpu_dtype
 from llmbench.host import CPUINFO, cpu_kind, parse_cpuinfo
+from llmbench.results import read_records
 
 CPU = torch.device("cpu")
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c"
@@ -76,21 +77,24 @@ def test_this_host_from_the_real_cpuinfo():
     assert choose_dtype(None, CPU).dtype == getattr(torch, expected)
 
 
-def test_run_records_cpu_kind_and_dtype_reason(run_main, tmp_path, tiny_llama, monkeypatch):
-    """An explicit bfloat16 run: one warning line on stderr exactly when this CPU only emulates bfloat16."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", None])
+def test_run_records_cpu_kind_and_dtype_reason(run_main, tmp_path, tiny_llama, monkeypatch, dtype):
+    """One warning line on stderr exactly when this CPU only emulates the dtype asked for; none for the default."""
     monkeypatch.setenv("LLMBENCH_READ_BANDWIDTH_GB_S", "10")
     results = tmp_path / "r.jsonl"
-    status, _, err = run_main("--benchmark", "-m", str(tiny_llama), "--device", "cpu", "--dtype", "bfloat16",
-                              "--greedy", "--input-tokens", "8", "--max-new-tokens", "3", "--num-iter", "1",
-                              "--num-warmup", "0", "--quiet", "--results", str(results))
+    status, _, err = run_main("--benchmark", "-m", str(tiny_llama), "--device", "cpu", "--greedy", "--input-tokens",
+                              "8", "--max-new-tokens", "3", "--num-iter", "1", "--num-warmup", "0", "--quiet",
+                              "--results", str(results), *(["--dtype", dtype] if dtype else []))
     assert status == 0, err
-    warnings = [line for line in err.splitlines() if "warning: --dtype" in line]
     cpu = cpu_kind()
-    assert len(warnings) == (0 if cpu.native_bf16 else 1), err
-    from llmbench.results import read_records
-
+    native = {"bfloat16": cpu.native_bf16, "float16": cpu.native_fp16, None: True}[dtype]
+    warnings = [line for line in err.splitlines() if "warning: --dtype" in line]
+    assert len(warnings) == (0 if native else 1), err
     (record,) = read_records(results)
     assert record["environment"]["cpu_kind"] == cpu.to_record()
-    assert record["dtype"] == "bfloat16"
-    assert record["dtype_reason"].startswith("--dtype bfloat16")
-    assert ("emulated" in record["dtype_reason"]) == (not cpu.native_bf16)
+    if dtype is None:
+        assert record["dtype"] == default_cpu_dtype(cpu)[0]
+        assert record["dtype_reason"] == default_cpu_dtype(cpu)[1]
+    else:
+        assert record["dtype"] == dtype and record["dtype_reason"].startswith(f"--dtype {dtype}")
+        assert ("emulated" in record["dtype_reason"]) == (not native)
