@@ -113,7 +113,9 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     anew (e.g. under a lock on a quiet machine) and keeps the higher of the new and the cached figure: a busy moment
     only lowers a bandwidth, so the best figure seen is the host's. Without `measure`: the cache, or a RuntimeError.
     -> {"bandwidth_gb_s", "method", "measured_at", "source", "cache_file"}."""
-    threads = torch.get_num_threads()
+    # Every CPU of the host, whatever this process's own thread count: the roofline is the machine's, and the ranks
+    # of a distributed run (fewer threads each) look up the same figure.
+    threads = os.cpu_count() or torch.get_num_threads()
     method = cpu_read_method(threads) if device.type == "cpu" else gpu_copy_method()
     path = cache_file(device, threads)
     cached = None
