@@ -28,6 +28,7 @@ OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
 GPU_COPY_BYTES = 2 << 30  # per buffer: 4 GiB in all, beside a loaded model
 REPEATS = 10  # best of: a momentary disturbance (another process, a page fault) does not stick
+BUSY_LIMIT = 0.25  # share of the CPUs busy with other work above which a measurement is used but never cached
 # Datasheet memory bandwidth, bytes/s, by a fragment of the device name; the first fragment found wins, so more
 # specific names come first ("H100 PCIe" before "H100").
 DATASHEET_BANDWIDTH_B_S = (
@@ -96,6 +97,22 @@ def cache_file(device: torch.device, threads: int) -> Path:
     return cache_dir() / "host" / f"{socket.gethostname()}-{device.type}-{digest}.json"
 
 
+def cpu_busy_share(window_s: float = 0.5) -> float | None:
+    """Share of all CPUs busy (not idle or waiting on I/O) over `window_s`, from /proc/stat; None where unreadable."""
+    def sample() -> list[int]:
+        with open("/proc/stat", encoding="utf-8") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    try:
+        before = sample()
+        time.sleep(window_s)
+        after = sample()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    return (total - delta[3] - delta[4]) / total if total > 0 else None
+
+
 def measure_in_subprocess(device: torch.device, threads: int) -> dict:
     """-> {"bandwidth_gb_s", "method"} measured by a child process (its buffers stay out of this run's memory)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
@@ -109,9 +126,10 @@ def measure_in_subprocess(device: torch.device, threads: int) -> dict:
 
 
 def measured_bandwidth(device: torch.device, refresh: bool = False, measure: bool = True) -> dict:
-    """The device's measured bandwidth: from this host's cache, else measured now and cached. `refresh` measures
-    anew (e.g. under a lock on a quiet machine) and keeps the higher of the new and the cached figure: a busy moment
-    only lowers a bandwidth, so the best figure seen is the host's. Without `measure`: the cache, or a RuntimeError.
+    """The device's measured bandwidth: from this host's cache, else measured now and cached, unless other work kept
+    more than BUSY_LIMIT of the CPUs busy just before (then it serves this run only). `refresh` measures anew (e.g.
+    under a lock on a quiet machine) and keeps the higher of the new and the cached figure: a busy moment only lowers
+    a bandwidth, so the best figure seen is the host's. Without `measure`: the cache, or a RuntimeError.
     -> {"bandwidth_gb_s", "method", "measured_at", "source", "cache_file"}."""
     # Every CPU of the host, whatever this process's own thread count: the roofline is the machine's, and the ranks
     # of a distributed run (fewer threads each) look up the same figure.
@@ -129,9 +147,14 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
         return {**cached, "source": "cache", "cache_file": str(path)}
     if not measure:
         raise RuntimeError(f"no cached bandwidth measurement ({path}): run a single-process benchmark once")
+    busy = cpu_busy_share() if device.type == "cpu" else None  # this process is idle now: the rest is others' work
     now = measure_in_subprocess(device, threads)["bandwidth_gb_s"]
     entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
-             "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+             "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "cpu_busy_before": busy}
+    if busy is not None and busy > BUSY_LIMIT and cached is None:
+        # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
+        return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps(entry) + "\n", encoding="utf-8")
@@ -239,7 +262,7 @@ def roofline_line(metrics: dict, roofline_info: dict | None) -> str | None:
     """The console line printed after "Weight read bandwidth": '% of roofline' and what the roofline is."""
     if not roofline_info or metrics.get("roofline_next_token_s") is None:
         return None
-    line = (f"Roofline: {metrics['roofline_next_token_s']:.4f} sec. per next token "
+    line = (f"Roofline: {metrics['roofline_next_token_s'] * 1e3:.3f} ms per next token "
             f"({roofline_info['bytes_read_per_token'] / 1e6:.1f} MB read at {roofline_info['read_bandwidth_gb_s']:.1f}"
             f" GB/s, {roofline_info['source']})")
     if metrics.get("roofline_fraction") is not None:

@@ -80,6 +80,7 @@ def test_override_wins_and_measures_nothing(tmp_path, monkeypatch):
 def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
     monkeypatch.delenv(rl.OVERRIDE_ENV, raising=False)
+    monkeypatch.setattr(rl, "BUSY_LIMIT", 1.0)  # cache whatever this shared test machine measures
     first = rl.device_bandwidth(CPU)
     assert first["source"] == "measured" and first["read_bandwidth_gb_s"] > 0.1
     assert first["method"] == f"sum of a 1 GiB float32 tensor, {os.cpu_count()} threads, best of 10"
@@ -98,6 +99,16 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     path.write_text(json.dumps({**entry, "method": "something else", "bandwidth_gb_s": 1e6}))
     with pytest.raises(RuntimeError, match="no cached bandwidth"):
         rl.measured_bandwidth(CPU, measure=False)
+
+
+def test_a_measurement_on_a_busy_host_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv(rl.OVERRIDE_ENV, raising=False)
+    monkeypatch.setattr(rl, "BUSY_LIMIT", -1.0)  # any load counts as busy
+    info = rl.device_bandwidth(CPU)
+    assert info["source"] == "measured" and info["read_bandwidth_gb_s"] > 0.1
+    assert "busy with other work" in info["not_cached"] and 0 <= info["cpu_busy_before"] <= 1
+    assert not list(tmp_path.glob("host/*.json"))
 
 
 def test_weight_bytes_read_skip_an_untied_input_embedding(tokenizer):
