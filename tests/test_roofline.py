@@ -182,3 +182,15 @@ def test_roofline_script_refuses_unknown_schemes():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--schemes", "bf16,int3"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown int3" in proc.stderr
+
+
+def test_llama_cpp_rows_count_the_gguf_tensor_bytes():
+    """Q4_1 stores 4-bit weights with an fp16 scale and minimum per 32 (5 bits a weight), some tensors in more bits."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline import gguf_bytes_read
+
+    from llmbench.models import default_gguf_path
+
+    path = default_gguf_path()
+    read = gguf_bytes_read(path)
+    assert 134_515_008 * 5 / 8 <= read < path.stat().st_size
