@@ -29,19 +29,8 @@ from llmbench.devices import DTYPE_BY_NAME, resolve_device
 from llmbench.errors import UserError
 from llmbench.models import load_model, weight_bytes
 from llmbench.prompts import cut_prompt
+from llmbench.roofline import measure_cpu_read_bandwidth
 from llmbench.timing import StepTimer
-
-
-def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s a full-tensor sum streams from memory (best of `repeats`), with torch's threads."""
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best
 
 
 @contextlib.contextmanager
@@ -145,7 +134,7 @@ def main() -> int:
         results = [prepared(name, dtype, args, device) for name in names]
         with held(args.lock, args.lock_wait):
             if bandwidth is None:
-                bandwidth = read_bandwidth()
+                bandwidth = measure_cpu_read_bandwidth()
                 print(f"device {device}, {torch.get_num_threads()} threads; measured read bandwidth "
                       f"{bandwidth / 1e9:.1f} GB/s", flush=True)
             for result in results:

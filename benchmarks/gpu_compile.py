@@ -20,13 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmbench.backends import get_backend
 from llmbench.compat import dtype_kwargs
-from llmbench.devices import device_name, synchronize
+from llmbench.devices import device_name
 from llmbench.models import weight_bytes
 from llmbench.prompts import synthetic_prompt
+from llmbench.roofline import datasheet_bandwidth, measure_copy_bandwidth
 from llmbench.timing import StepTimer
-
-# Datasheet memory bandwidth, bytes/s, by a name fragment of the device.
-DATASHEET_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def llama2_7b_config(tiny: bool):
@@ -47,22 +45,6 @@ def build_model(device: torch.device, dtype: torch.dtype, tiny: bool) -> torch.n
     with device:
         model = AutoModelForCausalLM.from_config(llama2_7b_config(tiny), **dtype_kwargs(dtype))
     return model.eval()
-
-
-def copy_bandwidth(device: torch.device, size_bytes: int) -> float:
-    """Bytes moved per second by a device-to-device copy of a large buffer, reads and writes both counted
-    (a copy moves as many bytes as it reads, so this is what a read-only stream can reach at best)."""
-    src = torch.empty(size_bytes // 2, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        runs.append(time.perf_counter() - start)
-    return 2 * size_bytes / min(runs)
 
 
 def time_backend(name: str, model, inputs, new_tokens: int, iters: int, device: torch.device):
@@ -93,8 +75,8 @@ def main() -> int:
     model = build_model(device, dtype, args.tiny)
     wbytes = weight_bytes(model)
     gpu = device_name(device)
-    datasheet = next((bw for key, bw in DATASHEET_BANDWIDTH.items() if key in gpu), None)
-    measured = copy_bandwidth(device, 2**30 if args.tiny else 8 * 2**30)
+    datasheet = datasheet_bandwidth(gpu)
+    measured = measure_copy_bandwidth(device, 2**30 if args.tiny else 8 * 2**30)
     print(f"device: {gpu}; torch {torch.__version__}; weights {wbytes / 1e9:.2f} GB ({dtype})")
     print(f"copy bandwidth measured: {measured / 1e12:.2f} TB/s; datasheet: "
           f"{datasheet / 1e12 if datasheet else float('nan'):.2f} TB/s")

@@ -5,8 +5,9 @@
 Each (scheme, backend) pair runs the same pipeline as run_generation.py --benchmark (load, quantize, prepare,
 warm up / compile), then times greedy decoding while holding the shared CPU lock (/tmp/llmbench-cpu.lock), so
 compiling never blocks others and timings are not disturbed by runs that respect the lock. Bytes read per token
-are the weights one decode step touches: every parameter except an input embedding table that is not also the
-output head (one row of it is read per token).
+are what one decode step reads (llmbench.roofline.decode_bytes_read): the weights, except an input embedding table
+that is not also the output head (one row of it is read per token), plus the KV cache at the mean decode position.
+benchmarks/roofline.py builds its table from the helpers here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -30,7 +29,8 @@ from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
 from llmbench.cli import parse_config  # noqa: E402
 from llmbench.devices import resolve_device, resolve_dtype  # noqa: E402
 from llmbench.main import build_inputs, prepare, quiet_libraries  # noqa: E402
-from llmbench.models import _tensor_bytes, weight_bytes  # noqa: E402
+from llmbench.models import weight_bytes  # noqa: E402
+from llmbench.roofline import decode_bytes_read  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
 ANCHOR = ROOT.parent / "shared" / "anchors" / "llama_bench.sh"
@@ -49,24 +49,18 @@ def cpu_lock(enabled: bool):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def bytes_read_per_token(model: torch.nn.Module) -> int:
-    total = weight_bytes(model)
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    if head is None or head.weight is not embedding:
-        total -= _tensor_bytes(embedding)
-    return total
+SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # unquantized schemes; int8/int4 compute in --dtype
 
 
 def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
+    """Time one (scheme, backend) case through the run_generation.py pipeline -> a row for the tables."""
     argv = ["--benchmark", "--greedy", "--device", args.device, "--backend", backend,
             "--input-tokens", str(args.input_tokens), "--max-new-tokens", str(args.max_new_tokens),
             "--num-iter", str(args.num_iter), "--num-warmup", str(args.num_warmup), "--token-latency", "--quiet"]
     if args.model:
         argv += ["-m", args.model]
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
-    if scheme != "bf16":
+    argv += ["--dtype", SCHEME_DTYPES.get(scheme, args.dtype)]
+    if scheme not in SCHEME_DTYPES:
         argv += ["--woq", scheme]
         if scheme == "int4" and args.group_size:
             argv += ["--woq-group-size", str(args.group_size)]
@@ -80,9 +74,9 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     with cpu_lock(not args.no_lock and device.type == "cpu"):
         measure(prepared, inputs, config, device, None, measurement)
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(loaded.model))
-    read = bytes_read_per_token(loaded.model)
+    read = decode_bytes_read(loaded.model, dtype, 1, inputs.num_tokens, config.max_new_tokens)["bytes_read_per_token"]
     next_s = metrics["next_token_latency_s"]
-    row = {"scheme": scheme, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+    row = {"scheme": scheme, "backend": backend, "model": loaded.name, "dtype": str(dtype).removeprefix("torch."),
            "next_ms": next_s * 1e3, "first_ms": metrics["first_token_latency_s"] * 1e3,
            "bytes_read": read, "gb_s": read / next_s / 1e9, "tokens": measurement.output_token_ids,
            "compile_s": sum(prepared.details.get("compile_time_s", {}).values()) or None,
@@ -92,36 +86,43 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     return row
 
 
-def run_anchor(allow_busy: bool, script: Path = ANCHOR) -> float | None:
-    """llama.cpp's ms/token on the same model and machine (tg after 32 tokens of context), or None."""
-    env = {"ANCHORS_ALLOW_BUSY": "1"} if allow_busy else {}
+def run_anchor(allow_busy: bool, script: Path = ANCHOR, anchor_type: str = "q4_1") -> tuple[float, Path | None] | None:
+    """llama.cpp's ms/token on the same model and machine (tg after 32 tokens of context) and the GGUF file it ran,
+    or None. anchor_type: the weights it runs (q4_1: the default model's GGUF as shipped; f16, bf16: converted)."""
+    env = {"ANCHOR_TYPE": anchor_type, **({"ANCHORS_ALLOW_BUSY": "1"} if allow_busy else {})}
     done = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     found = re.search(r"llama\.cpp tg@d32 ms/token: ([0-9.]+)", done.stdout)
     if done.returncode != 0 or not found:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"llama.cpp anchor did not run: {last}", file=sys.stderr)
+        print(f"llama.cpp anchor ({anchor_type}) did not run: {last}", file=sys.stderr)
         return None
-    return float(found.group(1))
+    model = re.search(r"^llama\.cpp anchor: .*?\((/[^)]*\.gguf)\)", done.stdout, re.MULTILINE)
+    return float(found.group(1)), Path(model.group(1)) if model else None
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> None:
+    """The flags that say which cases run and how (shared with benchmarks/roofline.py)."""
     p.add_argument("-m", "--model", default=None, help="default: the built-in SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cpu")
-    p.add_argument("--schemes", default="bf16,int8,int4")
-    p.add_argument("--backends", default="eager,compile")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
+    p.add_argument("--schemes", default=schemes, help="comma-separated, of fp32, bf16, int8, int4")
+    p.add_argument("--backends", default=backends)
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")
     p.add_argument("--input-tokens", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-iter", type=int, default=5)
     p.add_argument("--num-warmup", type=int, default=1)
-    p.add_argument("--anchor", action="store_true", help="also time llama.cpp (../shared/anchors/llama_bench.sh)")
     p.add_argument("--anchor-script", type=Path, default=ANCHOR,
                    help="llama.cpp anchor script (one that prints 'llama.cpp tg@d32 ms/token: X'), e.g. a build "
                         "for a CPU the shared one's instruction set does not fit")
     p.add_argument("--anchor-allow-busy", action="store_true", help="time llama.cpp even when the CPUs are busy")
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} while timing")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_args(p, schemes="bf16,int8,int4", backends="eager,compile")
+    p.add_argument("--anchor", action="store_true", help="also time llama.cpp (../shared/anchors/llama_bench.sh)")
     args = p.parse_args()
     quiet_libraries(verbose=False, no_progress=True)
     rows = []
@@ -145,9 +146,10 @@ def main() -> int:
             same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
             print(f"{r['scheme']} {r['backend']}: {same}/{len(ref['tokens'])} greedy tokens equal to bf16's")
     if args.anchor:
-        llama_ms = run_anchor(args.anchor_allow_busy, args.anchor_script)
+        anchor = run_anchor(args.anchor_allow_busy, args.anchor_script)
         ours = [r for r in rows if r["scheme"] == "int4"]
-        if llama_ms and ours:
+        if anchor and ours:
+            llama_ms = anchor[0]
             best = min(ours, key=lambda r: r["next_ms"])
             print(f"llama.cpp Q4_1: {llama_ms:.2f} ms/token; our INT4 ({best['backend']}): {best['next_ms']:.2f} "
                   f"ms/token; ours / llama.cpp = {best['next_ms'] / llama_ms:.2f}")

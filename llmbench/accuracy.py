@@ -178,7 +178,7 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     if config.dummy_weights:
         raise UserError("--dummy-weights are random, so their accuracy means nothing: drop --dummy-weights")
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, warn=world is None or world.is_main)
     torch.manual_seed(config.seed)
     quiet_lm_eval(config.quiet)
     task_dict = load_tasks(config.acc_tasks, config.acc_data_dir)  # bad names or data fail before the model loads

@@ -73,8 +73,10 @@ def metrics_for(measurement: Measurement, batch_size: int, weight_bytes: int) ->
     return metrics
 
 
-def print_report(metrics: dict, device: torch.device, print_memory: bool) -> None:
+def print_report(metrics: dict, device: torch.device, print_memory: bool, roofline: dict | None = None) -> None:
     """The seed's console labels (log parsers rely on them), then the additions."""
+    from llmbench.roofline import roofline_line
+
     print(f"Inference latency: {metrics['e2e_latency_s']:.3f} sec.")
     if metrics["first_token_latency_s"] is not None:
         print(f"First token average latency: {metrics['first_token_latency_s']:.3f} sec.")
@@ -87,6 +89,8 @@ def print_report(metrics: dict, device: torch.device, print_memory: bool) -> Non
     print_spread(metrics)
     if metrics["weight_bandwidth_gb_s"] is not None:
         print(f"Weight read bandwidth: {metrics['weight_bandwidth_gb_s']:.2f} GB/s")
+    if (line := roofline_line(metrics, roofline)) is not None:
+        print(line)
     if print_memory and metrics["peak_memory_bytes"] is not None:
         print(f"Peak memory ({peak_memory_kind(device)}): {metrics['peak_memory_bytes'] / 2**30:.3f} GiB")
 

@@ -57,7 +57,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help="hub id, local model folder or .gguf file; default: the built-in SmolLM2-135M-Instruct")
     model.add_argument("--device", choices=DEVICES, default="auto", help="auto picks xpu, then cuda, then cpu")
     model.add_argument("--dtype", choices=DTYPES, default=None,
-                       help="default: float16 on cuda/xpu, bfloat16 on cpu")
+                       help="default: float16 on cuda/xpu; on cpu what the CPU runs natively (bf16, fp16, fp32)")
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow running Python code shipped with a checkpoint")
     model.add_argument("--dummy-weights", action="store_true",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import platform
 import resource
-from functools import cache
+import sys
+from dataclasses import dataclass
 
 import torch
 
 from llmbench.errors import UserError
+from llmbench.host import BF16_FLAGS, FP16_FLAGS, CpuKind, cpu_kind
 
 DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -34,17 +35,64 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The run's dtype: the flag, or float16 on GPUs and bfloat16 on cpu; refuse what the device cannot run."""
-    if name is None:
-        name = "bfloat16" if device.type == "cpu" else "float16"
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str  # why this dtype, as the record states it
+    warning: str | None = None  # one line for stderr: an explicit dtype this CPU only emulates
+
+
+def default_cpu_dtype(cpu: CpuKind) -> tuple[str, str]:
+    """-> (dtype name, reason): the fastest precision the CPU computes in natively. bf16 is preferred when the CPU
+    has both bf16 and fp16 instructions: the same bytes per weight (so the same memory-bound decode speed), float32's
+    range (no overflow in activations), and oneDNN's most tuned 16-bit CPU path."""
+    if cpu.native_bf16:
+        return "bfloat16", f"default on cpu: {cpu.kind} CPU has native bfloat16 ({_present(cpu, BF16_FLAGS)})"
+    if cpu.native_fp16:
+        return "float16", (f"default on cpu: {cpu.kind} CPU has native float16 ({_present(cpu, FP16_FLAGS)}) "
+                           "and no native bfloat16")
+    return "float32", (f"default on cpu: {cpu.kind} CPU has no native bfloat16 or float16 "
+                       f"(none of {', '.join(BF16_FLAGS + FP16_FLAGS)})")
+
+
+def _present(cpu: CpuKind, flags: tuple[str, ...]) -> str:
+    return ", ".join(f for f in flags if f in cpu.flags)
+
+
+def choose_dtype(name: str | None, device: torch.device, cpu: CpuKind | None = None) -> DtypeChoice:
+    """The run's dtype and why: the flag, or float16 on GPUs and the CPU's fastest native precision on cpu;
+    refuse what a GPU cannot run; an explicit 16-bit dtype that this CPU only emulates comes with a warning."""
+    if name is None and device.type == "cpu":
+        name, reason = default_cpu_dtype(cpu or cpu_kind())
+    elif name is None:
+        name, reason = "float16", f"default on {device.type}"
+    else:
+        reason = f"--dtype {name}"
     dtype = DTYPE_BY_NAME[name]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--dtype bfloat16: {torch.cuda.get_device_name()} has no bfloat16 support; "
                         "use --dtype float16")
     if dtype == torch.bfloat16 and device.type == "xpu" and not torch.xpu.is_bf16_supported():
         raise UserError("--dtype bfloat16: this Intel GPU has no bfloat16 support; use --dtype float16")
-    return dtype
+    warning = None
+    if device.type == "cpu" and reason.startswith("--dtype"):
+        cpu = cpu or cpu_kind()
+        native, flags = {torch.bfloat16: (cpu.native_bf16, BF16_FLAGS),
+                         torch.float16: (cpu.native_fp16, FP16_FLAGS)}.get(dtype, (True, ()))
+        if not native:
+            best, _ = default_cpu_dtype(cpu)
+            warning = (f"warning: --dtype {name}: this CPU ({cpu.model_name}, {cpu.kind}) has no native {name} "
+                       f"arithmetic (no {' or '.join(flags)}), so it is emulated; natively it runs {best}")
+            reason += f" (emulated on this {cpu.kind} CPU)"
+    return DtypeChoice(dtype, reason, warning)
+
+
+def resolve_dtype(name: str | None, device: torch.device, warn: bool = True) -> torch.dtype:
+    """The run's torch dtype (see choose_dtype); prints its warning line on stderr when `warn`."""
+    choice = choose_dtype(name, device)
+    if warn and choice.warning:
+        print(choice.warning, file=sys.stderr, flush=True)
+    return choice.dtype
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,16 +123,8 @@ def peak_memory_kind(device: torch.device) -> str:
     return "process peak RSS" if device.type == "cpu" else f"{device.type} max allocated"
 
 
-@cache
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_kind().model_name
 
 
 def device_name(device: torch.device) -> str:

@@ -93,6 +93,7 @@ def build_inputs(config: RunConfig, loaded: LoadedModel, device: torch.device):
 
 
 def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, facts: dict) -> dict:
+    from llmbench.devices import choose_dtype
     from llmbench.models import checkpoint_quantization, weight_bytes
     from llmbench.results import environment, now_utc
 
@@ -104,6 +105,7 @@ def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, 
         "model_source": loaded.source,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        "dtype_reason": choose_dtype(config.dtype, device).reason,
         "backend": backend.name,
         "batch_size": config.batch_size,
         "num_beams": config.num_beams,
@@ -130,9 +132,10 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     from llmbench.benchmark import Measurement, measure, metrics_for, print_report
     from llmbench.devices import resolve_device, resolve_dtype
     from llmbench.results import append_record
+    from llmbench.roofline import roofline_metrics
 
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, warn=world is None or world.is_main)
     torch.manual_seed(config.seed)
     loaded, backend, facts = prepare(config, device, dtype, world)
     inputs = build_inputs(config, loaded, device)
@@ -142,6 +145,8 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     record.update(input_tokens=inputs.num_tokens, prompt_source=inputs.source)
     from llmbench.watch import MeasuredWindow, print_run_notes, profile_after
 
+    if world is None or world.is_main:
+        record["roofline"] = record_roofline(config, loaded, device, dtype, inputs.num_tokens, world)
     measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world))
     profile_table = None
     try:
@@ -159,6 +164,8 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 output_text=measurement.output_text,
                 output_token_ids=measurement.output_token_ids,
             )
+            record["metrics"].update(roofline_metrics(record.get("roofline"),
+                                                      record["metrics"]["next_token_latency_s"]))
             record.update(measurement.window.record_fields(record, measurement.complete))
             if world is not None and world.size > 1 and measurement.complete:
                 from llmbench.distributed import gather
@@ -169,11 +176,27 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 append_record(config.results, record)
     if world is not None and not world.is_main:
         return 0
-    print_report(record["metrics"], device, config.print_memory)
+    print_report(record["metrics"], device, config.print_memory, record.get("roofline"))
     print_run_notes(record, profile_table)
     if not config.quiet:
         print(f"Record appended to {config.results}")
     return 0
+
+
+def record_roofline(config: RunConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                    input_tokens: int, world=None) -> dict:
+    """The record's roofline (llmbench.roofline). A distributed run takes the bandwidth from the cache only: measured
+    while the other ranks run, a figure would be disturbed and then cached for every later run."""
+    from llmbench.roofline import device_bandwidth, roofline
+
+    world_size = world.size if world is not None else 1
+    bandwidth = device_bandwidth(device, measure=world_size == 1)
+    try:
+        return roofline(loaded.model, dtype, config.batch_size * config.num_beams, input_tokens,
+                        config.max_new_tokens, bandwidth, devices=world_size if device.type != "cpu" else 1,
+                        world_size=world_size)
+    except (AttributeError, TypeError, ValueError) as exc:  # a model shape the byte count does not know
+        return {**bandwidth, "roofline_next_token_s": None, "error": f"bytes read per step unknown: {one_line(exc)}"}
 
 
 def run(config: RunConfig, world=None) -> int:

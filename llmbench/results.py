@@ -15,6 +15,7 @@ import torch
 
 from llmbench import __version__
 from llmbench.devices import cpu_name, device_name
+from llmbench.host import cpu_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,7 @@ def environment(device: torch.device) -> dict:
         "llmbench": __version__,
         "device_name": device_name(device),
         "cpu": cpu_name(),
+        "cpu_kind": cpu_kind().to_record(),  # model name, kind label and the flags that choose kernels
         "threads": torch.get_num_threads(),
         "hostname": socket.gethostname(),
         "git_commit": git_commit(),

@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 from llmbench.backends import get_backend
 from llmbench.backends.compiled import choose_kernels
 from llmbench.errors import UserError
+from llmbench.host import CpuKind
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
 
@@ -91,10 +92,10 @@ def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch)
 
 def test_kernel_choice_follows_the_cpu_and_the_override(monkeypatch):
     monkeypatch.delenv("LLMBENCH_COMPILE_KERNELS", raising=False)
-    monkeypatch.setattr("llmbench.backends.compiled.cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    monkeypatch.setattr("llmbench.backends.compiled.cpu_kind", lambda: CpuKind("Xeon", frozenset({"avx2", "amx_bf16"})))
     assert choose_kernels(CPU, torch.bfloat16)[0] == "library"
     assert choose_kernels(CPU, torch.float32)[0] == "generated"  # AMX has no fp32 tiles
-    monkeypatch.setattr("llmbench.backends.compiled.cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr("llmbench.backends.compiled.cpu_kind", lambda: CpuKind("EPYC", frozenset({"avx2", "fma"})))
     assert choose_kernels(CPU, torch.bfloat16)[0] == "generated"
     monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "library")
     assert choose_kernels(CPU, torch.bfloat16) == ("library", "LLMBENCH_COMPILE_KERNELS")

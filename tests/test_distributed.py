@@ -141,6 +141,13 @@ def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_p
     assert len(record["tensor_parallel"]["rank_peak_memory_bytes"]) == 2
     assert all(b > 0 for b in record["tensor_parallel"]["rank_peak_memory_bytes"])
     assert all(len(it["token_latencies_s"]) == 12 for it in record["iterations"])
+    # The roofline: the single run's cached bandwidth; every rank's shard counted (replicated tensors once per rank)
+    if "not_cached" in reference["roofline"]:  # measured on a busy host, so there was nothing for the ranks to find
+        assert record["roofline"]["read_bandwidth_gb_s"] is None and "no cached" in record["roofline"]["error"]
+    else:
+        assert record["roofline"]["read_bandwidth_gb_s"] == reference["roofline"]["read_bandwidth_gb_s"]
+    assert record["roofline"]["kv_cache_bytes_read_per_token"] == reference["roofline"]["kv_cache_bytes_read_per_token"]
+    assert record["roofline"]["weight_bytes_read_per_token"] >= reference["roofline"]["weight_bytes_read_per_token"]
     # rank 0 alone reports: the seed's labels appear once, tagged with rank 0
     latency_lines = [line for line in tp.stdout.splitlines() if "Inference latency:" in line]
     assert len(latency_lines) == 1 and latency_lines[0].startswith("[0]"), tp.stdout

@@ -25,6 +25,7 @@ from llmbench.backends import generated_kernels
 from llmbench.backends.base import Backend, generation_config
 from llmbench.devices import synchronize
 from llmbench.errors import UserError
+from llmbench.host import cpu_kind
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
 
@@ -63,17 +64,6 @@ def inductor_cache_dir() -> str:
     return current
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """-> (kernels, why): `library` (oneDNN/MKL, cuBLAS, oneMKL) or `generated` (inductor's own C++ kernels).
     LLMBENCH_COMPILE_KERNELS overrides the choice (the record says so)."""
@@ -84,7 +74,7 @@ def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         return forced, "LLMBENCH_COMPILE_KERNELS"
     if device.type != "cpu":
         return "library", f"{device.type}: vendor GEMM libraries"
-    flags = cpu_flags()
+    flags = cpu_kind().flags
     amx = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
     if amx and amx in flags:
         return "library", f"the CPU has {amx}: oneDNN's prepacked {str(dtype).removeprefix('torch.')} GEMMs use AMX"

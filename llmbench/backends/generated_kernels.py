@@ -112,7 +112,10 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = head_dim ** -0.5 if scaling is None else scaling
-    q = query.float().view(batch, kv_heads, heads // kv_heads, head_dim)  # (b, kv, group, d)
+    # The query arrives as an unrealized pointwise result (RoPE, whose cos/sin inductor would otherwise recompute
+    # for every cached position inside the score reduction): materialize it once.
+    q = query.float().contiguous()
+    q = torch.ops.prims.inductor_force_stride_order(q, q.stride()).view(batch, kv_heads, heads // kv_heads, head_dim)
     scores = (q[:, :, :, None, :] * key.float()[:, :, None, :, :]).sum(-1) * scale  # (b, kv, group, kv_len)
     mask = attention_mask[:, :, -1:, : key.shape[2]]  # (b or 1, 1, 1, kv_len): broadcasts over heads
     if mask.dtype == torch.bool:

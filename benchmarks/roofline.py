@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""One table for this host: eager / compile / ipex x fp32 / bf16 / INT8 / INT4 in ms/token and % of the memory
+roofline, with llama.cpp Q4_1 and F16 on the same weights beside them, in one run under the CPU lock.
+
+    python benchmarks/roofline.py                      # every case (cold compiles take minutes each)
+    python benchmarks/roofline.py --schemes bf16 --backends eager --num-iter 1 --no-anchor     # a quick check
+
+The CPU kind heads the table. The read bandwidth is measured again under the lock (llmbench.roofline: a 1 GiB float32
+sum, best of 10) and refreshes this host's cache, so later records use the best figure seen. Every case runs the
+run_generation.py pipeline (benchmarks/woq.py's run_one: load, quantize, prepare and compile outside the lock; time
+greedy decoding inside it). Roofline = bytes one decode step reads (weights + KV cache at the mean decode position)
+/ read bandwidth; % of roofline = roofline / measured mean next-token latency. llama.cpp (../shared/anchors/
+llama_bench.sh, 64 tokens after 32 of context) runs the default model's GGUF: Q4_1 as shipped and F16 converted from
+it; its roofline counts the GGUF's tensor bytes (an input embedding that is not the output head excluded) and an F16
+KV cache at the mean position, 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+
+from woq import LOCK, add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
+
+from llmbench.devices import resolve_device  # noqa: E402
+from llmbench.host import cpu_kind  # noqa: E402
+from llmbench.main import quiet_libraries  # noqa: E402
+from llmbench.roofline import device_bandwidth, kv_cache_bytes_per_position  # noqa: E402
+
+SCHEMES = ("fp32", "bf16", "int8", "int4")
+ANCHOR_TYPES = ("q4_1", "f16")
+ANCHOR_MEAN_CONTEXT = 32 + 64 / 2  # llama-bench tg64 at depth 32
+
+
+def default_backends() -> str:
+    from backends import available_backends  # benchmarks/backends.py: ipex only with a matching torch/transformers
+
+    return ",".join(available_backends())
+
+
+def gguf_bytes_read(path: Path) -> int:
+    """Tensor bytes of a GGUF file one decode step reads: all but an input embedding that is not the output head."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    untied = "output.weight" in tensors
+    return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
+
+
+def anchor_rows(args) -> list[dict]:
+    """llama.cpp on the default model's weights, Q4_1 and F16, timed under the lock."""
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    kv = kv_cache_bytes_per_position(AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0]), torch.float16)
+    rows = []
+    for anchor_type in ANCHOR_TYPES:
+        print(f"[llama.cpp {anchor_type}] running ...", file=sys.stderr, flush=True)
+        with cpu_lock(not args.no_lock):
+            found = run_anchor(args.anchor_allow_busy, args.anchor_script, anchor_type)
+        if found is None:
+            rows.append({"backend": "llama.cpp", "scheme": anchor_type, "error": "did not run (see above)"})
+            continue
+        ms, gguf = found
+        read = gguf_bytes_read(gguf) + int(kv * ANCHOR_MEAN_CONTEXT) if gguf else None
+        rows.append({"backend": "llama.cpp", "scheme": anchor_type.upper(), "dtype": "gguf", "next_ms": ms,
+                     "bytes_read": read, "compile_s": None})
+    return rows
+
+
+def print_table(rows: list[dict], gb_s: float) -> None:
+    print(f"\n{'backend':<10}{'scheme':<7}{'dtype':<10}{'ms/token':>9}{'roofline ms':>12}{'% of roofline':>14}"
+          f"{'MB read/token':>14}{'compile s':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['backend']:<10}{r['scheme']:<7}failed: {r['error']}")
+            continue
+        roofline_ms = r["bytes_read"] / (gb_s * 1e9) * 1e3 if r["bytes_read"] and gb_s else None
+        roofline = f"{roofline_ms:.2f}" if roofline_ms else "-"
+        share = f"{roofline_ms / r['next_ms'] * 100:.0f}%" if roofline_ms else "-"
+        read_mb = f"{r['bytes_read'] / 1e6:.1f}" if r["bytes_read"] else "-"
+        compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
+        print(f"{r['backend']:<10}{r['scheme']:<7}{r['dtype']:<10}{r['next_ms']:>9.2f}{roofline:>12}{share:>14}"
+              f"{read_mb:>14}{compile_s:>10}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_args(p, schemes=",".join(SCHEMES), backends="")
+    p.add_argument("--no-anchor", action="store_true", help="leave out the llama.cpp rows")
+    args = p.parse_args()
+    unknown = set(args.schemes.split(",")) - set(SCHEMES)
+    if unknown:
+        p.error(f"--schemes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SCHEMES)}")
+    quiet_libraries(verbose=False, no_progress=True)
+    device = resolve_device(args.device)
+    print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
+    with cpu_lock(not args.no_lock and device.type == "cpu"):
+        bandwidth = device_bandwidth(device, refresh=True)
+    gb_s = bandwidth.get("read_bandwidth_gb_s")
+    print(f"read bandwidth: {f'{gb_s:.1f} GB/s' if gb_s else 'unknown'} ({bandwidth.get('source')}: "
+          f"{bandwidth.get('method') or bandwidth.get('error')})", flush=True)
+    rows = []
+    for backend in (args.backends or default_backends()).split(","):
+        for scheme in args.schemes.split(","):
+            print(f"[{scheme} {backend}] preparing ...", file=sys.stderr, flush=True)
+            try:
+                rows.append(run_one(scheme, backend, args))
+            except Exception as exc:  # noqa: BLE001 - one failed case must not cost the others' figures
+                traceback.print_exc(limit=-3, file=sys.stderr)
+                rows.append({"backend": backend, "scheme": scheme, "error": f"{type(exc).__name__}: {exc}"})
+    if not args.no_anchor and (args.model or device.type != "cpu"):
+        print("llama.cpp rows left out: they run the default model on cpu", file=sys.stderr)
+    elif not args.no_anchor:
+        rows += anchor_rows(args)
+    model = next((r["model"] for r in rows if "model" in r), args.model or "the default model")
+    print(f"\nmodel {model}, batch 1, greedy, {args.input_tokens} input / {args.max_new_tokens} new "
+          f"tokens, {args.num_iter} iterations; timed under {'no lock' if args.no_lock else LOCK}")
+    print_table(rows, gb_s)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What kind of CPU this is: model name, the instruction-set flags that decide which kernels are fast, a short label.
+
+Read from /proc/cpuinfo (Linux), never assumed: the machines the suite runs on differ (AMX Xeon, AVX-512 EPYC with
+native bf16, AVX2-only EPYC), and the right precision and kernels differ with them.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import cache
+
+CPUINFO = "/proc/cpuinfo"
+# The flags that change which precision runs natively and which kernels libraries pick.
+RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16",
+                  "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware
+FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # fp16 arithmetic in hardware (f16c only converts)
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    model_name: str
+    flags: frozenset[str]  # every flag /proc/cpuinfo lists (empty where it cannot be read)
+
+    @property
+    def relevant_flags(self) -> list[str]:
+        return [f for f in RELEVANT_FLAGS if f in self.flags]
+
+    @property
+    def native_bf16(self) -> bool:
+        return any(f in self.flags for f in BF16_FLAGS)
+
+    @property
+    def native_fp16(self) -> bool:
+        return any(f in self.flags for f in FP16_FLAGS)
+
+    @property
+    def kind(self) -> str:
+        """A short label to choose code paths by and to print beside figures: AMX, AVX-512 + bf16, AVX-512, AVX2."""
+        if "amx_bf16" in self.flags or "amx_int8" in self.flags:
+            return "AMX + fp16" if "amx_fp16" in self.flags else "AMX"
+        if "avx512f" in self.flags:
+            extras = [name for name, flag in (("bf16", "avx512_bf16"), ("fp16", "avx512_fp16")) if flag in self.flags]
+            return " + ".join(["AVX-512", *extras])
+        if "avx2" in self.flags:
+            return "AVX2"
+        return "baseline" if self.flags else "unknown"
+
+    def describe(self) -> str:
+        """One line for consoles and tables: 'AMD EPYC (AVX2: avx2 fma)'."""
+        return f"{self.model_name} ({self.kind}: {' '.join(self.relevant_flags) or 'no listed flags'})"
+
+    def to_record(self) -> dict:
+        return {"model_name": self.model_name, "kind": self.kind, "flags": self.relevant_flags}
+
+
+def parse_cpuinfo(text: str) -> CpuKind:
+    """The first processor's model name and flags from /proc/cpuinfo text (all cores of a host share them)."""
+    model_name, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model_name:
+            model_name = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+        if model_name and flags:
+            break
+    return CpuKind(model_name or platform.processor() or platform.machine(), flags)
+
+
+@cache
+def cpu_kind() -> CpuKind:
+    """This host's CPU, read once per process."""
+    try:
+        with open(CPUINFO, encoding="utf-8") as f:
+            return parse_cpuinfo(f.read())
+    except OSError:
+        return parse_cpuinfo("")

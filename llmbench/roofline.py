@@ -1,0 +1,286 @@
+"""The memory-bandwidth roofline of a decode step: the bytes one step must read over the device's read bandwidth.
+
+A decode step at small batch is memory-bound, so its latency cannot beat (weights it reads + the KV cache it reads)
+/ bandwidth. On cpu the bandwidth is measured once per host (a subprocess, so the 1 GiB buffer never shows in the
+run's peak RSS) and cached; on GPUs it is the datasheet figure of known devices, with a measured device copy beside
+it. LLMBENCH_READ_BANDWIDTH_GB_S overrides both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmbench.devices import device_name, synchronize
+from llmbench.errors import UserError
+from llmbench.host import cpu_kind
+from llmbench.models import _tensor_bytes, cache_dir, weight_bytes
+
+OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
+CPU_READ_BYTES = 1 << 30
+GPU_COPY_BYTES = 2 << 30  # per buffer: 4 GiB in all, beside a loaded model
+REPEATS = 10  # best of: a momentary disturbance (another process, a page fault) does not stick
+BUSY_LIMIT = 0.25  # share of the CPUs busy with other work above which a measurement is used but never cached
+# Datasheet memory bandwidth, bytes/s, by a fragment of the device name; the first fragment found wins, so more
+# specific names come first ("H100 PCIe" before "H100").
+DATASHEET_BANDWIDTH_B_S = (
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM5
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),  # 40 GB
+    ("L40S", 0.864e12),
+    ("GPU Max 1550", 3.2768e12),  # Intel Data Center GPU Max 1550
+    ("GPU Max 1100", 1.2288e12),
+)
+
+
+def datasheet_bandwidth(device_name: str) -> float | None:
+    return next((bw for fragment, bw in DATASHEET_BANDWIDTH_B_S if fragment in device_name), None)
+
+
+def cpu_read_method(threads: int, size_bytes: int = CPU_READ_BYTES, repeats: int = REPEATS) -> str:
+    return f"sum of a {size_bytes / 2**30:g} GiB float32 tensor, {threads} threads, best of {repeats}"
+
+
+def gpu_copy_method(size_bytes: int = GPU_COPY_BYTES, repeats: int = REPEATS) -> str:
+    return f"device-to-device copy of {size_bytes / 2**30:g} GiB, read + written bytes, best of {repeats}"
+
+
+def measure_cpu_read_bandwidth(size_bytes: int = CPU_READ_BYTES, repeats: int = REPEATS) -> float:
+    """Bytes/s a full-tensor sum streams from memory with torch's threads (best of `repeats`)."""
+    data = torch.ones(size_bytes // 4, dtype=torch.float32)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
+
+
+def measure_copy_bandwidth(device: torch.device, size_bytes: int = GPU_COPY_BYTES, repeats: int = REPEATS) -> float:
+    """Bytes moved per second by a device-to-device copy, reads and writes both counted (a copy moves as many bytes as
+    it reads, so this is what a read-only stream can reach at best)."""
+    src = torch.empty(size_bytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size_bytes / best
+
+
+def cache_file(device: torch.device, threads: int) -> Path:
+    """$LLMBENCH_CACHE/host/<hostname>-<device kind>-<hash>.json: the hash covers what the figure depends on (the
+    CPU's model and flags and the thread count, or the GPU's name), so another machine or setting measures anew."""
+    if device.type == "cpu":
+        cpu = cpu_kind()
+        identity = f"{cpu.model_name}|{' '.join(sorted(cpu.flags))}|{threads}"
+    else:
+        identity = device_name(device)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return cache_dir() / "host" / f"{socket.gethostname()}-{device.type}-{digest}.json"
+
+
+def cpu_busy_share(window_s: float = 0.5) -> float | None:
+    """Share of all CPUs busy (not idle or waiting on I/O) over `window_s`, from /proc/stat; None where unreadable."""
+    def sample() -> list[int]:
+        with open("/proc/stat", encoding="utf-8") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    try:
+        before = sample()
+        time.sleep(window_s)
+        after = sample()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    return (total - delta[3] - delta[4]) / total if total > 0 else None
+
+
+def measure_in_subprocess(device: torch.device, threads: int) -> dict:
+    """-> {"bandwidth_gb_s", "method"} measured by a child process (its buffers stay out of this run's memory)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "llmbench.roofline", str(device), str(threads)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"bandwidth measurement failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measured_bandwidth(device: torch.device, refresh: bool = False, measure: bool = True) -> dict:
+    """The device's measured bandwidth: from this host's cache, else measured now and cached, unless other work kept
+    more than BUSY_LIMIT of the CPUs busy just before (then it serves this run only). `refresh` measures anew (e.g.
+    under a lock on a quiet machine) and keeps the higher of the new and the cached figure: a busy moment only lowers
+    a bandwidth, so the best figure seen is the host's. Without `measure`: the cache, or a RuntimeError.
+    -> {"bandwidth_gb_s", "method", "measured_at", "source", "cache_file"}."""
+    # Every CPU of the host, whatever this process's own thread count: the roofline is the machine's, and the ranks
+    # of a distributed run (fewer threads each) look up the same figure.
+    threads = os.cpu_count() or torch.get_num_threads()
+    method = cpu_read_method(threads) if device.type == "cpu" else gpu_copy_method()
+    path = cache_file(device, threads)
+    cached = None
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("method") != method or not cached.get("bandwidth_gb_s", 0) > 0:
+            cached = None
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or unreadable: measure again
+    if cached is not None and not refresh:
+        return {**cached, "source": "cache", "cache_file": str(path)}
+    if not measure:
+        raise RuntimeError(f"no cached bandwidth measurement ({path}): run a single-process benchmark once")
+    busy = cpu_busy_share() if device.type == "cpu" else None  # this process is idle now: the rest is others' work
+    now = measure_in_subprocess(device, threads)["bandwidth_gb_s"]
+    entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
+             "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "cpu_busy_before": busy}
+    if busy is not None and busy > BUSY_LIMIT and cached is None:
+        # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
+        return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps(entry) + "\n", encoding="utf-8")
+    os.replace(staging, path)  # atomic: concurrent runs never read half a file
+    return {**entry, "source": "measured", "cache_file": str(path)}
+
+
+def override_bandwidth() -> float | None:
+    text = os.environ.get(OVERRIDE_ENV)
+    if text is None or not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UserError(f"{OVERRIDE_ENV}={text!r}: expected a positive number of GB/s, e.g. 25.1")
+    return value
+
+
+def device_bandwidth(device: torch.device, measure: bool = True, refresh: bool = False) -> dict:
+    """The bandwidth the roofline divides by, and where it came from. -> {"read_bandwidth_gb_s", "source",
+    "method", ...}; on GPUs also "datasheet_bandwidth_gb_s" and "measured_bandwidth_gb_s". Never raises for a failed
+    measurement (the run's figures matter more): read_bandwidth_gb_s is then None and "error" says why. Without
+    `measure`, only a cached measurement is used; with `refresh`, it is measured anew (see measured_bandwidth)."""
+    override = override_bandwidth()
+    if override is not None:
+        return {"read_bandwidth_gb_s": override, "source": OVERRIDE_ENV, "method": "set by the user"}
+    info: dict = {}
+    if device.type != "cpu":
+        datasheet = datasheet_bandwidth(device_name(device))
+        info["datasheet_bandwidth_gb_s"] = datasheet / 1e9 if datasheet else None
+    try:
+        measured = measured_bandwidth(device, refresh=refresh, measure=measure)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        info.update(read_bandwidth_gb_s=info.get("datasheet_bandwidth_gb_s"), error=str(exc),
+                    source="datasheet" if info.get("datasheet_bandwidth_gb_s") else None)
+        return info
+    if device.type == "cpu":
+        return {"read_bandwidth_gb_s": measured.pop("bandwidth_gb_s"), **measured}
+    info["measured_bandwidth_gb_s"] = measured["bandwidth_gb_s"]
+    info["measured"] = measured
+    if info["datasheet_bandwidth_gb_s"]:
+        return {"read_bandwidth_gb_s": info["datasheet_bandwidth_gb_s"], "source": "datasheet",
+                "method": "datasheet peak of the device", **info}
+    return {"read_bandwidth_gb_s": measured["bandwidth_gb_s"], "source": measured["source"],
+            "method": measured["method"], **info}
+
+
+def weight_bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter (each shared tensor once) except an input embedding table
+    that is not also the output head (a step reads one row of it). Mixture-of-experts models count every expert,
+    although a step at batch 1 reads only the routed ones."""
+    total = weight_bytes(model)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embedding:
+        total -= _tensor_bytes(embedding)
+    return total
+
+
+def kv_cache_bytes_per_position(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one cached position holds, over all layers, for one sequence."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1  # falcon, gpt_bigcode
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def decode_bytes_read(model: torch.nn.Module, dtype: torch.dtype, rows: int, input_tokens: int,
+                      max_new_tokens: int, world_size: int = 1) -> dict:
+    """Bytes one decode step reads: weights + the KV cache of `rows` sequences (batch x beams) at the mean decode
+    position. Next-token step j (1 .. n-1) attends over input + j positions, so the mean is input + n / 2. With
+    several ranks `model` is one rank's shard: its weight bytes are counted once per rank."""
+    mean_context_tokens = input_tokens + max_new_tokens / 2
+    weights = weight_bytes_read_per_token(model) * world_size
+    kv = int(kv_cache_bytes_per_position(model.config, dtype) * rows * mean_context_tokens)
+    return {"bytes_read_per_token": weights + kv, "weight_bytes_read_per_token": weights,
+            "kv_cache_bytes_read_per_token": kv, "mean_context_tokens": mean_context_tokens}
+
+
+def roofline(model: torch.nn.Module, dtype: torch.dtype, rows: int, input_tokens: int, max_new_tokens: int,
+             bandwidth: dict, devices: int = 1, world_size: int = 1) -> dict:
+    """The record's "roofline": bytes read per step, the bandwidth used and its source, and roofline_next_token_s.
+    `devices` is how many devices' bandwidth the step has (GPU ranks each bring their own; cpu ranks share one)."""
+    out = {**decode_bytes_read(model, dtype, rows, input_tokens, max_new_tokens, world_size), **bandwidth}
+    gb_s = bandwidth.get("read_bandwidth_gb_s")
+    out["roofline_next_token_s"] = out["bytes_read_per_token"] / (gb_s * 1e9 * devices) if gb_s else None
+    return out
+
+
+def roofline_metrics(roofline_info: dict | None, next_token_latency_s: float | None) -> dict:
+    """-> {"roofline_next_token_s", "roofline_fraction"} for the record's metrics (fraction: roofline / measured
+    mean next-token latency; 1.0 would be a step at the bandwidth limit)."""
+    roofline_s = (roofline_info or {}).get("roofline_next_token_s")
+    fraction = roofline_s / next_token_latency_s if roofline_s and next_token_latency_s else None
+    return {"roofline_next_token_s": roofline_s, "roofline_fraction": fraction}
+
+
+def roofline_line(metrics: dict, roofline_info: dict | None) -> str | None:
+    """The console line printed after "Weight read bandwidth": '% of roofline' and what the roofline is."""
+    if not roofline_info or metrics.get("roofline_next_token_s") is None:
+        return None
+    line = (f"Roofline: {metrics['roofline_next_token_s'] * 1e3:.3f} ms per next token "
+            f"({roofline_info['bytes_read_per_token'] / 1e6:.1f} MB read at {roofline_info['read_bandwidth_gb_s']:.1f}"
+            f" GB/s, {roofline_info['source']})")
+    if metrics.get("roofline_fraction") is not None:
+        line += f"; {metrics['roofline_fraction'] * 100:.0f}% of roofline"
+    return line
+
+
+def _main(argv: list[str]) -> int:
+    """python -m llmbench.roofline DEVICE THREADS: measure and print {"bandwidth_gb_s": ...} as JSON."""
+    device, threads = torch.device(argv[0]), int(argv[1])
+    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        bandwidth = measure_cpu_read_bandwidth()
+    else:
+        bandwidth = measure_copy_bandwidth(device)
+    print(json.dumps({"bandwidth_gb_s": bandwidth / 1e9}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
