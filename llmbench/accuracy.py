@@ -173,7 +173,7 @@ def run_accuracy(config: RunConfig, world=None) -> int:
 
     from llmbench.devices import resolve_device, resolve_dtype
     from llmbench.main import base_record, prepare
-    from llmbench.results import append_record
+    from llmbench.results import append_or_show
 
     if config.dummy_weights:
         raise UserError("--dummy-weights are random, so their accuracy means nothing: drop --dummy-weights")
@@ -196,7 +196,7 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     if world is not None:
         base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     for record in accuracy_records(results, base, config):
-        append_record(config.results, record)
+        append_or_show(config.results, record)
     if not config.quiet:
         print(f"Records appended to {config.results}")
     return 0
