@@ -195,8 +195,14 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     base = base_record(config, loaded, backend, device, dtype, facts)
     if world is not None:
         base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
+    failed = None
     for record in accuracy_records(results, base, config):
-        append_or_show(config.results, record)
+        try:
+            append_or_show(config.results, record)
+        except UserError as exc:  # each record that cannot be written is still shown on stdout
+            failed = failed or exc
+    if failed is not None:
+        raise failed
     if not config.quiet:
         print(f"Records appended to {config.results}")
     return 0

@@ -117,8 +117,8 @@ def append_or_show(path: Path, record: dict, show_figures: Callable[[], None] | 
         if show_figures is not None:
             show_figures()
         print(json.dumps(record, default=str), flush=True)
-        raise UserError(f"could not append the record to {path} ({exc.strerror or exc}): its JSON is the last line "
-                        "printed on stdout; free space or pass another --results and save it from there") from None
+        raise UserError(f"could not append the record to {path} ({exc.strerror or exc}): its JSON is printed on stdout "
+                        "instead; free space or pass another --results, and save that line") from None
 
 
 def read_records(path: Path, missing_ok: bool = False) -> list[dict]:
