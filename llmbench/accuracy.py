@@ -173,7 +173,7 @@ def run_accuracy(config: RunConfig, world=None) -> int:
 
     from llmbench.devices import resolve_device, resolve_dtype
     from llmbench.main import base_record, prepare
-    from llmbench.results import append_record
+    from llmbench.results import append_or_show
 
     if config.dummy_weights:
         raise UserError("--dummy-weights are random, so their accuracy means nothing: drop --dummy-weights")
@@ -195,8 +195,14 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     base = base_record(config, loaded, backend, device, dtype, facts)
     if world is not None:
         base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
+    failed = None
     for record in accuracy_records(results, base, config):
-        append_record(config.results, record)
+        try:
+            append_or_show(config.results, record)
+        except UserError as exc:  # each record that cannot be written is still shown on stdout
+            failed = failed or exc
+    if failed is not None:
+        raise failed
     if not config.quiet:
         print(f"Records appended to {config.results}")
     return 0

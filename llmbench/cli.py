@@ -45,6 +45,7 @@ def non_negative_int(text: str) -> int:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
+        allow_abbrev=False,  # a prefix such as --num-bea would slip past the sweeps' check of the flags they own
         description="Time (--benchmark) or evaluate (--accuracy-only) text generation of a causal LM.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -96,6 +97,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--calib-dataset", default=None, help="calibration text/JSONL file or dataset name (gptq, awq)")
     opt.add_argument("--woq-checkpoint", type=Path, default=None,
                      help="low-precision checkpoint: saved after quantizing, loaded when it exists")
+    opt.add_argument("--trust-checkpoint-pickle", action="store_true",
+                     help="load a --woq-checkpoint whose pickle needs more than tensors (can run code it holds)")
     opt.add_argument("--ki", action="store_true", help="DeepSpeed kernel injection (distributed runs)")
     opt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -139,6 +142,7 @@ class RunConfig:
     calib_dataset: str | None
     woq_checkpoint: Path | None
     ki: bool
+    trust_checkpoint_pickle: bool = False
     acc_tasks: list[str] = field(default_factory=list)
     acc_limit: int | None = None
     acc_batch_size: int = 1
@@ -178,6 +182,8 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         check_folder(args.profile)
     if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):
         raise UserError("--woq-checkpoint/--woq-group-size/--calib-dataset need --woq int4 or --woq int8")
+    if args.trust_checkpoint_pickle and args.woq_checkpoint is None:
+        raise UserError("--trust-checkpoint-pickle applies to --woq-checkpoint: pass both, or drop it")
     return RunConfig(
         mode="accuracy" if args.accuracy_only else "benchmark",
         model_id=args.model_id,
@@ -205,6 +211,7 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         calib_dataset=args.calib_dataset,
         woq_checkpoint=args.woq_checkpoint,
         ki=args.ki,
+        trust_checkpoint_pickle=args.trust_checkpoint_pickle,
         acc_tasks=tasks,
         acc_limit=args.acc_limit,
         acc_batch_size=args.acc_batch_size,

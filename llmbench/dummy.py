@@ -9,7 +9,8 @@ import torch
 from llmbench.compat import dtype_kwargs
 from llmbench.errors import UserError
 from llmbench.families import builtin_config, builtin_names, check_remote_code
-from llmbench.models import LoadedModel, load_tokenizer, one_line
+from llmbench.memory import require
+from llmbench.models import BeforeWeights, LoadedModel, load_tokenizer, one_line
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -53,21 +54,6 @@ def dummy_config(model_id: str | None, trust_remote_code: bool):
         raise UserError(f"-m {model_id}: no built-in configuration for --dummy-weights; pass a folder with a "
                         f"config.json, a config.json file, or one of: {', '.join(builtin_names())}")
     return config, config.name_or_path, None
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for new weights on the device (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-    return None
 
 
 def count_parameters(config, trust_remote_code: bool = False) -> int:
@@ -115,21 +101,20 @@ def build_random_model(config, device: torch.device, dtype: torch.dtype, trust_r
 
 
 def load_dummy_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
-                     trust_remote_code: bool = False) -> LoadedModel:
+                     trust_remote_code: bool = False, before_weights: BeforeWeights | None = None) -> LoadedModel:
     """A model of `model_id`'s architecture and size with random weights; its tokenizer when a local folder has one,
-    else none (inputs are then synthetic token ids)."""
+    else none (inputs are then synthetic token ids). `before_weights(config, tokenizer)` runs before any allocation."""
     config, name, tokenizer_folder = dummy_config(model_id, trust_remote_code)
-    need = count_parameters(config, trust_remote_code) * dtype.itemsize
-    free = available_bytes(device)
-    if free is not None and need > free:
-        raise UserError(f"-m {name} with --dummy-weights needs {need / 2**30:.1f} GiB for its weights in "
-                        f"{str(dtype).removeprefix('torch.')}, but {device.type} has {free / 2**30:.1f} GiB free: "
-                        "pick a smaller model or a device with more memory")
-    model = build_random_model(config, device, dtype, trust_remote_code)
     tokenizer = None
     if tokenizer_folder is not None:
         try:
             tokenizer = load_tokenizer(str(tokenizer_folder), trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UserError(f"-m {name}: cannot load the tokenizer in {tokenizer_folder}: {one_line(exc)}") from exc
+    if before_weights is not None:
+        before_weights(config, tokenizer)  # the run's own checks (prompt length, memory) before any allocation
+    need = count_parameters(config, trust_remote_code) * dtype.itemsize
+    require(need, device, f"-m {name} with --dummy-weights ({str(dtype).removeprefix('torch.')} weights)",
+            "pick a smaller model or a device with more memory")
+    model = build_random_model(config, device, dtype, trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="dummy", dummy_weights=True)

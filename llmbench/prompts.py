@@ -33,12 +33,20 @@ def load_prompt_text(path: Path | None = None, key: str | None = None) -> tuple[
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"prompt file {path} not found: restore it from the repository or pass --prompt TEXT") from None
+    except IsADirectoryError:
+        raise UserError(f"prompt file {path} is a folder: pass a prompt.json file") from None
+    except OSError as exc:
+        raise UserError(f"prompt file {path} cannot be read ({exc.strerror or exc}): pass a readable file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"prompt file {path} is not valid JSON ({exc}): restore it from the repository") from None
     texts = data.get("texts") if isinstance(data, dict) else None
     if not isinstance(texts, dict) or not texts:
         raise UserError(f"prompt file {path} has no \"texts\" object: restore it from the repository")
-    key = key or data.get("default_text") or next(iter(texts))
+    default = data.get("default_text")
+    if default is not None and not isinstance(default, str):
+        raise UserError(f"prompt file {path}: \"default_text\" must be the name of one of its texts (a string), "
+                        f"not {type(default).__name__} {json.dumps(default)[:60]}")
+    key = key or default or next(iter(texts))
     text = texts.get(key)
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"prompt file {path}: texts[{key!r}] is missing or empty")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 from llmbench.errors import UserError
-from llmbench.models import LoadedModel, one_line
+from llmbench.models import LoadedModel, exception_name, one_line
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torchao's int4 kernels accept
 DEFAULT_INT4_GROUP_SIZE = 32  # the most accurate of them, and as fast as 64 on CPU
@@ -231,6 +232,51 @@ def save_checkpoint(model: torch.nn.Module, settings: dict, folder: Path) -> Non
     (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def checkpoint_tensor_classes() -> list[type]:
+    """The TorchAO tensor subclasses a saved state dict may hold: the only globals its pickle may name (torchao
+    0.18 places them in these modules; the CPU int4 one is a prototype)."""
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import (
+        Int4PlainInt32Tensor,
+        Int4PreshuffledTensor,
+        Int4Tensor,
+        Int4TilePackedTo4dTensor,
+        Int8Tensor,
+    )
+
+    return [Int8Tensor, Int4OpaqueTensor, Int4Tensor, Int4PlainInt32Tensor, Int4PreshuffledTensor,
+            Int4TilePackedTo4dTensor]
+
+
+def read_weights(path: Path, device: torch.device, folder: Path, trust_pickle: bool) -> dict:
+    """The saved state dict, read with torch.load(weights_only=True): its pickle may build tensors and the TorchAO
+    tensor classes, nothing else, so a crafted file cannot run code. --trust-checkpoint-pickle lifts that."""
+    import pickle
+
+    try:
+        if trust_pickle:
+            state = torch.load(path, map_location=device, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(checkpoint_tensor_classes()):
+                state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch words it two ways
+        if unsafe:
+            raise UserError(f"--woq-checkpoint {folder}: {WEIGHTS_FILE} names {unsafe.group(1)}, which is not a "
+                            "tensor type, so it was not loaded (a pickle can run code); pass "
+                            "--trust-checkpoint-pickle only if you made this checkpoint yourself") from None
+        why = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", str(exc), re.S)
+        raise UserError(f"--woq-checkpoint {folder}: {WEIGHTS_FILE} is not a checkpoint of tensors (corrupt, or "
+                        f"pickled with more than tensors: {one_line(Exception(why.group(1) if why else exc))}): "
+                        "remove the folder to quantize afresh") from None
+    except Exception as exc:  # noqa: BLE001 - parsing foreign bytes fails in many ways (IndexError, EOFError, ...)
+        raise UserError(f"--woq-checkpoint {folder}: cannot load {WEIGHTS_FILE} (corrupt or truncated?): "
+                        f"{exception_name(exc)}: {one_line(exc)}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"--woq-checkpoint {folder}: {WEIGHTS_FILE} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_checkpoint(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype, folder: Path,
                     in_features: dict[str, int]) -> dict:
     """Put the saved quantized weights into the model skeleton, after checking they were made for this run."""
@@ -252,10 +298,10 @@ def load_checkpoint(loaded: LoadedModel, config, device: torch.device, dtype: to
     if differ:
         raise UserError(f"--woq-checkpoint {folder} was made with other settings: {'; '.join(differ)}; "
                         "rerun with its settings, or pass another path to quantize afresh")
+    state = read_weights(weights_path, device, folder, config.trust_checkpoint_pickle)
     try:
-        state = torch.load(weights_path, map_location=device, weights_only=False)
         loaded.model.load_state_dict(state, assign=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise UserError(f"--woq-checkpoint {folder}: cannot load {WEIGHTS_FILE}: {one_line(exc)}") from exc
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(f"--woq-checkpoint {folder}: {WEIGHTS_FILE} does not fit this model: {one_line(exc)}") from exc
     loaded.model.eval()
     return {**wanted, "library": saved.get("library", wanted["library"])}

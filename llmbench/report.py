@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmbench.errors import UserError
 from llmbench.printers import csv_text, markdown_table
+from llmbench.results import read_records
 
 # Parameters that tell runs apart, in table order: (column, where it is in a record).
 PARAMETERS = ("mode", "model", "device", "device_name", "dtype", "woq", "backend", "world_size", "batch_size",
@@ -58,16 +59,7 @@ def load_records(paths: list[Path]) -> list[dict]:
             raise UserError(f"{path} does not exist: give JSONL results files or folders holding them")
     records = []
     for file in files:
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {file}:{n} is not a JSON record (skipped)", file=sys.stderr)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+        records += read_records(file)  # an unreadable line is reported on stderr with its file and number
     return records
 
 

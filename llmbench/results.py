@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import platform
 import socket
 import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmbench import __version__
-from llmbench.devices import cpu_name, device_name
-from llmbench.host import cpu_kind
+from llmbench.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported only where a record is made: readers (report, sweep) do without it
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_reported_lines: set[tuple[str, int]] = set()  # each unreadable line is reported once per process
 
 
 @cache
@@ -34,7 +40,11 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device) -> dict:
+    import torch
     import transformers
+
+    from llmbench.devices import cpu_name, device_name
+    from llmbench.host import cpu_kind
 
     return {
         "python": platform.python_version(),
@@ -54,17 +64,83 @@ def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_appendable(path: Path) -> None:
+    """Refuse, before any work, a results path that cannot take a record: a folder, a file that cannot be
+    opened for appending, or a folder that cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--results {path} is a folder: give a file path, e.g. {path / 'results.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "ab"):
+                pass  # opening for append changes nothing
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".llmbench-probe-"):
+                pass
+    except OSError as exc:
+        raise UserError(f"--results {path} cannot be written ({exc.strerror or exc}): pass a writable path") \
+            from None
+
+
 def append_record(path: Path, record: dict) -> None:
-    """Append one line with a single write and fsync: a crash cannot leave half a record."""
+    """Append one line with a single write and fsync, all or nothing: when the write or the fsync fails (disk
+    full, quota, file-size limit) the file is cut back to its previous size, so no fragment is left behind.
+    A file whose last line has no newline (cut short by an older writer) is repaired by ending that line
+    first: the new record never runs into it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            print(f"warning: {path} ended in an unfinished line (an earlier write was cut short): it is kept on a "
+                  "line of its own, and readers report it", file=sys.stderr)
+            line = b"\n" + line
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes could be written")
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
-def read_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def append_or_show(path: Path, record: dict, show_figures: Callable[[], None] | None = None) -> None:
+    """append_record; when that fails, the figures and the record's JSON go to stdout, so nothing measured is lost,
+    and the failure is one UserError."""
+    try:
+        append_record(path, record)
+    except OSError as exc:
+        if show_figures is not None:
+            show_figures()
+        print(json.dumps(record, default=str), flush=True)
+        raise UserError(f"could not append the record to {path} ({exc.strerror or exc}): its JSON is printed on stdout "
+                        "instead; free space or pass another --results, and save that line") from None
+
+
+def read_records(path: Path, missing_ok: bool = False) -> list[dict]:
+    """Every JSON record of a JSONL file; a line that is not one is reported on stderr with its file and
+    line number, never skipped silently (a record cut short by a crash is such a line)."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif (str(path), n) not in _reported_lines:
+                _reported_lines.add((str(path), n))
+                print(f"warning: {path}:{n} is not a JSON record (left out): {line.strip()[:60]!r}", file=sys.stderr)
+    return records

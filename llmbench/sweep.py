@@ -145,6 +145,49 @@ def owned_flags(kind: Kind) -> set[str]:
     return flags | {"--results", "--greedy", "--model-id", "--ipex", "--acc-data-dir"}
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_model(model_id: str, env: Mapping[str, str]) -> None:
+    """Offline, a hub id must be in the hub cache already: else every case of it would start and fail."""
+    if not (_truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE"))):
+        return  # online, a case downloads what it needs
+    from huggingface_hub import try_to_load_from_cache
+
+    home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = env.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json", cache_dir=cache)
+    except ValueError:  # not a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise UserError(f"model={model_id}: not a local file or folder, and not in the hub cache {cache} (offline: "
+                        "HF_HUB_OFFLINE is set): download it first, or give a local folder or .gguf file")
+
+
+def owned_flags_in(kind: Kind, extra: list[str]) -> list[str]:
+    """The flags the sweep owns that `extra` sets, found by the entry scripts' own parser, so that every spelling
+    it accepts (--num-beams=2, -m) counts; a word it would refuse is refused here, before any case runs."""
+    from llmbench.cli import build_parser
+
+    parser = build_parser("EXTRA_ARGS")
+
+    def refuse(message: str) -> None:
+        raise UserError(f"EXTRA_ARGS={shlex.join(extra)!r}: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # parsed values are then exactly the flags given
+    try:
+        given = vars(parser.parse_args(extra))
+    except SystemExit:  # --help
+        raise UserError("EXTRA_ARGS may not ask for --help: run python run_generation.py --help") from None
+    by_dest = {parser._option_string_actions[f].dest: f for f in owned_flags(kind)
+               if f in parser._option_string_actions}
+    return sorted(flag for dest, flag in by_dest.items() if dest in given)
+
+
 def make_plan(kind_name: str, env: Mapping[str, str]) -> Plan:
     """Parse and validate every env var before any work: a bad value is one UserError."""
     if kind_name not in KINDS:
@@ -159,9 +202,13 @@ def make_plan(kind_name: str, env: Mapping[str, str]) -> Plan:
         extra = shlex.split(env.get("EXTRA_ARGS", ""))
     except ValueError as exc:
         raise UserError(f"EXTRA_ARGS cannot be split into words: {exc}") from None
-    clash = sorted({w.split("=")[0] for w in extra} & owned_flags(kind))
+    clash = owned_flags_in(kind, extra)
     if clash:
         raise UserError(f"EXTRA_ARGS repeats {' '.join(clash)}, which the sweep sets: use the env vars instead")
+    if "--dummy-weights" not in extra:  # dummy weights need a config only (built in, or a local file)
+        for model in values.get("model", []):
+            if model is not None and not os.path.exists(model):
+                check_hub_model(model, env)
     script = PROJECT_ROOT / kind.script
     if not script.exists():
         raise UserError(f"{kind.script} is missing from {PROJECT_ROOT}: this sweep kind cannot run here")
@@ -231,16 +278,10 @@ def is_recorded(plan: Plan, case: dict, records: list[dict]) -> bool:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Every whole JSON line of `path` (a line cut short by a crash is skipped)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The records of `path` so far (none when it does not exist yet); unreadable lines are reported."""
+    from llmbench.results import read_records as read_jsonl
+
+    return read_jsonl(path, missing_ok=True)
 
 
 def _death_signal_setter() -> Callable[[], None] | None:

@@ -42,15 +42,53 @@ def run_driver(tmp_path: Path, script: str = "run_benchmark.sh", timeout: float 
 ])
 def test_bad_env_value_stops_before_any_work(tmp_path, script, name, value):
     done = run_driver(tmp_path, script, timeout=60, **{name: value})
-    assert done.returncode != 0
+    assert done.returncode == 2  # docs/sweeps.md: bad values exit 2 before any case
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{name}=" in lines[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "results").exists()  # nothing was started
 
 
-def test_extra_args_may_not_repeat_a_swept_flag():
-    with pytest.raises(UserError, match="--batch-size"):
-        make_plan("benchmark", {"EXTRA_ARGS": "--batch-size 8"})
+@pytest.mark.parametrize("extra, flag", [
+    ("--batch-size 8", "--batch-size"),
+    ("--num-beams=2", "--num-beams"),
+    ("-m other", "--model-id"),
+    ("--quiet --results=elsewhere.jsonl", "--results"),
+])
+def test_extra_args_may_not_repeat_a_swept_flag(extra, flag):
+    with pytest.raises(UserError, match=f"EXTRA_ARGS repeats {flag}"):
+        make_plan("benchmark", {"EXTRA_ARGS": extra})
+
+
+@pytest.mark.parametrize("extra", ["--num-bea 2", "--batch 8", "--no-such-flag", "--num-iter many"])
+def test_extra_args_the_entry_script_would_refuse_stop_the_sweep_before_any_case(extra):
+    """Abbreviations are not flags (the parsers take full names only), and the sweep checks EXTRA_ARGS with the
+    entry scripts' own parser: a case never starts only to fail, or to run other settings than its record says."""
+    with pytest.raises(UserError, match="EXTRA_ARGS="):
+        make_plan("benchmark", {"EXTRA_ARGS": extra})
+    assert make_plan("benchmark", {"EXTRA_ARGS": "--quiet --print-memory"}).extra_args == ["--quiet", "--print-memory"]
+
+
+def test_abbreviated_flags_are_refused_by_the_entry_script(run_main):
+    # (the model does not exist: were the prefix taken as --num-beams, the run would stop at once all the same)
+    status, _, err = run_main("--benchmark", "-m", "./no/such/model", "--num-bea", "2")
+    assert status == 2 and "unrecognized arguments: --num-bea" in err
+
+
+def test_an_offline_hub_id_outside_the_cache_stops_the_sweep_before_any_case(tmp_path):
+    env = {"model": "nobody/no-such-model", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    with pytest.raises(UserError, match="model=nobody/no-such-model: not a local file or folder, and not in the hub"):
+        make_plan("benchmark", env)
+    # In the cache it is accepted, and with --dummy-weights a built-in id needs no cache at all.
+    snapshot = tmp_path / "hf" / "hub" / "models--nobody--no-such-model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    assert make_plan("benchmark", env).values["model"] == ["nobody/no-such-model"]
+    assert make_plan("benchmark", {**env, "model": "facebook/opt-6.7b", "EXTRA_ARGS": "--dummy-weights"}).cases
+    done = run_driver(tmp_path, timeout=60, model="nobody/other-model", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_plan_is_the_product_of_the_lists_with_the_seed_defaults():

@@ -1,10 +1,13 @@
 """Weight-only quantization: quantize, save, reload and generate the same tokens; bad input is one line."""
 
 import json
+import os
+import pickle
 
 import pytest
 import torch
 
+from llmbench import quantize
 from llmbench.main import main
 from llmbench.models import weight_bytes
 
@@ -16,18 +19,48 @@ def records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def refuse_to_quantize(*args, **kwargs):
+    raise AssertionError("quantized again instead of loading the checkpoint")
+
+
+def inner_tensors(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain tensors a (possibly quantized) tensor is made of: packed weights, scales, zero points."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return {"": tensor.detach()}
+    names, _ = tensor.__tensor_flatten__()
+    return {f"{name}.{key}".strip("."): t for name in names
+            for key, t in inner_tensors(getattr(tensor, name)).items()}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
+class RunsCode:
+    """Pickles as a call of os.system: what a crafted checkpoint holds."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 @pytest.mark.parametrize("scheme, group_size, layout, quantized, skipped", [
     ("int8", None, "Int8Tensor", 15, []),
     # The CPU int4 packing needs output sizes divisible by 16: the 600-token lm_head stays bf16, and says so.
     ("int4", "32", "Int4OpaqueTensor", 14, ["lm_head"]),
 ])
-def test_quantize_save_reload_same_tokens(tiny_llama, tmp_path, scheme, group_size, layout, quantized, skipped):
+def test_quantize_save_reload_same_tokens(tiny_llama, tmp_path, monkeypatch, scheme, group_size, layout, quantized,
+                                         skipped):
     checkpoint, results = tmp_path / "ckpt", tmp_path / "r.jsonl"
     args = [*RUN, "-m", str(tiny_llama), "--woq", scheme, "--woq-checkpoint", str(checkpoint), "--results",
             str(results), *(["--woq-group-size", group_size] if group_size else [])]
     assert main(args) == 0
     assert (checkpoint / "woq_settings.json").is_file() and (checkpoint / "quantized_state_dict.pt").is_file()
-    assert main(args) == 0  # the checkpoint exists now: loaded, not quantized again
+    monkeypatch.setattr(quantize, "quantize_in_place", refuse_to_quantize)
+    assert main(args) == 0  # the checkpoint exists now: loaded, not quantized again (that would fail)
     made, reloaded = records(results)
     assert reloaded["output_token_ids"] == made["output_token_ids"]
     assert len(made["output_token_ids"]) == 8
@@ -39,6 +72,74 @@ def test_quantize_save_reload_same_tokens(tiny_llama, tmp_path, scheme, group_si
         assert q["quantized_layers"] == quantized and q["skipped_layers"] == skipped
         assert q["checkpoint"] == str(checkpoint)
     assert reloaded["weight_bytes"] == made["weight_bytes"]
+
+
+def test_int4_reload_holds_the_saved_packed_tensors_bit_for_bit(tiny_llama, tmp_path, monkeypatch):
+    from llmbench.cli import parse_config
+    from llmbench.models import load_model
+
+    checkpoint, cpu = tmp_path / "ckpt", torch.device("cpu")
+    config = parse_config(["--woq", "int4", "--woq-checkpoint", str(checkpoint), "--quiet"])
+    made = load_model(str(tiny_llama), cpu, torch.bfloat16)
+    quantize.quantize_model(made, config, cpu, torch.bfloat16)
+    with torch.serialization.safe_globals(quantize.checkpoint_tensor_classes()):
+        saved = torch.load(checkpoint / quantize.WEIGHTS_FILE, weights_only=True)
+    monkeypatch.setattr(quantize, "quantize_in_place", refuse_to_quantize)
+    reloaded = load_model(str(tiny_llama), cpu, torch.bfloat16)
+    settings = quantize.quantize_model(reloaded, config, cpu, torch.bfloat16)
+    assert settings["layout"] == "Int4OpaqueTensor" and settings["quantized_layers"] == 14
+    state = reloaded.model.state_dict()
+    assert state.keys() == saved.keys()
+    packed = 0
+    for name, tensor in saved.items():
+        assert type(state[name]) is type(tensor), name
+        mine, theirs = inner_tensors(state[name]), inner_tensors(tensor)
+        assert mine.keys() == theirs.keys() and all(same_bits(mine[k], theirs[k]) for k in theirs), name
+        packed += type(tensor).__name__ == "Int4OpaqueTensor"
+    assert packed == 14
+
+
+def crafted_checkpoint(tiny_llama, tmp_path, contents: str) -> tuple[list[str], "object"]:
+    """A checkpoint folder with valid settings whose weights file is replaced: -> (run args, marker path)."""
+    checkpoint, marker = tmp_path / "ckpt", tmp_path / "code-ran"
+    args = [*RUN, "-m", str(tiny_llama), "--results", str(tmp_path / "r.jsonl"), "--woq", "int8",
+            "--woq-checkpoint", str(checkpoint)]
+    assert main(args) == 0
+    weights = checkpoint / quantize.WEIGHTS_FILE
+    if contents == "torch.save":
+        torch.save({"model.embed_tokens.weight": RunsCode(f"touch {marker}")}, weights)
+    elif contents == "pickle":
+        weights.write_bytes(pickle.dumps({"w": RunsCode(f"touch {marker}")}, protocol=4))
+    else:
+        weights.write_bytes(os.urandom(4096))
+    return args, marker
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("torch.save", "names posix.system, which is not a tensor type, so it was not loaded"),
+    ("pickle", "is not a checkpoint of tensors"),
+    ("random bytes", "corrupt"),
+])
+def test_a_crafted_or_corrupt_checkpoint_never_runs_code_and_is_one_line(tiny_llama, tmp_path, capsys, contents,
+                                                                           message):
+    args, marker = crafted_checkpoint(tiny_llama, tmp_path, contents)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert not marker.exists()
+
+
+def test_trusting_the_pickle_is_an_explicit_choice(tiny_llama, tmp_path, capsys):
+    args, marker = crafted_checkpoint(tiny_llama, tmp_path, "torch.save")
+    capsys.readouterr()
+    # Opted in, the pickle runs as it would with any torch.load(weights_only=False); its state then fits no model.
+    assert main([*args, "--trust-checkpoint-pickle"]) == 2
+    assert marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert "does not fit this model" in err and "\n" not in err
+    assert main([*RUN, "--trust-checkpoint-pickle"]) == 2
+    assert "--trust-checkpoint-pickle applies to --woq-checkpoint" in capsys.readouterr().err
 
 
 def test_int4_weight_bytes_count_packed_weights(tiny_llama):
