@@ -143,6 +143,9 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     measurement = Measurement()
     try:
         measure(backend, inputs, config, device, loaded.tokenizer, measurement)
+    except KeyboardInterrupt as exc:  # for main()'s message: what the finally clause below keeps
+        exc.recorded_iterations = len(measurement.iterations) if world is None or world.is_main else 0
+        raise
     finally:
         # Whatever happened, iterations already measured are written (marked incomplete).
         if measurement.iterations:
@@ -190,8 +193,11 @@ def main(argv: list[str] | None = None, prog: str | None = None, world=None) -> 
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; iterations measured so far were recorded", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        recorded = getattr(exc, "recorded_iterations", 0)  # set by run_benchmark once measuring had begun
+        kept = (f"the {recorded} iteration(s) measured so far were recorded in {config.results}" if recorded
+                else "nothing was recorded")
+        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:

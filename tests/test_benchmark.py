@@ -191,3 +191,6 @@ def test_interrupted_run_keeps_earlier_records_and_its_iterations(tmp_path, tiny
     assert len(records) == 2 and records[1]["complete"] is False
     assert len(records[1]["iterations"]) >= 1
     assert all(it["generated_tokens"] == 64 for it in records[1]["iterations"])
+    # (the message may follow the progress bar on its line)
+    assert stderr.endswith(f"run_generation.py: interrupted; the {len(records[1]['iterations'])} iteration(s) "
+                           f"measured so far were recorded in {results}\n"), stderr[-500:]
