@@ -321,6 +321,10 @@ class RankSynchronized(Backend):
     def details(self, value: dict) -> None:
         pass  # Backend.__init__ assigns it; the inner backend owns it
 
+    @property
+    def scored_with(self) -> str:  # type: ignore[override]
+        return self.inner.scored_with
+
     def warm_up_shapes(self, inputs, max_new_tokens: int, num_beams: int) -> None:
         self.inner.warm_up_shapes(inputs, max_new_tokens, num_beams)
         barrier(self.world)

@@ -1,8 +1,10 @@
 """compile: one static KV cache per shape, eager prefill, and the one-token decode step compiled by torch.compile.
 
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
-own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes), runs 2-3x faster than
-eager on cpu. Greedy and beam search both run this loop; beam search reorders the cache in place.
+own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes), avoids all three. How
+much faster than eager it decodes depends on the CPU or GPU and the dtype: benchmarks/backends.py measures both side
+by side (docs/backends.md has measured figures). Greedy and beam search both run this loop; beam search reorders the
+cache in place.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
 
 class CompileBackend(Backend):
     name = "compile"
+    # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so
+    # accuracy runs score the same weights through the plain (eager) module.
+    scored_with = "eager"
 
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         super().prepare(model, device, dtype, config)
