@@ -1,5 +1,5 @@
 """Sharding into whole attention heads: which rank counts work, the refusal of a fallback that cannot, and the
-default model at the distributed sweep's defaults (2 ranks, beam 4, 1024 input tokens, bf16)."""
+default model at the distributed sweep's defaults (2 ranks, beam 4, bf16)."""
 
 from __future__ import annotations
 
@@ -91,17 +91,18 @@ def test_a_fallback_that_cannot_hold_whole_heads_is_refused_in_one_line(tmp_path
 
 
 def test_default_model_at_the_distributed_sweeps_defaults(tmp_path):
-    """What `bash run_benchmark_ds.sh` runs first: the default model (bf16 on cpu) over 2 ranks, 4 beams, 1024 input
-    tokens. AutoTP's uneven split keeps whole heads on each rank; its check against the unsharded output must not
-    mistake bf16 rounding for a wrong split (the even split it would fall back to gives each rank 4.5 heads)."""
+    """What `bash run_benchmark_ds.sh` runs first: the default model (bf16 on cpu) over 2 ranks with 4 beams (the
+    sweep's 1024 input tokens cost minutes here; the fallback this guards against fails at every prompt length).
+    AutoTP's uneven split keeps whole heads on each rank; its check against the unsharded output must not mistake
+    bf16 rounding for a wrong split (the even split it would fall back to gives each rank 4.5 heads)."""
     results = tmp_path / "tp.jsonl"
     run = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", "--benchmark", "--num-beams",
-                 "4", "--input-tokens", "1024", "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",
+                 "4", "--input-tokens", "64", "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",
                  "--token-latency", "--results", str(results), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     [record] = read_records(results)
     assert (record["dtype"], record["num_beams"], record["input_tokens"], record["world_size"]) == (
-        "bfloat16", 4, 1024, 2)
+        "bfloat16", 4, 64, 2)
     assert record["complete"] is True and len(record["output_token_ids"]) == 2
     assert record["tensor_parallel"]["method"] == AUTOTP
     assert record["tensor_parallel"]["fallback_reason"] is None
