@@ -165,6 +165,14 @@ def accuracy_records(results: dict, base: dict, config: RunConfig) -> list[dict]
     return records
 
 
+def scored_line(backend) -> str:
+    """The console line naming the module lm-eval scored (a backend may optimize only what generation runs)."""
+    if backend.scored_with == backend.name:
+        return f"Scored with: the {backend.name} module"
+    return (f"Scored with: the {backend.scored_with} module holding the same weights (--backend {backend.name} "
+            "optimizes only its one-token decode step, which lm-eval's whole-sequence scoring does not run)")
+
+
 def run_accuracy(config: RunConfig, world=None) -> int:
     """--accuracy-only: prepare the model exactly as --benchmark would, evaluate it, print and record.
     With a `world` of several ranks (llmbench.distributed.World) every rank evaluates its shard in lockstep
@@ -192,7 +200,9 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
+    print(scored_line(backend))
     base = base_record(config, loaded, backend, device, dtype, facts)
+    base["scored_with"] = backend.scored_with
     if world is not None:
         base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     failed = None

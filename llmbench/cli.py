@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,9 +165,6 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
     if args.ipex and args.backend not in ("eager", "ipex"):
         raise UserError(f"--ipex means --backend ipex, which contradicts --backend {args.backend}: pass one")
     backend = "ipex" if args.ipex else args.backend
-    if args.accuracy_only and not os.environ.get("LLM_ACC_TEST"):
-        # The seed gated accuracy runs behind this variable; keep accepting runs without it.
-        os.environ["LLM_ACC_TEST"] = "1"
     tasks = [t.strip() for t in args.acc_tasks.split(",") if t.strip()]
     if args.accuracy_only and not tasks:
         raise UserError("--acc-tasks is empty: name at least one lm-eval task, e.g. --acc-tasks lambada_openai")

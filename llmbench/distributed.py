@@ -17,6 +17,15 @@ import torch
 from llmbench.backends import Backend
 from llmbench.errors import UserError
 from llmbench.ranks import World, discover_world, rendezvous, share_cpu_cores
+from llmbench.tp_heads import (
+    AUTOTP,
+    TP_PLAN,
+    describe_counts,
+    head_counts,
+    plan_splits_heads,
+    whole_heads,
+    working_rank_counts,
+)
 from llmbench.tp_layers import plain_linears
 
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
@@ -26,6 +35,7 @@ TIMEOUT_ENV = "LLMBENCH_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 SHM_ENV = "LLMBENCH_DS_SHM_ALLREDUCE"
 SHM_OP = "deepspeed_shm_comm"
+PROBE_TOKENS = 16
 
 
 def timeout_s() -> float:
@@ -61,9 +71,9 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     return device if device.type == "cpu" else torch.device(device.type, world.local_rank)
 
 
-def _model_type(config, loaded=None) -> str | None:
-    if loaded is not None:
-        return getattr(loaded.model.config, "model_type", None)
+def _checkpoint_config(config):
+    """The model's transformers config, read without its weights; None for dummy weights or when it cannot be read
+    (the loader then reports the problem in its own words)."""
     if config.dummy_weights:
         return None
     from transformers import AutoConfig
@@ -72,14 +82,38 @@ def _model_type(config, loaded=None) -> str | None:
 
     where, _, _ = resolve_source(config.model_id, quiet=True)
     try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code).model_type
+        return AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError):
-        return None  # the loader reports the problem in its own words
+        return None
 
 
-def _probe_ids(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    vocab = int(getattr(model.config, "vocab_size", 0) or 64)
-    return (torch.arange(1, 9, device=device) % vocab).unsqueeze(0)
+def check_tp_plan_heads(model_config, config, ranks: int, why: str) -> None:
+    """transformers' tensor-parallel plan splits most families' attention heads evenly: refuse, naming the rank
+    counts that work, where it would leave a rank part of a head (which fails at the attention reshape)."""
+    from llmbench.models import DEFAULT_MODEL_NAME
+
+    heads, splits = head_counts(model_config), plan_splits_heads(model_config)
+    if heads is None or whole_heads(heads, ranks, TP_PLAN, splits):
+        return
+    counts = working_rank_counts(heads, TP_PLAN, splits)
+    raise UserError(f"-m {config.model_id or DEFAULT_MODEL_NAME} has {heads}: {why} transformers' tensor-parallel "
+                    f"plan, which cannot give each of {ranks} ranks whole heads; run it on {describe_counts(counts)} "
+                    f"rank{'' if counts == [1] else 's'}")
+
+
+def _probe_ids(loaded, device: torch.device) -> torch.Tensor:
+    """A few tokens of ordinary text (prompt.json) to compare the sharded and unsharded outputs on: arbitrary ids
+    (control tokens) drive some models' activations so high that bf16 rounding alone moves the logits by more than
+    the tolerance, which would reject a correct split."""
+    from llmbench.prompts import cut_prompt, synthetic_prompt
+
+    if loaded.tokenizer is not None:
+        try:
+            return cut_prompt(loaded.tokenizer, PROBE_TOKENS, 1, device).input_ids
+        except UserError:
+            pass  # a tokenizer that makes fewer tokens of the whole text: random ids below
+    vocab = int(getattr(loaded.model.config, "vocab_size", 0) or 64)
+    return synthetic_prompt(vocab, PROBE_TOKENS, 1, device).input_ids
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -188,10 +222,11 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
                  world: World):
     """Load the model and shard it over the ranks -> (LoadedModel, facts for the record).
 
+    A rank count at which no method gives every rank whole attention heads is refused before loading.
     AutoTP first: the model is built on the CPU, checked against its unsharded output, then sharded
     (DeepSpeed moves each shard to the rank's device and the full copy is freed at once). Families that
     AutoTP splits wrongly, or any model whose sharded output disagrees, go to transformers' tensor-parallel
-    plan, which loads only this rank's shard.
+    plan, which loads only this rank's shard (and needs head counts that divide by the ranks); rank 0 says so.
     """
     from llmbench.models import one_line
 
@@ -202,22 +237,30 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     facts: dict = {"world_size": world.size, "launcher": world.launcher,
                    "cpu_allreduce": ("deepspeed-shm" if shm_allreduce_wanted() else "gloo") if device.type == "cpu"
                    else None}
-    family = _model_type(config)
+    model_config = _checkpoint_config(config)
+    family = getattr(model_config, "model_type", None)
+    if family in TP_PLAN_FAMILIES:  # refused before any weights are read
+        check_tp_plan_heads(model_config, config, world.size, f"{family} models are sharded by")
     loaded, method, reason = None, None, None
     if family not in TP_PLAN_FAMILIES:
         loaded = load(torch.device("cpu"))
-        family = _model_type(config, loaded)
+        model_config = loaded.model.config
+        family = getattr(model_config, "model_type", None)
+    heads = head_counts(model_config)
     if family in TP_PLAN_FAMILIES:
+        check_tp_plan_heads(model_config, config, world.size, f"{family} models are sharded by")  # dummy weights
         reason = f"AutoTP splits {family}'s fused projections with the unsharded head count"
+    elif heads is not None and not whole_heads(heads, world.size, AUTOTP):
+        reason = f"AutoTP cannot split {heads} into whole heads"
     else:
-        ids = _probe_ids(loaded.model, torch.device("cpu"))
+        ids = _probe_ids(loaded, torch.device("cpu"))
         reference = _logits(loaded.model, ids) if device.type == "cpu" else None
         start = time.perf_counter()
         try:
             loaded.model = autotp(loaded.model, dtype, world, device, config.ki)
             sharded = _logits(loaded.model, ids.to(device))
             if reference is None or _agrees(sharded, reference, dtype):
-                method = "deepspeed-autotp" + ("-kernel-inject" if config.ki else "")
+                method = AUTOTP + ("-kernel-inject" if config.ki else "")
             else:
                 reason = "AutoTP output differs from the unsharded model's"
         except (RuntimeError, ValueError, AssertionError) as exc:
@@ -226,11 +269,19 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     if not all(gather(world, method is not None)):  # the ranks must agree, or they would wait on each other
         method, reason = None, reason or "AutoTP failed on another rank"
     if method is None:
+        check_tp_plan_heads(model_config, config, world.size, f"{reason}; the fallback is")
         loaded = None
         gc.collect()
         loaded = load_with_tp_plan(config, dtype)
-        method = "transformers-tp-plan"
+        method = TP_PLAN
         facts["cpu_allreduce"] = "gloo" if device.type == "cpu" else None  # transformers calls torch.distributed
+        if world.is_main:  # the record says so too, but a changed method changes what is timed
+            print(f"note: sharded with transformers' tensor-parallel plan, not DeepSpeed AutoTP: {reason}",
+                  file=sys.stderr, flush=True)
+    elif heads is not None and heads.key_value < world.size and world.is_main:
+        print(f"note: AutoTP splits the attention by key/value heads, and {heads.key_value} of them leave "
+              f"{world.size - heads.key_value} of the {world.size} ranks without attention heads",
+              file=sys.stderr, flush=True)
     facts.update(method=method, fallback_reason=reason)
     gc.collect()
     facts["sharded_linear_layers"] = sum(is_sharded(m) for m in loaded.model.modules())
@@ -269,6 +320,10 @@ class RankSynchronized(Backend):
     @details.setter
     def details(self, value: dict) -> None:
         pass  # Backend.__init__ assigns it; the inner backend owns it
+
+    @property
+    def scored_with(self) -> str:  # type: ignore[override]
+        return self.inner.scored_with
 
     def warm_up_shapes(self, inputs, max_new_tokens: int, num_beams: int) -> None:
         self.inner.warm_up_shapes(inputs, max_new_tokens, num_beams)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -16,18 +17,28 @@ from llmbench.models import LoadedModel, exception_name, one_line
 RECORD_VERSION = 1
 
 
-def quiet_libraries(verbose: bool, no_progress: bool) -> None:
-    """Library chatter (deprecations, optional-kernel notices) would bury the report."""
-    import logging
+def _errors_only(record) -> bool:
+    return record.levelno >= logging.ERROR
 
+
+def quiet_libraries(verbose: bool, no_progress: bool, distributed: bool = False) -> None:
+    """Library chatter (deprecations, optional-kernel notices) would bury the report."""
     import transformers
 
     if no_progress:
         transformers.utils.logging.disable_progress_bar()
+    # DeepSpeed logs "Setting accelerator to CPU" on stdout when anything imports it, also in runs that never use
+    # it (transformers' save_pretrained, converting a GGUF file, imports it through accelerate). Its logger resets
+    # its own level on import, so a filter (which stays) keeps its warnings out of single-process runs.
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if verbose or distributed:
+        deepspeed_logger.removeFilter(_errors_only)
+    elif _errors_only not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_errors_only)
     if verbose:
         return
     transformers.utils.logging.set_verbosity_error()
-    for name in ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree", "DeepSpeed"):
+    for name in ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -156,6 +167,9 @@ def run_benchmark(config: RunConfig, world=None) -> int:
         measure(backend, inputs, config, device, loaded.tokenizer, measurement)
         if config.profile is not None:
             record["profile"], profile_table = profile_after(backend, inputs, config, device, record, world)
+    except KeyboardInterrupt as exc:  # for main()'s message: what the finally clause below keeps
+        exc.recorded_iterations = len(measurement.iterations) if world is None or world.is_main else 0
+        raise
     finally:
         # Whatever happened, iterations already measured are written (marked incomplete).
         if measurement.iterations:
@@ -222,13 +236,16 @@ def main(argv: list[str] | None = None, prog: str | None = None, world=None) -> 
     prog = prog or os.path.basename(sys.argv[0])
     try:
         config = parse_config(argv, prog)
-        quiet_libraries(verbose=debug, no_progress=config.quiet)
+        quiet_libraries(verbose=debug, no_progress=config.quiet, distributed=world is not None and world.size > 1)
         return run(config, world)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; iterations measured so far were recorded", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        recorded = getattr(exc, "recorded_iterations", 0)  # set by run_benchmark once measuring had begun
+        kept = (f"the {recorded} iteration(s) measured so far were recorded in {config.results}" if recorded
+                else "nothing was recorded")
+        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:

@@ -192,3 +192,6 @@ def test_interrupted_run_keeps_earlier_records_and_its_iterations(tmp_path, tiny
     assert records[1]["valid"] is False and "the run stopped after" in records[1]["validity"]["reasons"][-1]
     assert len(records[1]["iterations"]) >= 1
     assert all(it["generated_tokens"] == 64 for it in records[1]["iterations"])
+    # (the message may follow the progress bar on its line)
+    assert stderr.endswith(f"run_generation.py: interrupted; the {len(records[1]['iterations'])} iteration(s) "
+                           f"measured so far were recorded in {results}\n"), stderr[-500:]

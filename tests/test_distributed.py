@@ -93,6 +93,9 @@ def test_every_family_sharded_over_two_ranks_generates_what_one_process_does(tmp
     out = tmp_path / "findings.json"
     run = mpirun(sys.executable, "tests/tp_check.py", str(out), *map(str, folders))
     assert run.returncode == 0, run.stderr[-3000:]
+    # the one family that falls back to transformers' plan says so on the console, once (rank 0)
+    assert run.stderr.count("note: sharded with transformers' tensor-parallel plan, not DeepSpeed AutoTP: "
+                            "AutoTP splits phi3's fused projections") == 1, run.stderr[-3000:]
     by_rank = json.loads(out.read_text())
     assert len(by_rank) == 2
     for rank, findings in enumerate(by_rank):

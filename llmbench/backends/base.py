@@ -18,6 +18,12 @@ class Backend:
         self.model: torch.nn.Module | None = None
         self.details: dict = {}  # backend-specific facts for the record (e.g. compile time)
 
+    @property
+    def scored_with(self) -> str:
+        """Which module --accuracy-only scores: the backend's .model, optimized as generation runs it, unless a
+        backend optimizes only a step lm-eval's whole-sequence scoring does not use."""
+        return self.name
+
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         self.model = model
 

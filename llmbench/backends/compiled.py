@@ -2,7 +2,8 @@
 
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
 own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes) and dynamo's guards
-skipped once a shape is compiled, is faster than eager on every device measured (figures: docs/backends.md).
+skipped once a shape is compiled, avoids all three; benchmarks/roofline.py measures it beside eager (figures:
+docs/backends.md).
 Greedy and beam search both run this loop; beam search reorders the cache in place.
 
 Which kernels the compiled step uses is chosen per CPU kind (`kernels` in the record): on CPUs with AMX, oneDNN's
@@ -113,6 +114,9 @@ def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
 
 class CompileBackend(Backend):
     name = "compile"
+    # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so
+    # accuracy runs score the same weights through the plain (eager) module.
+    scored_with = "eager"
 
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         super().prepare(model, device, dtype, config)
