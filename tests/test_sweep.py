@@ -51,7 +51,7 @@ def test_bad_env_value_stops_before_any_work(tmp_path, script, name, value):
 @pytest.mark.parametrize("extra, flag", [
     ("--batch-size 8", "--batch-size"),
     ("--num-beams=2", "--num-beams"),
-    ("-m other", "--model-id"),
+    ("-m other", "(-m|--model-id)"),
     ("--quiet --results=elsewhere.jsonl", "--results"),
 ])
 def test_extra_args_may_not_repeat_a_swept_flag(extra, flag):

@@ -3,6 +3,7 @@ default model at the distributed sweep's defaults (2 ranks, beam 4, bf16)."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -19,7 +20,6 @@ from llmbench.tp_heads import (
     whole_heads,
     working_rank_counts,
 )
-from tests.conftest import error_lines
 from tests.test_distributed import mpirun
 from tests.tiny import save_tiny_model, tiny_llama_config
 
@@ -84,8 +84,10 @@ def test_a_fallback_that_cannot_hold_whole_heads_is_refused_in_one_line(tmp_path
     expected = (f"run_generation_with_deepspeed.py: error: -m {folder} has 3 attention heads and 3 key/value heads: "
                 "AutoTP failed: injected AutoTP failure; the fallback is transformers' tensor-parallel plan, which "
                 "cannot give each of 2 ranks whole heads; run it on 1 or 3 ranks")
-    errors = [line for line in error_lines(run.stderr) if "error:" in line]
-    assert errors and all(line.split(" ", 1)[1] == expected for line in errors), run.stderr[-3000:]
+    # mpirun interleaves the ranks' streams (one rank's line can continue on another's): take each rank's message
+    message = r"\[\d+\] (run_generation_with_deepspeed\.py: error: [^\[\n]*)"
+    errors = [m.strip() for m in re.findall(message, run.stderr)]
+    assert errors and all(line == expected for line in errors), run.stderr[-3000:]
     assert "Traceback" not in run.stderr and "note: sharded with" not in run.stderr
     assert not results.exists()
 
@@ -97,8 +99,8 @@ def test_default_model_at_the_distributed_sweeps_defaults(tmp_path):
     bf16 rounding for a wrong split (the even split it would fall back to gives each rank 4.5 heads)."""
     results = tmp_path / "tp.jsonl"
     run = mpirun("--prepend-rank", sys.executable, "run_generation_with_deepspeed.py", "--benchmark", "--num-beams",
-                 "4", "--input-tokens", "64", "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",
-                 "--token-latency", "--results", str(results), timeout=900)
+                 "4", "--dtype", "bfloat16", "--input-tokens", "64", "--max-new-tokens", "2", "--num-iter", "1",
+                 "--num-warmup", "0", "--token-latency", "--results", str(results), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     [record] = read_records(results)
     assert (record["dtype"], record["num_beams"], record["input_tokens"], record["world_size"]) == (
