@@ -31,6 +31,12 @@ def prepared(model, kernels, monkeypatch, inputs, num_beams):
     return backend
 
 
+def eager_generate(model, inputs, num_beams) -> torch.Tensor:
+    eager = get_backend("eager")
+    eager.prepare(model, CPU, next(model.parameters()).dtype, None)
+    return eager.generate(inputs, NEW_TOKENS, num_beams)
+
+
 def library_calls(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
@@ -41,9 +47,7 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     num_beams = 1
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
-    eager = get_backend("eager")
-    eager.prepare(loaded.model, CPU, torch.float32, None)
-    eager_ids = eager.generate(inputs, NEW_TOKENS, num_beams)
+    eager_ids = eager_generate(loaded.model, inputs, num_beams)
     with torch.inference_mode():
         prefill_calls = library_calls(lambda: loaded.model(input_ids=inputs.input_ids.repeat_interleave(num_beams, 0)))
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, num_beams)
@@ -60,9 +64,7 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
 def test_generated_kernels_with_beams_keep_the_library_and_equal_eager(tiny_llama, compile_env, monkeypatch):
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 2, CPU)
-    eager = get_backend("eager")
-    eager.prepare(loaded.model, CPU, torch.float32, None)
-    eager_ids = eager.generate(inputs, NEW_TOKENS, 4)
+    eager_ids = eager_generate(loaded.model, inputs, 4)
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 4)
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, 4)))
@@ -77,9 +79,7 @@ def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monk
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     quantize_model(loaded, parse_config(["--woq", "int8", "--quiet"]), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
-    eager = get_backend("eager")
-    eager.prepare(loaded.model, CPU, torch.float32, None)
-    ids = eager.generate(inputs, NEW_TOKENS, 1)
+    ids = eager_generate(loaded.model, inputs, 1)
     with torch.inference_mode():
         logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
     eager_log_probs = torch.log_softmax(logits, dim=-1)
@@ -95,9 +95,7 @@ def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch)
     monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "default")  # the choice is under test, not max-autotune
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
-    eager = get_backend("eager")
-    eager.prepare(loaded.model, CPU, torch.float32, None)
-    eager_ids = eager.generate(inputs, NEW_TOKENS, 1)
+    eager_ids = eager_generate(loaded.model, inputs, 1)
     backend = prepared(loaded.model, "library", monkeypatch, inputs, 1)
     assert backend.details["kernels"] == "library" and "generated_linears" not in backend.details
     assert torch.equal(backend.generate(inputs, NEW_TOKENS, 1), eager_ids)
