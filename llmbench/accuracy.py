@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmbench.backends.cpu_kernels import SCORED_WITH as SCORED_WITH_KERNELS
 from llmbench.cli import RunConfig
 from llmbench.errors import UserError
 from llmbench.models import one_line
@@ -169,6 +170,9 @@ def scored_line(backend) -> str:
     """The console line naming the module lm-eval scored (a backend may optimize only what generation runs)."""
     if backend.scored_with == backend.name:
         return f"Scored with: the {backend.name} module"
+    if backend.scored_with == SCORED_WITH_KERNELS:
+        return (f"Scored with: the eager module holding the same weights, its linear layers through the CPU kernels of "
+                f"--backend {backend.name}'s decode step, 8 rows at a time (attention and the rest eager)")
     return (f"Scored with: the {backend.scored_with} module holding the same weights (--backend {backend.name} "
             "optimizes only its one-token decode step, which lm-eval's whole-sequence scoring does not run)")
 
@@ -194,6 +198,7 @@ def run_accuracy(config: RunConfig, world=None) -> int:
     if loaded.tokenizer is None:
         raise UserError("--accuracy-only needs the model's tokenizer, and this model has none (dummy weights?)")
     model = backend.model if backend.model is not None else loaded.model
+    backend.prepare_scoring()
     results = evaluate(model, loaded.tokenizer, config, rank=world.rank if world else 0, task_dict=task_dict)
     if results is None:
         return 0  # a rank other than 0 of a tensor-parallel run

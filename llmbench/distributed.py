@@ -325,6 +325,9 @@ class RankSynchronized(Backend):
     def scored_with(self) -> str:  # type: ignore[override]
         return self.inner.scored_with
 
+    def prepare_scoring(self) -> None:
+        self.inner.prepare_scoring()
+
     def warm_up_shapes(self, inputs, max_new_tokens: int, num_beams: int) -> None:
         self.inner.warm_up_shapes(inputs, max_new_tokens, num_beams)
         barrier(self.world)

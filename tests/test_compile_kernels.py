@@ -43,8 +43,11 @@ def library_calls(fn) -> int:
     return sum(event.count for event in prof.key_averages() if event.key in LIBRARY_OPS)
 
 
-def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, compile_env, monkeypatch):
+@pytest.mark.parametrize("streaming", [True, False])
+def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, compile_env, monkeypatch, streaming):
     num_beams = 1
+    if not streaming:
+        monkeypatch.setenv("LLMBENCH_CPU_KERNELS", "0")
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
     eager_ids = eager_generate(loaded.model, inputs, num_beams)
@@ -52,7 +55,13 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
         prefill_calls = library_calls(lambda: loaded.model(input_ids=inputs.input_ids.repeat_interleave(num_beams, 0)))
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, num_beams)
     assert backend.details["kernels"] == "generated"
-    assert backend.details["generated_linears"] == sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    if streaming:  # every linear through the suite's CPU kernels
+        assert backend.details["streaming_linears"] == {"float32": linears}
+        assert backend.details["generated_linears"] == 0
+    else:  # every linear as an inductor-generated reduction
+        assert backend.details["streaming_linears_unavailable"] == "LLMBENCH_CPU_KERNELS=0"
+        assert backend.details["generated_linears"] == linears
     assert backend.details["generated_attention"] is True
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, num_beams)))
@@ -84,11 +93,33 @@ def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monk
         logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
     eager_log_probs = torch.log_softmax(logits, dim=-1)
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
-    assert backend.details["generated_linears"] > 0
+    assert backend.details["streaming_linears"]["int8"] > 0
     compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
     keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
     keep[loaded.model.config.eos_token_id] = False  # forbidden on the compiled path
     assert (compiled - eager_log_probs)[..., keep].abs().max().item() < 1e-3
+
+
+def test_int4_step_stays_close_to_torchao_eager(tiny_llama, compile_env, monkeypatch):
+    """The INT4 kernel holds TorchAO's weights exactly; on AVX2 it quantizes activations to int8 per 32 values, so
+    its log-probabilities stay close to TorchAO's eager ones, not equal."""
+    from llmbench.cli import parse_config
+    from llmbench.quantize import quantize_model
+
+    loaded = load_model(str(tiny_llama), CPU, torch.float32)
+    quantize_model(loaded, parse_config(["--woq", "int4", "--quiet"]), CPU, torch.float32)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
+    ids = eager_generate(loaded.model, inputs, 1)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
+    eager_log_probs = torch.log_softmax(logits, dim=-1)
+    backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
+    assert backend.details["streaming_linears"]["int4"] > 0
+    compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
+    keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
+    keep[loaded.model.config.eos_token_id] = False
+    difference = (compiled - eager_log_probs)[..., keep].abs()
+    assert difference.max().item() < 0.05, difference.max().item()
 
 
 def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch):

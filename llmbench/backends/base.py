@@ -27,6 +27,9 @@ class Backend:
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
         self.model = model
 
+    def prepare_scoring(self) -> None:
+        """Called before --accuracy-only scores .model: a chance to route scoring through the backend's kernels."""
+
     def warm_up_shapes(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int) -> None:
         """Called before warm-up iterations: a chance to compile for this exact shape outside the timing."""
 

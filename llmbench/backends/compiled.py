@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import StaticCache
 
-from llmbench.backends import generated_kernels
+from llmbench.backends import cpu_kernels, generated_kernels
 from llmbench.backends.base import Backend, generation_config
 from llmbench.devices import synchronize
 from llmbench.errors import UserError
@@ -114,8 +114,9 @@ def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
 
 class CompileBackend(Backend):
     name = "compile"
-    # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so
-    # accuracy runs score the same weights through the plain (eager) module.
+    # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so accuracy
+    # runs score the same weights through the plain (eager) module, whose linear layers run the decode step's CPU
+    # kernels where the step uses them (prepare_scoring).
     scored_with = "eager"
 
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
@@ -126,9 +127,7 @@ class CompileBackend(Backend):
         self.details = {"compile_mode": self.mode, "inductor_options": dict(self.options), "kernels": self.kernels,
                         "kernels_reason": why, "inductor_cache_dir": inductor_cache_dir(), "compile_time_s": {}}
         if self.kernels == "generated":
-            self.details["generated_linears"] = generated_kernels.use_reduction_linears(model,
-                                                                                         GENERATED_LINEAR_MAX_ROWS)
-            self.details["generated_attention"] = generated_kernels.use_generated_attention(model)
+            self._use_streaming_kernels(model)
         # Once a shape is compiled, dynamo's guards (a check of every cache tensor, ~2 ms a step on cpu) are skipped:
         # nothing about the step's inputs changes between calls but the values of the token and position.
         self.details["guards_after_warm_up"] = "skipped" if device.type == "cpu" else "evaluated"
@@ -144,6 +143,24 @@ class CompileBackend(Backend):
         compile_kwargs = {"fullgraph": True, "dynamic": False, "options": self.options}
         self._greedy_step = torch.compile(self._greedy_scores_argmax, **compile_kwargs)
         self._beam_step = torch.compile(self._beam_log_probs, **compile_kwargs)
+
+    def _use_streaming_kernels(self, model: torch.nn.Module) -> None:
+        """Linears of steps of up to cpu_kernels.MAX_ROWS rows through the suite's weight-streaming kernels (built
+        for this host); layers they do not take, or every layer where they cannot be built, through inductor's
+        generated reductions (one-row steps only); attention of one-row steps generated."""
+        why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
+            "LLMBENCH_CPU_KERNELS=0"
+        if why_not is None:
+            self.details["streaming_linears"] = cpu_kernels.use_kernel_linears(model, cpu_kernels.MAX_ROWS)
+        else:
+            self.details["streaming_linears_unavailable"] = why_not
+        self.details["generated_linears"] = generated_kernels.use_reduction_linears(model, GENERATED_LINEAR_MAX_ROWS)
+        self.details["generated_attention"] = generated_kernels.use_generated_attention(model)
+
+    def prepare_scoring(self) -> None:
+        """Accuracy runs score through the same linear kernels as the decode step (8 rows at a time)."""
+        if cpu_kernels.score_with_kernels(self.model):
+            self.scored_with = cpu_kernels.SCORED_WITH
 
     # The forward pass and the logits processing transformers' generate() applies with min_new_tokens ==
     # max_new_tokens: scores in float32, EOS forbidden (so ids match eager generate() exactly in fp32).

@@ -87,7 +87,7 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
     forward; -> how many (INT4 weights keep TorchAO's kernel)."""
     count = 0
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or "forward" in vars(module):  # already given a kernel
             continue
         int8 = _int8_parts(module.weight)
         if int8 is not None or _plain_weight(module.weight):

@@ -1,0 +1,389 @@
+// Weight-streaming linear layers for decode steps on CPUs without AMX: y = x @ W.T + b for a few rows of x
+// (batch x beams <= 8), reading every weight once from memory. Built at run time for the host's own instruction set
+// (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
+// decode step as torch ops (llmbench_cpu::*).
+//
+// Each thread takes a contiguous range of weight rows in blocks of four; for every row of x it keeps one vector
+// accumulator per weight row (four independent chains) and prefetches the next block's rows, so the loop is bound
+// by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane
+// (shift and mask, against x deinterleaved once per call); fp16 by F16C; int8 with a float scale per row or group;
+// int4 eight per 32-bit lane (shift and mask) with a float scale and offset per group. Accumulation is in float32;
+// x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor operations.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef int8_t v8i8 __attribute__((vector_size(8)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+constexpr int64_t R = 4;         // weight rows per block
+constexpr int64_t kMaxRows = 8;
+#ifndef LLMBENCH_PREFETCH_BLOCKS
+#define LLMBENCH_PREFETCH_BLOCKS 4
+#endif
+constexpr int64_t D = LLMBENCH_PREFETCH_BLOCKS;  // blocks ahead whose rows are prefetched  // rows of x the kernels are written for (more rows: use a GEMM)
+
+inline v8f load_f32(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline v8u load_u32(const void* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }
+inline float hsum(v8f v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+#ifndef LLMBENCH_PREFETCH_LOCALITY
+#define LLMBENCH_PREFETCH_LOCALITY 0
+#endif
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_PREFETCH_LOCALITY); }
+
+// 8 weights widened to float32 (generic path: fp32, fp16, int8, and bf16 rows whose size is not a multiple of 16)
+inline v8f widen(const float* p) { return load_f32(p); }
+inline v8f widen(const at::BFloat16* p) {
+  v8u16 u; std::memcpy(&u, p, sizeof u);
+  return (v8f)(__builtin_convertvector(u, v8u) << 16);
+}
+inline v8f widen(const at::Half* p) {
+#ifdef __F16C__
+  return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  v8h h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, v8f);
+#endif
+}
+inline v8f widen(const int8_t* p) {
+#ifdef __AVX2__
+  return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  v8i8 b; std::memcpy(&b, p, sizeof b); return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
+#endif
+}
+
+// The weight rows of block n (the last block repeats its last row so that every block has R rows to read).
+template <typename W>
+inline void block_rows(const W* w, int64_t stride, int64_t n, int64_t rows, const W* (&wr)[R]) {
+  for (int64_t r = 0; r < R; ++r) wr[r] = w + (n + std::min(r, rows - 1)) * stride;
+}
+
+// Dense or int8 weights: `groups` float scales per row (scale == nullptr: no scale), group size a multiple of 8.
+template <typename W>
+void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t groups,
+                float* out, int64_t n0, int64_t n1) {
+  const int64_t gs = K / groups;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t rows = std::min(R, n1 - n);
+    const W* wr[R];
+    block_rows(w, K, n, rows, wr);
+    const bool ahead = n + D * R < n1;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t g = 0; g < groups; ++g) {
+        v8f t0 = {}, t1 = {}, t2 = {}, t3 = {};
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+          if (m == 0 && ahead) {
+            for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+          }
+          const v8f xv = load_f32(xm + k);
+          t0 += xv * widen(wr[0] + k);
+          t1 += xv * widen(wr[1] + k);
+          t2 += xv * widen(wr[2] + k);
+          t3 += xv * widen(wr[3] + k);
+        }
+        if (scale) {
+          const float* s = scale + g;
+          a0 += t0 * s[(n + 0) * groups];
+          a1 += t1 * s[(n + std::min<int64_t>(1, rows - 1)) * groups];
+          a2 += t2 * s[(n + std::min<int64_t>(2, rows - 1)) * groups];
+          a3 += t3 * s[(n + std::min<int64_t>(3, rows - 1)) * groups];
+        } else {
+          a0 += t0; a1 += t1; a2 += t2; a3 += t3;
+        }
+      }
+      const float sums[R] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
+    }
+  }
+}
+
+// bf16, K a multiple of 16: one 32-byte load gives 16 weights as eight 32-bit lanes, each holding an even-indexed
+// weight in its low half and the next (odd) one in its high half: a shift and a mask widen both. x comes
+// deinterleaved per 16 (the 8 even-indexed, then the 8 odd-indexed values).
+void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
+  const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
+                    0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t rows = std::min(R, n1 - n);
+    const at::BFloat16* wr[R];
+    block_rows(w, K, n, rows, wr);
+    const bool ahead = n + D * R < n1;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xd + m * K;
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t k = 0; k < K; k += 16) {
+        if (m == 0 && ahead && k % 32 == 0) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+        const v8f xe = load_f32(xm + k), xo = load_f32(xm + k + 8);
+        const v8u l0 = load_u32(wr[0] + k), l1 = load_u32(wr[1] + k), l2 = load_u32(wr[2] + k),
+                  l3 = load_u32(wr[3] + k);
+        a0 += xe * (v8f)(l0 << 16) + xo * (v8f)(l0 & high);
+        a1 += xe * (v8f)(l1 << 16) + xo * (v8f)(l1 & high);
+        a2 += xe * (v8f)(l2 << 16) + xo * (v8f)(l2 & high);
+        a3 += xe * (v8f)(l3 << 16) + xo * (v8f)(l3 & high);
+      }
+      const float sums[R] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
+    }
+  }
+}
+
+// int4, K a multiple of 64: per 64 weights 32 bytes; byte t holds weight t (low nibble) and weight t + 32 (high
+// nibble), so a mask and a shift give 32 consecutive weights each. w = q * scale + offset per group of 2^shift
+// weights (at least 32), so sum(x * w) = scale * sum(x * q) + offset * sum(x) per group; the sums of x (exact, in
+// float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values (xq, with scale xd,
+// as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd); without AVX2 it is
+// computed in float32.
+struct Int4Args {
+  const float* x; const int8_t* xq; const float* xd; const float* xsum;
+  int64_t M, K; const uint8_t* w; const float* scale; const float* offset; int shift;
+};
+
+inline float int4_offset_term(const Int4Args& a, int64_t m, int64_t n) {
+  const int64_t groups = a.K >> a.shift;
+  const float* off = a.offset + n * groups;
+  const float* xs = a.xsum + m * groups;
+  float o = 0.f;
+  for (int64_t g = 0; g < groups; ++g) o += off[g] * xs[g];
+  return o;
+}
+
+void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, groups = K >> a.shift, row_bytes = K / 2;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t rows = std::min(R, n1 - n);
+    const uint8_t* wr[R];
+    block_rows(a.w, row_bytes, n, rows, wr);
+    const float* sr[R];
+    for (int64_t r = 0; r < R; ++r) sr[r] = a.scale + (n + std::min(r, rows - 1)) * groups;
+    const bool ahead = n + D * R < n1;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float sums[R];
+#ifdef __AVX2__
+      const int8_t* xq = a.xq + m * K;
+      const float* xd = a.xd + m * (K / 32);
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      const __m256i ones = _mm256_set1_epi16(1);
+      __m256 acc[R] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < K; k += 64) {
+        if (m == 0 && ahead) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * row_bytes + k / 2);
+        }
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
+        const float d0 = xd[k / 32], d1 = xd[k / 32 + 1];
+        const int64_t g0 = k >> a.shift, g1 = (k + 32) >> a.shift;
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k / 2));
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          const __m256 s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones));
+          const __m256 s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones));
+          acc[r] = _mm256_fmadd_ps(s0, _mm256_set1_ps(sr[r][g0] * d0), acc[r]);
+          acc[r] = _mm256_fmadd_ps(s1, _mm256_set1_ps(sr[r][g1] * d1), acc[r]);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) sums[r] = hsum((v8f)acc[r]);
+#else
+      const float* xm = a.x + m * K;
+      for (int64_t r = 0; r < R; ++r) {
+        float total = 0.f;
+        for (int64_t k = 0; k < K; k += 64) {
+          float lo = 0.f, hi = 0.f;
+          for (int64_t t = 0; t < 32; ++t) {
+            const uint8_t b = wr[r][k / 2 + t];
+            lo += xm[k + t] * static_cast<float>(b & 15);
+            hi += xm[k + 32 + t] * static_cast<float>(b >> 4);
+          }
+          total += lo * sr[r][k >> a.shift] + hi * sr[r][(k + 32) >> a.shift];
+        }
+        sums[r] = total;
+      }
+#endif
+      for (int64_t r = 0; r < rows; ++r)
+        out[m * (n1 - n0) + (n - n0) + r] = sums[r] + int4_offset_term(a, m, n + r);
+    }
+  }
+}
+
+// x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
+template <typename T>
+void read_rows(const T* src, int64_t n, int64_t K, bool deinterleave, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = deinterleave ? (i / 16) * 16 + (i % 2) * 8 + (i % 16) / 2 : i;
+    dst[j] = static_cast<float>(src[i]);
+  }
+  (void)K;
+}
+
+struct Rows {
+  std::vector<float> x;  // (M, K) float32
+  int64_t M;
+};
+
+Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* op) {
+  TORCH_CHECK(input.size(-1) == K, op, ": input size ", input.size(-1), " != weight input size ", K);
+  TORCH_CHECK(K % 8 == 0, op, ": input size must be a multiple of 8, got ", K);
+  const at::Tensor x = input.contiguous();
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", M);
+  Rows rows{std::vector<float>(M * K), M};
+  switch (x.scalar_type()) {
+    case at::kFloat: read_rows(x.data_ptr<float>(), M * K, K, deinterleave, rows.x.data()); break;
+    case at::kBFloat16: read_rows(x.data_ptr<at::BFloat16>(), M * K, K, deinterleave, rows.x.data()); break;
+    case at::kHalf: read_rows(x.data_ptr<at::Half>(), M * K, K, deinterleave, rows.x.data()); break;
+    default: TORCH_CHECK(false, op, ": input must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return rows;
+}
+
+template <typename T>
+void write_out(const float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, const at::Tensor& bias, T* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float v = src[m * (n1 - n0) + (n - n0)];
+      if (bias.defined()) {
+        switch (bias.scalar_type()) {
+          case at::kFloat: v += bias.data_ptr<float>()[n]; break;
+          case at::kBFloat16: v += static_cast<float>(bias.data_ptr<at::BFloat16>()[n]); break;
+          default: v += static_cast<float>(bias.data_ptr<at::Half>()[n]); break;
+        }
+      }
+      out[m * N + n] = static_cast<T>(v);
+    }
+  }
+}
+
+// Runs body(out_chunk, n0, n1) over the weight rows in parallel, each thread on whole blocks, and writes y (x's
+// dtype and leading shape, N outputs) with the bias added.
+template <typename F>
+at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.numel() == N && b.is_contiguous() && b.scalar_type() != at::kDouble),
+              "bias must be a contiguous float32, bfloat16 or float16 vector of the output size");
+  const int64_t blocks = (N + R - 1) / R;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * R, n1 = std::min(N, b1 * R);
+    std::vector<float> part(M * (n1 - n0));
+    body(part.data(), n0, n1);
+    switch (y.scalar_type()) {
+      case at::kFloat: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<float>()); break;
+      case at::kBFloat16: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<at::BFloat16>()); break;
+      default: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<at::Half>()); break;
+    }
+  });
+  return y;
+}
+
+at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_dense: weight must be 2-D and contiguous");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const bool pairs = weight.scalar_type() == at::kBFloat16 && K % 16 == 0;
+  const Rows rows = rows_of(x, K, pairs, "linear_dense");
+  const float* xr = rows.x.data();
+  const int64_t M = rows.M;
+  auto body = [&](auto* w) {
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
+  };
+  switch (weight.scalar_type()) {
+    case at::kFloat: return body(weight.data_ptr<float>());
+    case at::kHalf: return body(weight.data_ptr<at::Half>());
+    case at::kBFloat16:
+      if (pairs) {
+        const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+        return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_rows(xr, M, K, w, o, n0, n1); });
+      }
+      return body(weight.data_ptr<at::BFloat16>());
+    default: TORCH_CHECK(false, "linear_dense: weights must be float32, bfloat16 or float16, got ", weight.scalar_type());
+  }
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.scalar_type() == at::kChar,
+              "linear_int8: weight must be contiguous 2-D int8");
+  const int64_t N = qdata.size(0), K = qdata.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() % N == 0,
+              "linear_int8: scale must be contiguous float32 (N, groups)");
+  const int64_t groups = scale.numel() / N;
+  TORCH_CHECK(K % groups == 0 && (K / groups) % 8 == 0, "linear_int8: group size must be a multiple of 8");
+  const Rows rows = rows_of(x, K, false, "linear_int8");
+  const float* xr = rows.x.data();
+  const int8_t* w = qdata.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  return run(x, rows.M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
+    dense_rows(xr, rows.M, K, w, s, groups, o, n0, n1);
+  });
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "linear_int4: packed weight must be contiguous 2-D uint8");
+  TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
+              "linear_int4: group size must be a power of two, at least 32");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / group_size;
+  TORCH_CHECK(K % group_size == 0 && K % 64 == 0,
+              "linear_int4: the input size must be a multiple of 64 and of the group size");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              offset.is_contiguous() && scale.numel() == N * groups && offset.numel() == N * groups,
+              "linear_int4: scale and offset must be contiguous float32 (N, groups)");
+  const Rows rows = rows_of(x, K, false, "linear_int4");
+  const int64_t M = rows.M;
+  std::vector<float> xsum(M * groups, 0.f);
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * (K / 32));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* xb = rows.x.data() + m * K + b * 32;
+      float amax = 0.f, sum = 0.f;
+      for (int64_t t = 0; t < 32; ++t) { amax = std::max(amax, std::abs(xb[t])); sum += xb[t]; }
+      xsum[m * groups + (b * 32) / group_size] += sum;
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      xd[m * (K / 32) + b] = d;
+      for (int64_t t = 0; t < 32; ++t) xq[m * K + b * 32 + t] = static_cast<int8_t>(std::nearbyint(xb[t] * inv));
+    }
+  }
+  const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(),
+                      scale.data_ptr<float>(), offset.data_ptr<float>(), __builtin_ctzll(group_size)};
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows(args, o, n0, n1); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmbench_cpu, m) {
+  m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group_size, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
+  m.impl("linear_dense", &linear_dense);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+}

@@ -1,0 +1,189 @@
+"""Weight-streaming linear kernels for decode steps on CPUs without AMX (`llmbench/backends/cpu_gemv.cpp`).
+
+Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an
+AVX2 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
+(`torch.ops.llmbench_cpu.linear_dense / linear_int8 / linear_int4`) that torch.compile calls from inside the compiled
+decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from memory per
+step, widened to float32 in registers, with independent accumulators per weight row, so the step streams weights
+near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
+
+Weights: float32, bfloat16 and float16 as stored; TorchAO INT8 weight-only (int8 values, float scale per row or
+group) as stored; TorchAO's CPU INT4 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into
+this kernel's layout (two weights per byte, a float scale and offset per group) with exactly the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmbench.host import cpu_kind
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def build_dir() -> Path:
+    from llmbench.models import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def load() -> str | None:
+    """Build (once per host and source) and load the kernels; -> None when loaded, else why they are unavailable
+    (no C++ compiler, a build error): callers then keep inductor's generated reductions."""
+    with _lock:
+        if "error" in _state:
+            return _state["error"]  # type: ignore[return-value]
+        _state["error"] = _load()
+        return _state["error"]  # type: ignore[return-value]
+
+
+def _load() -> str | None:
+    if sys.platform != "linux":
+        return f"built only on linux, not {sys.platform}"
+    cpu = cpu_kind()
+    extra = os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()
+    key = hashlib.sha256(" ".join(extra).encode() + SOURCE.read_bytes() + " ".join(sorted(cpu.flags)).encode() + torch.__version__.encode())
+    name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
+    folder = build_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils import cpp_extension
+
+        if not (folder / f"{name}.so").exists():
+            print(f"building the CPU decode kernels for {cpu.describe()} (once per host, about a minute)",
+                  file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
+                           verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
+    except Exception as exc:  # a missing compiler or ninja, a build error: the caller falls back and records why
+        from llmbench.models import one_line
+
+        return f"the CPU decode kernels could not be built ({one_line(exc)})"
+    _register_fakes()
+    return None
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile's tracing (the ops allocate their own outputs)."""
+    def out_like(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], n))
+
+    torch.library.register_fake("llmbench_cpu::linear_dense")(lambda x, weight, bias: out_like(x, weight.shape[0]))
+    torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
+    torch.library.register_fake("llmbench_cpu::linear_int4")(
+        lambda x, packed, scale, offset, group_size, bias: out_like(x, packed.shape[0]))
+
+
+def int4_from_torchao(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(packed, scale, offset, group size) in this kernel's layout from TorchAO's CPU INT4 weight (Int4OpaqueTensor,
+    tinygemm convention w = (q - 8) * scale + zero per group), else None. The integer values are read back through
+    aten's own kernel (an identity matrix times the weight, in float32) and checked to be whole numbers in 0..15."""
+    if type(weight).__name__ != "Int4OpaqueTensor" or getattr(weight, "act_pre_scale", None) is not None:
+        return None
+    block = list(getattr(weight, "block_size", []))
+    if len(block) != 2 or block[0] != 1 or block[1] % 32 or weight.shape[1] % 64:
+        return None
+    group_size = block[1]
+    n, k = weight.shape
+    scale_zero = weight.scale_and_zero.float()  # (groups, n, 2)
+    dense = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), weight.qdata, group_size, scale_zero).t()
+    scale = scale_zero[:, :, 0].t().contiguous()  # (n, groups)
+    zero = scale_zero[:, :, 1].t().contiguous()
+    groups = k // group_size
+    per_group = dense.reshape(n, groups, group_size)
+    q = (per_group - zero[..., None]) / scale[..., None] + 8
+    q_int = q.round()
+    if (q - q_int).abs().max() > 0.05 or q_int.min() < 0 or q_int.max() > 15:
+        return None
+    # per 64 weights 32 bytes: byte t holds weight t (low nibble) and weight t + 32 (high nibble)
+    q_int = q_int.to(torch.uint8).reshape(n, k // 64, 2, 32)
+    packed = (q_int[:, :, 0, :] | (q_int[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
+    return packed, scale, (zero - 8 * scale).contiguous(), group_size
+
+
+def _int8_parts(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from llmbench.backends.generated_kernels import _int8_parts as parts
+
+    found = parts(weight)
+    if found is None or found[0].shape[1] % found[1].shape[1] or (found[0].shape[1] // found[1].shape[1]) % 8:
+        return None
+    return found[0].contiguous(), found[1].float().contiguous()
+
+
+SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its linears ran these kernels
+
+
+class KernelLinearForward:
+    """A replacement forward for one nn.Linear: this module's kernel while compiling a step of at most `max_rows`
+    rows, the module's own F.linear (library or TorchAO kernel) otherwise (prefill, bigger steps), unless `scoring`:
+    then the kernel, MAX_ROWS rows at a time (accuracy runs score the decode step's numerics)."""
+
+    def __init__(self, module: torch.nn.Linear, max_rows: int, call):
+        self.module, self.max_rows, self.call = module, max_rows, call
+        self.scoring = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if torch.compiler.is_compiling() and rows <= self.max_rows:
+            return self.call(x)
+        if self.scoring and not torch.compiler.is_compiling():
+            flat = x.reshape(rows, x.shape[-1]).contiguous()
+            out = torch.cat([self.call(chunk) for chunk in flat.split(MAX_ROWS)])
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.module.weight, self.module.bias)
+
+
+def score_with_kernels(model: torch.nn.Module) -> bool:
+    """Route every kernel linear of `model` through its kernel outside compiled steps too; -> whether any."""
+    forwards = [m.forward for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
+    for forward in forwards:
+        forward.scoring = True
+    return bool(forwards)
+
+
+def kernel_call(module: torch.nn.Linear):
+    """-> (the op call for this layer's weight, kind) or (None, why not)."""
+    weight, bias = module.weight, module.bias
+    if weight.shape[1] % 8:
+        return None, "input size not a multiple of 8"
+    ops = torch.ops.llmbench_cpu
+    if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in (
+            torch.float32, torch.bfloat16, torch.float16):
+        if not weight.is_contiguous():
+            return None, "non-contiguous weight"
+        return (lambda x: ops.linear_dense(x, weight, bias)), str(weight.dtype).removeprefix("torch.")
+    int8 = _int8_parts(weight)
+    if int8 is not None:
+        qdata, scale = int8
+        return (lambda x: ops.linear_int8(x, qdata, scale, bias)), "int8"
+    int4 = int4_from_torchao(weight)
+    if int4 is not None:
+        packed, scale, offset, group_size = int4
+        return (lambda x: ops.linear_int4(x, packed, scale, offset, group_size, bias)), "int4"
+    return None, f"{type(weight).__name__} weight"
+
+
+def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
+    """Give every nn.Linear whose weight the kernels take the kernel forward; -> counts per weight kind (and per
+    reason a layer was left to its own forward, under 'kept: ...')."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        call, kind = kernel_call(module)
+        if call is None:
+            kind = f"kept: {kind}"
+        else:
+            module.forward = KernelLinearForward(module, max_rows, call)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

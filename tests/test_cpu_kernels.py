@@ -1,0 +1,100 @@
+"""The weight-streaming CPU kernels (llmbench/backends/cpu_gemv.cpp), built for this host: every weight kind and row
+count against torch's own linear, TorchAO's INT4 weights repacked with exactly their values, and bad calls refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmbench.backends import cpu_kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    why_not = cpu_kernels.load()  # must build on every machine the suite runs on (g++ and ninja come with setup)
+    assert why_not is None, why_not
+    return torch.ops.llmbench_cpu
+
+
+def reference(x, weight, bias):
+    out = x.float() @ weight.float().t()
+    return out + bias.float() if bias is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [64, 72])  # 72: not a multiple of 16, the bf16 pair path's condition
+def test_dense_equals_linear(ops, dtype, rows, in_features):
+    torch.manual_seed(rows)
+    weight = torch.randn(37, in_features).to(dtype)  # 37 rows: a last block of one row
+    bias = torch.randn(37).to(dtype)
+    x = torch.randn(rows, 1, in_features).to(dtype)
+    out = ops.linear_dense(x, weight, bias)
+    assert out.shape == (rows, 1, 37) and out.dtype == dtype
+    expected = reference(x, weight, bias)
+    # float32 accumulation in another order, then one rounding to the output dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= tolerance
+    without_bias = ops.linear_dense(x, weight, None).float()
+    assert (without_bias - reference(x, weight, None)).abs().max().item() <= tolerance
+
+
+def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40):
+    from llmbench.quantize import torchao_config
+    from torchao.quantization import quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=True).to(torch.bfloat16)
+    quantize_(linear, torchao_config(scheme, group_size, torch.device("cpu")))
+    return linear
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int8_equals_torchao(ops, group_size):
+    linear = quantized_linear("int8", group_size)
+    call, kind = cpu_kernels.kernel_call(linear)
+    assert kind == "int8"
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    expected = F.linear(x, linear.weight, linear.bias).float()
+    assert (call(x).float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
+def dequantize_packed(packed, scale, offset, group_size):
+    """The kernel layout's weights in float32: per 64, byte t holds weight t (low nibble) and t + 32 (high)."""
+    n, half = packed.shape
+    chunks = packed.view(n, half // 32, 32)
+    q = torch.cat([chunks & 15, chunks >> 4], dim=-1).reshape(n, half * 2).float()
+    groups = q.view(n, -1, group_size)
+    return (groups * scale[..., None] + offset[..., None]).reshape(n, half * 2)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size):
+    linear = quantized_linear("int4", group_size, in_features=256, out_features=48)
+    packed, scale, offset, size = cpu_kernels.int4_from_torchao(linear.weight)
+    assert size == group_size and packed.dtype == torch.uint8 and packed.shape == (48, 128)
+    # TorchAO's own kernel on an identity matrix gives its dequantized weight: the repacked values are the same
+    torchao_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.eye(256), linear.weight.qdata, group_size, linear.weight.scale_and_zero.float()).t()
+    assert torch.allclose(dequantize_packed(packed, scale, offset, group_size), torchao_weight, atol=1e-5)
+    call, kind = cpu_kernels.kernel_call(linear)
+    assert kind == "int4"
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    expected = reference(x, torchao_weight, linear.bias)
+    # x is quantized to int8 per 32 values on AVX2 CPUs (its step is 1/127 of each block's largest value): within
+    # 3% of the largest output, where a wrong nibble, scale or offset is off by tens of percent
+    assert (call(x).float() - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
+
+
+def test_bad_calls_are_refused(ops):
+    weight = torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        ops.linear_dense(torch.randn(9, 64), weight, None)
+    with pytest.raises(RuntimeError, match="input size 32 != weight input size 64"):
+        ops.linear_dense(torch.randn(1, 32), weight, None)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ops.linear_dense(torch.randn(1, 64), weight.double(), None)
+
+
+def test_layers_the_kernels_cannot_take_keep_their_forward():
+    odd = torch.nn.Linear(30, 8)  # input size not a multiple of 8
+    assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
