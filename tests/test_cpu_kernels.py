@@ -39,8 +39,9 @@ def test_dense_equals_linear(ops, dtype, rows, in_features):
 
 
 def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40):
-    from llmbench.quantize import torchao_config
     from torchao.quantization import quantize_
+
+    from llmbench.quantize import torchao_config
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=True).to(torch.bfloat16)

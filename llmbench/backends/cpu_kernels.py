@@ -52,7 +52,8 @@ def _load() -> str | None:
         return f"built only on linux, not {sys.platform}"
     cpu = cpu_kind()
     extra = os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()
-    key = hashlib.sha256(" ".join(extra).encode() + SOURCE.read_bytes() + " ".join(sorted(cpu.flags)).encode() + torch.__version__.encode())
+    identity = [" ".join(extra), SOURCE.read_text(), " ".join(sorted(cpu.flags)), torch.__version__]
+    key = hashlib.sha256("\n".join(identity).encode())
     name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
     folder = build_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
