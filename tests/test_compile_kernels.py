@@ -115,6 +115,10 @@ def test_int4_step_stays_close_to_torchao_eager(tiny_llama, compile_env, monkeyp
     eager_log_probs = torch.log_softmax(logits, dim=-1)
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
     assert backend.details["streaming_linears"]["int4"] > 0
+    from llmbench.host import cpu_kind
+
+    expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
+    assert backend.details["int4_activations"].startswith(expected)
     compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
     keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
     keep[loaded.model.config.eos_token_id] = False

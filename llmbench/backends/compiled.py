@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import time
 
@@ -93,6 +94,12 @@ def compile_options(device: torch.device, kernels: str = "library") -> tuple[str
     if os.environ.get("LLMBENCH_COMPILE_MODE"):
         mode = os.environ["LLMBENCH_COMPILE_MODE"]
         extra = {k: v for k, v in extra.items() if k == "freezing"}
+    if os.environ.get("LLMBENCH_INDUCTOR_OPTIONS"):  # e.g. '{"cpp_wrapper": true}': replaces or adds options
+        try:
+            extra = {**extra, **json.loads(os.environ["LLMBENCH_INDUCTOR_OPTIONS"])}
+        except (ValueError, TypeError):
+            raise UserError("LLMBENCH_INDUCTOR_OPTIONS must be a JSON object of inductor options, e.g. "
+                            "'{\"cpp_wrapper\": true}'") from None
     try:
         return mode, {**list_mode_options(mode), **extra}
     except (KeyError, RuntimeError):
@@ -151,7 +158,9 @@ class CompileBackend(Backend):
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:
-            self.details["streaming_linears"] = cpu_kernels.use_kernel_linears(model, cpu_kernels.MAX_ROWS)
+            self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(model, cpu_kernels.MAX_ROWS)
+            if "int4" in counts:
+                self.details["int4_activations"] = cpu_kernels.int4_activations()
         else:
             self.details["streaming_linears_unavailable"] = why_not
         self.details["generated_linears"] = generated_kernels.use_reduction_linears(model, GENERATED_LINEAR_MAX_ROWS)

@@ -112,6 +112,13 @@ def int4_from_torchao(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return packed, scale, (zero - 8 * scale).contiguous(), group_size
 
 
+def int4_activations() -> str:
+    """How the INT4 kernel treats activations on this host (the kernel's AVX2 branch follows -march=native)."""
+    if "avx2" in cpu_kind().flags:
+        return "int8 per 32 values, integer dot products (AVX2)"
+    return "float32"
+
+
 def _int8_parts(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     from llmbench.backends.generated_kernels import _int8_parts as parts
 
