@@ -153,8 +153,10 @@ class CompileBackend(Backend):
 
     def _use_streaming_kernels(self, model: torch.nn.Module) -> None:
         """Linears of steps of up to cpu_kernels.MAX_ROWS rows through the suite's weight-streaming kernels (built
-        for this host); layers they do not take, or every layer where they cannot be built, through inductor's
-        generated reductions (one-row steps only); attention of one-row steps generated."""
+        for this host), except one-row steps of plain floating-point weights, which keep inductor's generated
+        reductions (the kernels were no faster there); layers the kernels do not take, or every layer where they
+        cannot be built, through the generated reductions (one-row steps only); attention of one-row steps
+        generated."""
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:

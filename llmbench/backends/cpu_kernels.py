@@ -136,13 +136,15 @@ class KernelLinearForward:
     rows, the module's own F.linear (library or TorchAO kernel) otherwise (prefill, bigger steps), unless `scoring`:
     then the kernel, MAX_ROWS rows at a time (accuracy runs score the decode step's numerics)."""
 
-    def __init__(self, module: torch.nn.Linear, max_rows: int, call):
-        self.module, self.max_rows, self.call = module, max_rows, call
+    def __init__(self, module: torch.nn.Linear, max_rows: int, call, one_row=None):
+        self.module, self.max_rows, self.call, self.one_row = module, max_rows, call, one_row
         self.scoring = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if torch.compiler.is_compiling() and rows <= self.max_rows:
+            if rows == 1 and self.one_row is not None:
+                return self.one_row(x, self.module.weight, self.module.bias)
             return self.call(x)
         if self.scoring and not torch.compiler.is_compiling():
             flat = x.reshape(rows, x.shape[-1]).contiguous()
@@ -183,7 +185,12 @@ def kernel_call(module: torch.nn.Linear):
 
 def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
     """Give every nn.Linear whose weight the kernels take the kernel forward; -> counts per weight kind (and per
-    reason a layer was left to its own forward, under 'kept: ...')."""
+    reason a layer was left to its own forward, under 'kept: ...'). One-row steps of plain floating-point weights keep
+    inductor's generated reduction (generated_kernels): at batch 1 on an AVX2 EPYC the kernels were no faster (bf16,
+    reductions vs kernels in alternating processes: 30.0 vs 30.0 and 31 vs 36 ms/token); quantized weights and steps
+    of 2-8 rows use the kernels."""
+    from llmbench.backends.generated_kernels import _reduction_linear
+
     counts: dict[str, int] = {}
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
@@ -192,6 +199,7 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
         if call is None:
             kind = f"kept: {kind}"
         else:
-            module.forward = KernelLinearForward(module, max_rows, call)
+            dense = kind not in ("int8", "int4")
+            module.forward = KernelLinearForward(module, max_rows, call, _reduction_linear if dense else None)
         counts[kind] = counts.get(kind, 0) + 1
     return counts
