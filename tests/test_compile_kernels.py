@@ -81,48 +81,41 @@ def test_generated_kernels_with_beams_keep_the_library_and_equal_eager(tiny_llam
     assert torch.equal(ids[0], eager_ids)
 
 
-def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monkeypatch):
+def quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme: str):
+    """-> (backend, |compiled - eager| log-probabilities): the compiled step of `scheme` weights teacher-forced on
+    the eager path's own greedy tokens (EOS, forbidden on the compiled path, left out)."""
     from llmbench.cli import parse_config
     from llmbench.quantize import quantize_model
 
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
-    quantize_model(loaded, parse_config(["--woq", "int8", "--quiet"]), CPU, torch.float32)
+    quantize_model(loaded, parse_config(["--woq", scheme, "--quiet"]), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
     ids = eager_generate(loaded.model, inputs, 1)
     with torch.inference_mode():
         logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
     eager_log_probs = torch.log_softmax(logits, dim=-1)
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
-    assert backend.details["streaming_linears"]["int8"] > 0
     compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
     keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
-    keep[loaded.model.config.eos_token_id] = False  # forbidden on the compiled path
-    assert (compiled - eager_log_probs)[..., keep].abs().max().item() < 1e-3
+    keep[loaded.model.config.eos_token_id] = False
+    return backend, (compiled - eager_log_probs)[..., keep].abs()
+
+
+def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monkeypatch):
+    backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, "int8")
+    assert backend.details["streaming_linears"]["int8"] > 0
+    assert difference.max().item() < 1e-3
 
 
 def test_int4_step_stays_close_to_torchao_eager(tiny_llama, compile_env, monkeypatch):
     """The INT4 kernel holds TorchAO's weights exactly; on AVX2 it quantizes activations to int8 per 32 values, so
     its log-probabilities stay close to TorchAO's eager ones, not equal."""
-    from llmbench.cli import parse_config
-    from llmbench.quantize import quantize_model
-
-    loaded = load_model(str(tiny_llama), CPU, torch.float32)
-    quantize_model(loaded, parse_config(["--woq", "int4", "--quiet"]), CPU, torch.float32)
-    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
-    ids = eager_generate(loaded.model, inputs, 1)
-    with torch.inference_mode():
-        logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
-    eager_log_probs = torch.log_softmax(logits, dim=-1)
-    backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
-    assert backend.details["streaming_linears"]["int4"] > 0
     from llmbench.host import cpu_kind
 
+    backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, "int4")
+    assert backend.details["streaming_linears"]["int4"] > 0
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
     assert backend.details["int4_activations"].startswith(expected)
-    compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
-    keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
-    keep[loaded.model.config.eos_token_id] = False
-    difference = (compiled - eager_log_probs)[..., keep].abs()
     assert difference.max().item() < 0.05, difference.max().item()
 
 

@@ -230,12 +230,11 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
 template <typename T>
-void read_rows(const T* src, int64_t n, int64_t K, bool deinterleave, float* dst) {
+void read_rows(const T* src, int64_t n, bool deinterleave, float* dst) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = deinterleave ? (i / 16) * 16 + (i % 2) * 8 + (i % 16) / 2 : i;
     dst[j] = static_cast<float>(src[i]);
   }
-  (void)K;
 }
 
 struct Rows {
@@ -251,9 +250,9 @@ Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* 
   TORCH_CHECK(M <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", M);
   Rows rows{std::vector<float>(M * K), M};
   switch (x.scalar_type()) {
-    case at::kFloat: read_rows(x.data_ptr<float>(), M * K, K, deinterleave, rows.x.data()); break;
-    case at::kBFloat16: read_rows(x.data_ptr<at::BFloat16>(), M * K, K, deinterleave, rows.x.data()); break;
-    case at::kHalf: read_rows(x.data_ptr<at::Half>(), M * K, K, deinterleave, rows.x.data()); break;
+    case at::kFloat: read_rows(x.data_ptr<float>(), M * K, deinterleave, rows.x.data()); break;
+    case at::kBFloat16: read_rows(x.data_ptr<at::BFloat16>(), M * K, deinterleave, rows.x.data()); break;
+    case at::kHalf: read_rows(x.data_ptr<at::Half>(), M * K, deinterleave, rows.x.data()); break;
     default: TORCH_CHECK(false, op, ": input must be float32, bfloat16 or float16, got ", x.scalar_type());
   }
   return rows;
