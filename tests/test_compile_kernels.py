@@ -37,10 +37,10 @@ def eager_generate(model, inputs, num_beams) -> torch.Tensor:
     return eager.generate(inputs, NEW_TOKENS, num_beams)
 
 
-def library_calls(fn) -> int:
+def library_calls(fn, names=LIBRARY_OPS) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(event.count for event in prof.key_averages() if event.key in LIBRARY_OPS)
+    return sum(event.count for event in prof.key_averages() if event.key in names)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -57,7 +57,8 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     assert backend.details["kernels"] == "generated"
     linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
     if streaming:  # every linear through the suite's CPU kernels
-        assert backend.details["streaming_linears"] == {"float32": linears}
+        layers = loaded.model.config.num_hidden_layers
+        assert backend.details["streaming_linears"] == {"float32": linears, "fused groups": 2 * layers}
         assert backend.details["generated_linears"] == 0
     else:  # every linear as an inductor-generated reduction
         assert backend.details["streaming_linears_unavailable"] == "LLMBENCH_CPU_KERNELS=0"
@@ -77,8 +78,15 @@ def test_generated_kernels_with_beams_keep_the_library_and_equal_eager(tiny_llam
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 4)
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, 4)))
-    assert calls > 0  # 8 rows a step: library GEMMs
+    assert calls > 0  # the prefill's library GEMMs
     assert torch.equal(ids[0], eager_ids)
+    # 8 rows a step: the streaming kernels, one call per fused q/k/v and gate/up group (the graph keeps one of the
+    # members' identical calls)
+    layers = loaded.model.config.num_hidden_layers
+    linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    assert backend.details["streaming_linears"]["fused groups"] == 2 * layers
+    kernel_calls = library_calls(lambda: backend.generate(inputs, NEW_TOKENS, 4), ("llmbench_cpu::linear_dense",))
+    assert kernel_calls == (linears - 3 * layers) * (NEW_TOKENS - 1)
 
 
 def quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme: str):

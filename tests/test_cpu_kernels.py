@@ -86,6 +86,53 @@ def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size):
     assert (call(x).float() - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
 
 
+def siblings(make) -> torch.nn.Module:
+    parent = torch.nn.Module()
+    for name, out_features in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32), ("o_proj", 128)):
+        setattr(parent, name, make(out_features))
+    return parent
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "float32"])
+def test_siblings_share_one_kernel_call_with_the_same_outputs(ops, scheme):
+    def make(out_features):
+        if scheme == "float32":
+            return torch.nn.Linear(128, out_features)
+        return quantized_linear(scheme, 32, in_features=128, out_features=out_features)
+
+    torch.manual_seed(0)
+    parent = siblings(make)
+    x = torch.randn(5, 128).to(next(parent.parameters()).dtype)
+    alone = {name: cpu_kernels.kernel_call(module)[0] for name, module in parent.named_children()}
+    expected = {name: torch.cat([call(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)])
+                for name, call in alone.items()}
+    counts = cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    assert counts == {scheme: 4, "fused groups": 1}
+    if scheme == "float32":  # q/k/v now slices of one concatenated weight: no second copy
+        bases = {parent.q_proj.weight.untyped_storage().data_ptr(), parent.v_proj.weight.untyped_storage().data_ptr()}
+        assert len(bases) == 1
+    assert cpu_kernels.score_with_kernels(parent)
+    for name in alone:
+        assert torch.equal(getattr(parent, name)(x), expected[name]), name
+
+
+def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, weight):  # as in inductor's graphs: ops by overload, the weight one input
+        a = torch.ops.llmbench_cpu.linear_dense(x, weight, None)
+        b = torch.ops.llmbench_cpu.linear_dense(x, weight, None)
+        c = torch.ops.llmbench_cpu.linear_dense(x + 1, weight, None)
+        return a[..., :8] + b[..., 8:] + c[..., :8]
+
+    module = make_fx(step)(torch.randn(1, 64), torch.randn(16, 64))
+    graph = module.graph
+    assert sum(n.op == "call_function" and "llmbench_cpu" in str(n.target) for n in graph.nodes) == 3
+    cpu_kernels.dedupe_pass()(graph)
+    calls = [n for n in graph.nodes if n.op == "call_function" and "llmbench_cpu" in str(n.target)]
+    assert len(calls) == 2
+
+
 def test_bad_calls_are_refused(ops):
     weight = torch.randn(8, 64)
     with pytest.raises(RuntimeError, match="at most 8 rows"):

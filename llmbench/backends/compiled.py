@@ -39,7 +39,7 @@ from llmbench.timing import StepTimer
 SETTINGS = {
     ("cpu", "library"): ("max-autotune-no-cudagraphs",
                          {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
-    ("cpu", "generated"): ("default", {}),
+    ("cpu", "generated"): ("default", {"size_asserts": False, "scalar_asserts": False, "alignment_asserts": False}),
     ("cuda", "library"): ("reduce-overhead", {"coordinate_descent_tuning": True}),
     ("xpu", "library"): ("default", {}),
 }
@@ -161,6 +161,9 @@ class CompileBackend(Backend):
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:
             self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(model, cpu_kernels.MAX_ROWS)
+            dedupe = cpu_kernels.dedupe_pass()
+            if dedupe is not None:  # fused siblings: one kernel call per group (not in the recorded options)
+                self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             if "int4" in counts:
                 self.details["int4_activations"] = cpu_kernels.int4_activations()
         else:

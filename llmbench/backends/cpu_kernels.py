@@ -129,27 +129,53 @@ def _int8_parts(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its linears ran these kernels
+# Sibling linears that read the same input (attention's q/k/v, the MLP's gate/up): one kernel call over their
+# concatenated weights serves all of them (fewer calls per step, each with more rows to share out among threads).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class KernelCall:
+    """One op call over the weights of one linear or of a group of siblings: `rows(x)` gives the whole output.
+    Inside a compiled step every member calls it with the same input and the graph's common-subexpression pass
+    keeps one call; outside (accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused."""
+
+    def __init__(self, call):
+        self.call = call
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def scored(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1]).contiguous()
+        out = torch.cat([self.call(chunk) for chunk in flat.split(MAX_ROWS)])
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        self._last = (x, out)
+        return out
 
 
 class KernelLinearForward:
-    """A replacement forward for one nn.Linear: this module's kernel while compiling a step of at most `max_rows`
-    rows, the module's own F.linear (library or TorchAO kernel) otherwise (prefill, bigger steps), unless `scoring`:
-    then the kernel, MAX_ROWS rows at a time (accuracy runs score the decode step's numerics)."""
+    """A replacement forward for one nn.Linear: its kernel (its columns `part` of a group's output) while compiling
+    a step of at most `max_rows` rows, the module's own F.linear (library or TorchAO kernel) otherwise (prefill,
+    bigger steps), unless `scoring`: then the kernel, MAX_ROWS rows at a time (accuracy runs score the decode step's
+    numerics)."""
 
-    def __init__(self, module: torch.nn.Linear, max_rows: int, call, one_row=None):
-        self.module, self.max_rows, self.call, self.one_row = module, max_rows, call, one_row
+    def __init__(self, module: torch.nn.Linear, max_rows: int, kernel: KernelCall, one_row=None,
+                 part: tuple[int, int] | None = None):
+        self.module, self.max_rows, self.kernel, self.one_row, self.part = module, max_rows, kernel, one_row, part
         self.scoring = False
+
+    def _mine(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.part is None else out.narrow(-1, self.part[0], self.part[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if torch.compiler.is_compiling() and rows <= self.max_rows:
             if rows == 1 and self.one_row is not None:
                 return self.one_row(x, self.module.weight, self.module.bias)
-            return self.call(x)
+            return self._mine(self.kernel.call(x))
         if self.scoring and not torch.compiler.is_compiling():
-            flat = x.reshape(rows, x.shape[-1]).contiguous()
-            out = torch.cat([self.call(chunk) for chunk in flat.split(MAX_ROWS)])
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+            return self._mine(self.kernel.scored(x))
         return F.linear(x, self.module.weight, self.module.bias)
 
 
@@ -161,45 +187,153 @@ def score_with_kernels(model: torch.nn.Module) -> bool:
     return bool(forwards)
 
 
-def kernel_call(module: torch.nn.Linear):
-    """-> (the op call for this layer's weight, kind) or (None, why not)."""
-    weight, bias = module.weight, module.bias
+def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """A kernel's own copy of a weight as a Parameter without gradient: once a step is compiled and its guards are
+    skipped, dynamo still checks every plain tensor the step reads on every call (about 4 us each on an AVX2 EPYC:
+    3 ms a step for INT4's 633), but not Parameters."""
+    return tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...], int]:
+    """-> (kind, the tensors the op reads, int4 group size or 0) for this layer's weight; kind None: the kernels do
+    not take it (the tensors are then empty and the reason is in `kind`'s place: see kernel_call)."""
+    weight = module.weight
     if weight.shape[1] % 8:
-        return None, "input size not a multiple of 8"
-    ops = torch.ops.llmbench_cpu
+        raise _Refused("input size not a multiple of 8")
     if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in (
             torch.float32, torch.bfloat16, torch.float16):
         if not weight.is_contiguous():
-            return None, "non-contiguous weight"
-        return (lambda x: ops.linear_dense(x, weight, bias)), str(weight.dtype).removeprefix("torch.")
+            raise _Refused("non-contiguous weight")
+        return str(weight.dtype).removeprefix("torch."), (weight,), 0
     int8 = _int8_parts(weight)
     if int8 is not None:
-        qdata, scale = int8
-        return (lambda x: ops.linear_int8(x, qdata, scale, bias)), "int8"
+        return "int8", int8, 0
     int4 = int4_from_torchao(weight)
     if int4 is not None:
         packed, scale, offset, group_size = int4
-        return (lambda x: ops.linear_int4(x, packed, scale, offset, group_size, bias)), "int4"
-    return None, f"{type(weight).__name__} weight"
+        return "int4", (packed, scale, offset), group_size
+    raise _Refused(f"{type(weight).__name__} weight")
+
+
+class _Refused(Exception):
+    pass
+
+
+def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], group_size: int, bias: torch.Tensor | None):
+    ops = torch.ops.llmbench_cpu
+    tensors = tuple(map(_frozen, tensors))
+    bias = None if bias is None else _frozen(bias)
+    if kind == "int8":
+        qdata, scale = tensors
+        return lambda x: ops.linear_int8(x, qdata, scale, bias)
+    if kind == "int4":
+        packed, scale, offset = tensors
+        return lambda x: ops.linear_int4(x, packed, scale, offset, group_size, bias)
+    weight, = tensors
+    return lambda x: ops.linear_dense(x, weight, bias)
+
+
+def kernel_call(module: torch.nn.Linear):
+    """-> (the op call for this layer's weight, kind) or (None, why not)."""
+    try:
+        kind, tensors, group_size = kernel_parts(module)
+    except _Refused as exc:
+        return None, str(exc)
+    return _op_call(kind, tensors, group_size, module.bias), kind
+
+
+def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
+    """One kernel call over sibling linears of the same kind, or None where they differ (kind, input size, int4
+    group size, int8 groups, bias or no bias). Plain weights are rebound as row slices of their concatenation (no
+    second copy); quantized ones are concatenated from the kernels' own copies."""
+    try:
+        parts = [kernel_parts(m) for m in members]
+    except _Refused:
+        return None
+    kinds = {(kind, group_size, tuple(t.shape[1:] for t in tensors)) for kind, tensors, group_size in parts}
+    biases = [m.bias for m in members]
+    if len(kinds) != 1 or len({b is None for b in biases}) != 1:
+        return None
+    kind, _, group_size = parts[0]
+    tensors = tuple(torch.cat(column) for column in zip(*(t for _, t, _ in parts)))
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    spans, start = [], 0
+    for m in members:
+        spans.append((start, m.out_features))
+        start += m.out_features
+    if kind not in ("int8", "int4"):
+        whole = tensors[0]
+        for m, (begin, size) in zip(members, spans):
+            m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
+    return kind, KernelCall(_op_call(kind, tensors, group_size, bias)), spans
+
+
+def dedupe_pass():
+    """An inductor graph pass that keeps one of identical llmbench_cpu op calls (same op, same inputs): the sibling
+    linears of a fused group each call their group's kernel on the same input. None where this torch has no custom
+    passes (the calls then stay, each computing the whole group)."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return None
+
+    class DedupeKernelCalls(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen: dict[tuple, torch.fx.Node] = {}
+            for node in list(graph.nodes):
+                if node.op != "call_function" or getattr(node.target, "namespace", None) != "llmbench_cpu":
+                    continue
+                key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
+                if key in seen:
+                    node.replace_all_uses_with(seen[key])
+                    graph.erase_node(node)
+                else:
+                    seen[key] = node
+
+        def uuid(self) -> str:
+            return "llmbench-dedupe-kernel-calls-1"
+
+    return DedupeKernelCalls()
 
 
 def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
-    """Give every nn.Linear whose weight the kernels take the kernel forward; -> counts per weight kind (and per
-    reason a layer was left to its own forward, under 'kept: ...'). One-row steps of plain floating-point weights keep
-    inductor's generated reduction (generated_kernels): at batch 1 on an AVX2 EPYC the kernels were no faster (bf16,
-    reductions vs kernels in alternating processes: 30.0 vs 30.0 and 31 vs 36 ms/token); quantized weights and steps
-    of 2-8 rows use the kernels."""
+    """Give every nn.Linear whose weight the kernels take the kernel forward, siblings (SIBLINGS) fused into one
+    call; -> counts per weight kind, of fused groups (`fused groups`), and per reason a layer was left to its own
+    forward (`kept: ...`). One-row steps of plain floating-point weights keep inductor's generated reduction
+    (generated_kernels): at batch 1 on an AVX2 EPYC the kernels were no faster (bf16, reductions vs kernels in
+    alternating processes: 30.0 vs 30.0 and 31 vs 36 ms/token); quantized weights and steps of 2-8 rows use the
+    kernels."""
     from llmbench.backends.generated_kernels import _reduction_linear
 
     counts: dict[str, int] = {}
+
+    def give(module: torch.nn.Linear, kind: str, kernel: KernelCall, part=None) -> None:
+        dense = kind not in ("int8", "int4")
+        module.forward = KernelLinearForward(module, max_rows, kernel, _reduction_linear if dense else None, part)
+        counts[kind] = counts.get(kind, 0) + 1
+
+    done: set[int] = set()
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SIBLINGS:
+            members = [children.get(name) for name in names]
+            if not all(isinstance(m, torch.nn.Linear) for m in members):
+                continue
+            fused = _fuse(members)
+            if fused is None:
+                continue
+            kind, kernel, spans = fused
+            for member, span in zip(members, spans):
+                give(member, kind, kernel, span)
+                done.add(id(member))
+            counts["fused groups"] = counts.get("fused groups", 0) + 1
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or id(module) in done:
             continue
         call, kind = kernel_call(module)
         if call is None:
             kind = f"kept: {kind}"
+            counts[kind] = counts.get(kind, 0) + 1
         else:
-            dense = kind not in ("int8", "int4")
-            module.forward = KernelLinearForward(module, max_rows, call, _reduction_linear if dense else None)
-        counts[kind] = counts.get(kind, 0) + 1
+            give(module, kind, KernelCall(call))
     return counts
