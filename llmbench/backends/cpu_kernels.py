@@ -132,12 +132,13 @@ SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its l
 # Sibling linears that read the same input (attention's q/k/v, the MLP's gate/up): one kernel call over their
 # concatenated weights serves all of them (fewer calls per step, each with more rows to share out among threads).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
 
 
 class KernelCall:
-    """One op call over the weights of one linear or of a group of siblings: `rows(x)` gives the whole output.
-    Inside a compiled step every member calls it with the same input and the graph's common-subexpression pass
-    keeps one call; outside (accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused."""
+    """One op call over the weights of one linear or of a group of siblings: `call(x)` gives the whole output.
+    Inside a compiled step every member calls it with the same input and dedupe_pass keeps one call; outside
+    (`scored`: accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused by the other members."""
 
     def __init__(self, call):
         self.call = call
@@ -194,9 +195,13 @@ def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
     return tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
 
 
+class _Refused(Exception):
+    pass
+
+
 def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...], int]:
-    """-> (kind, the tensors the op reads, int4 group size or 0) for this layer's weight; kind None: the kernels do
-    not take it (the tensors are then empty and the reason is in `kind`'s place: see kernel_call)."""
+    """-> (kind, the tensors the op reads, int4 group size or 0) for this layer's weight; raises _Refused, with the
+    reason, where the kernels do not take it."""
     weight = module.weight
     if weight.shape[1] % 8:
         raise _Refused("input size not a multiple of 8")
@@ -213,10 +218,6 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
         packed, scale, offset, group_size = int4
         return "int4", (packed, scale, offset), group_size
     raise _Refused(f"{type(weight).__name__} weight")
-
-
-class _Refused(Exception):
-    pass
 
 
 def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], group_size: int, bias: torch.Tensor | None):
@@ -255,13 +256,13 @@ def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[i
     if len(kinds) != 1 or len({b is None for b in biases}) != 1:
         return None
     kind, _, group_size = parts[0]
-    tensors = tuple(torch.cat(column) for column in zip(*(t for _, t, _ in parts)))
+    tensors = tuple(torch.cat([t.detach() for t in column]) for column in zip(*(t for _, t, _ in parts)))
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     spans, start = [], 0
     for m in members:
         spans.append((start, m.out_features))
         start += m.out_features
-    if kind not in ("int8", "int4"):
+    if kind not in QUANTIZED:
         whole = tensors[0]
         for m, (begin, size) in zip(members, spans):
             m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
@@ -308,7 +309,7 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
     counts: dict[str, int] = {}
 
     def give(module: torch.nn.Linear, kind: str, kernel: KernelCall, part=None) -> None:
-        dense = kind not in ("int8", "int4")
+        dense = kind not in QUANTIZED
         module.forward = KernelLinearForward(module, max_rows, kernel, _reduction_linear if dense else None, part)
         counts[kind] = counts.get(kind, 0) + 1
 
