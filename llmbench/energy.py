@@ -88,7 +88,7 @@ def rapl_counters(powercap: Path = POWERCAP) -> tuple[list[Counter], str | None]
 
 
 def nvml_counters(device) -> tuple[list[Counter], str | None]:
-    from llmbench.validity import _nvml, _nvml_handle
+    from llmbench.gpu_watch import _nvml, _nvml_handle
 
     nvml, reason = _nvml()
     if nvml is None:

@@ -12,7 +12,8 @@ import time
 import torch
 
 from llmbench.energy import Energy, EnergyMeter, unavailable
-from llmbench.validity import CpuWatch, GpuWatch, assess, warning_line
+from llmbench.gpu_watch import GpuWatch
+from llmbench.validity import CpuWatch, assess, warning_line
 
 
 def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:

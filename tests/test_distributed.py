@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import BloomConfig, GPTJConfig, OPTConfig, Phi3Config, Qwen2Config
 
-from llmbench.distributed import World, discover_world, shm_allreduce_wanted
+from llmbench.distributed import shm_allreduce_wanted
 from llmbench.errors import UserError
+from llmbench.ranks import World, discover_world
 from llmbench.records import read_records
 from tests.conftest import ROOT, run_cli
 from tests.tiny import save_tiny_model, tiny_llama_config
