@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from llmbench.backends.base import Backend
 from llmbench.cli import RunConfig
 from llmbench.devices import peak_memory_bytes, peak_memory_kind, reset_peak_memory
+from llmbench.distributed import gather
 from llmbench.errors import UserError, one_line
 from llmbench.pipeline import Pipeline, open_pipeline
 from llmbench.prompts import PromptInputs
@@ -162,8 +163,6 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                                                       record["metrics"]["next_token_latency_s"]))
             record.update(measurement.window.record_fields(record, measurement.complete))
             if run.world_size > 1 and measurement.complete:
-                from llmbench.distributed import gather
-
                 record["tensor_parallel"].update(rank_weight_bytes=gather(world, record["weight_bytes"]),
                                                  rank_peak_memory_bytes=gather(world, measurement.peak_memory_bytes))
             if run.is_main:

@@ -186,7 +186,7 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
     if args.profile is not None:
         if args.accuracy_only:
             raise UserError("--profile profiles a benchmark run: drop it with --accuracy-only")
-        from llmbench.profiling import check_folder
+        from llmbench.profiling import check_folder  # (torch: the sweeps parse flags without it)
 
         check_folder(args.profile)
     if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):

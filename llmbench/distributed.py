@@ -1,6 +1,6 @@
-"""Tensor-parallel runs over MPI / torchrun / deepspeed ranks: find the rank, join the group, shard the model.
-
-Only the distributed entry script imports this module; the single-process path never does.
+"""Tensor-parallel runs: join the ranks' process group and shard the model over them (DeepSpeed AutoTP, or
+transformers' own plan), keep their generations in step, gather their figures. llmbench.ranks finds the ranks and
+llmbench.launcher starts each one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from llmbench.backends.base import Backend
 from llmbench.errors import UserError, one_line
 from llmbench.families import TP_PLAN_FAMILIES, autotp_fixups
 from llmbench.models import DEFAULT_MODEL_NAME, load_model, resolve_source
+from llmbench.prompts import cut_prompt, synthetic_prompt
 from llmbench.ranks import World, share_cpu_cores
 from llmbench.tp_heads import (
     AUTOTP,
@@ -100,8 +101,6 @@ def _probe_ids(loaded, device: torch.device) -> torch.Tensor:
     """A few tokens of ordinary text (prompt.json) to compare the sharded and unsharded outputs on: arbitrary ids
     (control tokens) drive some models' activations so high that bf16 rounding alone moves the logits by more than
     the tolerance, which would reject a correct split."""
-    from llmbench.prompts import cut_prompt, synthetic_prompt
-
     if loaded.tokenizer is not None:
         try:
             return cut_prompt(loaded.tokenizer, PROBE_TOKENS, 1, device).input_ids

@@ -14,7 +14,7 @@ from llmbench.errors import UserError, exception_name, one_line
 from llmbench.pipeline import quiet_libraries
 from llmbench.preflight import before_loading
 
-__all__ = ["main", "quiet_libraries", "run"]
+__all__ = ["main", "quiet_libraries", "run"]  # benchmarks/roofline.py takes quiet_libraries from here
 
 
 def run(config: RunConfig, world=None) -> int:

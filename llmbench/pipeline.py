@@ -18,10 +18,13 @@ from llmbench.backends import backend_overrides, get_backend
 from llmbench.backends.base import Backend
 from llmbench.cli import RunConfig
 from llmbench.devices import choose_dtype, resolve_device
+from llmbench.distributed import RankSynchronized, load_sharded, rank_device
+from llmbench.dummy import load_dummy_model
 from llmbench.errors import UserError
 from llmbench.models import LoadedModel, checkpoint_quantization, load_model, weight_bytes
 from llmbench.preflight import before_weights
 from llmbench.prompts import PromptInputs, check_fits_context, cut_prompt, synthetic_prompt, user_prompt
+from llmbench.quantize import quantize_model
 from llmbench.records import RECORD_VERSION
 from llmbench.results import environment, now_utc
 
@@ -58,8 +61,6 @@ def load(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedM
     """The model with its tokenizer (real or --dummy-weights), after the checks that need only its config."""
     check = before_weights(config, device, dtype)
     if config.dummy_weights:
-        from llmbench.dummy import load_dummy_model
-
         return load_dummy_model(config.model_id, device, dtype, config.trust_remote_code, check)
     return load_model(config.model_id, device, dtype, config.trust_remote_code, config.quiet, check)
 
@@ -154,8 +155,6 @@ def open_pipeline(config: RunConfig, world=None) -> Pipeline:
     start = time.perf_counter()
     where = device
     if world is not None and world.size > 1:
-        from llmbench.distributed import load_sharded, rank_device
-
         loaded, facts["tensor_parallel"] = load_sharded(lambda on: load(config, on, dtype), config, device, dtype,
                                                         world)
         where = rank_device(device, world)
@@ -163,14 +162,10 @@ def open_pipeline(config: RunConfig, world=None) -> Pipeline:
         loaded = load(config, device, dtype)
     facts["load_time_s"] = time.perf_counter() - start
     if config.woq:
-        from llmbench.quantize import quantize_model
-
         facts["quantization"] = quantize_model(loaded, config, where, dtype)
     start = time.perf_counter()
     backend.prepare(loaded.model, where, dtype, config)
     facts["prepare_time_s"] = time.perf_counter() - start
     if world is not None and world.size > 1:
-        from llmbench.distributed import RankSynchronized
-
         backend = RankSynchronized(backend, world)
     return Pipeline(config, device, dtype, choice.reason, loaded, backend, world, facts)

@@ -15,15 +15,15 @@ import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+import transformers
 
 from llmbench import __version__
+from llmbench.devices import cpu_name, device_name
 from llmbench.errors import UserError
+from llmbench.host import cpu_kind
 from llmbench.paths import PROJECT_ROOT
-
-if TYPE_CHECKING:  # torch is imported only where a record is made: readers (report, sweep) do without it
-    import torch
-
 
 
 @cache
@@ -40,12 +40,6 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    import torch
-    import transformers
-
-    from llmbench.devices import cpu_name, device_name
-    from llmbench.host import cpu_kind
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
