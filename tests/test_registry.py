@@ -46,3 +46,19 @@ def test_a_registered_backend_is_benchmarked(toy, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert "toy" in script.available_backends()
+
+
+def test_a_backend_option_is_a_config_field_and_an_environment_variable_overrides_it(monkeypatch):
+    import torch
+
+    from llmbench.backends.compiled import compile_options
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LLMBENCH_COMPILE_MODE", raising=False)
+    assert compile_options(cpu, "library")[0] == "max-autotune-no-cudagraphs"  # the device's own mode
+    config = parse_config(["--backend", "compile", "--compile-mode", "default"])
+    assert config.compile_mode == "default" and compile_options(cpu, "library", config.compile_mode)[0] == "default"
+    monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "max-autotune")
+    assert compile_options(cpu, "library", config.compile_mode)[0] == "max-autotune"
+    assert backends.backend_overrides("compile") == {"LLMBENCH_COMPILE_MODE": "max-autotune"}
+    assert backends.backend_overrides("eager") == {}
