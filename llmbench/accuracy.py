@@ -14,7 +14,6 @@ from llmbench.backends.cpu_kernels import SCORED_WITH as SCORED_WITH_KERNELS
 from llmbench.cli import RunConfig
 from llmbench.errors import UserError, one_line
 from llmbench.pipeline import open_pipeline
-from llmbench.records import GENERATION_FIELDS
 from llmbench.results import append_or_show
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -154,7 +153,7 @@ def accuracy_records(results: dict, base: dict, config: RunConfig) -> list[dict]
     records = []
     for task, task_results in results["results"].items():
         for filter_name, metrics in metric_groups(task_results).items():
-            record = {k: v for k, v in base.items() if k not in GENERATION_FIELDS}
+            record = dict(base)  # no generation settings: they do not affect the scores
             record.update(
                 mode="accuracy", task=task, filter=filter_name, metrics=metrics,
                 limit=config.acc_limit, num_samples=results.get("n-samples", {}).get(task, {}).get("effective"),

@@ -137,7 +137,9 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     device, backend = run.device, run.backend
     inputs = run.inputs()
     record = run.base_record()
-    record.update(input_tokens=inputs.num_tokens, prompt_source=inputs.source)  # what ran: the measured length
+    record.update(num_beams=config.num_beams, input_tokens=inputs.num_tokens, prompt_source=inputs.source,
+                  max_new_tokens=config.max_new_tokens, num_iter=config.num_iter, num_warmup=config.num_warmup,
+                  token_latency=config.token_latency)  # input_tokens: the prompt's length as measured
     if run.is_main:
         record["roofline"] = record_roofline(run, inputs.num_tokens)
     measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world))

@@ -105,7 +105,7 @@ class Pipeline:
 
     def base_record(self) -> dict:
         """The fields every record of this run shares (llmbench.records.Record): what ran, and `config`, what
-        was asked for. The runners add their figures."""
+        was asked for. The runners add their own fields and figures."""
         config, loaded = self.config, self.loaded
         return {
             "record_version": RECORD_VERSION,
@@ -118,12 +118,6 @@ class Pipeline:
             "dtype_reason": self.dtype_reason,
             "backend": self.backend.name,
             "batch_size": config.batch_size,
-            "num_beams": config.num_beams,
-            "input_tokens": config.input_tokens,
-            "max_new_tokens": config.max_new_tokens,
-            "num_iter": config.num_iter,
-            "num_warmup": config.num_warmup,
-            "token_latency": config.token_latency,
             "seed": config.seed,
             "dummy_weights": loaded.dummy_weights,
             "num_parameters": loaded.num_parameters,

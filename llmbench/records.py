@@ -23,8 +23,6 @@ from typing import Literal, TypedDict
 from llmbench.errors import UserError
 
 RECORD_VERSION = 2
-# Generation settings: a benchmark record has them; an accuracy record, whose scores they do not affect, has not.
-GENERATION_FIELDS = ("num_beams", "input_tokens", "max_new_tokens", "num_iter", "num_warmup", "token_latency")
 _reported: set[tuple[str, int]] = set()  # each unreadable line is reported once per process
 
 
@@ -68,6 +66,7 @@ class Record(TypedDict, total=False):
 
 
 class BenchmarkRecord(Record, total=False):
+    # generation settings: only benchmark records have them (they do not affect accuracy scores)
     num_beams: int
     input_tokens: int  # the prompt's length as measured (--prompt text: its token count)
     prompt_source: str
