@@ -6,7 +6,7 @@
 
 import sys
 
-from llmbench.distributed import main
+from llmbench.launcher import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,8 @@ against this machine's measured read bandwidth, and greedy-token agreement with 
     python benchmarks/backends.py                       # float32 and bfloat16, cpu
     python benchmarks/backends.py --dtypes bfloat16 --profile --lock /tmp/llmbench-cpu.lock
 
-ipex joins when Intel Extension for PyTorch is importable with a matching torch/transformers (requirements-ipex.txt).
+Every backend registered in llmbench/backends/__init__.py runs that can run here: ipex joins when Intel Extension for
+PyTorch is importable with a matching torch/transformers (requirements-ipex.txt).
 In float32 every backend must give eager's greedy tokens (exit status 1 otherwise); in bfloat16 the number of
 leading tokens that agree is reported.
 """
@@ -24,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmbench.backends import get_backend
-from llmbench.devices import DTYPE_BY_NAME, resolve_device
+from llmbench.backends import backend_names, get_backend
+from llmbench.cli import RunConfig
 from llmbench.errors import UserError
-from llmbench.models import load_model, weight_bytes
-from llmbench.prompts import cut_prompt
+from llmbench.models import weight_bytes
+from llmbench.pipeline import open_pipeline
 from llmbench.roofline import measure_cpu_read_bandwidth
 from llmbench.timing import StepTimer
 
@@ -60,33 +61,34 @@ def held(lock_path: str | None, wait_s: float):
 
 
 def available_backends() -> list[str]:
-    names = ["eager", "compile"]
-    try:
-        from llmbench.backends.ipex import check_ipex_environment
-
-        check_ipex_environment()
-        names.append("ipex")
-    except UserError as exc:
-        print(f"ipex skipped: {exc}", flush=True)
+    """Every registered backend (llmbench.backends.BACKENDS) that can run here; the others are named and skipped."""
+    names = []
+    for name in backend_names():
+        try:
+            get_backend(name)  # a backend whose packages are missing or mismatched refuses here
+            names.append(name)
+        except UserError as exc:
+            print(f"{name} skipped: {exc}", flush=True)
     return names
 
 
-def prepared(name: str, dtype: torch.dtype, args, device: torch.device) -> dict:
-    """Load, prepare, compile and warm up one backend (untimed, no lock needed)."""
-    loaded = load_model(None, device, dtype, quiet=True)
-    inputs = cut_prompt(loaded.tokenizer, args.input_tokens, args.batch_size, device)
-    backend = get_backend(name)
+def prepared(name: str, dtype_name: str, args) -> dict:
+    """Load, prepare, compile and warm up one backend through the run_generation.py pipeline (untimed, no lock)."""
+    config = RunConfig(device=args.device, dtype=dtype_name, backend=name, num_beams=1, batch_size=args.batch_size,
+                       input_tokens=args.input_tokens, max_new_tokens=args.max_new_tokens, quiet=True)
     start = time.perf_counter()
-    backend.prepare(loaded.model, device, dtype, None)
+    run = open_pipeline(config)
+    inputs, backend = run.inputs(), run.backend
     backend.warm_up_shapes(inputs, args.max_new_tokens, 1)
     backend.generate(inputs, args.max_new_tokens, 1)  # warm-up
-    print(f"{name} {str(dtype).removeprefix('torch.')} ready", flush=True)
-    return {"name": name, "setup_s": time.perf_counter() - start, "weight_bytes": weight_bytes(loaded.model),
-            "details": backend.details, "backend": backend, "inputs": inputs}
+    print(f"{name} {dtype_name} ready", flush=True)
+    return {"name": name, "setup_s": time.perf_counter() - start - run.facts["load_time_s"],
+            "weight_bytes": weight_bytes(run.loaded.model), "details": backend.details, "backend": backend,
+            "inputs": inputs, "device": run.device}
 
 
-def measure(result: dict, args, device: torch.device) -> None:
-    timer, next_token, ids = StepTimer(device), [], None
+def measure(result: dict, args) -> None:
+    timer, next_token, ids = StepTimer(result["device"]), [], None
     for _ in range(args.num_iter):
         timer.start()
         ids = result["backend"].generate(result["inputs"], args.max_new_tokens, 1, timer)
@@ -126,19 +128,17 @@ def main() -> int:
     parser.add_argument("--lock-wait", type=float, default=1800, help="seconds to wait for --lock, then time anyway")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the fastest backend")
     args = parser.parse_args()
-    device = resolve_device(args.device)
     names = args.backends.split(",") if args.backends else available_backends()
     failed, bandwidth = False, None
     for dtype_name in args.dtypes.split(","):
-        dtype = DTYPE_BY_NAME[dtype_name]
-        results = [prepared(name, dtype, args, device) for name in names]
+        results = [prepared(name, dtype_name, args) for name in names]
         with held(args.lock, args.lock_wait):
             if bandwidth is None:
                 bandwidth = measure_cpu_read_bandwidth()
-                print(f"device {device}, {torch.get_num_threads()} threads; measured read bandwidth "
+                print(f"device {args.device}, {torch.get_num_threads()} threads; measured read bandwidth "
                       f"{bandwidth / 1e9:.1f} GB/s", flush=True)
             for result in results:
-                measure(result, args, device)
+                measure(result, args)
         eager = next((r for r in results if r["name"] == "eager"), results[0])
         roofline_s = eager["weight_bytes"] / bandwidth
         print(f"\n{dtype_name}: weights {eager['weight_bytes'] / 1e6:.0f} MB, "
@@ -148,7 +148,7 @@ def main() -> int:
               f"{'tokens = eager':>15s} {'set-up s':>9s}")
         for r in results:
             agree = leading_agreement(r["ids"], eager["ids"])
-            if dtype == torch.float32 and agree != len(eager["ids"]):
+            if dtype_name == "float32" and agree != len(eager["ids"]):
                 failed = True
             print(f"{r['name']:8s} {r['next_token_s'] * 1e3:9.2f} {eager['next_token_s'] / r['next_token_s']:8.2f}x "
                   f"{r['weight_bytes'] / r['next_token_s'] / 1e9:7.1f} {roofline_s / r['next_token_s'] * 100:9.0f}% "

@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmbench.cli import parse_config  # noqa: E402
-from llmbench.devices import resolve_device, resolve_dtype  # noqa: E402
-from llmbench.main import build_inputs, prepare, quiet_libraries  # noqa: E402
+from llmbench.cli import RunConfig  # noqa: E402
+from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
 from llmbench.timing import StepTimer  # noqa: E402
 
 
@@ -31,17 +30,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
 
-    flags = ["--benchmark", "--device", "cpu", "--dtype", args.dtype, "--num-beams", str(args.num_beams),
-             "--input-tokens", str(args.input_tokens), "--max-new-tokens", str(args.max_new_tokens), "--quiet"]
-    if args.model_id:
-        flags += ["-m", args.model_id]
-    config = parse_config(flags)
+    config = RunConfig(model_id=args.model_id, device="cpu", dtype=args.dtype, num_beams=args.num_beams,
+                       input_tokens=args.input_tokens, max_new_tokens=args.max_new_tokens, quiet=True)
     quiet_libraries(verbose=False, no_progress=True)
-    device = resolve_device(config.device)
-    loaded, backend, _ = prepare(config, device, resolve_dtype(config.dtype, device))
-    inputs = build_inputs(config, loaded, device)
-    plain_timer = StepTimer(device, per_token=False)
-    hooked_timer = StepTimer(device, per_token=True)
+    run = open_pipeline(config)
+    backend, inputs, loaded = run.backend, run.inputs(), run.loaded
+    plain_timer = StepTimer(run.device, per_token=False)
+    hooked_timer = StepTimer(run.device, per_token=True)
 
     def once(timer: StepTimer, hooked: bool) -> float:
         timer.start()

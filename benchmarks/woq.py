@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
-from llmbench.cli import parse_config  # noqa: E402
-from llmbench.devices import resolve_device, resolve_dtype  # noqa: E402
-from llmbench.main import build_inputs, prepare, quiet_libraries  # noqa: E402
+from llmbench.cli import RunConfig  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
+from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
 from llmbench.roofline import decode_bytes_read  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
@@ -54,34 +53,29 @@ SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # unquantized schemes; 
 
 def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     """Time one (scheme, backend) case through the run_generation.py pipeline -> a row for the tables."""
-    argv = ["--benchmark", "--greedy", "--device", args.device, "--backend", backend,
-            "--input-tokens", str(args.input_tokens), "--max-new-tokens", str(args.max_new_tokens),
-            "--num-iter", str(args.num_iter), "--num-warmup", str(args.num_warmup), "--token-latency", "--quiet"]
-    if args.model:
-        argv += ["-m", args.model]
-    argv += ["--dtype", SCHEME_DTYPES.get(scheme, args.dtype)]
-    if scheme not in SCHEME_DTYPES:
-        argv += ["--woq", scheme]
-        if scheme == "int4" and args.group_size:
-            argv += ["--woq-group-size", str(args.group_size)]
-    config = parse_config(argv)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    loaded, prepared, facts = prepare(config, device, dtype)
-    inputs = build_inputs(config, loaded, device)
-    prepared.warm_up_shapes(inputs, config.max_new_tokens, config.num_beams)  # compiles outside the lock
+    quantized = scheme not in SCHEME_DTYPES
+    config = RunConfig(model_id=args.model, device=args.device, dtype=SCHEME_DTYPES.get(scheme, args.dtype),
+                       backend=backend, num_beams=1, input_tokens=args.input_tokens,
+                       max_new_tokens=args.max_new_tokens, num_iter=args.num_iter, num_warmup=args.num_warmup,
+                       token_latency=True, quiet=True, woq=scheme if quantized else None,
+                       woq_group_size=args.group_size if scheme == "int4" else None)
+    run = open_pipeline(config)
+    inputs = run.inputs()
+    run.backend.warm_up_shapes(inputs, config.max_new_tokens, config.num_beams)  # compiles outside the lock
     measurement = Measurement()
-    with cpu_lock(not args.no_lock and device.type == "cpu"):
-        measure(prepared, inputs, config, device, None, measurement)
-    metrics = metrics_for(measurement, config.batch_size, weight_bytes(loaded.model))
-    read = decode_bytes_read(loaded.model, dtype, 1, inputs.num_tokens, config.max_new_tokens)["bytes_read_per_token"]
+    with cpu_lock(not args.no_lock and run.device.type == "cpu"):
+        measure(run.backend, inputs, config, run.device, None, measurement)
+    metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
+    read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens,
+                             config.max_new_tokens)["bytes_read_per_token"]
     next_s = metrics["next_token_latency_s"]
-    row = {"scheme": scheme, "backend": backend, "model": loaded.name, "dtype": str(dtype).removeprefix("torch."),
-           "next_ms": next_s * 1e3, "first_ms": metrics["first_token_latency_s"] * 1e3,
-           "bytes_read": read, "gb_s": read / next_s / 1e9, "tokens": measurement.output_token_ids,
-           "compile_s": sum(prepared.details.get("compile_time_s", {}).values()) or None,
-           "quantization": facts.get("quantization")}
-    del loaded, prepared
+    row = {"scheme": scheme, "backend": backend, "model": run.loaded.name,
+           "dtype": str(run.dtype).removeprefix("torch."), "next_ms": next_s * 1e3,
+           "first_ms": metrics["first_token_latency_s"] * 1e3, "bytes_read": read, "gb_s": read / next_s / 1e9,
+           "tokens": measurement.output_token_ids,
+           "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None,
+           "quantization": run.facts.get("quantization")}
+    del run
     gc.collect()
     return row
 

@@ -12,12 +12,11 @@ import yaml
 
 from llmbench.backends.cpu_kernels import SCORED_WITH as SCORED_WITH_KERNELS
 from llmbench.cli import RunConfig
-from llmbench.errors import UserError
-from llmbench.models import one_line
+from llmbench.errors import UserError, one_line
+from llmbench.pipeline import open_pipeline
+from llmbench.results import append_or_show
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-# Record fields that describe generation runs, not likelihood evaluation.
-GENERATION_FIELDS = ("num_beams", "input_tokens", "max_new_tokens", "num_iter", "num_warmup", "token_latency")
 
 
 def shipped_tasks() -> dict[str, Path]:
@@ -154,7 +153,7 @@ def accuracy_records(results: dict, base: dict, config: RunConfig) -> list[dict]
     records = []
     for task, task_results in results["results"].items():
         for filter_name, metrics in metric_groups(task_results).items():
-            record = {k: v for k, v in base.items() if k not in GENERATION_FIELDS}
+            record = dict(base)  # no generation settings: they do not affect the scores
             record.update(
                 mode="accuracy", task=task, filter=filter_name, metrics=metrics,
                 limit=config.acc_limit, num_samples=results.get("n-samples", {}).get(task, {}).get("effective"),
@@ -179,37 +178,29 @@ def scored_line(backend) -> str:
 
 def run_accuracy(config: RunConfig, world=None) -> int:
     """--accuracy-only: prepare the model exactly as --benchmark would, evaluate it, print and record.
-    With a `world` of several ranks (llmbench.distributed.World) every rank evaluates its shard in lockstep
+    With a `world` of several ranks (llmbench.ranks.World) every rank evaluates its shard in lockstep
     and rank 0 alone prints and records."""
     from lm_eval.utils import make_table
 
-    from llmbench.devices import resolve_device, resolve_dtype
-    from llmbench.main import base_record, prepare
-    from llmbench.results import append_or_show
-
     if config.dummy_weights:
         raise UserError("--dummy-weights are random, so their accuracy means nothing: drop --dummy-weights")
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device, warn=world is None or world.is_main)
-    torch.manual_seed(config.seed)
     quiet_lm_eval(config.quiet)
     task_dict = load_tasks(config.acc_tasks, config.acc_data_dir)  # bad names or data fail before the model loads
-    loaded, backend, facts = prepare(config, device, dtype, world)
-    if loaded.tokenizer is None:
+    run = open_pipeline(config, world)
+    backend = run.backend
+    if run.loaded.tokenizer is None:
         raise UserError("--accuracy-only needs the model's tokenizer, and this model has none (dummy weights?)")
-    model = backend.model if backend.model is not None else loaded.model
+    model = backend.model if backend.model is not None else run.loaded.model
     backend.prepare_scoring()
-    results = evaluate(model, loaded.tokenizer, config, rank=world.rank if world else 0, task_dict=task_dict)
+    results = evaluate(model, run.loaded.tokenizer, config, rank=world.rank if world else 0, task_dict=task_dict)
     if results is None:
         return 0  # a rank other than 0 of a tensor-parallel run
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
     print(scored_line(backend))
-    base = base_record(config, loaded, backend, device, dtype, facts)
+    base = run.base_record()
     base["scored_with"] = backend.scored_with
-    if world is not None:
-        base.update(world_size=world.size, tensor_parallel=facts.get("tensor_parallel"))
     failed = None
     for record in accuracy_records(results, base, config):
         try:

@@ -1,4 +1,4 @@
-"""The measured loop: warm-up, timed iterations, statistics, console report, one record."""
+"""--benchmark: the measured loop (warm-up, timed iterations), statistics, the console report and the record."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from llmbench.backends import Backend
+from llmbench.backends.base import Backend
+from llmbench.cli import RunConfig
 from llmbench.devices import peak_memory_bytes, peak_memory_kind, reset_peak_memory
-from llmbench.errors import UserError
+from llmbench.distributed import gather
+from llmbench.errors import UserError, one_line
+from llmbench.pipeline import Pipeline, open_pipeline
 from llmbench.prompts import PromptInputs
+from llmbench.results import append_or_show
+from llmbench.roofline import device_bandwidth, roofline, roofline_line, roofline_metrics
 from llmbench.timing import IterationTiming, StepTimer, summarize
+from llmbench.watch import MeasuredWindow, print_run_notes, profile_after
 
 
 @dataclass
@@ -75,8 +81,6 @@ def metrics_for(measurement: Measurement, batch_size: int, weight_bytes: int) ->
 
 def print_report(metrics: dict, device: torch.device, print_memory: bool, roofline: dict | None = None) -> None:
     """The seed's console labels (log parsers rely on them), then the additions."""
-    from llmbench.roofline import roofline_line
-
     print(f"Inference latency: {metrics['e2e_latency_s']:.3f} sec.")
     if metrics["first_token_latency_s"] is not None:
         print(f"First token average latency: {metrics['first_token_latency_s']:.3f} sec.")
@@ -111,3 +115,65 @@ def print_spread(metrics: dict) -> None:
             continue
         cv_text = f" (CV {cv:.1%})" if cv is not None else ""
         print(f"Spread, {label}: {mean:.{digits}f} ± {stddev:.{digits}f} {unit}{cv_text}")
+
+
+def record_roofline(run: Pipeline, input_tokens: int) -> dict:
+    """The record's roofline (llmbench.roofline). A distributed run takes the bandwidth from the cache only: measured
+    while the other ranks run, a figure would be disturbed and then cached for every later run."""
+    config, device = run.config, run.device
+    bandwidth = device_bandwidth(device, measure=run.world_size == 1)
+    try:
+        return roofline(run.loaded.model, run.dtype, config.batch_size * config.num_beams, input_tokens,
+                        config.max_new_tokens, bandwidth, devices=run.world_size if device.type != "cpu" else 1,
+                        world_size=run.world_size)
+    except (AttributeError, TypeError, ValueError) as exc:  # a model shape the byte count does not know
+        return {**bandwidth, "roofline_next_token_s": None, "error": f"bytes read per step unknown: {one_line(exc)}"}
+
+
+def run_benchmark(config: RunConfig, world=None) -> int:
+    """--benchmark: time config.num_iter generations of the prepared model and append one record. Iterations
+    already measured are recorded (marked incomplete) whatever stops the run."""
+    run = open_pipeline(config, world)
+    device, backend = run.device, run.backend
+    inputs = run.inputs()
+    record = run.base_record()
+    record.update(num_beams=config.num_beams, input_tokens=inputs.num_tokens, prompt_source=inputs.source,
+                  max_new_tokens=config.max_new_tokens, num_iter=config.num_iter, num_warmup=config.num_warmup,
+                  token_latency=config.token_latency)  # input_tokens: the prompt's length as measured
+    if run.is_main:
+        record["roofline"] = record_roofline(run, inputs.num_tokens)
+    measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world))
+    profile_table = None
+    try:
+        measure(backend, inputs, config, device, run.loaded.tokenizer, measurement)
+        if config.profile is not None:
+            record["profile"], profile_table = profile_after(backend, inputs, config, device, record, world)
+    except KeyboardInterrupt as exc:  # for main()'s message: what the finally clause below keeps
+        exc.recorded_iterations = len(measurement.iterations) if run.is_main else 0
+        raise
+    finally:
+        if measurement.iterations:
+            record.update(
+                complete=measurement.complete,
+                backend_details=backend.details,
+                metrics=metrics_for(measurement, config.batch_size, record["weight_bytes"]),
+                iterations=[it.to_record() for it in measurement.iterations],
+                output_text=measurement.output_text,
+                output_token_ids=measurement.output_token_ids,
+            )
+            record["metrics"].update(roofline_metrics(record.get("roofline"),
+                                                      record["metrics"]["next_token_latency_s"]))
+            record.update(measurement.window.record_fields(record, measurement.complete))
+            if run.world_size > 1 and measurement.complete:
+                record["tensor_parallel"].update(rank_weight_bytes=gather(world, record["weight_bytes"]),
+                                                 rank_peak_memory_bytes=gather(world, measurement.peak_memory_bytes))
+            if run.is_main:
+                append_or_show(config.results, record,
+                               lambda: print_report(record["metrics"], device, config.print_memory))
+    if not run.is_main:
+        return 0
+    print_report(record["metrics"], device, config.print_memory, record.get("roofline"))
+    print_run_notes(record, profile_table)
+    if not config.quiet:
+        print(f"Record appended to {config.results}")
+    return 0

@@ -7,11 +7,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbench.backends import COMPILE_MODES, backend_names
 from llmbench.errors import UserError
 
 DTYPES = ("float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "xpu")
-BACKENDS = ("eager", "compile", "ipex")
+WOQ_SCHEMES = ("int4", "int8")
 DEFAULT_RESULTS = Path("results") / "results.jsonl"
 DEFAULT_ACC_TASK = "lambada_openai"
 
@@ -41,6 +42,58 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+@dataclass
+class RunConfig:
+    """Everything a run needs, validated; flows one way through the pipeline. The defaults here are the flags'
+    defaults: RunConfig(backend="compile") is what `--backend compile` alone parses to (dataclasses.replace makes
+    variants)."""
+
+    mode: str = "benchmark"  # benchmark | accuracy
+    model_id: str | None = None  # None: the built-in default model
+    device: str = "auto"
+    dtype: str | None = None  # None: chosen for the device (llmbench.devices.choose_dtype)
+    backend: str = "eager"
+    num_beams: int = 4
+    batch_size: int = 1
+    input_tokens: int = 32
+    max_new_tokens: int = 32
+    num_iter: int = 10
+    num_warmup: int = 3
+    token_latency: bool = False
+    prompt: str | None = None
+    prompt_file: Path | None = None
+    seed: int = 42
+    print_memory: bool = False
+    results: Path = DEFAULT_RESULTS
+    quiet: bool = False
+    trust_remote_code: bool = False
+    dummy_weights: bool = False
+    woq: str | None = None
+    woq_group_size: int | None = None
+    woq_algo: str = "rtn"
+    calib_dataset: str | None = None
+    woq_checkpoint: Path | None = None
+    ki: bool = False
+    trust_checkpoint_pickle: bool = False
+    acc_tasks: list[str] = field(default_factory=lambda: [DEFAULT_ACC_TASK])
+    acc_limit: int | None = None
+    acc_batch_size: int = 1
+    acc_data_dir: Path | None = None
+    profile: Path | None = None
+    compile_mode: str | None = None  # --backend compile's torch.compile mode; None: the device's (docs/backends.md)
+
+    def to_record(self) -> dict:
+        """The settings that were asked for, JSON-ready (the record's `config`)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+        return out
+
+
+DEFAULTS = RunConfig()
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
@@ -53,10 +106,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--accuracy-only", action="store_true", help="run lm-eval tasks instead of timing")
 
     model = p.add_argument_group("model")
-    model.add_argument("-m", "--model-id", default=None,
+    model.add_argument("-m", "--model-id", default=DEFAULTS.model_id,
                        help="hub id, local model folder or .gguf file; default: the built-in SmolLM2-135M-Instruct")
-    model.add_argument("--device", choices=DEVICES, default="auto", help="auto picks xpu, then cuda, then cpu")
-    model.add_argument("--dtype", choices=DTYPES, default=None,
+    model.add_argument("--device", choices=DEVICES, default=DEFAULTS.device, help="auto picks xpu, then cuda, then cpu")
+    model.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
                        help="default: float16 on cuda/xpu; on cpu what the CPU runs natively (bf16, fp16, fp32)")
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow running Python code shipped with a checkpoint")
@@ -64,97 +117,57 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help="random weights at the real size (no download): timing only")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--num-beams", type=positive_int, default=4)
+    gen.add_argument("--num-beams", type=positive_int, default=DEFAULTS.num_beams)
     gen.add_argument("--greedy", action="store_true", help="greedy search (same as --num-beams 1)")
-    gen.add_argument("--batch-size", type=positive_int, default=1)
-    gen.add_argument("--input-tokens", type=positive_int, default=32,
+    gen.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size)
+    gen.add_argument("--input-tokens", type=positive_int, default=DEFAULTS.input_tokens,
                      help="prompt length in tokens, cut exactly from prompt.json")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=32,
+    gen.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS.max_new_tokens,
                      help="tokens generated per run (exactly this many: EOS never ends a run early)")
-    gen.add_argument("--prompt", default=None, help="your own prompt text instead of prompt.json (used whole)")
-    gen.add_argument("--prompt-file", type=Path, default=None, help="prompt.json to cut prompts from")
-    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--prompt", default=DEFAULTS.prompt,
+                     help="your own prompt text instead of prompt.json (used whole)")
+    gen.add_argument("--prompt-file", type=Path, default=DEFAULTS.prompt_file, help="prompt.json to cut prompts from")
+    gen.add_argument("--seed", type=int, default=DEFAULTS.seed)
 
     bench = p.add_argument_group("benchmark")
-    bench.add_argument("--num-iter", type=positive_int, default=10, help="measured iterations")
-    bench.add_argument("--num-warmup", type=non_negative_int, default=3, help="warm-up iterations (not measured)")
+    bench.add_argument("--num-iter", type=positive_int, default=DEFAULTS.num_iter, help="measured iterations")
+    bench.add_argument("--num-warmup", type=non_negative_int, default=DEFAULTS.num_warmup,
+                       help="warm-up iterations (not measured)")
     bench.add_argument("--token-latency", action="store_true",
                        help="time every generated token (first and next-token latency)")
     bench.add_argument("--print-memory", action="store_true", help="print peak memory")
-    bench.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file records are appended to")
+    bench.add_argument("--results", type=Path, default=DEFAULTS.results, help="JSONL file records are appended to")
     bench.add_argument("--quiet", action="store_true", help="no progress bars or generated text")
-    bench.add_argument("--profile", type=Path, default=None, metavar="DIR",
+    bench.add_argument("--profile", type=Path, default=DEFAULTS.profile, metavar="DIR",
                        help="after the measured iterations, profile one more generation (torch.profiler): "
                             "Perfetto/Chrome trace and top-operators table written to DIR")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--backend", choices=BACKENDS, default="eager")
+    opt.add_argument("--backend", choices=backend_names(), default=DEFAULTS.backend)
     opt.add_argument("--ipex", action="store_true", help="same as --backend ipex")
-    opt.add_argument("--woq", choices=("int4", "int8"), default=None, help="weight-only quantization")
-    opt.add_argument("--woq-group-size", type=positive_int, default=None, help="quantization group size")
-    opt.add_argument("--woq-algo", choices=("rtn", "gptq", "awq"), default="rtn")
-    opt.add_argument("--calib-dataset", default=None, help="calibration text/JSONL file or dataset name (gptq, awq)")
-    opt.add_argument("--woq-checkpoint", type=Path, default=None,
+    opt.add_argument("--woq", choices=WOQ_SCHEMES, default=DEFAULTS.woq, help="weight-only quantization")
+    opt.add_argument("--woq-group-size", type=positive_int, default=DEFAULTS.woq_group_size,
+                     help="quantization group size")
+    opt.add_argument("--woq-algo", choices=("rtn", "gptq", "awq"), default=DEFAULTS.woq_algo)
+    opt.add_argument("--calib-dataset", default=DEFAULTS.calib_dataset,
+                     help="calibration text/JSONL file or dataset name (gptq, awq)")
+    opt.add_argument("--woq-checkpoint", type=Path, default=DEFAULTS.woq_checkpoint,
                      help="low-precision checkpoint: saved after quantizing, loaded when it exists")
     opt.add_argument("--trust-checkpoint-pickle", action="store_true",
                      help="load a --woq-checkpoint whose pickle needs more than tensors (can run code it holds)")
+    opt.add_argument("--compile-mode", choices=COMPILE_MODES, default=DEFAULTS.compile_mode,
+                     help="torch.compile mode of --backend compile (default: chosen per device and CPU kind)")
     opt.add_argument("--ki", action="store_true", help="DeepSpeed kernel injection (distributed runs)")
     opt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     acc = p.add_argument_group("accuracy")
-    acc.add_argument("--acc-tasks", default=DEFAULT_ACC_TASK, help="comma-separated lm-eval tasks")
-    acc.add_argument("--acc-limit", "--acc-iter", type=positive_int, default=None,
+    acc.add_argument("--acc-tasks", default=",".join(DEFAULTS.acc_tasks), help="comma-separated lm-eval tasks")
+    acc.add_argument("--acc-limit", "--acc-iter", type=positive_int, default=DEFAULTS.acc_limit,
                      help="evaluate only the first N documents of each task")
-    acc.add_argument("--acc-batch-size", type=positive_int, default=1, help="lm-eval batch size")
-    acc.add_argument("--acc-data-dir", type=Path, default=None,
+    acc.add_argument("--acc-batch-size", type=positive_int, default=DEFAULTS.acc_batch_size, help="lm-eval batch size")
+    acc.add_argument("--acc-data-dir", type=Path, default=DEFAULTS.acc_data_dir,
                      help="folder holding lambada_test.jsonl (offline lambada_openai)")
     return p
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs, validated; flows one way through the pipeline."""
-
-    mode: str
-    model_id: str | None
-    device: str
-    dtype: str | None
-    backend: str
-    num_beams: int
-    batch_size: int
-    input_tokens: int
-    max_new_tokens: int
-    num_iter: int
-    num_warmup: int
-    token_latency: bool
-    prompt: str | None
-    prompt_file: Path | None
-    seed: int
-    print_memory: bool
-    results: Path
-    quiet: bool
-    trust_remote_code: bool
-    dummy_weights: bool
-    woq: str | None
-    woq_group_size: int | None
-    woq_algo: str
-    calib_dataset: str | None
-    woq_checkpoint: Path | None
-    ki: bool
-    trust_checkpoint_pickle: bool = False
-    acc_tasks: list[str] = field(default_factory=list)
-    acc_limit: int | None = None
-    acc_batch_size: int = 1
-    acc_data_dir: Path | None = None
-    profile: Path | None = None
-
-    def to_record(self) -> dict:
-        """The settings that identify a run, JSON-ready."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, Path):
-                out[key] = str(value)
-        return out
 
 
 def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunConfig:
@@ -173,7 +186,7 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
     if args.profile is not None:
         if args.accuracy_only:
             raise UserError("--profile profiles a benchmark run: drop it with --accuracy-only")
-        from llmbench.profiling import check_folder
+        from llmbench.profiling import check_folder  # (torch: the sweeps parse flags without it)
 
         check_folder(args.profile)
     if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):
@@ -213,4 +226,5 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         acc_batch_size=args.acc_batch_size,
         acc_data_dir=args.acc_data_dir,
         profile=args.profile,
+        compile_mode=args.compile_mode,
     )

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from llmbench.errors import UserError
 from llmbench.printers import markdown_table
-from llmbench.report import CASE_PARAMETERS, PARAMETERS, complete_records, load_records, to_row, varying
+from llmbench.records import read_records
+from llmbench.rows import CASE_PARAMETERS, PARAMETERS, complete_records, to_row, varying
 
 COMPARED = ("first_token_ms", "next_token_ms", "p90_next_token_ms", "tokens_per_s", "peak_mem_gib")
 SET_LABELS = ("git_commit", "device_name", "hostname")
 
 
 def set_rows(path: Path) -> list[dict]:
-    kept, _ = complete_records(load_records([path]))
+    kept, _ = complete_records(read_records(path))
     if not kept:
         raise UserError(f"{path} holds no complete records")
     return [to_row(r) for r in kept]

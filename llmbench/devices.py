@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +84,6 @@ def choose_dtype(name: str | None, device: torch.device, cpu: CpuKind | None = N
                        f"arithmetic (no {' or '.join(flags)}), so it is emulated; natively it runs {best}")
             reason += f" (emulated on this {cpu.kind} CPU)"
     return DtypeChoice(dtype, reason, warning)
-
-
-def resolve_dtype(name: str | None, device: torch.device, warn: bool = True) -> torch.dtype:
-    """The run's torch dtype (see choose_dtype); prints its warning line on stderr when `warn`."""
-    choice = choose_dtype(name, device)
-    if warn and choice.warning:
-        print(choice.warning, file=sys.stderr, flush=True)
-    return choice.dtype
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,6 +1,6 @@
-"""Tensor-parallel runs over MPI / torchrun / deepspeed ranks: find the rank, join the group, shard the model.
-
-Only the distributed entry script imports this module; the single-process path never does.
+"""Tensor-parallel runs: join the ranks' process group and shard the model over them (DeepSpeed AutoTP, or
+transformers' own plan), keep their generations in step, gather their figures. llmbench.ranks finds the ranks and
+llmbench.launcher starts each one.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-from llmbench.backends import Backend
-from llmbench.errors import UserError
-from llmbench.ranks import World, discover_world, rendezvous, share_cpu_cores
+from llmbench.backends.base import Backend
+from llmbench.errors import UserError, one_line
+from llmbench.families import TP_PLAN_FAMILIES, autotp_fixups
+from llmbench.models import DEFAULT_MODEL_NAME, load_model, resolve_source
+from llmbench.prompts import cut_prompt, synthetic_prompt
+from llmbench.ranks import World, share_cpu_cores
 from llmbench.tp_heads import (
     AUTOTP,
     TP_PLAN,
@@ -29,8 +32,6 @@ from llmbench.tp_heads import (
 from llmbench.tp_layers import plain_linears
 
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
-# Families whose fused projections DeepSpeed AutoTP splits wrongly; transformers' own plan shards them right.
-TP_PLAN_FAMILIES = frozenset({"phi3"})
 TIMEOUT_ENV = "LLMBENCH_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 SHM_ENV = "LLMBENCH_DS_SHM_ALLREDUCE"
@@ -44,7 +45,6 @@ def timeout_s() -> float:
         return float(text) if text else DEFAULT_TIMEOUT_S
     except ValueError:
         raise UserError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds") from None
-
 
 
 def init_process_group(world: World, device: torch.device) -> None:
@@ -78,8 +78,6 @@ def _checkpoint_config(config):
         return None
     from transformers import AutoConfig
 
-    from llmbench.models import resolve_source
-
     where, _, _ = resolve_source(config.model_id, quiet=True)
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code)
@@ -90,8 +88,6 @@ def _checkpoint_config(config):
 def check_tp_plan_heads(model_config, config, ranks: int, why: str) -> None:
     """transformers' tensor-parallel plan splits most families' attention heads evenly: refuse, naming the rank
     counts that work, where it would leave a rank part of a head (which fails at the attention reshape)."""
-    from llmbench.models import DEFAULT_MODEL_NAME
-
     heads, splits = head_counts(model_config), plan_splits_heads(model_config)
     if heads is None or whole_heads(heads, ranks, TP_PLAN, splits):
         return
@@ -105,8 +101,6 @@ def _probe_ids(loaded, device: torch.device) -> torch.Tensor:
     """A few tokens of ordinary text (prompt.json) to compare the sharded and unsharded outputs on: arbitrary ids
     (control tokens) drive some models' activations so high that bf16 rounding alone moves the logits by more than
     the tolerance, which would reject a correct split."""
-    from llmbench.prompts import cut_prompt, synthetic_prompt
-
     if loaded.tokenizer is not None:
         try:
             return cut_prompt(loaded.tokenizer, PROBE_TOKENS, 1, device).input_ids
@@ -155,56 +149,18 @@ def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: tor
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
-    if getattr(engine.module.config, "model_type", None) == "bloom":
-        engine.module.transformer.register_forward_pre_hook(_with_2d_mask, with_kwargs=True)
+    autotp_fixups(engine.module)
     plain_linears(engine.module)
     return engine.module
 
 
-def _with_2d_mask(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """Bloom without a 2D attention mask (what generate() passes in transformers 5) builds its alibi for every
-    head, bypassing the head-sharded builder AutoTP installs: give it the all-ones mask it would assume."""
-    if kwargs.get("attention_mask") is not None:
-        return None
-    tokens = args[0] if args and args[0] is not None else kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs["inputs_embeds"]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    batch, length = tokens.shape[:2]
-    kv_length = cache.get_mask_sizes(length, 0)[0] if hasattr(cache, "get_mask_sizes") else (
-        length + (cache.get_seq_length() if cache is not None else 0))
-    kwargs["attention_mask"] = torch.ones(batch, kv_length, dtype=torch.long, device=tokens.device)
-    return args, kwargs
-
-
-def _tp_plan_kwargs() -> dict:
-    try:
-        from transformers import DistributedConfig
-
-        return {"distributed_config": DistributedConfig(tp_plan="auto")}
-    except ImportError:
-        return {"tp_plan": "auto"}
-
-
 def load_with_tp_plan(config, dtype: torch.dtype):
-    """Sharded loading by transformers' own tensor-parallel plan: each rank reads only its shard."""
-    from transformers import AutoModelForCausalLM
-
-    from llmbench.compat import dtype_kwargs
-    from llmbench.models import LoadedModel, load_tokenizer, one_line, resolve_source
-
+    """Sharded loading by transformers' own tensor-parallel plan (llmbench.models.load_model with tp_plan)."""
     if config.dummy_weights:
         raise UserError("this model family needs transformers' tensor-parallel plan, which loads real weights: "
                         "drop --dummy-weights")
-    where, name, source = resolve_source(config.model_id, quiet=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=config.trust_remote_code,
-                                                     **dtype_kwargs(dtype), **_tp_plan_kwargs())
-    except (ValueError, NotImplementedError) as exc:
-        raise UserError(f"-m {name}: transformers cannot shard this model over ranks: {one_line(exc)}") from exc
-    model.eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(where, config.trust_remote_code), name=name,
-                       source=source)
+    return load_model(config.model_id, torch.device("cpu"), dtype, config.trust_remote_code, quiet=True,
+                      tp_plan=True)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -228,8 +184,6 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     AutoTP splits wrongly, or any model whose sharded output disagrees, go to transformers' tensor-parallel
     plan, which loads only this rank's shard (and needs head counts that divide by the ranks); rank 0 says so.
     """
-    from llmbench.models import one_line
-
     if config.ki and device.type == "cpu":
         raise UserError("--ki (DeepSpeed kernel injection) needs a GPU: drop --ki on cpu")
     device = rank_device(device, world)
@@ -272,7 +226,7 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         check_tp_plan_heads(model_config, config, world.size, f"{reason}; the fallback is")
         loaded = None
         gc.collect()
-        loaded = load_with_tp_plan(config, dtype)
+        loaded = load_with_tp_plan(config, dtype)  # each rank reads only its shard
         method = TP_PLAN
         facts["cpu_allreduce"] = "gloo" if device.type == "cpu" else None  # transformers calls torch.distributed
         if world.is_main:  # the record says so too, but a changed method changes what is timed
@@ -336,42 +290,3 @@ class RankSynchronized(Backend):
         ids = self.inner.generate(inputs, max_new_tokens, num_beams, timer)
         barrier(self.world)
         return ids
-
-
-def abort(world: World, code: int, prog: str) -> None:
-    """End the whole job now: the other ranks may be waiting in a collective that will never complete."""
-    print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
-          flush=True)
-    sys.stdout.flush()
-    # Exiting (rather than MPI_Abort) lets the launcher forward this rank's last lines before it ends the
-    # other ranks: MPI launchers, torchrun and deepspeed all end a job whose rank exits non-zero.
-    os._exit(code)
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of run_generation_with_deepspeed.py: one rank of a tensor-parallel job."""
-    from llmbench.main import main as run_main
-
-    prog = prog or os.path.basename(sys.argv[0])
-    try:
-        world = discover_world()
-        if world.size > 1:
-            world = rendezvous(world)
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    code = 1
-    try:
-        code = run_main(argv, prog, world=world)
-    except SystemExit as exc:  # a bad flag: argparse has printed it
-        code = exc.code if isinstance(exc.code, int) else 1
-        raise
-    finally:
-        if code != 0 and world.size > 1:
-            abort(world, code, prog)
-    if world.size > 1:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    return code

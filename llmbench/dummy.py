@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from llmbench.compat import dtype_kwargs
-from llmbench.errors import UserError
+from llmbench.errors import UserError, one_line
 from llmbench.families import builtin_config, builtin_names, check_remote_code
 from llmbench.memory import require
-from llmbench.models import BeforeWeights, LoadedModel, load_tokenizer, one_line
+from llmbench.models import BeforeWeights, LoadedModel, load_tokenizer
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights

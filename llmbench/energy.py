@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmbench.gpu_watch import _nvml, _nvml_handle
+
 POWERCAP = Path("/sys/class/powercap")
 DRM = Path("/sys/class/drm")
 
@@ -88,7 +90,6 @@ def rapl_counters(powercap: Path = POWERCAP) -> tuple[list[Counter], str | None]
 
 
 def nvml_counters(device) -> tuple[list[Counter], str | None]:
-    from llmbench.validity import _nvml, _nvml_handle
 
     nvml, reason = _nvml()
     if nvml is None:

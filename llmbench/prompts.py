@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from llmbench.errors import UserError
+from llmbench.paths import DEFAULT_PROMPT_FILE
 
-DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent.parent / "prompt.json"
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx")
 
 

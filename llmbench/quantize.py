@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from llmbench.errors import UserError
-from llmbench.models import LoadedModel, exception_name, one_line
+from llmbench.errors import UserError, exception_name, one_line
+from llmbench.models import LoadedModel
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torchao's int4 kernels accept
 DEFAULT_INT4_GROUP_SIZE = 32  # the most accurate of them, and as fast as 64 on CPU

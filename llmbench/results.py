@@ -1,4 +1,5 @@
-"""One JSON record per run: appended to a JSONL file whole, so earlier records survive any failure."""
+"""Writing records (llmbench.records says what they hold): the environment a record names, and appends of one JSON
+line, whole, so that earlier records survive any failure."""
 
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+import transformers
 
 from llmbench import __version__
+from llmbench.devices import cpu_name, device_name
 from llmbench.errors import UserError
-
-if TYPE_CHECKING:  # torch is imported only where a record is made: readers (report, sweep) do without it
-    import torch
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_reported_lines: set[tuple[str, int]] = set()  # each unreadable line is reported once per process
+from llmbench.host import cpu_kind
+from llmbench.paths import PROJECT_ROOT
 
 
 @cache
@@ -40,12 +40,6 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    import torch
-    import transformers
-
-    from llmbench.devices import cpu_name, device_name
-    from llmbench.host import cpu_kind
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -121,26 +115,3 @@ def append_or_show(path: Path, record: dict, show_figures: Callable[[], None] | 
         print(json.dumps(record, default=str), flush=True)
         raise UserError(f"could not append the record to {path} ({exc.strerror or exc}): its JSON is printed on stdout "
                         "instead; free space or pass another --results, and save that line") from None
-
-
-def read_records(path: Path, missing_ok: bool = False) -> list[dict]:
-    """Every JSON record of a JSONL file; a line that is not one is reported on stderr with its file and
-    line number, never skipped silently (a record cut short by a crash is such a line)."""
-    path = Path(path)
-    if missing_ok and not path.exists():
-        return []
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                records.append(record)
-            elif (str(path), n) not in _reported_lines:
-                _reported_lines.add((str(path), n))
-                print(f"warning: {path}:{n} is not a JSON record (left out): {line.strip()[:60]!r}", file=sys.stderr)
-    return records

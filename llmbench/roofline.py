@@ -22,7 +22,8 @@ import torch
 from llmbench.devices import device_name, synchronize
 from llmbench.errors import UserError
 from llmbench.host import cpu_kind
-from llmbench.models import _tensor_bytes, cache_dir, weight_bytes
+from llmbench.models import _tensor_bytes, weight_bytes
+from llmbench.paths import PROJECT_ROOT, cache_dir
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
@@ -115,7 +116,7 @@ def cpu_busy_share(window_s: float = 0.5) -> float | None:
 
 def measure_in_subprocess(device: torch.device, threads: int) -> dict:
     """-> {"bandwidth_gb_s", "method"} measured by a child process (its buffers stay out of this run's memory)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "llmbench.roofline", str(device), str(threads)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -11,8 +11,11 @@ import time
 
 import torch
 
+from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
-from llmbench.validity import CpuWatch, GpuWatch, assess, warning_line
+from llmbench.gpu_watch import GpuWatch
+from llmbench.profiling import profile_generation
+from llmbench.validity import CpuWatch, assess, warning_line
 
 
 def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
@@ -20,8 +23,6 @@ def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
     With several ranks this is a collective: every rank must call it."""
     if world is None or world.size <= 1:
         return [os.getpid()], [], None
-    from llmbench.distributed import gather
-
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     ranks = gather(world, (socket.gethostname(), os.getpid(), os.getppid(), affinity))
     here = [r for r in ranks if r[0] == socket.gethostname()]
@@ -75,8 +76,6 @@ class MeasuredWindow:
         self.stop(sum(it["generated_tokens"] for it in iterations))
         energy = self.energy_figures or unavailable("the measured iterations did not start")
         if complete and self.world is not None and self.world.size > 1 and self.device.type != "cpu":
-            from llmbench.distributed import gather
-
             joules = gather(self.world, energy.joules)
             if all(j is not None for j in joules) and energy.window_s:
                 energy.joules = sum(joules)
@@ -90,8 +89,6 @@ class MeasuredWindow:
 
 def profile_after(backend, inputs, config, device: torch.device, record: dict, world=None) -> tuple[dict, str]:
     """The --profile generation, after the measured ones and outside the measured window (every rank runs it)."""
-    from llmbench.profiling import profile_generation
-
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{record['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
     rank = world.rank if world is not None and world.size > 1 else None
     profile, table = profile_generation(backend, inputs, config, device, stem, rank)

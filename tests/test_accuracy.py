@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llmbench.accuracy import shipped_tasks
-from llmbench.results import read_records
+from llmbench.records import read_records
 from tests.conftest import ROOT, error_lines
 
 LAMBADA_DIR = ROOT.parent / "shared" / "data" / "lambada_openai"

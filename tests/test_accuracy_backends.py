@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmbench.results import read_records
+from llmbench.records import read_records
 from tests.test_accuracy import LAMBADA_DIR, acc_args
 
 

@@ -11,7 +11,7 @@ import torch
 
 from llmbench.errors import UserError
 from llmbench.prompts import cut_prompt, load_prompt_text
-from llmbench.results import read_records
+from llmbench.records import read_records
 from tests.conftest import ROOT, error_lines
 
 SEED_LABELS = ("Inference latency:", "First token average latency:", "Average 2... latency:",

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from transformers import BloomConfig, GPTJConfig, OPTConfig, Phi3Config, Qwen2Config
 
-from llmbench.distributed import World, discover_world, shm_allreduce_wanted
+from llmbench.distributed import shm_allreduce_wanted
 from llmbench.errors import UserError
-from llmbench.results import read_records
+from llmbench.ranks import World, discover_world
+from llmbench.records import read_records
 from tests.conftest import ROOT, run_cli
 from tests.tiny import save_tiny_model, tiny_llama_config
 
@@ -157,7 +158,7 @@ def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_p
 FAIL_ON_RANK_1 = """
 import os, sys
 import llmbench.backends.base as base
-from llmbench.distributed import main
+from llmbench.launcher import main
 if os.environ.get("PMI_RANK") == "1":
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")

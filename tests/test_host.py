@@ -5,7 +5,7 @@ import torch
 
 from llmbench.devices import choose_dtype, default_cpu_dtype
 from llmbench.host import CPUINFO, cpu_kind, parse_cpuinfo
-from llmbench.results import read_records
+from llmbench.records import read_records
 
 CPU = torch.device("cpu")
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c"

@@ -5,20 +5,21 @@ import signal
 import subprocess
 import sys
 
-from llmbench.results import read_records
+from llmbench.records import read_records
 from tests.conftest import ROOT, error_lines
 
 # run_generation.py, with loading held up until the test has interrupted it
 SLOW_LOAD = """
 import sys, time
-import llmbench.main as main_module
-real_load = main_module.load
+import llmbench.pipeline as pipeline
+from llmbench.main import main
+real_load = pipeline.load
 def slow_load(*args, **kwargs):
     print("loading", flush=True)
     time.sleep(120)
     return real_load(*args, **kwargs)
-main_module.load = slow_load
-sys.exit(main_module.main(sys.argv[1:], prog="run_generation.py"))
+pipeline.load = slow_load
+sys.exit(main(sys.argv[1:], prog="run_generation.py"))
 """
 
 

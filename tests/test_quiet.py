@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from llmbench.main import quiet_libraries
+from llmbench.pipeline import quiet_libraries
 from tests.conftest import ROOT
 
 NOTICE = "Setting accelerator to CPU"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from llmbench.compare import set_rows
-from llmbench.report import load_records
-from llmbench.results import append_record, read_records
-from llmbench.sweep import read_records as sweep_read_records
+from llmbench.records import read_records
+from llmbench.report import write_report
+from llmbench.results import append_record
 from tests.conftest import ROOT, error_lines
 
 # Runs `code` in a child whose files may not grow past LIMIT bytes (RLIMIT_FSIZE): a disk that is full at that
@@ -60,12 +60,13 @@ def test_a_file_cut_short_by_an_older_writer_is_repaired_and_the_fragment_report
 
 def test_every_reader_reports_unreadable_lines_with_file_and_number(tmp_path, capsys):
     record = {"mode": "benchmark", "model": "m", "complete": True, "metrics": {"next_token_latency_s": 0.01}}
-    for name in ("report", "sweep", "compare"):
-        results = tmp_path / f"{name}.jsonl"
+    for name in ("records", "report", "compare"):  # the sweeps resume through read_records
+        results = tmp_path / name / "results.jsonl"
+        results.parent.mkdir()
         results.write_text(json.dumps(record) + "\nnot json\n" + "[1, 2]\n")
         capsys.readouterr()
-        read = {"report": lambda p: load_records([p]), "sweep": sweep_read_records, "compare": set_rows}[name]
-        assert len(read(results)) == 1
+        read = {"records": read_records, "report": lambda p: write_report([p], p.parent), "compare": set_rows}[name]
+        assert read(results)
         err = capsys.readouterr().err
         assert f"{results}:2 is not a JSON record" in err and f"{results}:3 is not a JSON record" in err, name
 

@@ -14,7 +14,7 @@ from llmbench import roofline as rl
 from llmbench.errors import UserError
 from llmbench.host import cpu_kind
 from llmbench.models import load_model, weight_bytes
-from llmbench.results import read_records
+from llmbench.records import read_records
 from tests.conftest import ROOT
 from tests.tiny import TINY_SHAPES, tiny_family_config, tiny_llama_config
 

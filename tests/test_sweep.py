@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmbench.errors import UserError
-from llmbench.sweep import case_command, make_plan
+from llmbench.sweep_plan import case_command, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SIZES = {"input": "16 24", "bs": "1 2", "output": "3", "iter": "1", "warmup": "0", "beam": "1",

@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import LlamaConfig, Phi3Config, Qwen2Config
 
-from llmbench.results import read_records
+from llmbench.records import read_records
 from llmbench.tp_heads import (
     AUTOTP,
     TP_PLAN,
@@ -63,10 +63,11 @@ def test_the_rank_counts_that_work_are_named():
 AUTOTP_FAILS = """
 import sys
 import llmbench.distributed as distributed
+from llmbench.launcher import main
 def failing(*args, **kwargs):
     raise RuntimeError("injected AutoTP failure")
 distributed.autotp = failing
-sys.exit(distributed.main(sys.argv[1:], prog="run_generation_with_deepspeed.py"))
+sys.exit(main(sys.argv[1:], prog="run_generation_with_deepspeed.py"))
 """
 
 

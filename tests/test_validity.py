@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from llmbench.energy import Counter, EnergyMeter, rapl_counters
+from llmbench.gpu_watch import GpuFigures
 from llmbench.validity import (
     MAX_OTHER_CPU_SHARE,
     CpuFigures,
     CpuWatch,
-    GpuFigures,
     assess,
     read_cpu_times,
     tree_cpu_s,
@@ -292,7 +292,7 @@ def test_gpu_watch_and_energy_on_cuda_or_the_reason_without_it():
     import torch
 
     from llmbench.energy import nvml_counters
-    from llmbench.validity import GpuWatch
+    from llmbench.gpu_watch import GpuWatch
 
     device = torch.device("cuda", 0)
     watch = GpuWatch(device, [os.getpid()])

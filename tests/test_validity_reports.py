@@ -10,7 +10,7 @@ import pytest
 from llmbench.compare import compare, render, set_rows
 from llmbench.errors import UserError
 from llmbench.report import render_tables, write_report
-from llmbench.sweep import is_recorded, make_plan
+from llmbench.sweep_plan import is_recorded, make_plan
 from tests.test_sweep import TINY_SIZES, run_driver
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -16,9 +16,10 @@ import torch
 
 from llmbench.backends.base import hf_generate
 from llmbench.cli import parse_config
-from llmbench.distributed import discover_world, gather, is_sharded, load_sharded, rendezvous
+from llmbench.distributed import gather, is_sharded, load_sharded
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
+from llmbench.ranks import discover_world, rendezvous
 
 CPU, DTYPE = torch.device("cpu"), torch.float32
 INPUT_TOKENS, NEW_TOKENS = 16, 8

@@ -55,10 +55,10 @@ def generation_config(model: torch.nn.Module, max_new_tokens: int, num_beams: in
 
 
 def hf_generate(model: torch.nn.Module, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
-                timer: StepTimer | None, **extra) -> torch.Tensor:
+                timer: StepTimer | None) -> torch.Tensor:
     criteria = StoppingCriteriaList([timer.stopping_criteria()]) if timer is not None else None
     with torch.inference_mode():
         return model.generate(
             input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
             generation_config=generation_config(model, max_new_tokens, num_beams),
-            stopping_criteria=criteria, **extra)
+            stopping_criteria=criteria)

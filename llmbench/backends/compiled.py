@@ -85,14 +85,15 @@ def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
                          "library GEMV")
 
 
-def compile_options(device: torch.device, kernels: str = "library") -> tuple[str, dict]:
+def compile_options(device: torch.device, kernels: str = "library", requested: str | None = None) -> tuple[str, dict]:
     """-> (mode, inductor options) as one options dict for torch.compile (which takes mode or options).
-    LLMBENCH_COMPILE_MODE (e.g. `default`: compiles several times faster, runs slower) replaces the device's mode."""
+    A requested mode (--compile-mode; LLMBENCH_COMPILE_MODE overrides it), e.g. `default` (compiles several times
+    faster, runs slower), replaces the device's mode."""
     from torch._inductor import list_mode_options
 
     mode, extra = SETTINGS.get((device.type, kernels), SETTINGS[("xpu", "library")])
-    if os.environ.get("LLMBENCH_COMPILE_MODE"):
-        mode = os.environ["LLMBENCH_COMPILE_MODE"]
+    if os.environ.get("LLMBENCH_COMPILE_MODE") or requested:
+        mode = os.environ.get("LLMBENCH_COMPILE_MODE") or requested
         extra = {k: v for k, v in extra.items() if k == "freezing"}
     if os.environ.get("LLMBENCH_INDUCTOR_OPTIONS"):  # e.g. '{"cpp_wrapper": true}': replaces or adds options
         try:
@@ -130,7 +131,7 @@ class CompileBackend(Backend):
         super().prepare(model, device, dtype, config)
         self.device, self.dtype = device, dtype
         self.kernels, why = choose_kernels(device, dtype)
-        self.mode, self.options = compile_options(device, self.kernels)
+        self.mode, self.options = compile_options(device, self.kernels, getattr(config, "compile_mode", None))
         self.details = {"compile_mode": self.mode, "inductor_options": dict(self.options), "kernels": self.kernels,
                         "kernels_reason": why, "inductor_cache_dir": inductor_cache_dir(), "compile_time_s": {}}
         if self.kernels == "generated":

@@ -1,0 +1,49 @@
+"""The tensor-parallel launch: one rank of run_generation_with_deepspeed.py finds its world, joins it, runs
+run_generation.py's main() with it and, when it fails, ends the whole job (the other ranks may be waiting in a
+collective that will never complete)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from llmbench.errors import UserError
+from llmbench.main import main as run_main
+from llmbench.ranks import World, discover_world, rendezvous
+
+
+def abort(world: World, code: int, prog: str) -> None:
+    """End the whole job now: the other ranks may be waiting in a collective that will never complete."""
+    print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    # Exiting (rather than MPI_Abort) lets the launcher forward this rank's last lines before it ends the
+    # other ranks: MPI launchers, torchrun and deepspeed all end a job whose rank exits non-zero.
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of run_generation_with_deepspeed.py: one rank of a tensor-parallel job."""
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        world = discover_world()
+        if world.size > 1:
+            world = rendezvous(world)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    code = 1
+    try:
+        code = run_main(argv, prog, world=world)
+    except SystemExit as exc:  # a bad flag: argparse has printed it
+        code = exc.code if isinstance(exc.code, int) else 1
+        raise
+    finally:
+        if code != 0 and world.size > 1:
+            abort(world, code, prog)
+    if world.size > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    return code
