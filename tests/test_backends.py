@@ -11,6 +11,7 @@ from llmbench.backends import get_backend
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
 from llmbench.timing import StepTimer
+from tests.compiled_steps import teacher_forced_log_probs
 
 CPU = torch.device("cpu")
 INPUT_TOKENS, NEW_TOKENS = 16, 24
@@ -88,7 +89,7 @@ def test_compile_bf16_log_probs_stay_as_close_to_fp32_as_eager_bf16(tiny_llama, 
     eager_bf16 = eager_log_probs(bf16.model)
     backend = get_backend("compile")
     backend.prepare(bf16.model, CPU, torch.bfloat16, None)
-    compiled_bf16 = backend.teacher_forced_log_probs(inputs.input_ids, continuation)
+    compiled_bf16 = teacher_forced_log_probs(backend, inputs.input_ids, continuation)
     keep = torch.ones(fp32.shape[-1], dtype=torch.bool)
     keep[eos] = False  # generation forbids EOS; its log-prob is -inf on the compiled path
     eager_error = (eager_bf16 - fp32)[..., keep].abs().max().item()

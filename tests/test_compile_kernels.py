@@ -11,6 +11,7 @@ from llmbench.errors import UserError
 from llmbench.host import CpuKind
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
+from tests.compiled_steps import teacher_forced_log_probs
 
 CPU = torch.device("cpu")
 INPUT_TOKENS, NEW_TOKENS = 16, 12
@@ -103,7 +104,7 @@ def quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme: str):
         logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
     eager_log_probs = torch.log_softmax(logits, dim=-1)
     backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
-    compiled = backend.teacher_forced_log_probs(inputs.input_ids, ids[:, INPUT_TOKENS:])
+    compiled = teacher_forced_log_probs(backend, inputs.input_ids, ids[:, INPUT_TOKENS:])
     keep = torch.ones(eager_log_probs.shape[-1], dtype=torch.bool)
     keep[loaded.model.config.eos_token_id] = False
     return backend, (compiled - eager_log_probs)[..., keep].abs()

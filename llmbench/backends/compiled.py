@@ -53,7 +53,7 @@ GENERATED_LINEAR_MAX_ROWS = 1
 def inductor_cache_dir() -> str:
     """Inductor's caches live in a persistent folder, so a second run of the same shape skips most compiling.
     A TORCHINDUCTOR_CACHE_DIR of the user's own is kept; torch's default (a temporary folder) is replaced."""
-    from llmbench.models import cache_dir
+    from llmbench.paths import cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:
@@ -260,19 +260,6 @@ class CompileBackend(Backend):
             if timer is not None:
                 timer.step()
         return torch.cat([input_ids, *tokens], dim=1)
-
-    def teacher_forced_log_probs(self, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (EOS masked) the compiled step gives before each token of `continuation`, fed one at
-        a time after the prompt: (batch, continuation length, vocab). For checking the compiled path's numerics."""
-        batch, length = input_ids.shape
-        steps = continuation.shape[1]
-        with torch.inference_mode():
-            cache = self._cache_for(batch, length + steps)
-            out = [self._beam_log_probs(input_ids, cache, self._positions(0, length))]
-            for i in range(steps - 1):
-                position = self._positions(length + i, length + i + 1)
-                out.append(self._call_step(self._beam_step, continuation[:, i:i + 1], cache, position))
-        return torch.stack(out, dim=1)
 
     def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
                      timer: StepTimer | None) -> torch.Tensor:

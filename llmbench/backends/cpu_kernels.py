@@ -32,7 +32,7 @@ _state: dict[str, object] = {}
 
 
 def build_dir() -> Path:
-    from llmbench.models import cache_dir
+    from llmbench.paths import cache_dir
 
     return cache_dir() / "kernels"
 
@@ -67,7 +67,7 @@ def _load() -> str | None:
                            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
                            verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
     except Exception as exc:  # a missing compiler or ninja, a build error: the caller falls back and records why
-        from llmbench.models import one_line
+        from llmbench.errors import one_line
 
         return f"the CPU decode kernels could not be built ({one_line(exc)})"
     _register_fakes()
