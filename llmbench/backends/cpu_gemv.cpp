@@ -153,8 +153,8 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
 // nibble), so a mask and a shift give 32 consecutive weights each. w = q * scale + offset per group of 2^shift
 // weights (at least 32), so sum(x * w) = scale * sum(x * q) + offset * sum(x) per group; the sums of x (exact, in
 // float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values (xq, with scale xd,
-// as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd; with AVX-512 VNNI one
-// vpdpbusd per 64 weights); without AVX2 it is computed in float32.
+// as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd); without AVX2 it is
+// computed in float32.
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
   int64_t M, K; const uint8_t* w; const float* scale; const float* offset; int shift;
@@ -180,32 +180,7 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
     const bool ahead = n + D * R < n1;
     for (int64_t m = 0; m < a.M; ++m) {
       float sums[R];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      // 64 weights (low nibbles, then high nibbles) against 64 int8 x in one 512-bit dot product (vpdpbusd)
-      const int8_t* xq = a.xq + m * K;
-      const float* xd = a.xd + m * (K / 32);
-      const __m512i low = _mm512_set1_epi8(0x0F);
-      __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t k = 0; k < K; k += 64) {
-        if (m == 0 && ahead) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * row_bytes + k / 2);
-        }
-        const __m512i x = _mm512_loadu_si512(xq + k);
-        const float d0 = xd[k / 32], d1 = xd[k / 32 + 1];
-        const int64_t g0 = k >> a.shift, g1 = (k + 32) >> a.shift;
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k / 2));
-          const __m512i q = _mm512_and_si512(
-              _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), low);
-          const __m512 s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x));
-          const __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(sr[r][g0] * d0)),
-                                                  _mm256_set1_ps(sr[r][g1] * d1), 1);
-          acc[r] = _mm512_fmadd_ps(s, scale, acc[r]);
-        }
-      }
-      for (int64_t r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
-#elif defined(__AVX2__)
+#ifdef __AVX2__
       const int8_t* xq = a.xq + m * K;
       const float* xd = a.xd + m * (K / 32);
       const __m256i low = _mm256_set1_epi8(0x0F);

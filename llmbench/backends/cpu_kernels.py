@@ -113,11 +113,8 @@ def int4_from_torchao(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def int4_activations() -> str:
-    """How the INT4 kernel treats activations on this host (the kernel's branch follows -march=native)."""
-    flags = cpu_kind().flags
-    if {"avx512_vnni", "avx512bw"} <= flags:
-        return "int8 per 32 values, integer dot products (AVX-512 VNNI)"
-    if "avx2" in flags:
+    """How the INT4 kernel treats activations on this host (the kernel's AVX2 branch follows -march=native)."""
+    if "avx2" in cpu_kind().flags:
         return "int8 per 32 values, integer dot products (AVX2)"
     return "float32"
 
