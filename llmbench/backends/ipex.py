@@ -69,14 +69,31 @@ class IpexBackend(Backend):
 
         self.device, self.dtype = device, dtype
         model = model.eval()
+        woq = getattr(model, "llmbench_ipex_woq", None)  # planned by llmbench.ipex_woq (--woq)
+        quantize: dict = {}
+        if woq is not None:
+            from llmbench.ipex_woq import count_quantized, qconfig_mapping, weight_layers
+
+            before = {name: type(mod) for name, mod in weight_layers(model).items()}
+            quantize = {"quantization_config": qconfig_mapping(woq), "low_precision_checkpoint": woq.checkpoint}
         if hasattr(ipex, "llm") and hasattr(ipex.llm, "optimize"):
             api = "ipex.llm.optimize"
-            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type)
+            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type,
+                                      **quantize)
         else:
+            if woq is not None:
+                raise UserError(f"--ipex --woq needs ipex.llm.optimize (IPEX 2.3 or newer), not IPEX "
+                                f"{self.ipex_version}")
             api = "ipex.optimize_transformers"
             model = ipex.optimize_transformers(model, dtype=dtype, inplace=True, deployment_mode=True)
         self.model = model
         self.details = {"ipex_version": self.ipex_version, "ipex_api": api}
+        if woq is not None:
+            count_quantized(model, before)
+            # The head is a quantized layer of its own now: untied, so that tie_weights() (lm-eval calls it) leaves it.
+            model.config.tie_word_embeddings = False
+            self.details.update(woq_lowp_mode=woq.lowp_mode,
+                                low_precision_checkpoint=woq.settings["checkpoint"] if woq.checkpoint else None)
 
     def _autocast(self):
         # As in IPEX's own examples: bf16 runs under autocast, so ops it leaves alone still take bf16.
