@@ -23,6 +23,7 @@ LOWP_MODES = ("auto", "none", "fp16", "bf16", "int8")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PACK = 8  # int4 values per int32 in GPTQ layout
+IPEX_BLOCK_N = 32  # output sizes IPEX 2.8 packs from GPTQ layout come in blocks of this many
 # quant_method values whose tensors are GPTQ's layout (AutoRound's "auto_round:auto_gptq" packing is GPTQ's)
 GPTQ_METHODS = ("gptq", "auto-round", "intel/auto-round")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -91,6 +92,8 @@ def plan(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype) 
         raise UserError(f"--ipex --woq-algo {config.woq_algo}: IPEX takes calibrated weights as a low-precision "
                         "checkpoint: use --woq-algo autoround --calib-dataset SRC --woq-checkpoint DIR")
     in_features = {name: mod.weight.shape[1] for name, mod in weight_layers(loaded.model).items()}
+    if not in_features:
+        raise UserError(f"--woq: -m {loaded.name} has no linear layers to quantize")
     folder = config.woq_checkpoint
     if folder is not None and tensor_parallel()[1] > 1:
         raise UserError("--ipex --woq-checkpoint in a tensor-parallel run is not supported: run the checkpoint in "
@@ -247,6 +250,9 @@ def read_checkpoint(folder: Path, loaded: LoadedModel, scheme: str) -> tuple[tup
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails in several ways
         raise UserError(f"--woq-checkpoint {folder}: cannot read {file.name}: {one_line(exc)}") from exc
     layers = {key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")}
+    # IPEX's GPTQ-layout packing takes output sizes in blocks of IPEX_BLOCK_N (it ends the process on others):
+    # such layers are left out, and IPEX rounds them itself (the same rounding --woq-checkpoint writes)
+    layers = {layer for layer in layers if tensors[f"{layer}.qweight"].shape[1] % IPEX_BLOCK_N == 0}
     if not layers:
         raise UserError(f"--woq-checkpoint {folder} holds no quantized layer (no .qweight tensor)")
     state = {f"{layer}.{suffix}": tensors[f"{layer}.{suffix}"] for layer in layers for suffix in TENSOR_SUFFIXES

@@ -119,13 +119,13 @@ def quantize_model(loaded: LoadedModel, config, device: torch.device, dtype: tor
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
         raise UserError(f"-m {loaded.name} is already quantized ({getattr(method, 'value', method)}); "
                         "drop --woq to run it as it is")
-    linears = linear_layers(model)
-    if not linears:
-        raise UserError(f"--woq: -m {loaded.name} has no torch.nn.Linear layers to quantize")
     if config.backend == "ipex":  # IPEX quantizes while ipex.llm.optimize converts the model
         from llmbench.ipex_woq import plan
 
         return plan(loaded, config, device, dtype)
+    linears = linear_layers(model)
+    if not linears:
+        raise UserError(f"--woq: -m {loaded.name} has no torch.nn.Linear layers to quantize")
     if config.woq_algo == "autoround":
         from llmbench.calibrated import load_autoround
 
