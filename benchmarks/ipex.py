@@ -69,19 +69,19 @@ def run_cases(cases, args) -> list[dict]:
         print(f"[{LABELS[(scheme, backend)]}] preparing ...", file=sys.stderr, flush=True)
         row = run_one(scheme, backend, args)
         row["label"] = LABELS[(scheme, backend)]
-        row["tokens"] = [list(map(int, t)) for t in row["tokens"]]
+        row["tokens"] = [int(t) for t in row["tokens"]]  # the first iteration's generated ids
         rows.append(row)
     return rows
 
 
 def report(rows: list[dict], anchor_ms: float | None) -> None:
-    reference = next(r for r in rows if r["backend"] == "eager")["tokens"][0]
+    reference = next(r for r in rows if r["backend"] == "eager")["tokens"]
     base = next((r["next_ms"] for r in rows if (r["scheme"], r["backend"]) == ("bf16", "compile")), None)
     print(f"\nCPU: {cpu_kind().describe()}")
     print(f"{'case':<26}{'next ms/token':>14}{'vs compile bf16':>17}{'first ms':>10}{'lead agree':>12}"
           f"{'equal':>9}  quantization")
     for r in rows:
-        tokens = r["tokens"][0]
+        tokens = r["tokens"]
         q = r.get("quantization") or {}
         detail = (f"{q.get('library')}, g{q.get('group_size')}" + (f", lowp {q['lowp_mode']}" if "lowp_mode" in q
                                                                     else "")) if q else r["dtype"]

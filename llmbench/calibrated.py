@@ -54,7 +54,7 @@ def autoround_checkpoint(loaded: LoadedModel, config, device: torch.device, fold
           f"{iters} steps per block, group size {group_size}", file=sys.stderr)
     try:
         rounder = AutoRound(loaded.model.float(), loaded.tokenizer, scheme="W4A16", bits=4, group_size=group_size,
-                            sym=False, iters=iters, nsamples=len(samples), seqlen=CALIB_MAX_TOKENS,
+                            sym=True, iters=iters, nsamples=len(samples), seqlen=CALIB_MAX_TOKENS,
                             batch_size=min(CALIB_BATCH, len(samples)), dataset=samples, device_map=device.type,
                             enable_torch_compile=False)
         rounder.quantize_and_save(str(folder), format="auto_round")
