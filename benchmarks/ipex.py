@@ -6,7 +6,8 @@ Run from the main environment: the compile and TorchAO cases run here, the IPEX 
 (bash setup.sh --ipex DIR) as subprocesses of this script, llama.cpp through the shared anchor script. Every case
 holds the shared CPU lock (/tmp/llmbench-cpu.lock) while it is timed, and only then (compiling and IPEX's tracing
 happen outside it). Each case's greedy tokens are compared with eager float32's: how many lead in agreement, and
-how many agree position by position.
+how many agree position by position (each environment against its own eager float32 run: their transformers
+releases tokenize the default model's prompt differently).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from llmbench.host import cpu_kind  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
 
 MAIN_CASES = (("fp32", "eager"), ("bf16", "compile"), ("int4", "compile"))  # eager fp32: the tokens' reference
-IPEX_CASES = (("bf16", "ipex"), ("int4", "ipex"))
+# eager fp32 again in the IPEX environment: transformers 4.51 cuts the prompt into other tokens than the newest
+IPEX_CASES = (("fp32", "eager"), ("bf16", "ipex"), ("int4", "ipex"))
 LABELS = {("fp32", "eager"): "eager fp32 (reference)", ("bf16", "compile"): "compile bf16",
           ("int4", "compile"): "TorchAO INT4, compile", ("bf16", "ipex"): "IPEX bf16",
           ("int4", "ipex"): "IPEX INT4 (woq)"}
@@ -63,25 +65,26 @@ def run_ipex_cases(args: argparse.Namespace) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def run_cases(cases, args) -> list[dict]:
+def run_cases(cases, args, env: str) -> list[dict]:
     rows = []
     for scheme, backend in cases:
         print(f"[{LABELS[(scheme, backend)]}] preparing ...", file=sys.stderr, flush=True)
         row = run_one(scheme, backend, args)
-        row["label"] = LABELS[(scheme, backend)]
+        row["label"] = LABELS[(scheme, backend)] + (" (IPEX env)" if env == "ipex" and backend == "eager" else "")
+        row["env"] = env
         row["tokens"] = [int(t) for t in row["tokens"]]  # the first iteration's generated ids
         rows.append(row)
     return rows
 
 
 def report(rows: list[dict], anchor_ms: float | None) -> None:
-    reference = next(r for r in rows if r["backend"] == "eager")["tokens"]
+    references = {r["env"]: r["tokens"] for r in rows if r["backend"] == "eager"}
     base = next((r["next_ms"] for r in rows if (r["scheme"], r["backend"]) == ("bf16", "compile")), None)
     print(f"\nCPU: {cpu_kind().describe()}")
     print(f"{'case':<26}{'next ms/token':>14}{'vs compile bf16':>17}{'first ms':>10}{'lead agree':>12}"
           f"{'equal':>9}  quantization")
     for r in rows:
-        tokens = r["tokens"]
+        tokens, reference = r["tokens"], references[r["env"]]
         q = r.get("quantization") or {}
         detail = (f"{q.get('library')}, g{q.get('group_size')}" + (f", lowp {q['lowp_mode']}" if "lowp_mode" in q
                                                                     else "")) if q else r["dtype"]
@@ -104,11 +107,11 @@ def main() -> int:
     args = p.parse_args()
     quiet_libraries(verbose=False, no_progress=True)
     if args.cases_only:  # in the IPEX environment, for the parent run
-        args.rows.write_text(json.dumps(run_cases(IPEX_CASES, args), default=str))
+        args.rows.write_text(json.dumps(run_cases(IPEX_CASES, args, "ipex"), default=str))
         return 0
     if not args.ipex_python:
         p.error("--ipex-python is required: the IPEX environment's python (bash setup.sh --ipex DIR)")
-    rows = run_cases(MAIN_CASES, args) + run_ipex_cases(args)
+    rows = run_cases(MAIN_CASES, args, "main") + run_ipex_cases(args)
     anchor_ms = None
     if not args.no_anchor:
         with cpu_lock(not args.no_lock):
