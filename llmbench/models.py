@@ -181,9 +181,23 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _packed_bytes(module: torch.nn.Module) -> int:
+    """Bytes of weights a module keeps outside its parameters: GPTQ-layout linear layers hold them in buffers, IPEX's
+    weight-only quantized linear layers in an op context (and no weight parameter)."""
+    if isinstance(getattr(module, "qweight", None), torch.Tensor):  # GPTQ-layout linears (AutoRound's, GPTQ's)
+        return sum(_tensor_bytes(t) for t in module.buffers(recurse=False))
+    context = getattr(module, "_op_context", None)
+    if (context is None or isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+            or not hasattr(context, "get_scales")):
+        return 0
+    parts = (context.get_weight(), context.get_scales(), context.get_zero_points())
+    return sum(_tensor_bytes(t) for t in parts if isinstance(t, torch.Tensor))
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters (each shared tensor once): what one decode step reads at the least."""
-    return sum(_tensor_bytes(p) for p in model.parameters())
+    """Bytes of parameters (each shared tensor once), and of weights packed outside them: what one decode step
+    reads at the least."""
+    return sum(_tensor_bytes(p) for p in model.parameters()) + sum(_packed_bytes(m) for m in model.modules())
 
 
 def checkpoint_quantization(model: torch.nn.Module) -> dict | None:

@@ -119,9 +119,17 @@ def quantize_model(loaded: LoadedModel, config, device: torch.device, dtype: tor
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
         raise UserError(f"-m {loaded.name} is already quantized ({getattr(method, 'value', method)}); "
                         "drop --woq to run it as it is")
+    if config.backend == "ipex":  # IPEX quantizes while ipex.llm.optimize converts the model
+        from llmbench.ipex_woq import plan
+
+        return plan(loaded, config, device, dtype)
     linears = linear_layers(model)
     if not linears:
         raise UserError(f"--woq: -m {loaded.name} has no torch.nn.Linear layers to quantize")
+    if config.woq_algo == "autoround":
+        from llmbench.calibrated import load_autoround
+
+        return load_autoround(loaded, config, device, dtype)
     accept = packable(config.woq, device)
     in_features = {name: mod.in_features for name, mod in linears.items() if accept(mod, name)}
     checkpoint = config.woq_checkpoint
@@ -192,16 +200,21 @@ def calibrate(loaded: LoadedModel, texts: list[str], device: torch.device, quiet
         loaded.model(ids.to(device))
 
 
-def calibration_texts(source: str | None, algo: str) -> list[str]:
-    """Up to CALIB_SAMPLES passages from a local .jsonl ("text" field) or text file (blank-line separated), or a
-    dataset name the `datasets` library can load (from its cache when offline)."""
+def calibration_texts(source: str | None, algo: str, limit: int = CALIB_SAMPLES) -> list[str]:
+    """Up to `limit` passages from a local .jsonl ("text" field), prompt file (.json in prompt.json's form) or
+    text file (blank-line separated), or a dataset name the `datasets` library can load (from its cache when
+    offline)."""
     if not source:
         raise UserError(f"--woq-algo {algo} calibrates on sample text: pass --calib-dataset FILE (.txt, or .jsonl "
                         "with a \"text\" field) or a dataset name, or use --woq-algo rtn")
     path = Path(source).expanduser()
     if path.is_file():
         raw = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".jsonl":
+        if path.suffix == ".json":  # a prompt file (prompt.json's form): the passages of its default text
+            from llmbench.prompts import load_prompt_text
+
+            texts = load_prompt_text(path)[0].split("\n\n")
+        elif path.suffix == ".jsonl":
             try:
                 texts = [json.loads(line).get("text", "") for line in raw.splitlines() if line.strip()]
             except (ValueError, AttributeError) as exc:
@@ -218,7 +231,7 @@ def calibration_texts(source: str | None, algo: str) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a missing or offline dataset
             raise UserError(f"--calib-dataset {source}: no such file, and not a loadable dataset "
                             f"({one_line(exc)}): pass a local .txt or .jsonl file") from exc
-    texts = [t.strip() for t in texts if t and t.strip()][:CALIB_SAMPLES]
+    texts = [t.strip() for t in texts if t and t.strip()][:limit]
     if not texts:
         raise UserError(f"--calib-dataset {source} holds no text to calibrate on")
     return texts

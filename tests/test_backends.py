@@ -127,7 +127,7 @@ def test_ipex_without_ipex_is_one_actionable_line(tiny_llama, cli, tmp_path, fla
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # (loading bars aside)
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "pip install -r requirements-ipex.txt" in errors[0]
+    assert "bash setup.sh --ipex" in errors[0]
     assert not (tmp_path / "r.jsonl").exists()
 
 

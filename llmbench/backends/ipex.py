@@ -16,15 +16,27 @@ from llmbench.errors import UserError
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
 
-INSTALL_HINT = ("install the matching set in its own virtual environment: python -m venv ~/.venvs/llmbench-ipex && "
-                "~/.venvs/llmbench-ipex/bin/pip install -r requirements-ipex.txt (see docs/backends.md)")
+INSTALL_HINT = ("install the matching set in its own virtual environment: bash setup.sh --ipex ~/.venvs/llmbench-ipex "
+                "(it pip installs -r requirements-ipex.txt; see docs/backends.md)")
 # ipex.llm.optimize of IPEX <= 2.8 crashes on newer transformers (it patches attention classes that moved).
 LAST_TRANSFORMERS_FOR_IPEX = {(2, 8): Version("4.51.3"), (2, 7): Version("4.51.3"), (2, 6): Version("4.46.3")}
 
 
+def check_ipex_cpu() -> None:
+    """IPEX's CPU kernels need AVX2 at the least (AVX-512 and AMX are what they are tuned for); without it, the run
+    stops here rather than in IPEX's import."""
+    from llmbench.host import cpu_kind
+
+    cpu = cpu_kind()
+    if cpu.flags and "avx2" not in cpu.flags:
+        raise UserError(f"--backend ipex needs a CPU with AVX2 at the least (IPEX's kernels are built for AVX2, "
+                        f"AVX-512 and AMX); this one is {cpu.describe()}: use --backend eager or compile")
+
+
 def check_ipex_environment() -> str:
     """-> the IPEX version, after checking it matches torch and transformers (IPEX exits the process on import when
-    torch does not match, so the versions are compared before importing it)."""
+    torch does not match, so the versions are compared before importing it) and that this CPU can run it."""
+    check_ipex_cpu()
     try:
         ipex_version = Version(metadata.version("intel-extension-for-pytorch"))
     except metadata.PackageNotFoundError:
@@ -57,14 +69,31 @@ class IpexBackend(Backend):
 
         self.device, self.dtype = device, dtype
         model = model.eval()
+        woq = getattr(model, "llmbench_ipex_woq", None)  # planned by llmbench.ipex_woq (--woq)
+        quantize: dict = {}
+        if woq is not None:
+            from llmbench.ipex_woq import count_quantized, qconfig_mapping, weight_layers
+
+            before = {name: type(mod) for name, mod in weight_layers(model).items()}
+            quantize = {"quantization_config": qconfig_mapping(woq), "low_precision_checkpoint": woq.checkpoint}
         if hasattr(ipex, "llm") and hasattr(ipex.llm, "optimize"):
             api = "ipex.llm.optimize"
-            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type)
+            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type,
+                                      **quantize)
         else:
+            if woq is not None:
+                raise UserError(f"--ipex --woq needs ipex.llm.optimize (IPEX 2.3 or newer), not IPEX "
+                                f"{self.ipex_version}")
             api = "ipex.optimize_transformers"
             model = ipex.optimize_transformers(model, dtype=dtype, inplace=True, deployment_mode=True)
         self.model = model
         self.details = {"ipex_version": self.ipex_version, "ipex_api": api}
+        if woq is not None:
+            count_quantized(model, before)
+            # The head is a quantized layer of its own now: untied, so that tie_weights() (lm-eval calls it) leaves it.
+            model.config.tie_word_embeddings = False
+            self.details.update(woq_lowp_mode=woq.lowp_mode,
+                                low_precision_checkpoint=woq.settings["checkpoint"] if woq.checkpoint else None)
 
     def _autocast(self):
         # As in IPEX's own examples: bf16 runs under autocast, so ops it leaves alone still take bf16.
@@ -76,3 +105,24 @@ class IpexBackend(Backend):
                  timer: StepTimer | None = None) -> torch.Tensor:
         with self._autocast():
             return hf_generate(self.model, inputs, max_new_tokens, num_beams, timer)
+
+
+def _main() -> int:
+    """`python -m llmbench.backends.ipex`: one line saying whether this environment and CPU run IPEX (setup.sh)."""
+    import sys
+
+    from llmbench.host import cpu_kind
+
+    try:
+        version = check_ipex_environment()
+        import intel_extension_for_pytorch  # noqa: F401 - the import is the check
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"intel-extension-for-pytorch {version}, torch {torch.__version__}, transformers {TRANSFORMERS_VERSION}: "
+          f"ready on {cpu_kind().describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
