@@ -32,7 +32,7 @@ def autoround_version() -> str | None:
 
 def autoround_checkpoint(loaded: LoadedModel, config, device: torch.device, folder: Path | None) -> None:
     """Calibrate loaded.model with AutoRound (it is changed in place) and write the INT4 checkpoint to folder."""
-    from llmbench.quantize import CALIB_MAX_TOKENS, calibration_texts, linear_layers, resolve_group_size
+    from llmbench.woq_inputs import CALIB_MAX_TOKENS, calibration_texts, linear_layers, resolve_group_size
 
     if folder is None:
         raise UserError("--woq-algo autoround saves its calibrated weights: pass --woq-checkpoint DIR (written once, "
@@ -66,7 +66,7 @@ def autoround_checkpoint(loaded: LoadedModel, config, device: torch.device, fold
 def token_windows(tokenizer, texts: list[str]) -> list[torch.Tensor]:
     """The passages as one token stream cut into CALIB_SAMPLES windows of CALIB_MAX_TOKENS ids each ([1, n] tensors):
     AutoRound skips any sample shorter than its sequence length."""
-    from llmbench.quantize import CALIB_MAX_TOKENS, CALIB_SAMPLES
+    from llmbench.woq_inputs import CALIB_MAX_TOKENS, CALIB_SAMPLES
 
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     windows = [ids[start:start + CALIB_MAX_TOKENS].unsqueeze(0)
@@ -95,7 +95,7 @@ def load_autoround(loaded: LoadedModel, config, device: torch.device, dtype: tor
     from transformers import AutoModelForCausalLM
 
     from llmbench.compat import dtype_kwargs
-    from llmbench.quantize import linear_layers
+    from llmbench.woq_inputs import linear_layers
 
     folder = config.woq_checkpoint
     if folder is None or not folder.exists():

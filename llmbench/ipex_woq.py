@@ -84,7 +84,7 @@ def tensor_parallel() -> tuple[int, int]:
 def plan(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype) -> dict:
     """Check the request and attach an IpexWoq to the model for the backend; -> the record's quantization settings
     (the backend adds the layer counts once IPEX has converted the model)."""
-    from llmbench.quantize import resolve_group_size
+    from llmbench.woq_inputs import resolve_group_size
 
     if device.type not in ("cpu", "xpu"):
         raise UserError(f"--ipex --woq runs on cpu or xpu, not {device.type}")
@@ -187,7 +187,7 @@ def write_rtn_checkpoint(loaded: LoadedModel, group_size: int, folder: Path, dty
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from llmbench.quantize import linear_layers
+    from llmbench.woq_inputs import linear_layers
 
     linears = linear_layers(loaded.model)
     bad = [name for name, mod in linears.items() if mod.out_features % PACK or mod.in_features % group_size]

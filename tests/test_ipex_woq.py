@@ -71,7 +71,7 @@ def test_gptq_layout_loads_into_ipex_as_the_weights_it_encodes(tiny_llama):
     from intel_extension_for_pytorch.quantization import WoqLowpMode, WoqWeightDtype
 
     from llmbench.ipex_woq import IPEX_BLOCK_N, ipex_rtn, pack_gptq
-    from llmbench.quantize import linear_layers
+    from llmbench.woq_inputs import linear_layers
 
     reference = load_model(str(tiny_llama), CPU, torch.float32)
     state = {}
