@@ -95,8 +95,9 @@ def compile_options(device: torch.device, kernels: str = "library", requested: s
     from torch._inductor import list_mode_options
 
     mode, extra = SETTINGS.get((device.type, kernels), SETTINGS[("xpu", "library")])
-    if os.environ.get("LLMBENCH_COMPILE_MODE") or requested:
-        mode = os.environ.get("LLMBENCH_COMPILE_MODE") or requested
+    override = os.environ.get("LLMBENCH_COMPILE_MODE") or requested
+    if override:
+        mode = override
         extra = {k: v for k, v in extra.items() if k == "freezing"}
     if os.environ.get("LLMBENCH_INDUCTOR_OPTIONS"):  # e.g. '{"cpp_wrapper": true}': replaces or adds options
         try:
