@@ -68,18 +68,19 @@ def dequantize_packed(packed, scale, offset, group_size):
     return (groups * scale[..., None] + offset[..., None]).reshape(n, half * 2)
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size):
-    linear = quantized_linear("int4", group_size, in_features=256, out_features=48)
+# 256 and 320 inputs in groups of 32: 8 and 10 groups (the offset term's eight-at-a-time loop, and its tail)
+@pytest.mark.parametrize("group_size, in_features", [(32, 256), (32, 320), (64, 256), (128, 256)])
+def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, in_features):
+    linear = quantized_linear("int4", group_size, in_features=in_features, out_features=48)
     packed, scale, offset, size = cpu_kernels.int4_from_torchao(linear.weight)
-    assert size == group_size and packed.dtype == torch.uint8 and packed.shape == (48, 128)
+    assert size == group_size and packed.dtype == torch.uint8 and packed.shape == (48, in_features // 2)
     # TorchAO's own kernel on an identity matrix gives its dequantized weight: the repacked values are the same
     torchao_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        torch.eye(256), linear.weight.qdata, group_size, linear.weight.scale_and_zero.float()).t()
+        torch.eye(in_features), linear.weight.qdata, group_size, linear.weight.scale_and_zero.float()).t()
     assert torch.allclose(dequantize_packed(packed, scale, offset, group_size), torchao_weight, atol=1e-5)
     call, kind = cpu_kernels.kernel_call(linear)
     assert kind == "int4"
-    x = torch.randn(2, 256).to(torch.bfloat16)
+    x = torch.randn(2, in_features).to(torch.bfloat16)
     expected = reference(x, torchao_weight, linear.bias)
     # x is quantized to int8 per 32 values on AVX2 CPUs (its step is 1/127 of each block's largest value): within
     # 3% of the largest output, where a wrong nibble, scale or offset is off by tens of percent
@@ -146,3 +147,21 @@ def test_bad_calls_are_refused(ops):
 def test_layers_the_kernels_cannot_take_keep_their_forward():
     odd = torch.nn.Linear(30, 8)  # input size not a multiple of 8
     assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
+
+
+@pytest.mark.parametrize("model_name, hint", [("AMD EPYC 7B13", "nta"), ("Intel(R) Xeon(R) Platinum 8481C", "t0")])
+def test_prefetch_and_one_row_choice_follow_the_cpu_vendor(monkeypatch, model_name, hint):
+    from llmbench.host import parse_cpuinfo
+
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\nflags : avx2 fma"))
+    monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
+    assert cpu_kernels.prefetch_hint() == hint
+    assert cpu_kernels.prefetch_flags() == [f"-DLLMBENCH_PREFETCH_LOCALITY={0 if hint == 'nta' else 3}"]
+    assert cpu_kernels.dense_one_row_kernels() == (hint == "t0")
+    monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "reductions")
+    assert not cpu_kernels.dense_one_row_kernels()
+    monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "fast")
+    from llmbench.errors import UserError
+
+    with pytest.raises(UserError, match="use kernels or reductions"):
+        cpu_kernels.dense_one_row_kernels()

@@ -158,10 +158,10 @@ class CompileBackend(Backend):
 
     def _use_streaming_kernels(self, model: torch.nn.Module) -> None:
         """Linears of steps of up to cpu_kernels.MAX_ROWS rows through the suite's weight-streaming kernels (built
-        for this host), except one-row steps of plain floating-point weights, which keep inductor's generated
-        reductions (the kernels were no faster there); layers the kernels do not take, or every layer where they
-        cannot be built, through the generated reductions (one-row steps only); attention of one-row steps
-        generated."""
+        for this host), except, on CPUs where the generated reductions were faster (cpu_kernels.
+        dense_one_row_kernels), one-row steps of plain floating-point weights; layers the kernels do not take, or
+        every layer where they cannot be built, through the generated reductions (one-row steps only); attention of
+        one-row steps generated."""
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:
@@ -171,6 +171,9 @@ class CompileBackend(Backend):
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             if "int4" in counts:
                 self.details["int4_activations"] = cpu_kernels.int4_activations()
+            self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()
+            self.details["one_row_dense_linears"] = "kernels" if cpu_kernels.dense_one_row_kernels() else \
+                "generated reductions"
         else:
             self.details["streaming_linears_unavailable"] = why_not
         self.details["generated_linears"] = generated_kernels.use_reduction_linears(model, GENERATED_LINEAR_MAX_ROWS)

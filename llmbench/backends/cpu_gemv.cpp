@@ -1,4 +1,4 @@
-// Weight-streaming linear layers for decode steps on CPUs without AMX: y = x @ W.T + b for a few rows of x
+// Weight-streaming linear layers for decode steps on CPUs: y = x @ W.T + b for a few rows of x
 // (batch x beams <= 8), reading every weight once from memory. Built at run time for the host's own instruction set
 // (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
 // decode step as torch ops (llmbench_cpu::*).
@@ -160,6 +160,14 @@ struct Int4Args {
   int64_t M, K; const uint8_t* w; const float* scale; const float* offset; int shift;
 };
 
+#ifdef __AVX2__
+// The sums of four vectors, one per lane of the result.
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
 inline float int4_offset_term(const Int4Args& a, int64_t m, int64_t n) {
   const int64_t groups = a.K >> a.shift;
   const float* off = a.offset + n * groups;
@@ -205,7 +213,19 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
           acc[r] = _mm256_fmadd_ps(s1, _mm256_set1_ps(sr[r][g1] * d1), acc[r]);
         }
       }
-      for (int64_t r = 0; r < R; ++r) sums[r] = hsum((v8f)acc[r]);
+      // plus sum over groups of offset * sum(x), eight groups at a time
+      const float* xs = a.xsum + m * groups;
+      const float* orow[R];
+      for (int64_t r = 0; r < R; ++r) orow[r] = a.offset + (n + std::min(r, rows - 1)) * groups;
+      float tail[R] = {0.f, 0.f, 0.f, 0.f};
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 xv = _mm256_loadu_ps(xs + g);
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(orow[r] + g), xv, acc[r]);
+      }
+      for (; g < groups; ++g)
+        for (int64_t r = 0; r < R; ++r) tail[r] += orow[r][g] * xs[g];
+      _mm_storeu_ps(sums, _mm_add_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));
 #else
       const float* xm = a.x + m * K;
       for (int64_t r = 0; r < R; ++r) {
@@ -219,11 +239,10 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
           }
           total += lo * sr[r][k >> a.shift] + hi * sr[r][(k + 32) >> a.shift];
         }
-        sums[r] = total;
+        sums[r] = total + int4_offset_term(a, m, n + r);
       }
 #endif
-      for (int64_t r = 0; r < rows; ++r)
-        out[m * (n1 - n0) + (n - n0) + r] = sums[r] + int4_offset_term(a, m, n + r);
+      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
     }
   }
 }

@@ -1,4 +1,4 @@
-"""Weight-streaming linear kernels for decode steps on CPUs without AMX (`llmbench/backends/cpu_gemv.cpp`).
+"""Weight-streaming linear kernels for decode steps on CPUs (`llmbench/backends/cpu_gemv.cpp`).
 
 Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an
 AVX2 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
@@ -37,6 +37,33 @@ def build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+def prefetch_hint() -> str:
+    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor.
+    Measured with benchmarks/cpu_kernels.py: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a
+    decode step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
+    (prefetcht0) at 10.0 and 13.5 GB/s; the AVX2 EPYC the kernels were written on streamed at ~85% of its read
+    bandwidth with prefetchnta."""
+    return "nta" if "AMD" in cpu_kind().model_name.upper() else "t0"
+
+
+def dense_one_row_kernels() -> bool:
+    """Whether one-row steps of plain floating-point weights run these kernels (else inductor's generated
+    reductions), per CPU vendor as measured with the two forms compiled side by side in one process
+    (benchmarks/cpu_kernels.py --step): on a 2-core AMX Xeon the kernels took 0.89x the reductions' time in bf16
+    (23.6 vs 26.5 ms/token) and 0.98x in fp32; on an AVX2 EPYC they were no faster (bf16 30.0 vs 30.0 and 31 vs 36
+    ms/token), so AMD CPUs keep the reductions. LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides."""
+    forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
+    if forced not in (None, "", "kernels", "reductions"):
+        from llmbench.errors import UserError
+
+        raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
+    return forced == "kernels" if forced else prefetch_hint() == "t0"
+
+
+def prefetch_flags() -> list[str]:
+    return ["-DLLMBENCH_PREFETCH_LOCALITY=" + {"nta": "0", "t0": "3"}[prefetch_hint()]]
+
+
 def load() -> str | None:
     """Build (once per host and source) and load the kernels; -> None when loaded, else why they are unavailable
     (no C++ compiler, a build error): callers then keep inductor's generated reductions."""
@@ -51,7 +78,7 @@ def _load() -> str | None:
     if sys.platform != "linux":
         return f"built only on linux, not {sys.platform}"
     cpu = cpu_kind()
-    extra = os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()
+    extra = [*prefetch_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
     identity = [" ".join(extra), SOURCE.read_text(), " ".join(sorted(cpu.flags)), torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode())
     name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
@@ -300,17 +327,17 @@ def dedupe_pass():
 def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
     """Give every nn.Linear whose weight the kernels take the kernel forward, siblings (SIBLINGS) fused into one
     call; -> counts per weight kind, of fused groups (`fused groups`), and per reason a layer was left to its own
-    forward (`kept: ...`). One-row steps of plain floating-point weights keep inductor's generated reduction
-    (generated_kernels): at batch 1 on an AVX2 EPYC the kernels were no faster (bf16, reductions vs kernels in
-    alternating processes: 30.0 vs 30.0 and 31 vs 36 ms/token); quantized weights and steps of 2-8 rows use the
-    kernels."""
+    forward (`kept: ...`). Quantized weights and steps of 2-8 rows use the kernels; one-row steps of plain
+    floating-point weights too, except where dense_one_row_kernels() says inductor's generated reductions are
+    faster."""
     from llmbench.backends.generated_kernels import _reduction_linear
 
     counts: dict[str, int] = {}
+    one_row_dense = None if dense_one_row_kernels() else _reduction_linear
 
     def give(module: torch.nn.Linear, kind: str, kernel: KernelCall, part=None) -> None:
         dense = kind not in QUANTIZED
-        module.forward = KernelLinearForward(module, max_rows, kernel, _reduction_linear if dense else None, part)
+        module.forward = KernelLinearForward(module, max_rows, kernel, one_row_dense if dense else None, part)
         counts[kind] = counts.get(kind, 0) + 1
 
     done: set[int] = set()

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""The two per-CPU choices of the compile backend's weight-streaming kernels (llmbench/backends/cpu_kernels.py),
+measured side by side on this host under the CPU lock.
+
+    python benchmarks/cpu_kernels.py --prefetch   # the kernels built with each prefetch hint: one step's linears
+    python benchmarks/cpu_kernels.py --step       # one-row linears as generated reductions vs the kernels
+
+--prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
+bf16, one input row), once per build of the kernels (prefetchnta, prefetcht0), each build in its own process,
+alternating for --rounds rounds; best and median per build, and the weight bytes streamed per second.
+--step compiles the default model's greedy decode step twice in one process (one-row linears as inductor's
+generated reductions, and as the kernels), alternates whole generations (32 in, 64 new) and prints ms/token, their
+ratio, and how many greedy tokens the two agree on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from woq import cpu_lock  # noqa: E402
+
+from llmbench.host import cpu_kind  # noqa: E402
+
+HINTS = {"nta": "0", "t0": "3"}
+
+
+def step_shapes() -> list[tuple[int, int]]:
+    """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
+    kernels run them) and its output head."""
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    c = AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    layer = [(c.hidden_size + 2 * kv, c.hidden_size), (c.hidden_size, c.hidden_size),
+             (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
+    return layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
+
+
+def time_linears(rounds: int) -> dict:
+    """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears."""
+    import torch
+
+    from llmbench.backends import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why:
+        raise SystemExit(why)
+    ops = torch.ops.llmbench_cpu
+    torch.manual_seed(0)
+    shapes, gs = step_shapes(), 32
+    int4 = [(torch.randint(0, 255, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // gs), torch.rand(n, k // gs))
+            for n, k in shapes]
+    bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}
+    cases = {
+        "int4": (lambda: [ops.linear_int4(xs[k], p, s, o, gs, None) for (p, s, o), (_, k) in zip(int4, shapes)],
+                 sum(p.numel() + 2 * 4 * s.numel() for p, s, _ in int4)),
+        "bf16": (lambda: [ops.linear_dense(xs[k], w, None) for w, (_, k) in zip(bf16, shapes)],
+                 sum(2 * w.numel() for w in bf16)),
+    }
+    out = {}
+    for name, (run, nbytes) in cases.items():
+        run()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        out[name] = {"best": min(times), "median": statistics.median(times), "bytes": nbytes}
+    return out
+
+
+def prefetch(rounds: int) -> None:
+    results: dict[str, list[dict]] = {hint: [] for hint in HINTS}
+    for _ in range(rounds):
+        for hint, level in HINTS.items():  # the kernels' own default comes first; the later -D wins
+            env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": f"-DLLMBENCH_PREFETCH_LOCALITY={level}"}
+            proc = subprocess.run([sys.executable, __file__, "--child", "10"], env=env, capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode:
+                raise SystemExit(f"the {hint} build failed: {proc.stderr.strip().splitlines()[-1:]}")
+            results[hint].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"one decode step's linears, default model shapes, 1 row; {cpu_kind().describe()}; "
+          f"{rounds} alternating processes per build")
+    for case in ("int4", "bf16"):
+        for hint, runs in results.items():
+            best = min(r[case]["best"] for r in runs)
+            median = statistics.median(r[case]["median"] for r in runs)
+            print(f"  {case} prefetch{hint:<3}  best {best * 1e3:6.2f} ms ({runs[0][case]['bytes'] / best / 1e9:5.1f} "
+                  f"GB/s)  median {median * 1e3:6.2f} ms")
+        best = {hint: min(r[case]["best"] for r in runs) for hint, runs in results.items()}
+        print(f"  {case} t0/nta best-time ratio: {best['t0'] / best['nta']:.3f}")
+
+
+def step(dtype: str, iters: int) -> None:
+    import torch
+
+    from llmbench.cli import RunConfig
+    from llmbench.pipeline import open_pipeline, quiet_libraries
+
+    quiet_libraries(verbose=False, no_progress=True)
+    config = RunConfig(device="cpu", dtype=dtype, backend="compile", num_beams=1, input_tokens=32,
+                       max_new_tokens=64, quiet=True)
+    os.environ["LLMBENCH_ONE_ROW_DENSE"] = "reductions"
+    first = open_pipeline(config)
+    inputs = first.inputs()
+    backends = {}
+    for name in ("reductions", "kernels"):
+        os.environ["LLMBENCH_ONE_ROW_DENSE"] = name
+        run = first if name == "reductions" else open_pipeline(config)
+        backends[name] = run.backend
+        run.backend.warm_up_shapes(inputs, 64, 1)
+    os.environ.pop("LLMBENCH_ONE_ROW_DENSE")
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    ids = {}
+    with cpu_lock(True):
+        for _ in range(iters):
+            for name, backend in backends.items():
+                start = time.perf_counter()
+                ids[name] = backend.generate(inputs, 64, 1, None)
+                times[name].append((time.perf_counter() - start) / 64)
+    same = (ids["reductions"] == ids["kernels"]).all(0).int().cumprod(0).sum().item() - inputs.num_tokens
+    print(f"greedy decode, default model, {dtype}, 32 in / 64 new, {iters} alternating generations; "
+          f"{cpu_kind().describe()}")
+    for name, ts in times.items():
+        print(f"  one-row linears as {name:<10}  best {min(ts) * 1e3:6.2f}  median {statistics.median(ts) * 1e3:6.2f} "
+              f"ms/token")
+    print(f"  kernels/reductions: best {min(times['kernels']) / min(times['reductions']):.3f}, median "
+          f"{statistics.median(times['kernels']) / statistics.median(times['reductions']):.3f}; greedy tokens "
+          f"equal: {same} of 64 ({torch.__version__})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--step", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(time_linears(args.child)))
+        return 0
+    if not (args.prefetch or args.step):
+        p.error("choose --prefetch, --step or both")
+    if args.prefetch:
+        with cpu_lock(True):
+            prefetch(args.rounds)
+    if args.step:
+        step(args.dtype, args.iters)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
