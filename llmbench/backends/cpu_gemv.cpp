@@ -149,6 +149,34 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
+// x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
+// the instructions of widening the weights first.
+void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                   int64_t n1) {
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t rows = std::min(R, n1 - n);
+    const at::BFloat16* wr[R];
+    block_rows(w, K, n, rows, wr);
+    const bool ahead = n + D * R < n1;
+    for (int64_t m = 0; m < M; ++m) {
+      const at::BFloat16* xm = x + m * K;
+      __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t k = 0; k < K; k += 32) {
+        if (m == 0 && ahead) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k);
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wr[r] + k), xv);
+      }
+      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+#endif
+
 // int4, K a multiple of 64: per 64 weights 32 bytes; byte t holds weight t (low nibble) and weight t + 32 (high
 // nibble), so a mask and a shift give 32 consecutive weights each. w = q * scale + offset per group of 2^shift
 // weights (at least 32), so sum(x * w) = scale * sum(x * q) + offset * sum(x) per group; the sums of x (exact, in
@@ -321,6 +349,17 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
 at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_dense: weight must be 2-D and contiguous");
   const int64_t N = weight.size(0), K = weight.size(1);
+#if defined(__AVX512BF16__)
+  if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0) {
+    TORCH_CHECK(x.size(-1) == K, "linear_dense: input size ", x.size(-1), " != weight input size ", K);
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.numel() / K;
+    TORCH_CHECK(M <= kMaxRows, "linear_dense: at most ", kMaxRows, " rows, got ", M);
+    const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
+    const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
+  }
+#endif
   const bool pairs = weight.scalar_type() == at::kBFloat16 && K % 16 == 0;
   const Rows rows = rows_of(x, K, pairs, "linear_dense");
   const float* xr = rows.x.data();
