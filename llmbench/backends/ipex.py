@@ -54,6 +54,34 @@ def check_ipex_environment() -> str:
     return str(ipex_version)
 
 
+def adapt_deepspeed_shard_sizes(model: torch.nn.Module) -> None:
+    """IPEX 2.8 slices the input of a DeepSpeed-sharded output head with deepspeed's tp_shard.get_shard_size(total,
+    world, "lm_head"), the signature of older DeepSpeed; DeepSpeed 0.19 takes the model's AutoTPMeta third, so the
+    name arrives as the meta ("'str' object has no attribute 'num_kv_heads'"). Where a model sharded by DeepSpeed is
+    optimized, a name in the meta's place is passed on as the name, with the meta the model was sharded with, and
+    the size as a number (IPEX's TorchScript trace passes a traced tensor, which DeepSpeed 0.19's divmod refuses)."""
+    import sys
+
+    tp_shard = sys.modules.get("deepspeed.module_inject.tp_shard")
+    meta = next((m.tp_meta for m in model.modules() if hasattr(m, "tp_meta")), None)
+    if tp_shard is None or meta is None or not hasattr(tp_shard, "AutoTPMeta") or \
+            getattr(tp_shard.get_shard_size, "llmbench_adapted", False):
+        return
+    size, size_list = tp_shard.get_shard_size, tp_shard.get_shard_size_list
+
+    def adapt(function):
+        def call(total_size, mp_size, meta_or_name=None, *args, **kwargs):
+            total_size = int(total_size)  # IPEX's TorchScript trace passes the hidden size as a traced tensor
+            if not isinstance(meta_or_name, tp_shard.AutoTPMeta):
+                return function(total_size, mp_size, meta, meta_or_name, *args, **kwargs)
+            return function(total_size, mp_size, meta_or_name, *args, **kwargs)
+
+        call.llmbench_adapted = True
+        return call
+
+    tp_shard.get_shard_size, tp_shard.get_shard_size_list = adapt(size), adapt(size_list)
+
+
 class IpexBackend(Backend):
     name = "ipex"
 
@@ -76,6 +104,7 @@ class IpexBackend(Backend):
 
             before = {name: type(mod) for name, mod in weight_layers(model).items()}
             quantize = {"quantization_config": qconfig_mapping(woq), "low_precision_checkpoint": woq.checkpoint}
+        adapt_deepspeed_shard_sizes(model)
         if hasattr(ipex, "llm") and hasattr(ipex.llm, "optimize"):
             api = "ipex.llm.optimize"
             model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type,
