@@ -289,12 +289,18 @@ struct Rows {
   int64_t M;
 };
 
-Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* op) {
-  TORCH_CHECK(input.size(-1) == K, op, ": input size ", input.size(-1), " != weight input size ", K);
+// x contiguous, checked against the weight's input size K; -> its number of rows (at most kMaxRows)
+int64_t checked_rows(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.size(-1) == K, op, ": input size ", x.size(-1), " != weight input size ", K);
   TORCH_CHECK(K % 8 == 0, op, ": input size must be a multiple of 8, got ", K);
-  const at::Tensor x = input.contiguous();
   const int64_t M = x.numel() / K;
   TORCH_CHECK(M <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", M);
+  return M;
+}
+
+Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* op) {
+  const at::Tensor x = input.contiguous();
+  const int64_t M = checked_rows(x, K, op);
   Rows rows{std::vector<float>(M * K), M};
   switch (x.scalar_type()) {
     case at::kFloat: read_rows(x.data_ptr<float>(), M * K, deinterleave, rows.x.data()); break;
@@ -351,10 +357,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   const int64_t N = weight.size(0), K = weight.size(1);
 #if defined(__AVX512BF16__)
   if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0) {
-    TORCH_CHECK(x.size(-1) == K, "linear_dense: input size ", x.size(-1), " != weight input size ", K);
     const at::Tensor xc = x.contiguous();
-    const int64_t M = xc.numel() / K;
-    TORCH_CHECK(M <= kMaxRows, "linear_dense: at most ", kMaxRows, " rows, got ", M);
+    const int64_t M = checked_rows(xc, K, "linear_dense");
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
