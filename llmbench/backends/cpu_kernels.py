@@ -37,13 +37,18 @@ def build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+def _amd() -> bool:
+    """The vendor the per-CPU choices below are made by (AMD: what the AVX2 EPYC measured; others: the AMX Xeon)."""
+    return "AMD" in cpu_kind().model_name.upper()
+
+
 def prefetch_hint() -> str:
     """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor.
     Measured with benchmarks/cpu_kernels.py: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a
     decode step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
     (prefetcht0) at 10.0 and 13.5 GB/s; the AVX2 EPYC the kernels were written on streamed at ~85% of its read
     bandwidth with prefetchnta."""
-    return "nta" if "AMD" in cpu_kind().model_name.upper() else "t0"
+    return "nta" if _amd() else "t0"
 
 
 def dense_one_row_kernels() -> bool:
@@ -57,7 +62,7 @@ def dense_one_row_kernels() -> bool:
         from llmbench.errors import UserError
 
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
-    return forced == "kernels" if forced else prefetch_hint() == "t0"
+    return forced == "kernels" if forced else not _amd()
 
 
 def prefetch_flags() -> list[str]:
