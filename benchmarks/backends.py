@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+
+from woq import leading_agreement  # noqa: E402
 
 from llmbench.backends import backend_names, get_backend
 from llmbench.cli import RunConfig
@@ -95,13 +98,6 @@ def measure(result: dict, args) -> None:
         next_token += timer.stop(args.max_new_tokens).token_latencies_s[1:]
     result["next_token_s"] = statistics.mean(next_token)
     result["ids"] = ids[0, result["inputs"].num_tokens:].tolist()
-
-
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
 
 
 def profile(result: dict, args, rows: int = 15) -> None:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from woq import add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
+from woq import add_case_args, cpu_lock, leading_agreement, run_anchor, run_one  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
@@ -34,13 +34,6 @@ IPEX_CASES = (("fp32", "eager"), ("bf16", "ipex"), ("int4", "ipex"))
 LABELS = {("fp32", "eager"): "eager fp32 (reference)", ("bf16", "compile"): "compile bf16",
           ("int4", "compile"): "TorchAO INT4, compile", ("bf16", "ipex"): "IPEX bf16",
           ("int4", "ipex"): "IPEX INT4 (woq)"}
-
-
-def leading_agreement(tokens: list, reference: list) -> int:
-    for i, (a, b) in enumerate(zip(tokens, reference)):
-        if a != b:
-            return i
-    return min(len(tokens), len(reference))
 
 
 def case_args(args: argparse.Namespace) -> list[str]:

@@ -48,6 +48,14 @@ def cpu_lock(enabled: bool):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def leading_agreement(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return min(len(tokens), len(reference))
+
+
 SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # unquantized schemes; int8/int4 compute in --dtype
 
 
