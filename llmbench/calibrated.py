@@ -20,6 +20,11 @@ from llmbench.errors import UserError
 from llmbench.models import LoadedModel, one_line
 
 DEFAULT_ITERS = 200  # AutoRound's own default
+# asymmetric, as the round-to-nearest INT4 it is compared with (TorchAO's and IPEX's); written in GPTQ's tensor layout
+# with zero points as they are (GPTQModel's packing), which auto-round's CPU kernels run and IPEX loads
+# (AutoRound's plain "auto_round" format writes asymmetric INT4 in AWQ's layout, which neither does)
+PACKING = "auto_round:gptqmodel"
+CALIBRATION_FILE = "llmbench_calibration.json"
 CALIB_BATCH = 4
 
 
@@ -54,13 +59,18 @@ def autoround_checkpoint(loaded: LoadedModel, config, device: torch.device, fold
           f"{iters} steps per block, group size {group_size}", file=sys.stderr)
     try:
         rounder = AutoRound(loaded.model.float(), loaded.tokenizer, scheme="W4A16", bits=4, group_size=group_size,
-                            sym=True, iters=iters, nsamples=len(samples), seqlen=CALIB_MAX_TOKENS,
+                            sym=False, iters=iters, nsamples=len(samples), seqlen=CALIB_MAX_TOKENS,
                             batch_size=min(CALIB_BATCH, len(samples)), dataset=samples, device_map=device.type,
                             enable_torch_compile=False)
-        rounder.quantize_and_save(str(folder), format="auto_round")
+        rounder.quantize_and_save(str(folder), format=PACKING)
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise UserError(f"--woq-algo autoround failed: {one_line(exc)}") from exc
     _flatten_output(folder)
+    # AutoRound's config leaves out settings at its defaults: the calibration is written down here in full
+    calibration = {"iters": iters, "nsamples": len(samples), "seqlen": CALIB_MAX_TOKENS, "sym": False,
+                   "group_size": group_size, "dataset": str(config.calib_dataset), "made_by": f"auto-round "
+                   f"{autoround_version()}", "from_model": loaded.name}
+    (folder / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8")
 
 
 def token_windows(tokenizer, texts: list[str]) -> list[torch.Tensor]:
@@ -129,5 +139,8 @@ def read_settings(folder: Path) -> dict:
     if "auto-round" not in str(saved.get("quant_method")):
         raise UserError(f"--woq-checkpoint {folder} was made by {saved.get('quant_method')!r}, not AutoRound: drop "
                         "--woq-algo autoround, or pass another path")
-    saved["calibration"] = {k: saved.get(k) for k in ("iters", "nsamples", "seqlen", "sym") if k in saved}
+    try:
+        saved["calibration"] = json.loads((folder / CALIBRATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a folder made elsewhere: what its config says
+        saved["calibration"] = {k: saved.get(k) for k in ("iters", "nsamples", "seqlen", "sym") if k in saved}
     return saved

@@ -24,8 +24,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PACK = 8  # int4 values per int32 in GPTQ layout
 IPEX_BLOCK_N = 32  # output sizes IPEX 2.8 packs from GPTQ layout come in blocks of this many
-# quant_method values whose tensors are GPTQ's layout (AutoRound's "auto_round:auto_gptq" packing is GPTQ's)
+# quant_method values whose tensors are GPTQ's layout, and the packings of it: GPTQ's original (zero points stored
+# less one: "auto_gptq", AutoRound's "auto_round:auto_gptq") and GPTQModel's (zero points as they are: AutoRound's
+# "auto_round" and "auto_round:gptqmodel", GPTQModel's checkpoint_format "gptq_v2")
 GPTQ_METHODS = ("gptq", "auto-round", "intel/auto-round")
+RAW_ZERO_PACKINGS = ("auto_round", "auto_round:gptqmodel")
+GPTQ_PACKINGS = ("auto_gptq", "auto_round:auto_gptq", *RAW_ZERO_PACKINGS)
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
@@ -98,7 +102,7 @@ def plan(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype) 
     if folder is not None and tensor_parallel()[1] > 1:
         raise UserError("--ipex --woq-checkpoint in a tensor-parallel run is not supported: run the checkpoint in "
                         "one process, or drop --woq-checkpoint (IPEX then quantizes each rank's shard itself)")
-    checkpoint, made_by = None, "intel-extension-for-pytorch (round to nearest)"
+    checkpoint, made_by, calibration = None, "intel-extension-for-pytorch (round to nearest)", None
     if config.woq_algo == "autoround" and (folder is None or not folder.exists()):
         from llmbench.calibrated import autoround_checkpoint
 
@@ -113,6 +117,10 @@ def plan(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype) 
                             f"{config.woq_group_size}: drop the flag, or pass another path to quantize afresh")
         made_by = saved.get("made_by") or saved.get("quant_method")
         algo = "autoround" if "auto-round" in str(saved.get("quant_method")) else saved.get("algo", "rtn")
+        if algo == "autoround":
+            from llmbench.calibrated import read_settings
+
+            calibration = read_settings(folder)["calibration"]
         if algo != config.woq_algo:
             raise UserError(f"--woq-checkpoint {folder} was made with --woq-algo {algo}, not {config.woq_algo}: "
                             "rerun with its settings, or pass another path to quantize afresh")
@@ -130,7 +138,7 @@ def plan(loaded: LoadedModel, config, device: torch.device, dtype: torch.dtype) 
     settings = {
         "scheme": config.woq, "group_size": group_size, "algo": config.woq_algo,
         "library": f"intel-extension-for-pytorch {ipex_version()}", "lowp_mode": lowp,
-        "layout": "IPEX WeightOnlyQuantizedLinear", "weights_from": made_by,
+        "layout": "IPEX WeightOnlyQuantizedLinear", "weights_from": made_by, "calibration": calibration,
         "model": loaded.name, "architecture": type(loaded.model).__name__,
         "dtype": str(dtype).removeprefix("torch."), "device": device.type,
         "checkpoint": str(folder) if folder is not None else None,
@@ -171,6 +179,13 @@ def pack_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_
     return {"qweight": _to_int32(qweight), "qzeros": _to_int32(qzeros),
             "scales": scales.t().contiguous().to(torch.float16),
             "g_idx": torch.arange(k, dtype=torch.int32) // group_size}
+
+
+def zeros_less_one(qzeros: torch.Tensor) -> torch.Tensor:
+    """Packed INT4 zero points (int32, 8 per value, first in the low bits) -> the same with each stored less one."""
+    shifts = torch.arange(PACK, dtype=torch.int64) * 4
+    zeros = (qzeros.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    return _to_int32((((zeros - 1) & 0xF) << shifts).sum(-1))
 
 
 def ipex_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,7 +246,7 @@ def read_checkpoint(folder: Path, loaded: LoadedModel, scheme: str) -> tuple[tup
                         f"quantization_config): {one_line(exc)}; remove it, or pass a new path to create one") from exc
     method, bits = saved.get("quant_method"), saved.get("bits", 4)
     packing = str(saved.get("packing_format", "auto_gptq"))
-    if method not in GPTQ_METHODS or "gptq" not in packing or saved.get("desc_act"):
+    if method not in GPTQ_METHODS or packing not in GPTQ_PACKINGS or saved.get("desc_act"):
         raise UserError(f"--woq-checkpoint {folder}: quant_method {method!r} (packing {packing!r}) is not GPTQ's "
                         "layout without act-order, which is what this suite passes to IPEX")
     if bits != 4 or scheme != "int4":
@@ -257,5 +272,9 @@ def read_checkpoint(folder: Path, loaded: LoadedModel, scheme: str) -> tuple[tup
         raise UserError(f"--woq-checkpoint {folder} holds no quantized layer (no .qweight tensor)")
     state = {f"{layer}.{suffix}": tensors[f"{layer}.{suffix}"] for layer in layers for suffix in TENSOR_SUFFIXES
              if f"{layer}.{suffix}" in tensors}
+    if packing in RAW_ZERO_PACKINGS or saved.get("checkpoint_format") == "gptq_v2":
+        # zero points stored as themselves: IPEX reads GPTQ's original form, which stores them less one
+        for layer in layers:
+            state[f"{layer}.qzeros"] = zeros_less_one(state[f"{layer}.qzeros"])
     quant_config = {"quant_method": "gptq", "group_size": saved.get("group_size"), "desc_act": False, "bits": 4}
     return (state, quant_config), saved
