@@ -76,17 +76,31 @@ inline void block_rows(const W* w, int64_t stride, int64_t n, int64_t rows, cons
   for (int64_t r = 0; r < R; ++r) wr[r] = w + (n + std::min(r, rows - 1)) * stride;
 }
 
+// Every block of R weight rows in [n0, n1) (rows `stride` elements apart) against every row of x:
+// body(wr, n, rows, ahead, m, sums) puts the block's dot products with row m of x into sums, which land in out
+// (M, n1 - n0); `ahead`: the rows D blocks on exist, to be prefetched.
+template <typename W, typename Body>
+inline void each_block(const W* w, int64_t stride, int64_t M, int64_t n0, int64_t n1, float* out, Body&& body) {
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t rows = std::min(R, n1 - n);
+    const W* wr[R];
+    block_rows(w, stride, n, rows, wr);
+    const bool ahead = n + D * R < n1;
+    for (int64_t m = 0; m < M; ++m) {
+      float sums[R];
+      body(wr, n, rows, ahead, m, sums);
+      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
+    }
+  }
+}
+
 // Dense or int8 weights: `groups` float scales per row (scale == nullptr: no scale), group size a multiple of 8.
 template <typename W>
 void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t groups,
                 float* out, int64_t n0, int64_t n1) {
   const int64_t gs = K / groups;
-  for (int64_t n = n0; n < n1; n += R) {
-    const int64_t rows = std::min(R, n1 - n);
-    const W* wr[R];
-    block_rows(w, K, n, rows, wr);
-    const bool ahead = n + D * R < n1;
-    for (int64_t m = 0; m < M; ++m) {
+  each_block(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m,
+                                       float* sums) {
       const float* xm = x + m * K;
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t g = 0; g < groups; ++g) {
@@ -111,10 +125,8 @@ void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* s
           a0 += t0; a1 += t1; a2 += t2; a3 += t3;
         }
       }
-      const float sums[R] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
-    }
-  }
+      sums[0] = hsum(a0); sums[1] = hsum(a1); sums[2] = hsum(a2); sums[3] = hsum(a3);
+  });
 }
 
 // bf16, K a multiple of 16: one 32-byte load gives 16 weights as eight 32-bit lanes, each holding an even-indexed
@@ -123,12 +135,8 @@ void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* s
 void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
   const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
                     0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
-  for (int64_t n = n0; n < n1; n += R) {
-    const int64_t rows = std::min(R, n1 - n);
-    const at::BFloat16* wr[R];
-    block_rows(w, K, n, rows, wr);
-    const bool ahead = n + D * R < n1;
-    for (int64_t m = 0; m < M; ++m) {
+  each_block(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m,
+                                       float* sums) {
       const float* xm = xd + m * K;
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t k = 0; k < K; k += 16) {
@@ -143,10 +151,8 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
         a2 += xe * (v8f)(l2 << 16) + xo * (v8f)(l2 & high);
         a3 += xe * (v8f)(l3 << 16) + xo * (v8f)(l3 & high);
       }
-      const float sums[R] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
-    }
-  }
+      sums[0] = hsum(a0); sums[1] = hsum(a1); sums[2] = hsum(a2); sums[3] = hsum(a3);
+  });
 }
 
 #if defined(__AVX512BF16__)
@@ -155,12 +161,8 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
 // the instructions of widening the weights first.
 void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                    int64_t n1) {
-  for (int64_t n = n0; n < n1; n += R) {
-    const int64_t rows = std::min(R, n1 - n);
-    const at::BFloat16* wr[R];
-    block_rows(w, K, n, rows, wr);
-    const bool ahead = n + D * R < n1;
-    for (int64_t m = 0; m < M; ++m) {
+  each_block(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m,
+                                       float* sums) {
       const at::BFloat16* xm = x + m * K;
       __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t k = 0; k < K; k += 32) {
@@ -171,9 +173,8 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 #pragma GCC unroll 4
         for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wr[r] + k), xv);
       }
-      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = _mm512_reduce_add_ps(acc[r]);
-    }
-  }
+      for (int64_t r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+  });
 }
 #endif
 
@@ -207,15 +208,10 @@ inline float int4_offset_term(const Int4Args& a, int64_t m, int64_t n) {
 
 void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
   const int64_t K = a.K, groups = K >> a.shift, row_bytes = K / 2;
-  for (int64_t n = n0; n < n1; n += R) {
-    const int64_t rows = std::min(R, n1 - n);
-    const uint8_t* wr[R];
-    block_rows(a.w, row_bytes, n, rows, wr);
-    const float* sr[R];
-    for (int64_t r = 0; r < R; ++r) sr[r] = a.scale + (n + std::min(r, rows - 1)) * groups;
-    const bool ahead = n + D * R < n1;
-    for (int64_t m = 0; m < a.M; ++m) {
-      float sums[R];
+  each_block(a.w, row_bytes, a.M, n0, n1, out, [&](const uint8_t* (&wr)[R], int64_t n, int64_t rows, bool ahead,
+                                                   int64_t m, float* sums) {
+      const float* sr[R];
+      block_rows(a.scale, groups, n, rows, sr);
 #ifdef __AVX2__
       const int8_t* xq = a.xq + m * K;
       const float* xd = a.xd + m * (K / 32);
@@ -244,7 +240,7 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
       // plus sum over groups of offset * sum(x), eight groups at a time
       const float* xs = a.xsum + m * groups;
       const float* orow[R];
-      for (int64_t r = 0; r < R; ++r) orow[r] = a.offset + (n + std::min(r, rows - 1)) * groups;
+      block_rows(a.offset, groups, n, rows, orow);
       float tail[R] = {0.f, 0.f, 0.f, 0.f};
       int64_t g = 0;
       for (; g + 8 <= groups; g += 8) {
@@ -267,12 +263,10 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
           }
           total += lo * sr[r][k >> a.shift] + hi * sr[r][(k + 32) >> a.shift];
         }
-        sums[r] = total + int4_offset_term(a, m, n + r);
+        sums[r] = total + int4_offset_term(a, m, n + std::min(r, rows - 1));
       }
 #endif
-      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
-    }
-  }
+  });
 }
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
