@@ -61,13 +61,13 @@ def time_linears(rounds: int) -> dict:
     ops = torch.ops.llmbench_cpu
     torch.manual_seed(0)
     shapes, gs = step_shapes(), 32
-    int4 = [(torch.randint(0, 255, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // gs), torch.rand(n, k // gs))
-            for n, k in shapes]
+    int4 = [cpu_kernels.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
+                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in shapes]
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
     xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}
     cases = {
-        "int4": (lambda: [ops.linear_int4(xs[k], p, s, o, gs, None) for (p, s, o), (_, k) in zip(int4, shapes)],
-                 sum(p.numel() + 2 * 4 * s.numel() for p, s, _ in int4)),
+        "int4": (lambda: [ops.linear_int4(xs[k], rows, gs, 2, None) for rows, (_, k) in zip(int4, shapes)],
+                 sum(rows.numel() for rows in int4)),
         "bf16": (lambda: [ops.linear_dense(xs[k], w, None) for w, (_, k) in zip(bf16, shapes)],
                  sum(2 * w.numel() for w in bf16)),
     }

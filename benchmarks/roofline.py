@@ -75,9 +75,12 @@ def anchor_rows(args) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], gb_s: float) -> None:
+def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) -> None:
+    """`gb_s`: the host's read bandwidth (the best seen), the roofline's; `run_gb_s`: the bandwidth measured during
+    this run (the mean of its measurements before and after the cases), which a shared host lowers: "% of run bw"
+    is the share of that bandwidth a case reached."""
     print(f"\n{'backend':<10}{'scheme':<7}{'dtype':<10}{'ms/token':>9}{'roofline ms':>12}{'% of roofline':>14}"
-          f"{'MB read/token':>14}{'compile s':>10}")
+          f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:<10}{r['scheme']:<7}failed: {r['error']}")
@@ -85,10 +88,11 @@ def print_table(rows: list[dict], gb_s: float) -> None:
         roofline_ms = r["bytes_read"] / (gb_s * 1e9) * 1e3 if r["bytes_read"] and gb_s else None
         roofline = f"{roofline_ms:.2f}" if roofline_ms else "-"
         share = f"{roofline_ms / r['next_ms'] * 100:.0f}%" if roofline_ms else "-"
+        run_share = f"{roofline_ms * gb_s / run_gb_s / r['next_ms'] * 100:.0f}%" if roofline_ms and run_gb_s else "-"
         read_mb = f"{r['bytes_read'] / 1e6:.1f}" if r["bytes_read"] else "-"
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
         print(f"{r['backend']:<10}{r['scheme']:<7}{r['dtype']:<10}{r['next_ms']:>9.2f}{roofline:>12}{share:>14}"
-              f"{read_mb:>14}{compile_s:>10}")
+              f"{run_share:>12}{read_mb:>14}{compile_s:>10}")
 
 
 def main() -> int:
@@ -102,11 +106,15 @@ def main() -> int:
     quiet_libraries(verbose=False, no_progress=True)
     device = resolve_device(args.device)
     print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
-    with cpu_lock(not args.no_lock and device.type == "cpu"):
-        bandwidth = device_bandwidth(device, refresh=True)
+    def measure_now() -> dict:
+        with cpu_lock(not args.no_lock and device.type == "cpu"):
+            return device_bandwidth(device, refresh=True)
+
+    bandwidth = measure_now()
     gb_s = bandwidth.get("read_bandwidth_gb_s")
     print(f"read bandwidth: {f'{gb_s:.1f} GB/s' if gb_s else 'unknown'} ({bandwidth.get('source')}: "
           f"{bandwidth.get('method') or bandwidth.get('error')})", flush=True)
+    run_measures = [bandwidth.get("last_measured_gb_s")]
     rows = []
     for backend in (args.backends or default_backends()).split(","):
         for scheme in args.schemes.split(","):
@@ -120,10 +128,16 @@ def main() -> int:
         print("llama.cpp rows left out: they run the default model on cpu", file=sys.stderr)
     elif not args.no_anchor:
         rows += anchor_rows(args)
+    run_measures.append(measure_now().get("last_measured_gb_s"))
+    run_gb_s = None
+    if all(run_measures):
+        run_gb_s = sum(run_measures) / len(run_measures)
+        print(f"read bandwidth during this run: {run_measures[0]:.1f} GB/s before the cases, {run_measures[1]:.1f} "
+              f"after (a shared host lowers it; the roofline uses the best seen, {gb_s:.1f})")
     model = next((r["model"] for r in rows if "model" in r), args.model or "the default model")
     print(f"\nmodel {model}, batch 1, greedy, {args.input_tokens} input / {args.max_new_tokens} new "
           f"tokens, {args.num_iter} iterations; timed under {'no lock' if args.no_lock else LOCK}")
-    print_table(rows, gb_s)
+    print_table(rows, gb_s, run_gb_s)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -38,13 +38,13 @@ def test_dense_equals_linear(ops, dtype, rows, in_features):
     assert (without_bias - reference(x, weight, None)).abs().max().item() <= tolerance
 
 
-def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40):
+def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40, dtype=torch.bfloat16):
     from torchao.quantization import quantize_
 
     from llmbench.quantize import torchao_config
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(in_features, out_features, bias=True).to(torch.bfloat16)
+    linear = torch.nn.Linear(in_features, out_features, bias=True).to(dtype)
     quantize_(linear, torchao_config(scheme, group_size, torch.device("cpu")))
     return linear
 
@@ -59,32 +59,60 @@ def test_int8_equals_torchao(ops, group_size):
     assert (call(x).float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
 
 
-def dequantize_packed(packed, scale, offset, group_size):
-    """The kernel layout's weights in float32: per 64, byte t holds weight t (low nibble) and t + 32 (high)."""
-    n, half = packed.shape
-    chunks = packed.view(n, half // 32, 32)
-    q = torch.cat([chunks & 15, chunks >> 4], dim=-1).reshape(n, half * 2).float()
-    groups = q.view(n, -1, group_size)
-    return (groups * scale[..., None] + offset[..., None]).reshape(n, half * 2)
+def dequantize_rows(rows, value_bytes, in_features, group_size):
+    """The kernel layout's weights in float32: per row its groups' scales, their zeros, padding, then per 64
+    weights 32 bytes, byte t holding weight t (low nibble) and t + 32 (high nibble); w = (q - 8) * scale + zero."""
+    n, groups = rows.shape[0], in_features // group_size
+    dtype = {2: torch.bfloat16, 4: torch.float32}[value_bytes]
+    size = groups * value_bytes
+    scale = rows[:, :size].contiguous().view(dtype).float()
+    zero = rows[:, size:2 * size].contiguous().view(dtype).float()
+    chunks = rows[:, -in_features // 2:].reshape(n, in_features // 64, 32)
+    q = torch.cat([chunks & 15, chunks >> 4], dim=-1).reshape(n, groups, group_size).float()
+    return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, in_features)
 
 
-# 256 and 320 inputs in groups of 32: 8 and 10 groups (the offset term's eight-at-a-time loop, and its tail)
-@pytest.mark.parametrize("group_size, in_features", [(32, 256), (32, 320), (64, 256), (128, 256)])
-def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, in_features):
-    linear = quantized_linear("int4", group_size, in_features=in_features, out_features=48)
-    packed, scale, offset, size = cpu_kernels.int4_from_torchao(linear.weight)
-    assert size == group_size and packed.dtype == torch.uint8 and packed.shape == (48, in_features // 2)
+# 256 and 320 inputs in groups of 32: 8 and 10 groups (the offset term's eight-at-a-time loop, and its tail);
+# bfloat16 models keep bfloat16 scales and zeros, float32 ones float32
+@pytest.mark.parametrize("group_size, in_features, dtype", [
+    (32, 256, torch.bfloat16), (32, 320, torch.bfloat16), (64, 256, torch.bfloat16), (128, 256, torch.bfloat16),
+    (32, 320, torch.float32), (128, 256, torch.float32)])
+def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, in_features, dtype):
+    linear = quantized_linear("int4", group_size, in_features=in_features, out_features=48, dtype=dtype)
+    rows, (size, value_bytes) = cpu_kernels.int4_from_torchao(linear.weight)
+    assert size == group_size and value_bytes == dtype.itemsize and rows.dtype == torch.uint8
+    meta_bytes = 2 * (in_features // group_size) * value_bytes
+    assert rows.shape == (48, in_features // 2 + meta_bytes + -meta_bytes % 32) and rows.shape[1] % 32 == 0
     # TorchAO's own kernel on an identity matrix gives its dequantized weight: the repacked values are the same
+    # (up to float32 rounding in another order of operations)
     torchao_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
         torch.eye(in_features), linear.weight.qdata, group_size, linear.weight.scale_and_zero.float()).t()
-    assert torch.allclose(dequantize_packed(packed, scale, offset, group_size), torchao_weight, atol=1e-5)
+    assert torch.allclose(dequantize_rows(rows, value_bytes, in_features, group_size), torchao_weight, rtol=1e-6,
+                          atol=1e-7)
     call, kind = cpu_kernels.kernel_call(linear)
     assert kind == "int4"
-    x = torch.randn(2, in_features).to(torch.bfloat16)
+    x = torch.randn(3, in_features).to(dtype)
     expected = reference(x, torchao_weight, linear.bias)
     # x is quantized to int8 per 32 values on AVX2 CPUs (its step is 1/127 of each block's largest value): within
-    # 3% of the largest output, where a wrong nibble, scale or offset is off by tens of percent
+    # 3% of the largest output, where a wrong nibble, scale or zero is off by tens of percent
     assert (call(x).float() - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("meta", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_rows", [1, 5])
+def test_int4_rows_of_any_count(ops, meta, x_rows):
+    """47 outputs (TorchAO takes multiples of 16 only): the last block of four rows has three."""
+    torch.manual_seed(x_rows)
+    q = torch.randint(0, 16, (47, 192))
+    scale, zero = torch.rand(47, 6).to(meta) / 8, torch.randn(47, 6).to(meta) / 4
+    rows, value_bytes = cpu_kernels.int4_rows(q, scale, zero)
+    weight = dequantize_rows(rows, value_bytes, 192, 32)
+    expected_weight = (q.view(47, 6, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    assert torch.equal(weight, expected_weight.view(47, 192))
+    x = torch.randn(x_rows, 192)
+    expected = reference(x, weight, None)
+    out = ops.linear_int4(x, rows, 32, value_bytes, None)
+    assert (out - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
 
 
 def siblings(make) -> torch.nn.Module:
@@ -142,6 +170,10 @@ def test_bad_calls_are_refused(ops):
         ops.linear_dense(torch.randn(1, 32), weight, None)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         ops.linear_dense(torch.randn(1, 64), weight.double(), None)
+    with pytest.raises(RuntimeError, match="a packed row of 40 bytes is not 32 weight bytes after 32 bytes"):
+        ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 40, dtype=torch.uint8), 32, 2, None)
+    with pytest.raises(RuntimeError, match="not 3 bytes"):
+        ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), 32, 3, None)
 
 
 def test_layers_the_kernels_cannot_take_keep_their_forward():

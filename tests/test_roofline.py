@@ -172,13 +172,27 @@ def test_roofline_table_script(tmp_path, tiny_llama):
     rows = [line.split() for line in lines[header + 1:]]
     assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "int8", "bfloat16")]
     for r in rows:
-        ms, roofline_ms, share, read_mb = float(r[3]), float(r[4]), r[5], float(r[6])
+        ms, roofline_ms, share, run_share, read_mb = float(r[3]), float(r[4]), r[5], r[6], float(r[7])
         assert roofline_ms == pytest.approx(read_mb / 10, rel=0.01, abs=0.01)
         # both figures are printed to 0.01 ms, so the share is checked against the interval their rounding allows
         low = (roofline_ms - 0.005) / (ms + 0.005) * 100
         high = (roofline_ms + 0.005) / (ms - 0.005) * 100
         assert share.endswith("%") and round(low) <= int(share[:-1]) <= round(high), (share, low, high)
-    assert float(rows[1][6]) < float(rows[0][6])  # int8 weights are read in a quarter of fp32's bytes and less
+        assert run_share == "-"  # a bandwidth set by the user: nothing measured during the run
+    assert float(rows[1][7]) < float(rows[0][7])  # int8 weights are read in a quarter of fp32's bytes and less
+
+
+def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run(capsys):
+    """Against the best bandwidth seen (20 GB/s) a 10 ms step reading 100 MB is at 50%; against the 12.5 GB/s a shared
+    host gave during the run, at 80%."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline import print_table
+
+    row = {"backend": "compile", "scheme": "bf16", "dtype": "bfloat16", "next_ms": 10.0, "bytes_read": 100e6}
+    print_table([row], 20.0, 12.5)
+    header, line = capsys.readouterr().out.strip().splitlines()
+    assert "% of run bw" in header
+    assert line.split()[3:7] == ["10.00", "5.00", "50%", "80%"]
 
 
 def test_roofline_script_refuses_unknown_schemes():

@@ -7,7 +7,7 @@
 // accumulator per weight row (four independent chains) and prefetches the next block's rows, so the loop is bound
 // by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane
 // (shift and mask, against x deinterleaved once per call); fp16 by F16C; int8 with a float scale per row or group;
-// int4 eight per 32-bit lane (shift and mask) with a float scale and offset per group. Accumulation is in float32;
+// int4 eight per 32-bit lane (shift and mask) with a scale and zero per group ahead of each row. Accumulation is in float32;
 // x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -178,16 +178,22 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 }
 #endif
 
-// int4, K a multiple of 64: per 64 weights 32 bytes; byte t holds weight t (low nibble) and weight t + 32 (high
-// nibble), so a mask and a shift give 32 consecutive weights each. w = q * scale + offset per group of 2^shift
-// weights (at least 32), so sum(x * w) = scale * sum(x * q) + offset * sum(x) per group; the sums of x (exact, in
-// float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values (xq, with scale xd,
-// as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd); without AVX2 it is
-// computed in float32.
+// int4, K a multiple of 64. Each weight row is one run of bytes: the scales of its groups (2^shift weights each, at
+// least 32), their zeros (both bfloat16, or float32 where the model's were not bfloat16), zero bytes up to a
+// multiple of 32, then per 64 weights 32 bytes, byte t holding weight t (low nibble) and weight t + 32 (high
+// nibble): a mask and a shift give 32 consecutive weights each. One row is one stream to read and prefetch, and
+// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines. w = (q - 8) * scale + zero, so
+// sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums of x (exact, in float32) come
+// precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values (xq, with scale xd, as llama.cpp
+// does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd); without AVX2 it is computed in
+// float32.
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
-  int64_t M, K; const uint8_t* w; const float* scale; const float* offset; int shift;
+  int64_t M, K; const uint8_t* w; int64_t stride; int shift;
 };
+
+inline float scalar(float v) { return v; }
+inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
 
 #ifdef __AVX2__
 // The sums of four vectors, one per lane of the result.
@@ -197,58 +203,67 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 #endif
 
-inline float int4_offset_term(const Int4Args& a, int64_t m, int64_t n) {
-  const int64_t groups = a.K >> a.shift;
-  const float* off = a.offset + n * groups;
-  const float* xs = a.xsum + m * groups;
-  float o = 0.f;
-  for (int64_t g = 0; g < groups; ++g) o += off[g] * xs[g];
-  return o;
-}
-
+template <typename T>
 void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t K = a.K, groups = K >> a.shift, row_bytes = K / 2;
-  each_block(a.w, row_bytes, a.M, n0, n1, out, [&](const uint8_t* (&wr)[R], int64_t n, int64_t rows, bool ahead,
-                                                   int64_t m, float* sums) {
-      const float* sr[R];
-      block_rows(a.scale, groups, n, rows, sr);
+  const int64_t K = a.K, groups = K >> a.shift, meta = a.stride - K / 2, blocks = K / 32;
+  const int64_t step = (a.stride + K / 64 - 1) / (K / 64);  // bytes of a row ahead to prefetch per 64 weights
+  std::vector<float> scaled(R * blocks);  // per row of the block: its scale times x's scale, per 32 weights
+  each_block(a.w, a.stride, a.M, n0, n1, out, [&](const uint8_t* (&wr)[R], int64_t, int64_t, bool ahead,
+                                                  int64_t m, float* sums) {
+      const T* sr[R];
+      const T* zr[R];
+      const uint8_t* qr[R];
+      for (int64_t r = 0; r < R; ++r) {
+        sr[r] = reinterpret_cast<const T*>(wr[r]);
+        zr[r] = sr[r] + groups;
+        qr[r] = wr[r] + meta;
+      }
+      const float* xs = a.xsum + m * groups;
 #ifdef __AVX2__
       const int8_t* xq = a.xq + m * K;
-      const float* xd = a.xd + m * (K / 32);
+      const float* xd = a.xd + m * blocks;
+      for (int64_t r = 0; r < R; ++r) {
+        float* p = scaled.data() + r * blocks;
+        int64_t b = 0;
+        if (a.shift == 5)  // a group per 32 weights: eight at a time
+          for (; b + 8 <= blocks; b += 8) {
+            const v8f v = widen(sr[r] + b) * load_f32(xd + b);
+            std::memcpy(p + b, &v, sizeof v);
+          }
+        for (; b < blocks; ++b) p[b] = scalar(sr[r][(b * 32) >> a.shift]) * xd[b];
+      }
       const __m256i low = _mm256_set1_epi8(0x0F);
       const __m256i ones = _mm256_set1_epi16(1);
       __m256 acc[R] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t k = 0; k < K; k += 64) {
         if (m == 0 && ahead) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * row_bytes + k / 2);
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * a.stride + (k / 64) * step);
         }
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
-        const float d0 = xd[k / 32], d1 = xd[k / 32 + 1];
-        const int64_t g0 = k >> a.shift, g1 = (k + 32) >> a.shift;
 #pragma GCC unroll 4
         for (int64_t r = 0; r < R; ++r) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k / 2));
+          const float* p = scaled.data() + r * blocks + k / 32;
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + k / 2));
           const __m256i lo = _mm256_and_si256(v, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           const __m256 s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones));
           const __m256 s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones));
-          acc[r] = _mm256_fmadd_ps(s0, _mm256_set1_ps(sr[r][g0] * d0), acc[r]);
-          acc[r] = _mm256_fmadd_ps(s1, _mm256_set1_ps(sr[r][g1] * d1), acc[r]);
+          acc[r] = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(p), acc[r]);
+          acc[r] = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(p + 1), acc[r]);
         }
       }
-      // plus sum over groups of offset * sum(x), eight groups at a time
-      const float* xs = a.xsum + m * groups;
-      const float* orow[R];
-      block_rows(a.offset, groups, n, rows, orow);
+      // plus sum over groups of (zero - 8 * scale) * sum(x), eight groups at a time
+      const v8f eight = {8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f};
       float tail[R] = {0.f, 0.f, 0.f, 0.f};
       int64_t g = 0;
       for (; g + 8 <= groups; g += 8) {
-        const __m256 xv = _mm256_loadu_ps(xs + g);
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(orow[r] + g), xv, acc[r]);
+        const v8f xv = load_f32(xs + g);
+        for (int64_t r = 0; r < R; ++r)
+          acc[r] = (__m256)((v8f)acc[r] + (widen(zr[r] + g) - eight * widen(sr[r] + g)) * xv);
       }
       for (; g < groups; ++g)
-        for (int64_t r = 0; r < R; ++r) tail[r] += orow[r][g] * xs[g];
+        for (int64_t r = 0; r < R; ++r) tail[r] += (scalar(zr[r][g]) - 8.f * scalar(sr[r][g])) * xs[g];
       _mm_storeu_ps(sums, _mm_add_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));
 #else
       const float* xm = a.x + m * K;
@@ -257,13 +272,14 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
         for (int64_t k = 0; k < K; k += 64) {
           float lo = 0.f, hi = 0.f;
           for (int64_t t = 0; t < 32; ++t) {
-            const uint8_t b = wr[r][k / 2 + t];
+            const uint8_t b = qr[r][k / 2 + t];
             lo += xm[k + t] * static_cast<float>(b & 15);
             hi += xm[k + 32 + t] * static_cast<float>(b >> 4);
           }
-          total += lo * sr[r][k >> a.shift] + hi * sr[r][(k + 32) >> a.shift];
+          total += lo * scalar(sr[r][k >> a.shift]) + hi * scalar(sr[r][(k + 32) >> a.shift]);
         }
-        sums[r] = total + int4_offset_term(a, m, n + std::min(r, rows - 1));
+        for (int64_t g = 0; g < groups; ++g) total += (scalar(zr[r][g]) - 8.f * scalar(sr[r][g])) * xs[g];
+        sums[r] = total;
       }
 #endif
   });
@@ -396,18 +412,20 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
   });
 }
 
-at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, int64_t value_bytes,
+                       const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
               "linear_int4: packed weight must be contiguous 2-D uint8");
   TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
               "linear_int4: group size must be a power of two, at least 32");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / group_size;
+  const int64_t N = packed.size(0), stride = packed.size(1), K = x.size(-1), groups = K / group_size;
   TORCH_CHECK(K % group_size == 0 && K % 64 == 0,
               "linear_int4: the input size must be a multiple of 64 and of the group size");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
-              offset.is_contiguous() && scale.numel() == N * groups && offset.numel() == N * groups,
-              "linear_int4: scale and offset must be contiguous float32 (N, groups)");
+  TORCH_CHECK(value_bytes == 2 || value_bytes == 4, "linear_int4: scales and zeros are bfloat16 (2 bytes) or ",
+              "float32 (4 bytes), not ", value_bytes, " bytes");
+  const int64_t meta = (2 * groups * value_bytes + 31) / 32 * 32;  // the row's scales and zeros, padded
+  TORCH_CHECK(stride == meta + K / 2, "linear_int4: a packed row of ", stride, " bytes is not ", K / 2,
+              " weight bytes after ", meta, " bytes of scales and zeros of ", groups, " groups");
   const Rows rows = rows_of(x, K, false, "linear_int4");
   const int64_t M = rows.M;
   std::vector<float> xsum(M * groups, 0.f);
@@ -424,9 +442,11 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
       for (int64_t t = 0; t < 32; ++t) xq[m * K + b * 32 + t] = static_cast<int8_t>(std::nearbyint(xb[t] * inv));
     }
   }
-  const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(),
-                      scale.data_ptr<float>(), offset.data_ptr<float>(), __builtin_ctzll(group_size)};
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows(args, o, n0, n1); });
+  const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(), stride,
+                      __builtin_ctzll(group_size)};
+  if (value_bytes == 2)
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows<at::BFloat16>(args, o, n0, n1); });
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows<float>(args, o, n0, n1); });
 }
 
 }  // namespace
@@ -434,7 +454,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group_size, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {

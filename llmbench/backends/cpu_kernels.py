@@ -9,7 +9,8 @@ near the memory bandwidth where aten's GEMV reaches about half of it and its INT
 
 Weights: float32, bfloat16 and float16 as stored; TorchAO INT8 weight-only (int8 values, float scale per row or
 group) as stored; TorchAO's CPU INT4 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into
-this kernel's layout (two weights per byte, a float scale and offset per group) with exactly the same values.
+this kernel's layout (per row: its groups' scales and zeros as stored, then two weights per byte) with exactly the
+same values.
 """
 
 from __future__ import annotations
@@ -114,13 +115,55 @@ def _register_fakes() -> None:
     torch.library.register_fake("llmbench_cpu::linear_dense")(lambda x, weight, bias: out_like(x, weight.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int4")(
-        lambda x, packed, scale, offset, group_size, bias: out_like(x, packed.shape[0]))
+        lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
 
 
-def int4_from_torchao(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """(packed, scale, offset, group size) in this kernel's layout from TorchAO's CPU INT4 weight (Int4OpaqueTensor,
-    tinygemm convention w = (q - 8) * scale + zero per group), else None. The integer values are read back through
-    aten's own kernel (an identity matrix times the weight, in float32) and checked to be whole numbers in 0..15."""
+INT4_ALIGN = 32  # bytes: a row's weight bytes start, and its rows follow one another, at multiples of this
+
+
+def int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The INT4 kernel's weight layout from integer weights q (n, k) in 0..15 and a scale and zero per group
+    (n, groups), w = (q - 8) * scale + zero: one row of bytes per output, its scales, its zeros (bfloat16 when both
+    are bfloat16, else float32), zero bytes up to a multiple of INT4_ALIGN, then per 64 weights 32 bytes, byte t
+    holding weight t (low nibble) and t + 32 (high nibble), so that a row is one stream for the kernel to read and
+    no 32-byte load of weights straddles two cache lines. -> (rows, bytes per scale or zero)."""
+    n, k = q.shape
+    meta = torch.bfloat16 if scale.dtype == zero.dtype == torch.bfloat16 else torch.float32
+    q = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
+    nibbles = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, k // 2)
+    parts = [t.to(meta).contiguous().view(torch.uint8) for t in (scale, zero)]
+    used = sum(part.shape[1] for part in parts)
+    padding = torch.zeros(n, -used % INT4_ALIGN, dtype=torch.uint8)
+    return torch.cat([*parts, padding, nibbles], dim=1).contiguous(), meta.itemsize
+
+
+_nibble_orders: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _int4pack_order(n: int, k: int) -> torch.Tensor:
+    """For aten's CPU INT4 packing of an (n, k) weight (`_convert_weight_to_int4pack_for_cpu`, an opaque layout
+    that may follow the CPU's instruction set): which weight (row * k + column) each nibble of the packed bytes
+    holds, low nibble first. Learnt by packing probes whose values are the base-16 digits of every weight's index,
+    so it costs a few packings of the shape (O(n k)) and is kept per shape."""
+    if (n, k) not in _nibble_orders:
+        dtype = torch.int32 if n * k < 2**31 else torch.int64
+        index = torch.arange(n * k, dtype=dtype)
+        order = torch.zeros(n * k, dtype=dtype)
+        for digit in range(max(1, ((n * k - 1).bit_length() + 3) // 4)):
+            probe = ((index >> (4 * digit)) & 15).to(torch.int32).reshape(n, k)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)
+            nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(dtype)
+            order |= nibbles << (4 * digit)
+        _nibble_orders[(n, k)] = order
+    return _nibble_orders[(n, k)]
+
+
+def int4_from_torchao(weight) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """(rows, (group size, bytes per scale or zero)) in this kernel's layout (int4_rows) from TorchAO's CPU INT4
+    weight (Int4OpaqueTensor, tinygemm convention w = (q - 8) * scale + zero per group, scales and zeros in the
+    model's dtype), else None. The integers are unpacked from aten's packing by its learnt nibble order
+    (_int4pack_order), then checked against aten's own kernel: both give the same product with random inputs.
+    Scales and zeros are kept as stored (bfloat16, or float32, which holds float16 exactly)."""
     if type(weight).__name__ != "Int4OpaqueTensor" or getattr(weight, "act_pre_scale", None) is not None:
         return None
     block = list(getattr(weight, "block_size", []))
@@ -128,20 +171,22 @@ def int4_from_torchao(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
         return None
     group_size = block[1]
     n, k = weight.shape
-    scale_zero = weight.scale_and_zero.float()  # (groups, n, 2)
-    dense = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), weight.qdata, group_size, scale_zero).t()
-    scale = scale_zero[:, :, 0].t().contiguous()  # (n, groups)
-    zero = scale_zero[:, :, 1].t().contiguous()
-    groups = k // group_size
-    per_group = dense.reshape(n, groups, group_size)
-    q = (per_group - zero[..., None]) / scale[..., None] + 8
-    q_int = q.round()
-    if (q - q_int).abs().max() > 0.05 or q_int.min() < 0 or q_int.max() > 15:
+    order = _int4pack_order(n, k)
+    packed = weight.qdata.reshape(-1)
+    if order.numel() != 2 * packed.numel() or not torch.bincount(order, minlength=n * k).eq(1).all():
+        return None  # not a permutation of nibbles: a packing this function does not know
+    q = torch.empty(n * k, dtype=torch.uint8)
+    q[order.long()] = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+    q = q.reshape(n, k)
+    stored = weight.scale_and_zero  # (groups, n, 2)
+    scale, zero = stored[:, :, 0].t(), stored[:, :, 1].t()  # (n, groups)
+    dense = ((q.float().view(n, -1, group_size) - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+    probe = torch.randn(2, k, generator=torch.Generator().manual_seed(0))
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(probe, weight.qdata, group_size, stored.float())
+    if not torch.allclose(theirs, probe @ dense.t(), rtol=1e-3, atol=1e-3 * theirs.abs().max().item()):
         return None
-    # per 64 weights 32 bytes: byte t holds weight t (low nibble) and weight t + 32 (high nibble)
-    q_int = q_int.to(torch.uint8).reshape(n, k // 64, 2, 32)
-    packed = (q_int[:, :, 0, :] | (q_int[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
-    return packed, scale, (zero - 8 * scale).contiguous(), group_size
+    rows, value_bytes = int4_rows(q, scale, zero)
+    return rows, (group_size, value_bytes)
 
 
 def int4_activations() -> str:
@@ -231,9 +276,9 @@ class _Refused(Exception):
     pass
 
 
-def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...], int]:
-    """-> (kind, the tensors the op reads, int4 group size or 0) for this layer's weight; raises _Refused, with the
-    reason, where the kernels do not take it."""
+def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...], object]:
+    """-> (kind, the tensors the op reads, int4: (group size, bytes per scale or zero), else 0) for this layer's
+    weight; raises _Refused, with the reason, where the kernels do not take it."""
     weight = module.weight
     if weight.shape[1] % 8:
         raise _Refused("input size not a multiple of 8")
@@ -247,12 +292,12 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
         return "int8", int8, 0
     int4 = int4_from_torchao(weight)
     if int4 is not None:
-        packed, scale, offset, group_size = int4
-        return "int4", (packed, scale, offset), group_size
+        packed, layout = int4
+        return "int4", (packed,), layout
     raise _Refused(f"{type(weight).__name__} weight")
 
 
-def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], group_size: int, bias: torch.Tensor | None):
+def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], layout, bias: torch.Tensor | None):
     ops = torch.ops.llmbench_cpu
     tensors = tuple(map(_frozen, tensors))
     bias = None if bias is None else _frozen(bias)
@@ -260,8 +305,9 @@ def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], group_size: int, bias
         qdata, scale = tensors
         return lambda x: ops.linear_int8(x, qdata, scale, bias)
     if kind == "int4":
-        packed, scale, offset = tensors
-        return lambda x: ops.linear_int4(x, packed, scale, offset, group_size, bias)
+        packed, = tensors
+        group_size, value_bytes = layout
+        return lambda x: ops.linear_int4(x, packed, group_size, value_bytes, bias)
     weight, = tensors
     return lambda x: ops.linear_dense(x, weight, bias)
 
@@ -269,10 +315,10 @@ def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], group_size: int, bias
 def kernel_call(module: torch.nn.Linear):
     """-> (the op call for this layer's weight, kind) or (None, why not)."""
     try:
-        kind, tensors, group_size = kernel_parts(module)
+        kind, tensors, layout = kernel_parts(module)
     except _Refused as exc:
         return None, str(exc)
-    return _op_call(kind, tensors, group_size, module.bias), kind
+    return _op_call(kind, tensors, layout, module.bias), kind
 
 
 def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
@@ -283,11 +329,11 @@ def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[i
         parts = [kernel_parts(m) for m in members]
     except _Refused:
         return None
-    kinds = {(kind, group_size, tuple(t.shape[1:] for t in tensors)) for kind, tensors, group_size in parts}
+    kinds = {(kind, layout, tuple(t.shape[1:] for t in tensors)) for kind, tensors, layout in parts}
     biases = [m.bias for m in members]
     if len(kinds) != 1 or len({b is None for b in biases}) != 1:
         return None
-    kind, _, group_size = parts[0]
+    kind, _, layout = parts[0]
     tensors = tuple(torch.cat([t.detach() for t in column]) for column in zip(*(t for _, t, _ in parts)))
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     spans, start = [], 0
@@ -298,7 +344,7 @@ def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[i
         whole = tensors[0]
         for m, (begin, size) in zip(members, spans):
             m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
-    return kind, KernelCall(_op_call(kind, tensors, group_size, bias)), spans
+    return kind, KernelCall(_op_call(kind, tensors, layout, bias)), spans
 
 
 def dedupe_pass():
