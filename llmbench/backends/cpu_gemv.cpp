@@ -7,8 +7,9 @@
 // accumulator per weight row (four independent chains) and prefetches the next block's rows, so the loop is bound
 // by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane
 // (shift and mask, against x deinterleaved once per call); fp16 by F16C; int8 with a float scale per row or group;
-// int4 eight per 32-bit lane (shift and mask) with a scale and zero per group ahead of each row. Accumulation is in float32;
-// x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor operations.
+// int4 eight per 32-bit lane (shift and mask) with a scale and zero per group ahead of each row. Accumulation is in
+// float32; x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor
+// operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,11 +32,11 @@ typedef int8_t v8i8 __attribute__((vector_size(8)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
 
 constexpr int64_t R = 4;         // weight rows per block
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 8;  // rows of x the kernels are written for (more rows: use a GEMM)
 #ifndef LLMBENCH_PREFETCH_BLOCKS
 #define LLMBENCH_PREFETCH_BLOCKS 4
 #endif
-constexpr int64_t D = LLMBENCH_PREFETCH_BLOCKS;  // blocks ahead whose rows are prefetched  // rows of x the kernels are written for (more rows: use a GEMM)
+constexpr int64_t D = LLMBENCH_PREFETCH_BLOCKS;  // blocks ahead whose rows are prefetched
 
 inline v8f load_f32(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 inline v8u load_u32(const void* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }
@@ -182,11 +183,12 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 // least 32), their zeros (both bfloat16, or float32 where the model's were not bfloat16), zero bytes up to a
 // multiple of 32, then per 64 weights 32 bytes, byte t holding weight t (low nibble) and weight t + 32 (high
 // nibble): a mask and a shift give 32 consecutive weights each. One row is one stream to read and prefetch, and
-// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines. w = (q - 8) * scale + zero, so
-// sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums of x (exact, in float32) come
-// precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values (xq, with scale xd, as llama.cpp
-// does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd); without AVX2 it is computed in
-// float32.
+// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines.
+// w = (q - 8) * scale + zero, so sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums
+// of x (exact, in float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values
+// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd)
+// whose block of 32 is scaled by the row's group scale times xd, both precomputed per block of rows; without AVX2
+// it is computed in float32.
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
   int64_t M, K; const uint8_t* w; int64_t stride; int shift;

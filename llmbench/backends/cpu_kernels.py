@@ -144,7 +144,7 @@ def _int4pack_order(n: int, k: int) -> torch.Tensor:
     """For aten's CPU INT4 packing of an (n, k) weight (`_convert_weight_to_int4pack_for_cpu`, an opaque layout
     that may follow the CPU's instruction set): which weight (row * k + column) each nibble of the packed bytes
     holds, low nibble first. Learnt by packing probes whose values are the base-16 digits of every weight's index,
-    so it costs a few packings of the shape (O(n k)) and is kept per shape."""
+    so it costs a few packings of the shape (O(n k)) and is kept per shape while a model's layers are repacked."""
     if (n, k) not in _nibble_orders:
         dtype = torch.int32 if n * k < 2**31 else torch.int64
         index = torch.arange(n * k, dtype=dtype)
@@ -415,4 +415,5 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
             counts[kind] = counts.get(kind, 0) + 1
         else:
             give(module, kind, KernelCall(call))
+    _nibble_orders.clear()  # one index per weight of each shape (the head's alone is ~100 MB): not kept for the run
     return counts
