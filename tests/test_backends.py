@@ -60,6 +60,8 @@ def test_compile_greedy_equals_eager_in_fp32(tiny_llama, compile_env):
     assert backend.details["inductor_cache_dir"] == str(compile_env)
     again = backend.generate(inputs, NEW_TOKENS, 1)  # the reused cache is reset between runs
     assert torch.equal(again, eager_ids)
+    # once warmed up, the steps called their compiled graph directly (ids above included)
+    assert backend.details["direct_steps"] == {f"greedy, 2 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 
 
 def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monkeypatch):
@@ -67,8 +69,9 @@ def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monke
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
     _, eager_ids = run_backend("eager", loaded.model, inputs, 4)
-    _, compiled_ids = run_backend("compile", loaded.model, inputs, 4)
+    backend, compiled_ids = run_backend("compile", loaded.model, inputs, 4)
     assert torch.equal(compiled_ids, eager_ids)
+    assert backend.details["direct_steps"] == {f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 
 
 def test_compile_bf16_log_probs_stay_as_close_to_fp32_as_eager_bf16(tiny_llama, compile_env):

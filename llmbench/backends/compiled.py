@@ -3,7 +3,8 @@
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
 own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes) and dynamo's guards
 skipped once a shape is compiled, avoids all three; benchmarks/roofline.py measures it beside eager (figures:
-docs/backends.md).
+docs/backends.md). On cpu, once a shape is compiled and warmed up, each step calls its compiled graph directly
+(DirectStep), without dynamo's frame evaluation and input gathering in Python.
 Greedy and beam search both run this loop; beam search reorders the cache in place.
 
 Which kernels the compiled step uses is recorded (`kernels`, `kernels_reason`): on cpu, linears and attention written
@@ -126,6 +127,58 @@ def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
     return [*cache.key_cache, *cache.value_cache]
 
 
+class StepGraphs:
+    """The decode steps' torch.compile backend on cpu: inductor (compile_fx with the step's mode and options, as
+    torch.compile's own inductor backend calls it), whose compiled graphs note their last call (graph, inputs,
+    outputs) and count calls, so that a warmed-up shape's steps can call their graph directly (DirectStep)."""
+
+    compiler_name = "inductor"
+
+    def __init__(self, options: dict):
+        self.options = options
+        self.calls = 0
+        self.last = None
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graph = compile_fx(gm, example_inputs, config_patches=dict(self.options))
+
+        def call(*args):
+            outputs = graph(*args)
+            self.calls += 1
+            self.last = (graph, args, outputs)
+            return outputs
+
+        return call
+
+
+class DirectStep:
+    """A compiled decode step called without dynamo: dynamo's frame evaluation and its gathering of the graph's
+    inputs (every weight and cache tensor, by attribute lookups in Python) cost ~1 ms a step on cpu, ~10% of a
+    small model's step. The graph gets the inputs of a step that went through dynamo, with the new token (and
+    position) in place of that step's; the weights and the cache are the same tensors every step (the cache is
+    reset in place between runs)."""
+
+    def __init__(self, graph, args: list, ids_at: int, position_at: int | None):
+        self.graph, self.args, self.ids_at, self.position_at = graph, args, ids_at, position_at
+
+    @classmethod
+    def of(cls, graph, args: tuple, ids: torch.Tensor, position: torch.Tensor | None) -> DirectStep | None:
+        """-> the direct call, or None where the token (or the position) is not exactly one of the inputs."""
+        ids_at = [i for i, a in enumerate(args) if a is ids]
+        position_at = [i for i, a in enumerate(args) if position is not None and a is position]
+        if len(ids_at) != 1 or len(position_at) != (position is not None):
+            return None
+        return cls(graph, list(args), ids_at[0], position_at[0] if position_at else None)
+
+    def __call__(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.args[self.ids_at] = ids
+        if self.position_at is not None:
+            self.args[self.position_at] = position
+        return self.graph(*self.args)[0]
+
+
 class CompileBackend(Backend):
     name = "compile"
     # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so accuracy
@@ -154,7 +207,17 @@ class CompileBackend(Backend):
         eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         self._caches: dict[tuple[int, int], StaticCache] = {}
-        compile_kwargs = {"fullgraph": True, "dynamic": False, "options": self.options}
+        compile_kwargs = {"fullgraph": True, "dynamic": False}
+        self._graphs = StepGraphs(self.options) if device.type == "cpu" else None
+        if self._graphs is not None:
+            compile_kwargs["backend"] = self._graphs
+            self.details["step_calls"] = ("direct: once a shape is compiled and warmed up, each step calls its "
+                                          "compiled graph without dynamo's frame evaluation")
+        else:
+            compile_kwargs["options"] = self.options
+        self._direct_calls: dict[tuple[int, int], DirectStep | None] = {}
+        self._graphs_seen: dict[tuple[int, int], set[int]] = {}
+        self._calls_direct = False
         self._greedy_step = torch.compile(self._greedy_scores_argmax, **compile_kwargs)
         self._beam_step = torch.compile(self._beam_log_probs, **compile_kwargs)
 
@@ -217,7 +280,31 @@ class CompileBackend(Backend):
         if self.device.type == "cuda" and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
             return step(ids, cache, position).clone()  # CUDA graph outputs are overwritten by the next replay
-        return step(ids, cache, position)
+        if self._graphs is None:
+            return step(ids, cache, position)
+        key = (id(step), id(cache))
+        direct = self._direct_calls.get(key)
+        if direct is not None and self._calls_direct:
+            return direct(ids, position)
+        calls_before = self._graphs.calls
+        result = step(ids, cache, position)
+        last, self._graphs.last = self._graphs.last, None
+        if self._graphs.calls != calls_before + 1:  # compiled more than one graph, or none ran
+            self._graphs_seen.setdefault(key, set()).add(-1)
+            return result
+        graph, args, outputs = last
+        seen = self._graphs_seen.setdefault(key, set())
+        seen.add(id(graph))
+        if self._calls_direct and key not in self._direct_calls:
+            # Only a shape whose every step so far ran this one graph; only a call whose sole output is the step's.
+            one_graph = len(seen) == 1 and len(outputs) == 1 and outputs[0] is result
+            direct = DirectStep.of(graph, args, ids, position if self._pass_position else None) if one_graph else None
+            self._direct_calls[key] = direct
+            kind = "greedy" if step is self._greedy_step else "beam"
+            length = next((length for (_, length), c in self._caches.items() if c is cache), "?")
+            shape = f"{kind}, {ids.shape[0]} rows, cache of {length}"
+            self.details.setdefault("direct_steps", {})[shape] = direct is not None
+        return result
 
     def warm_up_shapes(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int) -> None:
         """Compile for this exact shape now, timed and reported apart (`compile_time_s`, per shape)."""
@@ -237,10 +324,14 @@ class CompileBackend(Backend):
 
     def generate(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
                  timer: StepTimer | None = None) -> torch.Tensor:
-        with torch.inference_mode(), self._guards(inputs.input_ids, max_new_tokens, num_beams):
-            if num_beams == 1:
-                return self._greedy(inputs.input_ids, max_new_tokens, timer)
-            return self._beam_search(inputs.input_ids, max_new_tokens, num_beams, timer)
+        self._calls_direct = self._shape_key(inputs.input_ids, max_new_tokens, num_beams) in self._compiled_shapes
+        try:
+            with torch.inference_mode(), self._guards(inputs.input_ids, max_new_tokens, num_beams):
+                if num_beams == 1:
+                    return self._greedy(inputs.input_ids, max_new_tokens, timer)
+                return self._beam_search(inputs.input_ids, max_new_tokens, num_beams, timer)
+        finally:
+            self._calls_direct = False
 
     @staticmethod
     def _shape_key(input_ids: torch.Tensor, max_new_tokens: int, num_beams: int) -> tuple[int, int, int]:
