@@ -189,6 +189,39 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 // (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd)
 // whose block of 32 is scaled by the row's group scale times xd, both precomputed per block of rows; without AVX2
 // it is computed in float32.
+// 32 values of x: their sum added to *sum, their int8 quantization q = round(x / d) with d = max |x| / 127.
+inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
+#ifdef __AVX2__
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+    total = _mm256_add_ps(total, v[i]);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, amax);
+  float top = 0.f;
+  for (float lane : lanes) top = std::max(top, lane);
+  *sum += hsum((v8f)total);
+  *d = top / 127.f;
+  const __m256 inv = _mm256_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // to nearest, like nearbyint
+  // packs interleave the 128-bit lanes: the permutation puts the 32 bytes back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+  float amax = 0.f, total = 0.f;
+  for (int t = 0; t < 32; ++t) { amax = std::max(amax, std::abs(x[t])); total += x[t]; }
+  *sum += total;
+  *d = amax / 127.f;
+  const float inv = *d > 0.f ? 1.f / *d : 0.f;
+  for (int t = 0; t < 32; ++t) q[t] = static_cast<int8_t>(std::nearbyint(x[t] * inv));
+#endif
+}
+
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
   int64_t M, K; const uint8_t* w; int64_t stride; int shift;
@@ -435,13 +468,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   std::vector<float> xd(M * (K / 32));
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* xb = rows.x.data() + m * K + b * 32;
-      float amax = 0.f, sum = 0.f;
-      for (int64_t t = 0; t < 32; ++t) { amax = std::max(amax, std::abs(xb[t])); sum += xb[t]; }
-      xsum[m * groups + (b * 32) / group_size] += sum;
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      xd[m * (K / 32) + b] = d;
-      for (int64_t t = 0; t < 32; ++t) xq[m * K + b * 32 + t] = static_cast<int8_t>(std::nearbyint(xb[t] * inv));
+      quantize_block(rows.x.data() + m * K + b * 32, &xsum[m * groups + (b * 32) / group_size],
+                     &xd[m * (K / 32) + b], &xq[m * K + b * 32]);
     }
   }
   const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(), stride,
