@@ -238,6 +238,19 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 #endif
 
+// Sums of four products of unsigned bytes q (0..15) and signed bytes x, per 32-bit lane: one VNNI instruction where
+// the CPU has it (AVX-VNNI, or AVX512-VNNI with VL), else two (maddubs to 16 bits, which 15 * 127 * 2 cannot
+// overflow, then madd against ones).
+inline __m256i dot_u4_s8(__m256i q, __m256i x, __m256i ones) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && !defined(LLMBENCH_NO_VNNI)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+#elif defined(__AVXVNNI__) && !defined(LLMBENCH_NO_VNNI)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+#endif
+}
+
 template <typename T>
 void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
   const int64_t K = a.K, groups = K >> a.shift, meta = a.stride - K / 2, blocks = K / 32;
@@ -282,8 +295,8 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + k / 2));
           const __m256i lo = _mm256_and_si256(v, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          const __m256 s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones));
-          const __m256 s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones));
+          const __m256 s0 = _mm256_cvtepi32_ps(dot_u4_s8(lo, x0, ones));
+          const __m256 s1 = _mm256_cvtepi32_ps(dot_u4_s8(hi, x1, ones));
           acc[r] = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(p), acc[r]);
           acc[r] = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(p + 1), acc[r]);
         }
