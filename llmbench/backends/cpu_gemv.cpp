@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -69,6 +70,21 @@ inline v8f widen(const int8_t* p) {
 #else
   v8i8 b; std::memcpy(&b, p, sizeof b); return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
 #endif
+}
+
+// The first n (at most 8) values widened to float32, the other lanes zero: one masked load with AVX-512.
+template <typename T>
+inline v8f widen_first(const T* p, int64_t n) {
+  if (n == 8) return widen(p);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __mmask8 mask = static_cast<__mmask8>((1u << n) - 1);
+  if constexpr (std::is_same_v<T, float>) return (v8f)_mm256_maskz_loadu_ps(mask, p);
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, p)), 16);
+#endif
+  T padded[8] = {};
+  std::memcpy(padded, p, n * sizeof(T));
+  return widen(padded);
 }
 
 // The weight rows of block n (the last block repeats its last row so that every block has R rows to read).
@@ -255,7 +271,8 @@ template <typename T>
 void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
   const int64_t K = a.K, groups = K >> a.shift, meta = a.stride - K / 2, blocks = K / 32;
   const int64_t step = (a.stride + K / 64 - 1) / (K / 64);  // bytes of a row ahead to prefetch per 64 weights
-  std::vector<float> scaled(R * blocks);  // per row of the block: its scale times x's scale, per 32 weights
+  const int64_t blocks_up = (blocks + 7) / 8 * 8;
+  std::vector<float> scaled(R * blocks_up);  // per row of the block: its scale times x's scale, per 32 weights
   each_block(a.w, a.stride, a.M, n0, n1, out, [&](const uint8_t* (&wr)[R], int64_t, int64_t, bool ahead,
                                                   int64_t m, float* sums) {
       const T* sr[R];
@@ -271,14 +288,16 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
       const int8_t* xq = a.xq + m * K;
       const float* xd = a.xd + m * blocks;
       for (int64_t r = 0; r < R; ++r) {
-        float* p = scaled.data() + r * blocks;
-        int64_t b = 0;
-        if (a.shift == 5)  // a group per 32 weights: eight at a time
-          for (; b + 8 <= blocks; b += 8) {
-            const v8f v = widen(sr[r] + b) * load_f32(xd + b);
+        float* p = scaled.data() + r * blocks_up;
+        if (a.shift == 5) {  // a group per 32 weights: eight at a time (the last eight padded with zeros)
+          for (int64_t b = 0; b < blocks; b += 8) {
+            const int64_t n = std::min<int64_t>(8, blocks - b);
+            const v8f v = widen_first(sr[r] + b, n) * widen_first(xd + b, n);
             std::memcpy(p + b, &v, sizeof v);
           }
-        for (; b < blocks; ++b) p[b] = scalar(sr[r][(b * 32) >> a.shift]) * xd[b];
+        } else {
+          for (int64_t b = 0; b < blocks; ++b) p[b] = scalar(sr[r][(b * 32) >> a.shift]) * xd[b];
+        }
       }
       const __m256i low = _mm256_set1_epi8(0x0F);
       const __m256i ones = _mm256_set1_epi16(1);
@@ -291,7 +310,7 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
 #pragma GCC unroll 4
         for (int64_t r = 0; r < R; ++r) {
-          const float* p = scaled.data() + r * blocks + k / 32;
+          const float* p = scaled.data() + r * blocks_up + k / 32;
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + k / 2));
           const __m256i lo = _mm256_and_si256(v, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -303,16 +322,13 @@ void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
       }
       // plus sum over groups of (zero - 8 * scale) * sum(x), eight groups at a time
       const v8f eight = {8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f};
-      float tail[R] = {0.f, 0.f, 0.f, 0.f};
-      int64_t g = 0;
-      for (; g + 8 <= groups; g += 8) {
-        const v8f xv = load_f32(xs + g);
+      for (int64_t g = 0; g < groups; g += 8) {  // the last eight padded with zeros
+        const int64_t n = std::min<int64_t>(8, groups - g);
+        const v8f xv = widen_first(xs + g, n);
         for (int64_t r = 0; r < R; ++r)
-          acc[r] = (__m256)((v8f)acc[r] + (widen(zr[r] + g) - eight * widen(sr[r] + g)) * xv);
+          acc[r] = (__m256)((v8f)acc[r] + (widen_first(zr[r] + g, n) - eight * widen_first(sr[r] + g, n)) * xv);
       }
-      for (; g < groups; ++g)
-        for (int64_t r = 0; r < R; ++r) tail[r] += (scalar(zr[r][g]) - 8.f * scalar(sr[r][g])) * xs[g];
-      _mm_storeu_ps(sums, _mm_add_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));
+      _mm_storeu_ps(sums, hsum4(acc[0], acc[1], acc[2], acc[3]));
 #else
       const float* xm = a.x + m * K;
       for (int64_t r = 0; r < R; ++r) {
