@@ -195,16 +195,6 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 }
 #endif
 
-// int4, K a multiple of 64. Each weight row is one run of bytes: the scales of its groups (2^shift weights each, at
-// least 32), their zeros (both bfloat16, or float32 where the model's were not bfloat16), zero bytes up to a
-// multiple of 32, then per 64 weights 32 bytes, byte t holding weight t (low nibble) and weight t + 32 (high
-// nibble): a mask and a shift give 32 consecutive weights each. One row is one stream to read and prefetch, and
-// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines.
-// w = (q - 8) * scale + zero, so sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums
-// of x (exact, in float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values
-// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (maddubs/madd)
-// whose block of 32 is scaled by the row's group scale times xd, both precomputed per block of rows; without AVX2
-// it is computed in float32.
 // 32 values of x: their sum added to *sum, their int8 quantization q = round(x / d) with d = max |x| / 127.
 inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
 #ifdef __AVX2__
@@ -238,6 +228,17 @@ inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
 #endif
 }
 
+
+// int4, K a multiple of 64. Each weight row is one run of bytes: the scales of its groups (2^shift weights each, at
+// least 32), their zeros (both bfloat16, or float32 where the model's were not bfloat16), zero bytes up to a
+// multiple of 32, then per 64 weights 32 bytes, byte t holding weight t (low nibble) and weight t + 32 (high
+// nibble): a mask and a shift give 32 consecutive weights each. One row is one stream to read and prefetch, and
+// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines.
+// w = (q - 8) * scale + zero, so sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums
+// of x (exact, in float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values
+// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (dot_u4_s8)
+// whose block of 32 is scaled by the row's group scale times xd, both precomputed per block of rows; without AVX2
+// it is computed in float32.
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
   int64_t M, K; const uint8_t* w; int64_t stride; int shift;
