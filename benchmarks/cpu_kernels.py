@@ -53,7 +53,7 @@ def time_linears(rounds: int) -> dict:
     """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears."""
     import torch
 
-    from llmbench.backends import cpu_kernels
+    from llmbench.backends import cpu_kernels, int4_layout
 
     why = cpu_kernels.load()
     if why:
@@ -61,7 +61,7 @@ def time_linears(rounds: int) -> dict:
     ops = torch.ops.llmbench_cpu
     torch.manual_seed(0)
     shapes, gs = step_shapes(), 32
-    int4 = [cpu_kernels.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
+    int4 = [int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
                                   torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in shapes]
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
     xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}

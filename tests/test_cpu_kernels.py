@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbench.backends import cpu_kernels
+from llmbench.backends import cpu_kernels, int4_layout
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def dequantize_rows(rows, value_bytes, in_features, group_size):
     (32, 320, torch.float32), (128, 256, torch.float32)])
 def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, in_features, dtype):
     linear = quantized_linear("int4", group_size, in_features=in_features, out_features=48, dtype=dtype)
-    rows, (size, value_bytes) = cpu_kernels.int4_from_torchao(linear.weight)
+    rows, (size, value_bytes) = int4_layout.int4_from_torchao(linear.weight)
     assert size == group_size and value_bytes == dtype.itemsize and rows.dtype == torch.uint8
     meta_bytes = 2 * (in_features // group_size) * value_bytes
     assert rows.shape == (48, in_features // 2 + meta_bytes + -meta_bytes % 32) and rows.shape[1] % 32 == 0
@@ -105,7 +105,7 @@ def test_int4_rows_of_any_count(ops, meta, x_rows):
     torch.manual_seed(x_rows)
     q = torch.randint(0, 16, (47, 192))
     scale, zero = torch.rand(47, 6).to(meta) / 8, torch.randn(47, 6).to(meta) / 4
-    rows, value_bytes = cpu_kernels.int4_rows(q, scale, zero)
+    rows, value_bytes = int4_layout.int4_rows(q, scale, zero)
     weight = dequantize_rows(rows, value_bytes, 192, 32)
     expected_weight = (q.view(47, 6, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
     assert torch.equal(weight, expected_weight.view(47, 192))

@@ -9,8 +9,8 @@ near the memory bandwidth where aten's GEMV reaches about half of it and its INT
 
 Weights: float32, bfloat16 and float16 as stored; TorchAO INT8 weight-only (int8 values, float scale per row or
 group) as stored; TorchAO's CPU INT4 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into
-this kernel's layout (per row: its groups' scales and zeros as stored, then two weights per byte) with exactly the
-same values.
+this kernel's layout (`int4_layout.py`: per row, its groups' scales and zeros as stored, then two weights per byte)
+with exactly the same values.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmbench.backends import int4_layout
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
@@ -118,81 +119,12 @@ def _register_fakes() -> None:
         lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
 
 
-INT4_ALIGN = 32  # bytes: a row's weight bytes start, and its rows follow one another, at multiples of this
-
-
-def int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The INT4 kernel's weight layout from integer weights q (n, k) in 0..15 and a scale and zero per group
-    (n, groups), w = (q - 8) * scale + zero: one row of bytes per output, its scales, its zeros (bfloat16 when both
-    are bfloat16, else float32), zero bytes up to a multiple of INT4_ALIGN, then per 64 weights 32 bytes, byte t
-    holding weight t (low nibble) and t + 32 (high nibble), so that a row is one stream for the kernel to read and
-    no 32-byte load of weights straddles two cache lines. -> (rows, bytes per scale or zero)."""
-    n, k = q.shape
-    meta = torch.bfloat16 if scale.dtype == zero.dtype == torch.bfloat16 else torch.float32
-    q = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
-    nibbles = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, k // 2)
-    parts = [t.to(meta).contiguous().view(torch.uint8) for t in (scale, zero)]
-    used = sum(part.shape[1] for part in parts)
-    padding = torch.zeros(n, -used % INT4_ALIGN, dtype=torch.uint8)
-    return torch.cat([*parts, padding, nibbles], dim=1).contiguous(), meta.itemsize
-
-
-_nibble_orders: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _int4pack_order(n: int, k: int) -> torch.Tensor:
-    """For aten's CPU INT4 packing of an (n, k) weight (`_convert_weight_to_int4pack_for_cpu`, an opaque layout
-    that may follow the CPU's instruction set): which weight (row * k + column) each nibble of the packed bytes
-    holds, low nibble first. Learnt by packing probes whose values are the base-16 digits of every weight's index,
-    so it costs a few packings of the shape (O(n k)) and is kept per shape while a model's layers are repacked."""
-    if (n, k) not in _nibble_orders:
-        dtype = torch.int32 if n * k < 2**31 else torch.int64
-        index = torch.arange(n * k, dtype=dtype)
-        order = torch.zeros(n * k, dtype=dtype)
-        for digit in range(max(1, ((n * k - 1).bit_length() + 3) // 4)):
-            probe = ((index >> (4 * digit)) & 15).to(torch.int32).reshape(n, k)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)
-            nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(dtype)
-            order |= nibbles << (4 * digit)
-        _nibble_orders[(n, k)] = order
-    return _nibble_orders[(n, k)]
-
-
-def int4_from_torchao(weight) -> tuple[torch.Tensor, tuple[int, int]] | None:
-    """(rows, (group size, bytes per scale or zero)) in this kernel's layout (int4_rows) from TorchAO's CPU INT4
-    weight (Int4OpaqueTensor, tinygemm convention w = (q - 8) * scale + zero per group, scales and zeros in the
-    model's dtype), else None. The integers are unpacked from aten's packing by its learnt nibble order
-    (_int4pack_order), then checked against aten's own kernel: both give the same product with random inputs.
-    Scales and zeros are kept as stored (bfloat16, or float32, which holds float16 exactly)."""
-    if type(weight).__name__ != "Int4OpaqueTensor" or getattr(weight, "act_pre_scale", None) is not None:
-        return None
-    block = list(getattr(weight, "block_size", []))
-    if len(block) != 2 or block[0] != 1 or block[1] % 32 or weight.shape[1] % 64:
-        return None
-    group_size = block[1]
-    n, k = weight.shape
-    order = _int4pack_order(n, k)
-    packed = weight.qdata.reshape(-1)
-    if order.numel() != 2 * packed.numel() or not torch.bincount(order, minlength=n * k).eq(1).all():
-        return None  # not a permutation of nibbles: a packing this function does not know
-    q = torch.empty(n * k, dtype=torch.uint8)
-    q[order.long()] = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
-    q = q.reshape(n, k)
-    stored = weight.scale_and_zero  # (groups, n, 2)
-    scale, zero = stored[:, :, 0].t(), stored[:, :, 1].t()  # (n, groups)
-    dense = ((q.float().view(n, -1, group_size) - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
-    probe = torch.randn(2, k, generator=torch.Generator().manual_seed(0))
-    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(probe, weight.qdata, group_size, stored.float())
-    if not torch.allclose(theirs, probe @ dense.t(), rtol=1e-3, atol=1e-3 * theirs.abs().max().item()):
-        return None
-    rows, value_bytes = int4_rows(q, scale, zero)
-    return rows, (group_size, value_bytes)
-
-
 def int4_activations() -> str:
     """How the INT4 kernel treats activations on this host (the kernel's AVX2 branch follows -march=native)."""
-    if "avx2" in cpu_kind().flags:
-        return "int8 per 32 values, integer dot products (AVX2)"
+    flags = cpu_kind().flags
+    if "avx2" in flags:
+        vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+        return f"int8 per 32 values, integer dot products ({'VNNI' if vnni else 'AVX2'})"
     return "float32"
 
 
@@ -290,7 +222,7 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
     int8 = _int8_parts(weight)
     if int8 is not None:
         return "int8", int8, 0
-    int4 = int4_from_torchao(weight)
+    int4 = int4_layout.int4_from_torchao(weight)
     if int4 is not None:
         packed, layout = int4
         return "int4", (packed,), layout
@@ -415,5 +347,5 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
             counts[kind] = counts.get(kind, 0) + 1
         else:
             give(module, kind, KernelCall(call))
-    _nibble_orders.clear()  # one index per weight of each shape (the head's alone is ~100 MB): not kept for the run
+    int4_layout.forget_nibble_orders()  # one index per weight of each shape: not kept for the run
     return counts
