@@ -62,3 +62,17 @@ def test_a_backend_option_is_a_config_field_and_an_environment_variable_override
     assert compile_options(cpu, "library", config.compile_mode)[0] == "max-autotune"
     assert backends.backend_overrides("compile") == {"LLMBENCH_COMPILE_MODE": "max-autotune"}
     assert backends.backend_overrides("eager") == {}
+
+
+def test_inductor_options_from_the_environment_are_checked_by_name(monkeypatch):
+    import torch
+
+    from llmbench.backends.compiled import compile_options
+    from llmbench.errors import UserError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LLMBENCH_INDUCTOR_OPTIONS", '{"cpp_wrapper": false}')
+    assert compile_options(cpu, "generated")[1]["cpp_wrapper"] is False
+    monkeypatch.setenv("LLMBENCH_INDUCTOR_OPTIONS", '{"cpp_wraper": false}')
+    with pytest.raises(UserError, match="cpp_wraper not an option"):
+        compile_options(cpu, "generated")

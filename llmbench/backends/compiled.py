@@ -108,6 +108,12 @@ def compile_options(device: torch.device, kernels: str = "library", requested: s
         except (ValueError, TypeError):
             raise UserError("LLMBENCH_INDUCTOR_OPTIONS must be a JSON object of inductor options, e.g. "
                             "'{\"cpp_wrapper\": true}'") from None
+        from torch._inductor import config
+
+        unknown = sorted(set(extra) - set(config.get_config_copy()))
+        if unknown:
+            raise UserError(f"LLMBENCH_INDUCTOR_OPTIONS: {', '.join(unknown)} not an option of this torch's inductor "
+                            "(names as in torch._inductor.config, e.g. cpp_wrapper)")
     try:
         return mode, {**list_mode_options(mode), **extra}
     except (KeyError, RuntimeError):
