@@ -264,7 +264,12 @@ class CompileBackend(Backend):
         return self.model(input_ids=ids, **kwargs).logits[:, -1, :].float()
 
     def _forbid_eos(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.index_fill(1, self._eos, float("-inf")) if self._eos.numel() else scores
+        # A mask of the vocabulary, not index_fill on the scores: torch 2.8 traces index_fill of a strided view (the
+        # generated head's output) into a copy that AOT autograd rejects.
+        if not self._eos.numel():
+            return scores
+        banned = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device).index_fill(0, self._eos, True)
+        return scores.masked_fill(banned, float("-inf"))
 
     def _greedy_scores_argmax(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
         return self._forbid_eos(self._last_logits(ids, cache, position)).argmax(dim=-1, keepdim=True)
