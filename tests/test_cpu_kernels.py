@@ -60,15 +60,19 @@ def test_int8_equals_torchao(ops, group_size):
 
 
 def dequantize_rows(rows, value_bytes, in_features, group_size):
-    """The kernel layout's weights in float32: per row its groups' scales, their zeros, padding, then per 64
-    weights 32 bytes, byte t holding weight t (low nibble) and t + 32 (high nibble); w = (q - 8) * scale + zero."""
+    """The kernel layout's weights in float32: per tile of 8 rows their groups' scales as [group][row], their zeros
+    the same way, padding, then per 32 weights four vectors of 32 bytes, whose 4-byte lane r holds row r's weights
+    8j..8j+3 (low nibbles) and 8j+4..8j+7 (high nibbles) of vector j; w = (q - 8) * scale + zero."""
     n, groups = rows.shape[0], in_features // group_size
     dtype = {2: torch.bfloat16, 4: torch.float32}[value_bytes]
-    size = groups * value_bytes
-    scale = rows[:, :size].contiguous().view(dtype).float()
-    zero = rows[:, size:2 * size].contiguous().view(dtype).float()
-    chunks = rows[:, -in_features // 2:].reshape(n, in_features // 64, 32)
-    q = torch.cat([chunks & 15, chunks >> 4], dim=-1).reshape(n, groups, group_size).float()
+    tiles = rows.reshape(n // 8, -1)
+    size = 8 * groups * value_bytes
+    scale = tiles[:, :size].contiguous().view(dtype).float().reshape(n // 8, groups, 8).transpose(1, 2)
+    zero = tiles[:, size:2 * size].contiguous().view(dtype).float().reshape(n // 8, groups, 8).transpose(1, 2)
+    vectors = tiles[:, -in_features * 4:].reshape(n // 8, in_features // 32, 4, 8, 4)  # tile, block, j, row, byte
+    q = torch.cat([vectors & 15, vectors >> 4], dim=-1)  # tile, block, j, row, 8 weights
+    q = q.permute(0, 3, 1, 2, 4).reshape(n, groups, group_size).float()
+    scale, zero = scale.reshape(n, groups), zero.reshape(n, groups)
     return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, in_features)
 
 
@@ -99,20 +103,27 @@ def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, i
 
 
 @pytest.mark.parametrize("meta", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("x_rows", [1, 5])
-def test_int4_rows_of_any_count(ops, meta, x_rows):
-    """47 outputs (TorchAO takes multiples of 16 only): the last block of four rows has three."""
+@pytest.mark.parametrize("x_rows", [1, 5, 8])
+def test_int4_tiles_of_any_rows_of_x(ops, meta, x_rows):
+    """56 outputs: seven tiles of eight rows, shared out among threads in whole tiles."""
     torch.manual_seed(x_rows)
-    q = torch.randint(0, 16, (47, 192))
-    scale, zero = torch.rand(47, 6).to(meta) / 8, torch.randn(47, 6).to(meta) / 4
+    q = torch.randint(0, 16, (56, 192))
+    scale, zero = torch.rand(56, 6).to(meta) / 8, torch.randn(56, 6).to(meta) / 4
     rows, value_bytes = int4_layout.int4_rows(q, scale, zero)
     weight = dequantize_rows(rows, value_bytes, 192, 32)
-    expected_weight = (q.view(47, 6, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
-    assert torch.equal(weight, expected_weight.view(47, 192))
+    expected_weight = (q.view(56, 6, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    assert torch.equal(weight, expected_weight.view(56, 192))
     x = torch.randn(x_rows, 192)
     expected = reference(x, weight, None)
     out = ops.linear_int4(x, rows, 32, value_bytes, None)
     assert (out - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
+
+
+def test_int4_layout_takes_whole_tiles_only(ops):
+    with pytest.raises(ValueError, match="8 rows of a multiple of 32 weights, not 47 rows of 192"):
+        int4_layout.int4_rows(torch.zeros(47, 192, dtype=torch.long), torch.ones(47, 6), torch.zeros(47, 6))
+    with pytest.raises(RuntimeError, match="output size must be a multiple of 8, got 4"):
+        ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), 32, 2, None)
 
 
 def siblings(make) -> torch.nn.Module:
@@ -171,9 +182,9 @@ def test_bad_calls_are_refused(ops):
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         ops.linear_dense(torch.randn(1, 64), weight.double(), None)
     with pytest.raises(RuntimeError, match="a packed row of 40 bytes is not 32 weight bytes after 32 bytes"):
-        ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 40, dtype=torch.uint8), 32, 2, None)
+        ops.linear_int4(torch.randn(1, 64), torch.zeros(8, 40, dtype=torch.uint8), 32, 2, None)
     with pytest.raises(RuntimeError, match="not 3 bytes"):
-        ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), 32, 3, None)
+        ops.linear_int4(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 32, 3, None)
 
 
 def test_layers_the_kernels_cannot_take_keep_their_forward():

@@ -7,7 +7,8 @@
 // accumulator per weight row (four independent chains) and prefetches the next block's rows, so the loop is bound
 // by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane
 // (shift and mask, against x deinterleaved once per call); fp16 by F16C; int8 with a float scale per row or group;
-// int4 eight per 32-bit lane (shift and mask) with a scale and zero per group ahead of each row. Accumulation is in
+// int4 (int4_tiles) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized to
+// int8, with a scale and zero per group of each row ahead of the tile's weights. Accumulation is in
 // float32; x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor
 // operations.
 #include <ATen/ATen.h>
@@ -229,125 +230,145 @@ inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
 }
 
 
-// int4, K a multiple of 64. Each weight row is one run of bytes: the scales of its groups (2^shift weights each, at
-// least 32), their zeros (both bfloat16, or float32 where the model's were not bfloat16), zero bytes up to a
-// multiple of 32, then per 64 weights 32 bytes, byte t holding weight t (low nibble) and weight t + 32 (high
-// nibble): a mask and a shift give 32 consecutive weights each. One row is one stream to read and prefetch, and
-// rows are 32-byte aligned where the tensor is, so no 32-byte load straddles two cache lines.
+// int4, in tiles of eight output rows (N a multiple of 8), each tile one run of 8 * stride bytes: the scales of its
+// groups (2^shift weights each, at least 32) as [group][row], then its zeros the same way (both bfloat16, or float32
+// where the model's were not bfloat16), zero bytes up to 8 * meta, then per 32 weights 128 bytes: four vectors j
+// of 32 bytes, whose 32-bit lane r holds row r's weights 8j..8j+3 in its low nibbles and 8j+4..8j+7 in its high
+// ones. With the rows in the lanes, the integer dot products of a block of 32 weights land in one vector, one per
+// row, which a single conversion and multiply by the eight rows' scales adds to the outputs: no per-row set-up, no
+// horizontal sums, and every thread reads one stream.
 // w = (q - 8) * scale + zero, so sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums
 // of x (exact, in float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values
-// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product (dot_u4_s8)
-// whose block of 32 is scaled by the row's group scale times xd, both precomputed per block of rows; without AVX2
+// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product; without AVX2
 // it is computed in float32.
 struct Int4Args {
   const float* x; const int8_t* xq; const float* xd; const float* xsum;
   int64_t M, K; const uint8_t* w; int64_t stride; int shift;
 };
+constexpr int64_t kTile = 8;  // output rows per INT4 tile
+#ifndef LLMBENCH_PREFETCH_TILES
+#define LLMBENCH_PREFETCH_TILES 2
+#endif
 
 inline float scalar(float v) { return v; }
 inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
 
 #ifdef __AVX2__
-// The sums of four vectors, one per lane of the result.
-inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#endif
-
-// Sums of four products of unsigned bytes q (0..15) and signed bytes x, per 32-bit lane: one VNNI instruction where
-// the CPU has it (AVX-VNNI, or AVX512-VNNI with VL), else two (maddubs to 16 bits, which 15 * 127 * 2 cannot
-// overflow, then madd against ones).
-inline __m256i dot_u4_s8(__m256i q, __m256i x, __m256i ones) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && !defined(LLMBENCH_NO_VNNI)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
-#elif defined(__AVXVNNI__) && !defined(LLMBENCH_NO_VNNI)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x);
+// acc plus the sums of four products of unsigned bytes q and signed bytes x, per 32-bit lane: one VNNI instruction
+// where the CPU has it (AVX-VNNI, or AVX512-VNNI with VL), whose products are 16-bit each, so q may take the high
+// nibbles in place (0..240); else maddubs to 16 bits, whose pairwise sums saturate past 32767, so q must be 0..15,
+// then madd against ones.
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)) && !defined(LLMBENCH_NO_VNNI)
+constexpr bool kVnni = true;
+inline __m256i dot_u8_s8(__m256i acc, __m256i q, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, q, x);
 #else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+  return _mm256_dpbusd_avx_epi32(acc, q, x);
 #endif
 }
+#else
+constexpr bool kVnni = false;
+inline __m256i dot_u8_s8(__m256i acc, __m256i q, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+}
+#endif
 
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// One tile against MR rows of x: acc[m] gets the eight rows' dot products with row m.
+template <typename T, int MR>
+void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m256* acc) {
+  const int64_t K = a.K, groups = K >> a.shift, blocks = K / 32;
+  const T* sc = reinterpret_cast<const T*>(tile);
+  const T* zr = sc + kTile * groups;
+  const uint8_t* q = tile + kTile * (a.stride - K / 2);
+  const int64_t lines = (kTile * a.stride + 63) / 64, per_block = (lines + blocks - 1) / blocks;
+  const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (next) {
+      for (int64_t l = 0; l < per_block; ++l) prefetch(next + (b * per_block + l) * 64);
+    }
+    __m256i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 128 + j * 32));
+      lo[j] = _mm256_and_si256(v, low);
+      hi[j] = kVnni ? _mm256_and_si256(v, high) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    const __m256 scale = (__m256)widen(sc + ((b * 32) >> a.shift) * kTile);
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xb = a.xq + m * K + b * 32;
+      __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        sl = dot_u8_s8(sl, lo[j], broadcast4(xb + 8 * j));
+        sh = dot_u8_s8(sh, hi[j], broadcast4(xb + 8 * j + 4));
+      }
+      // high nibbles in place are 16 times their value: every product, so every sum, is a multiple of 16
+      const __m256i s = _mm256_add_epi32(sl, kVnni ? _mm256_srai_epi32(sh, 4) : sh);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(a.xd[m * blocks + b])),
+                               acc[m]);
+    }
+  }
+  const __m256 eight = _mm256_set1_ps(8.f);
+  for (int64_t g = 0; g < groups; ++g) {  // plus (zero - 8 * scale) * sum(x) per group
+    const __m256 offset = _mm256_fnmadd_ps(eight, (__m256)widen(sc + g * kTile), (__m256)widen(zr + g * kTile));
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.xsum[m * groups + g]), acc[m]);
+  }
+}
+
+template <typename T, int MR>
+void int4_tiles_of(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    __m256 acc[MR];
+    int4_tile<T, MR>(a, a.w + n * a.stride, n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr, acc);
+    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * (n1 - n0) + (n - n0), acc[m]);
+  }
+}
+#endif
+
+// The outputs of rows [n0, n1) (whole tiles) into out (M, n1 - n0).
 template <typename T>
-void int4_rows(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t K = a.K, groups = K >> a.shift, meta = a.stride - K / 2, blocks = K / 32;
-  const int64_t step = (a.stride + K / 64 - 1) / (K / 64);  // bytes of a row ahead to prefetch per 64 weights
-  const int64_t blocks_up = (blocks + 7) / 8 * 8;
-  std::vector<float> scaled(R * blocks_up);  // per row of the block: its scale times x's scale, per 32 weights
-  each_block(a.w, a.stride, a.M, n0, n1, out, [&](const uint8_t* (&wr)[R], int64_t, int64_t, bool ahead,
-                                                  int64_t m, float* sums) {
-      const T* sr[R];
-      const T* zr[R];
-      const uint8_t* qr[R];
-      for (int64_t r = 0; r < R; ++r) {
-        sr[r] = reinterpret_cast<const T*>(wr[r]);
-        zr[r] = sr[r] + groups;
-        qr[r] = wr[r] + meta;
-      }
-      const float* xs = a.xsum + m * groups;
+void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 #ifdef __AVX2__
-      const int8_t* xq = a.xq + m * K;
-      const float* xd = a.xd + m * blocks;
-      for (int64_t r = 0; r < R; ++r) {
-        float* p = scaled.data() + r * blocks_up;
-        if (a.shift == 5) {  // a group per 32 weights: eight at a time (the last eight padded with zeros)
-          for (int64_t b = 0; b < blocks; b += 8) {
-            const int64_t n = std::min<int64_t>(8, blocks - b);
-            const v8f v = widen_first(sr[r] + b, n) * widen_first(xd + b, n);
-            std::memcpy(p + b, &v, sizeof v);
-          }
-        } else {
-          for (int64_t b = 0; b < blocks; ++b) p[b] = scalar(sr[r][(b * 32) >> a.shift]) * xd[b];
-        }
-      }
-      const __m256i low = _mm256_set1_epi8(0x0F);
-      const __m256i ones = _mm256_set1_epi16(1);
-      __m256 acc[R] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < K; k += 64) {
-        if (m == 0 && ahead) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * a.stride + (k / 64) * step);
-        }
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) {
-          const float* p = scaled.data() + r * blocks_up + k / 32;
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + k / 2));
-          const __m256i lo = _mm256_and_si256(v, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          const __m256 s0 = _mm256_cvtepi32_ps(dot_u4_s8(lo, x0, ones));
-          const __m256 s1 = _mm256_cvtepi32_ps(dot_u4_s8(hi, x1, ones));
-          acc[r] = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(p), acc[r]);
-          acc[r] = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(p + 1), acc[r]);
-        }
-      }
-      // plus sum over groups of (zero - 8 * scale) * sum(x), eight groups at a time
-      const v8f eight = {8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f, 8.f};
-      for (int64_t g = 0; g < groups; g += 8) {  // the last eight padded with zeros
-        const int64_t n = std::min<int64_t>(8, groups - g);
-        const v8f xv = widen_first(xs + g, n);
-        for (int64_t r = 0; r < R; ++r)
-          acc[r] = (__m256)((v8f)acc[r] + (widen_first(zr[r] + g, n) - eight * widen_first(sr[r] + g, n)) * xv);
-      }
-      _mm_storeu_ps(sums, hsum4(acc[0], acc[1], acc[2], acc[3]));
+  switch (a.M) {  // the rows of x as a constant: their accumulators stay in registers
+    case 1: return int4_tiles_of<T, 1>(a, out, n0, n1);
+    case 2: return int4_tiles_of<T, 2>(a, out, n0, n1);
+    case 3: return int4_tiles_of<T, 3>(a, out, n0, n1);
+    case 4: return int4_tiles_of<T, 4>(a, out, n0, n1);
+    case 5: return int4_tiles_of<T, 5>(a, out, n0, n1);
+    case 6: return int4_tiles_of<T, 6>(a, out, n0, n1);
+    case 7: return int4_tiles_of<T, 7>(a, out, n0, n1);
+    default: return int4_tiles_of<T, 8>(a, out, n0, n1);
+  }
 #else
-      const float* xm = a.x + m * K;
-      for (int64_t r = 0; r < R; ++r) {
+  const int64_t K = a.K, groups = K >> a.shift;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    const uint8_t* tile = a.w + n * a.stride;
+    const T* sc = reinterpret_cast<const T*>(tile);
+    const T* zr = sc + kTile * groups;
+    const uint8_t* q = tile + kTile * (a.stride - K / 2);
+    for (int64_t r = 0; r < kTile; ++r) {
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* xm = a.x + m * K;
         float total = 0.f;
-        for (int64_t k = 0; k < K; k += 64) {
-          float lo = 0.f, hi = 0.f;
-          for (int64_t t = 0; t < 32; ++t) {
-            const uint8_t b = qr[r][k / 2 + t];
-            lo += xm[k + t] * static_cast<float>(b & 15);
-            hi += xm[k + 32 + t] * static_cast<float>(b >> 4);
-          }
-          total += lo * scalar(sr[r][k >> a.shift]) + hi * scalar(sr[r][(k + 32) >> a.shift]);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t o = k % 32, j = o / 8, i = o % 8;
+          const uint8_t byte = q[(k / 32) * 128 + j * 32 + r * 4 + i % 4];
+          total += xm[k] * static_cast<float>(i < 4 ? byte & 15 : byte >> 4) * scalar(sc[(k >> a.shift) * kTile + r]);
         }
-        for (int64_t g = 0; g < groups; ++g) total += (scalar(zr[r][g]) - 8.f * scalar(sr[r][g])) * xs[g];
-        sums[r] = total;
+        for (int64_t g = 0; g < groups; ++g)
+          total += (scalar(zr[g * kTile + r]) - 8.f * scalar(sc[g * kTile + r])) * a.xsum[m * groups + g];
+        out[m * (n1 - n0) + (n - n0) + r] = total;
       }
+    }
+  }
 #endif
-  });
 }
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
@@ -403,19 +424,20 @@ void write_out(const float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, c
   }
 }
 
-// Runs body(out_chunk, n0, n1) over the weight rows in parallel, each thread on whole blocks, and writes y (x's
-// dtype and leading shape, N outputs) with the bias added.
+// Runs body(out_chunk, n0, n1) over the weight rows in parallel, each thread on whole blocks of `unit` rows, and
+// writes y (x's dtype and leading shape, N outputs) with the bias added.
 template <typename F>
-at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body) {
+at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body,
+               int64_t unit = R) {
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.numel() == N && b.is_contiguous() && b.scalar_type() != at::kDouble),
               "bias must be a contiguous float32, bfloat16 or float16 vector of the output size");
-  const int64_t blocks = (N + R - 1) / R;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * R, n1 = std::min(N, b1 * R);
+  const int64_t blocks = (N + unit - 1) / unit;
+  at::parallel_for(0, blocks, 32 / unit, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * unit, n1 = std::min(N, b1 * unit);
     std::vector<float> part(M * (n1 - n0));
     body(part.data(), n0, n1);
     switch (y.scalar_type()) {
@@ -484,8 +506,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
               "linear_int4: group size must be a power of two, at least 32");
   const int64_t N = packed.size(0), stride = packed.size(1), K = x.size(-1), groups = K / group_size;
-  TORCH_CHECK(K % group_size == 0 && K % 64 == 0,
-              "linear_int4: the input size must be a multiple of 64 and of the group size");
+  TORCH_CHECK(K % group_size == 0, "linear_int4: the input size must be a multiple of the group size");
+  TORCH_CHECK(N % kTile == 0, "linear_int4: the output size must be a multiple of ", kTile, ", got ", N);
   TORCH_CHECK(value_bytes == 2 || value_bytes == 4, "linear_int4: scales and zeros are bfloat16 (2 bytes) or ",
               "float32 (4 bytes), not ", value_bytes, " bytes");
   const int64_t meta = (2 * groups * value_bytes + 31) / 32 * 32;  // the row's scales and zeros, padded
@@ -505,8 +527,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(), stride,
                       __builtin_ctzll(group_size)};
   if (value_bytes == 2)
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows<at::BFloat16>(args, o, n0, n1); });
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_rows<float>(args, o, n0, n1); });
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
+               kTile);
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); }, kTile);
 }
 
 }  // namespace

@@ -9,8 +9,8 @@ near the memory bandwidth where aten's GEMV reaches about half of it and its INT
 
 Weights: float32, bfloat16 and float16 as stored; TorchAO INT8 weight-only (int8 values, float scale per row or
 group) as stored; TorchAO's CPU INT4 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into
-this kernel's layout (`int4_layout.py`: per row, its groups' scales and zeros as stored, then two weights per byte)
-with exactly the same values.
+this kernel's layout (`int4_layout.py`: tiles of eight rows, their groups' scales and zeros as stored, then two
+weights per byte, interleaved so that the vector lanes are the rows) with exactly the same values.
 """
 
 from __future__ import annotations

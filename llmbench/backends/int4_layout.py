@@ -1,29 +1,38 @@
 """The INT4 weight layout of the CPU decode kernels (`cpu_gemv.cpp`'s linear_int4), and its making from TorchAO's
 CPU INT4 weights (`Int4OpaqueTensor`, packed for aten's kernel in an opaque tile layout) with exactly the same
-values: per output row one run of bytes, its groups' scales and zeros as stored, zero bytes up to INT4_ALIGN, then
-two weights per byte."""
+values: per tile of eight output rows one run of bytes, their groups' scales and zeros as stored, then two weights
+per byte, interleaved so that the kernel's vector lanes are the tile's rows."""
 
 from __future__ import annotations
 
 import torch
 
-INT4_ALIGN = 32  # bytes: a row's weight bytes start, and its rows follow one another, at multiples of this
+INT4_ALIGN = 32  # bytes: a row's share of its tile's scales and zeros is padded to a multiple of this
+TILE_ROWS = 8  # output rows per tile (the kernel's kTile)
 
 
 def int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The INT4 kernel's weight layout from integer weights q (n, k) in 0..15 and a scale and zero per group
-    (n, groups), w = (q - 8) * scale + zero: one row of bytes per output, its scales, its zeros (bfloat16 when both
-    are bfloat16, else float32), zero bytes up to a multiple of INT4_ALIGN, then per 64 weights 32 bytes, byte t
-    holding weight t (low nibble) and t + 32 (high nibble), so that a row is one stream for the kernel to read and
-    no 32-byte load of weights straddles two cache lines. -> (rows, bytes per scale or zero)."""
+    """The INT4 kernel's weight layout from integer weights q (n, k), n a multiple of TILE_ROWS and k of 32, in
+    0..15, and a scale and zero per group (n, groups), w = (q - 8) * scale + zero: per tile of TILE_ROWS output rows
+    one run of TILE_ROWS rows' bytes (rows of the tensor, each `stride` bytes) holding the tile's scales as
+    [group][row], its zeros the same way (bfloat16 when both are bfloat16, else float32), zero bytes up to
+    TILE_ROWS times a multiple of INT4_ALIGN, then per 32 weights 128 bytes: four vectors j of 32 bytes whose 4-byte
+    lane r holds row r's weights 8j..8j+3 (low nibbles) and 8j+4..8j+7 (high nibbles). A tile is one stream for the
+    kernel to read, and the integer dot products of its rows land in the lanes of one vector. -> (rows, bytes per
+    scale or zero)."""
     n, k = q.shape
+    if n % TILE_ROWS or k % 32:
+        raise ValueError(f"an INT4 tile takes {TILE_ROWS} rows of a multiple of 32 weights, not {n} rows of {k}")
+    tiles, groups = n // TILE_ROWS, scale.shape[1]
     meta = torch.bfloat16 if scale.dtype == zero.dtype == torch.bfloat16 else torch.float32
-    q = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
-    nibbles = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(n, k // 2)
-    parts = [t.to(meta).contiguous().view(torch.uint8) for t in (scale, zero)]
-    used = sum(part.shape[1] for part in parts)
-    padding = torch.zeros(n, -used % INT4_ALIGN, dtype=torch.uint8)
-    return torch.cat([*parts, padding, nibbles], dim=1).contiguous(), meta.itemsize
+    q = q.to(torch.uint8).reshape(tiles, TILE_ROWS, k // 32, 4, 2, 4)  # tile, row, block, vector j, half, byte
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(tiles, k // 2 * TILE_ROWS)
+    parts = [t.to(meta).reshape(tiles, TILE_ROWS, groups).transpose(1, 2).contiguous().view(torch.uint8)
+             .reshape(tiles, -1) for t in (scale, zero)]
+    row_meta = -(-2 * groups * meta.itemsize // INT4_ALIGN) * INT4_ALIGN
+    padding = torch.zeros(tiles, TILE_ROWS * row_meta - 2 * parts[0].shape[1], dtype=torch.uint8)
+    tile = torch.cat([*parts, padding, nibbles], dim=1)
+    return tile.reshape(n, row_meta + k // 2).contiguous(), meta.itemsize
 
 
 _nibble_orders: dict[tuple[int, int], torch.Tensor] = {}
@@ -62,7 +71,8 @@ def int4_from_torchao(weight) -> tuple[torch.Tensor, tuple[int, int]] | None:
     if type(weight).__name__ != "Int4OpaqueTensor" or getattr(weight, "act_pre_scale", None) is not None:
         return None
     block = list(getattr(weight, "block_size", []))
-    if len(block) != 2 or block[0] != 1 or block[1] % 32 or weight.shape[1] % 64:
+    if len(block) != 2 or block[0] != 1 or block[1] % 32 or weight.shape[1] % 64 \
+            or weight.shape[0] % TILE_ROWS:
         return None
     group_size = block[1]
     n, k = weight.shape
