@@ -28,6 +28,7 @@ from llmbench.backends import int4_layout
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+HEADERS = (SOURCE.with_name("cpu_gemv_int4.h"),)  # included by SOURCE: part of the build's identity
 MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -86,7 +87,8 @@ def _load() -> str | None:
         return f"built only on linux, not {sys.platform}"
     cpu = cpu_kind()
     extra = [*prefetch_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
-    identity = [" ".join(extra), SOURCE.read_text(), " ".join(sorted(cpu.flags)), torch.__version__]
+    sources = [f.read_text() for f in (SOURCE, *HEADERS)]
+    identity = [" ".join(extra), *sources, " ".join(sorted(cpu.flags)), torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode())
     name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
     folder = build_dir() / name

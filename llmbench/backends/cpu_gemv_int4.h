@@ -1,0 +1,178 @@
+// The INT4 part of cpu_gemv.cpp, which includes it inside its anonymous namespace after the helpers it uses
+// (widen, prefetch): activations quantized to int8 per 32 values, and the tile kernel.
+#pragma once
+
+// 32 values of x: their sum added to *sum, their int8 quantization q = round(x / d) with d = max |x| / 127.
+inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
+#ifdef __AVX2__
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+    total = _mm256_add_ps(total, v[i]);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, amax);
+  float top = 0.f;
+  for (float lane : lanes) top = std::max(top, lane);
+  *sum += hsum((v8f)total);
+  *d = top / 127.f;
+  const __m256 inv = _mm256_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // to nearest, like nearbyint
+  // packs interleave the 128-bit lanes: the permutation puts the 32 bytes back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+  float amax = 0.f, total = 0.f;
+  for (int t = 0; t < 32; ++t) { amax = std::max(amax, std::abs(x[t])); total += x[t]; }
+  *sum += total;
+  *d = amax / 127.f;
+  const float inv = *d > 0.f ? 1.f / *d : 0.f;
+  for (int t = 0; t < 32; ++t) q[t] = static_cast<int8_t>(std::nearbyint(x[t] * inv));
+#endif
+}
+
+
+// int4, in tiles of eight output rows (N a multiple of 8), each tile one run of 8 * stride bytes: the scales of its
+// groups (2^shift weights each, at least 32) as [group][row], then its zeros the same way (both bfloat16, or float32
+// where the model's were not bfloat16), zero bytes up to 8 * meta, then per 32 weights 128 bytes: four vectors j
+// of 32 bytes, whose 32-bit lane r holds row r's weights 8j..8j+3 in its low nibbles and 8j+4..8j+7 in its high
+// ones. With the rows in the lanes, the integer dot products of a block of 32 weights land in one vector, one per
+// row, which a single conversion and multiply by the eight rows' scales adds to the outputs: no per-row set-up, no
+// horizontal sums, and every thread reads one stream.
+// w = (q - 8) * scale + zero, so sum(x * w) = scale * sum(x * q) + (zero - 8 * scale) * sum(x) per group; the sums
+// of x (exact, in float32) come precomputed per group in xsum. With AVX2, x is quantized to int8 per 32 values
+// (xq, with scale xd, as llama.cpp does for its Q4 formats) and sum(x * q) is an integer dot product; without AVX2
+// it is computed in float32.
+struct Int4Args {
+  const float* x; const int8_t* xq; const float* xd; const float* xsum;
+  int64_t M, K; const uint8_t* w; int64_t stride; int shift;
+};
+constexpr int64_t kTile = 8;  // output rows per INT4 tile
+#ifndef LLMBENCH_PREFETCH_TILES
+#define LLMBENCH_PREFETCH_TILES 2
+#endif
+
+inline float scalar(float v) { return v; }
+inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
+
+#ifdef __AVX2__
+// acc plus the sums of four products of unsigned bytes q and signed bytes x, per 32-bit lane: one VNNI instruction
+// where the CPU has it (AVX-VNNI, or AVX512-VNNI with VL), whose products are 16-bit each, so q may take the high
+// nibbles in place (0..240); else maddubs to 16 bits, whose pairwise sums saturate past 32767, so q must be 0..15,
+// then madd against ones.
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)) && !defined(LLMBENCH_NO_VNNI)
+constexpr bool kVnni = true;
+inline __m256i dot_u8_s8(__m256i acc, __m256i q, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, q, x);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, q, x);
+#endif
+}
+#else
+constexpr bool kVnni = false;
+inline __m256i dot_u8_s8(__m256i acc, __m256i q, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+}
+#endif
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// One tile against MR rows of x: acc[m] gets the eight rows' dot products with row m.
+template <typename T, int MR>
+void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m256* acc) {
+  const int64_t K = a.K, groups = K >> a.shift, blocks = K / 32;
+  const T* sc = reinterpret_cast<const T*>(tile);
+  const T* zr = sc + kTile * groups;
+  const uint8_t* q = tile + kTile * (a.stride - K / 2);
+  const int64_t lines = (kTile * a.stride + 63) / 64, per_block = (lines + blocks - 1) / blocks;
+  const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (next) {
+      for (int64_t l = 0; l < per_block; ++l) prefetch(next + (b * per_block + l) * 64);
+    }
+    __m256i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 128 + j * 32));
+      lo[j] = _mm256_and_si256(v, low);
+      hi[j] = kVnni ? _mm256_and_si256(v, high) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    const __m256 scale = (__m256)widen(sc + ((b * 32) >> a.shift) * kTile);
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xb = a.xq + m * K + b * 32;
+      __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        sl = dot_u8_s8(sl, lo[j], broadcast4(xb + 8 * j));
+        sh = dot_u8_s8(sh, hi[j], broadcast4(xb + 8 * j + 4));
+      }
+      // high nibbles in place are 16 times their value: every product, so every sum, is a multiple of 16
+      const __m256i s = _mm256_add_epi32(sl, kVnni ? _mm256_srai_epi32(sh, 4) : sh);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(a.xd[m * blocks + b])),
+                               acc[m]);
+    }
+  }
+  const __m256 eight = _mm256_set1_ps(8.f);
+  for (int64_t g = 0; g < groups; ++g) {  // plus (zero - 8 * scale) * sum(x) per group
+    const __m256 offset = _mm256_fnmadd_ps(eight, (__m256)widen(sc + g * kTile), (__m256)widen(zr + g * kTile));
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.xsum[m * groups + g]), acc[m]);
+  }
+}
+
+template <typename T, int MR>
+void int4_tiles_of(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    __m256 acc[MR];
+    int4_tile<T, MR>(a, a.w + n * a.stride, n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr, acc);
+    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * (n1 - n0) + (n - n0), acc[m]);
+  }
+}
+#endif
+
+// The outputs of rows [n0, n1) (whole tiles) into out (M, n1 - n0).
+template <typename T>
+void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
+#ifdef __AVX2__
+  switch (a.M) {  // the rows of x as a constant: their accumulators stay in registers
+    case 1: return int4_tiles_of<T, 1>(a, out, n0, n1);
+    case 2: return int4_tiles_of<T, 2>(a, out, n0, n1);
+    case 3: return int4_tiles_of<T, 3>(a, out, n0, n1);
+    case 4: return int4_tiles_of<T, 4>(a, out, n0, n1);
+    case 5: return int4_tiles_of<T, 5>(a, out, n0, n1);
+    case 6: return int4_tiles_of<T, 6>(a, out, n0, n1);
+    case 7: return int4_tiles_of<T, 7>(a, out, n0, n1);
+    default: return int4_tiles_of<T, 8>(a, out, n0, n1);
+  }
+#else
+  const int64_t K = a.K, groups = K >> a.shift;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    const uint8_t* tile = a.w + n * a.stride;
+    const T* sc = reinterpret_cast<const T*>(tile);
+    const T* zr = sc + kTile * groups;
+    const uint8_t* q = tile + kTile * (a.stride - K / 2);
+    for (int64_t r = 0; r < kTile; ++r) {
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* xm = a.x + m * K;
+        float total = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t o = k % 32, j = o / 8, i = o % 8;
+          const uint8_t byte = q[(k / 32) * 128 + j * 32 + r * 4 + i % 4];
+          total += xm[k] * static_cast<float>(i < 4 ? byte & 15 : byte >> 4) * scalar(sc[(k >> a.shift) * kTile + r]);
+        }
+        for (int64_t g = 0; g < groups; ++g)
+          total += (scalar(zr[g * kTile + r]) - 8.f * scalar(sc[g * kTile + r])) * a.xsum[m * groups + g];
+        out[m * (n1 - n0) + (n - n0) + r] = total;
+      }
+    }
+  }
+#endif
+}
