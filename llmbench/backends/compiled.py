@@ -181,7 +181,7 @@ class CompileBackend(Backend):
         for this host), except, on CPUs where the generated reductions were faster (cpu_kernels.
         dense_one_row_kernels), one-row steps of plain floating-point weights; layers the kernels do not take, or
         every layer where they cannot be built, through the generated reductions (one-row steps only); attention of
-        one-row steps generated."""
+        steps of up to 8 rows generated."""
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:

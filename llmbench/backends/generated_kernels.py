@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "llmbench_generated"
+# Rows of a step whose attention is generated (the decode kernels' limit): SDPA's CPU path repeats the keys and values
+# of grouped-query heads into copies of the whole cache per layer and step.
+MAX_ATTENTION_ROWS = 8
 
 
 def _reduction_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -99,15 +102,16 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
 def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface: one query position of one row against the whole static cache, as plain
-    tensor ops (grouped-query heads by a view, no repeated keys); anything else goes to SDPA as before.
+    """transformers' attention interface: one query position of each of up to MAX_ATTENTION_ROWS rows (batch x
+    beams) against the whole static cache, as plain tensor ops (grouped-query heads by a view, no repeated keys);
+    anything else goes to SDPA as before.
     query (batch, heads, q_len, head_dim); key/value (batch, kv_heads, kv_len, head_dim); -> (batch, q_len, heads,
     head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
-    if (not torch.compiler.is_compiling() or q_len != 1 or batch != 1 or attention_mask is None
+    if (not torch.compiler.is_compiling() or q_len != 1 or batch > MAX_ATTENTION_ROWS or attention_mask is None
             or attention_mask.shape[1] != 1
             or dropout or heads % kv_heads):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
