@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #include <atomic>
 
@@ -72,21 +71,6 @@ inline v8f widen(const int8_t* p) {
 #else
   v8i8 b; std::memcpy(&b, p, sizeof b); return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
 #endif
-}
-
-// The first n (at most 8) values widened to float32, the other lanes zero: one masked load with AVX-512.
-template <typename T>
-inline v8f widen_first(const T* p, int64_t n) {
-  if (n == 8) return widen(p);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  const __mmask8 mask = static_cast<__mmask8>((1u << n) - 1);
-  if constexpr (std::is_same_v<T, float>) return (v8f)_mm256_maskz_loadu_ps(mask, p);
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, p)), 16);
-#endif
-  T padded[8] = {};
-  std::memcpy(padded, p, n * sizeof(T));
-  return widen(padded);
 }
 
 // The weight rows of block n (the last block repeats its last row so that every block has R rows to read).
