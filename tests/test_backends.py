@@ -98,6 +98,8 @@ def test_compile_bf16_log_probs_stay_as_close_to_fp32_as_eager_bf16(tiny_llama, 
     eager_error = (eager_bf16 - fp32)[..., keep].abs().max().item()
     compiled_error = (compiled_bf16 - fp32)[..., keep].abs().max().item()
     assert compiled_bf16.shape == fp32.shape
+    assert torch.isneginf(compiled_bf16[..., eos]).all()
+    assert torch.isfinite(compiled_bf16[..., keep]).all()
     assert compiled_error < 0.05
     assert compiled_error <= 2 * eager_error + 1e-3
 
