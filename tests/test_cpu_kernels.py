@@ -1,11 +1,14 @@
 """The weight-streaming CPU kernels (llmbench/backends/cpu_gemv.cpp), built for this host: every weight kind and row
 count against torch's own linear, TorchAO's INT4 weights repacked with exactly their values, and bad calls refused."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbench.backends import cpu_kernels, int4_layout
+from llmbench.backends import cpu_kernels, huge_pages, int4_layout
+from llmbench.backends.huge_pages import HugePageArena
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +157,42 @@ def test_siblings_share_one_kernel_call_with_the_same_outputs(ops, scheme):
     assert cpu_kernels.score_with_kernels(parent)
     for name in alone:
         assert torch.equal(getattr(parent, name)(x), expected[name]), name
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "bfloat16"])
+def test_kernel_weights_move_into_huge_page_slabs_with_the_same_outputs(ops, scheme):
+    def make(out_features):
+        if scheme == "bfloat16":
+            return torch.nn.Linear(128, out_features).to(torch.bfloat16)
+        return quantized_linear(scheme, 32, in_features=128, out_features=out_features)
+
+    torch.manual_seed(0)
+    parent = siblings(make)
+    x = torch.randn(3, 128).to(next(parent.parameters()).dtype)
+    expected = {name: cpu_kernels.kernel_call(module)[0](x) for name, module in parent.named_children()}
+    arena = HugePageArena(slab_bytes=4 << 20)
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS, arena)
+    assert len(arena.slabs) == 1 and arena.placed_bytes > 0
+    start, end = arena.slabs[0].data_ptr(), arena.slabs[0].data_ptr() + arena.slabs[0].numel()
+    read = [cell.cell_contents for m in parent.children() for cell in m.forward.kernel.call.__closure__
+            if isinstance(cell.cell_contents, torch.Tensor)]  # the tensors each op call reads
+    assert read and all(start <= t.data_ptr() < end and t.data_ptr() % 64 == 0 for t in read)
+    if scheme == "bfloat16":  # the modules' own weights are the kernels' copies (no second copy)
+        assert all(start <= m.weight.data_ptr() < end for m in parent.children())
+    assert cpu_kernels.score_with_kernels(parent)
+    for name, want in expected.items():
+        assert torch.equal(getattr(parent, name)(x), want), name
+    if huge_pages.thp_mode() in ("always", "madvise"):  # the kernel may back the slab with huge pages
+        assert arena.describe().endswith("madvised for huge pages")
+        eligible, inside, first_placed = None, False, min(t.data_ptr() for t in read)  # the advised part
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header: its address range
+                low, high = (int(v, 16) for v in first.split("-"))
+                inside = low <= first_placed < high
+            elif inside and first == "THPeligible:":
+                eligible = line.split()[1]
+        assert eligible in (None, "1")  # None: a kernel too old to say
 
 
 def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):

@@ -29,6 +29,7 @@ from transformers import StaticCache
 from llmbench.backends import cpu_kernels, generated_kernels
 from llmbench.backends.base import Backend, generation_config
 from llmbench.backends.direct_steps import DirectStep, StepGraphs
+from llmbench.backends.huge_pages import HugePageArena
 from llmbench.devices import synchronize
 from llmbench.errors import UserError
 from llmbench.host import cpu_kind
@@ -197,7 +198,12 @@ class CompileBackend(Backend):
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:
-            self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(model, cpu_kernels.MAX_ROWS)
+            # LLMBENCH_HUGE_PAGES=0 keeps the weights where they are (for comparisons; see huge_pages.py)
+            arena = HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
+            self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(
+                model, cpu_kernels.MAX_ROWS, arena)
+            self.details["streaming_weights_memory"] = arena.describe() if arena else \
+                "as loaded (LLMBENCH_HUGE_PAGES=0)"
             dedupe = cpu_kernels.dedupe_pass()
             if dedupe is not None:  # fused siblings: one kernel call per group (not in the recorded options)
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends import int4_layout
+from llmbench.backends.huge_pages import HugePageArena
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
@@ -246,16 +247,27 @@ def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], layout, bias: torch.T
     return lambda x: ops.linear_dense(x, weight, bias)
 
 
-def kernel_call(module: torch.nn.Linear):
-    """-> (the op call for this layer's weight, kind) or (None, why not)."""
+def _into(arena: HugePageArena | None, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """tensor, its values moved into the arena in place (every holder of the tensor, such as the module whose
+    weight it is or a TorchAO weight whose values it holds, reads the new copy; the old memory is freed)."""
+    if arena is not None and tensor is not None:
+        tensor.data = arena.place(tensor.detach())
+    return tensor
+
+
+def kernel_call(module: torch.nn.Linear, arena: HugePageArena | None = None):
+    """-> (the op call for this layer's weight, kind) or (None, why not). With an arena, the tensors the op reads
+    (the module's own weight and bias where plain) move into it."""
     try:
         kind, tensors, layout = kernel_parts(module)
     except _Refused as exc:
         return None, str(exc)
-    return _op_call(kind, tensors, layout, module.bias), kind
+    tensors = tuple(_into(arena, t) for t in tensors)
+    return _op_call(kind, tensors, layout, _into(arena, module.bias)), kind
 
 
-def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
+def _fuse(members: list[torch.nn.Linear],
+          arena: HugePageArena | None = None) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
     """One kernel call over sibling linears of the same kind, or None where they differ (kind, input size, int4
     group size, int8 groups, bias or no bias). Plain weights are rebound as row slices of their concatenation (no
     second copy); quantized ones are concatenated from the kernels' own copies."""
@@ -268,8 +280,8 @@ def _fuse(members: list[torch.nn.Linear]) -> tuple[str, KernelCall, list[tuple[i
     if len(kinds) != 1 or len({b is None for b in biases}) != 1:
         return None
     kind, _, layout = parts[0]
-    tensors = tuple(torch.cat([t.detach() for t in column]) for column in zip(*(t for _, t, _ in parts)))
-    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    tensors = tuple(_into(arena, torch.cat([t.detach() for t in column])) for column in zip(*(t for _, t, _ in parts)))
+    bias = None if biases[0] is None else _into(arena, torch.cat([b.detach() for b in biases]))
     spans, start = [], 0
     for m in members:
         spans.append((start, m.out_features))
@@ -309,12 +321,12 @@ def dedupe_pass():
     return DedupeKernelCalls()
 
 
-def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
+def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageArena | None = None) -> dict[str, int]:
     """Give every nn.Linear whose weight the kernels take the kernel forward, siblings (SIBLINGS) fused into one
     call; -> counts per weight kind, of fused groups (`fused groups`), and per reason a layer was left to its own
     forward (`kept: ...`). Quantized weights and steps of 2-8 rows use the kernels; one-row steps of plain
     floating-point weights too, except where dense_one_row_kernels() says inductor's generated reductions are
-    faster."""
+    faster. With an arena, every tensor the kernels read moves into it (huge pages)."""
     from llmbench.backends.generated_kernels import _reduction_linear
 
     counts: dict[str, int] = {}
@@ -332,7 +344,7 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
             members = [children.get(name) for name in names]
             if not all(isinstance(m, torch.nn.Linear) for m in members):
                 continue
-            fused = _fuse(members)
+            fused = _fuse(members, arena)
             if fused is None:
                 continue
             kind, kernel, spans = fused
@@ -343,7 +355,7 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int) -> dict[str, int]:
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear) or id(module) in done:
             continue
-        call, kind = kernel_call(module)
+        call, kind = kernel_call(module, arena)
         if call is None:
             kind = f"kept: {kind}"
             counts[kind] = counts.get(kind, 0) + 1
