@@ -49,27 +49,23 @@ class HugePageArena:
         self.slabs: list[torch.Tensor] = []
         self.advised = True
         self.placed_bytes = 0
-        self._free = (0, 0)  # (address, bytes) left in the newest slab
+        self._next = self._end = 0  # offsets in the newest slab: the next tensor's, the end of its advised part
 
     def _slab(self, nbytes: int) -> None:
         size = max(self.slab_bytes, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
         buffer = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)
-        start = buffer.data_ptr() + (-buffer.data_ptr()) % HUGE_PAGE
-        self.advised &= _madvise_huge(start, size)
+        start = (-buffer.data_ptr()) % HUGE_PAGE
+        self.advised &= _madvise_huge(buffer.data_ptr() + start, size)
         self.slabs.append(buffer)
-        self._free = (start, size)
+        self._next, self._end = start, start + size
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()
-        if self._free[1] < nbytes:
+        if self._end - self._next < nbytes:
             self._slab(nbytes)
-        address, left = self._free
-        buffer = self.slabs[-1]
-        offset = address - buffer.data_ptr()
-        view = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        view = self.slabs[-1][self._next:self._next + nbytes].view(tensor.dtype).view(tensor.shape)
         view.copy_(tensor)
-        step = -(-nbytes // ALIGN) * ALIGN
-        self._free = (address + step, left - step)
+        self._next += -(-nbytes // ALIGN) * ALIGN
         self.placed_bytes += nbytes
         return view
 
