@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -53,10 +54,17 @@ def default_gguf_path() -> Path:
     return path
 
 
+def conversion_key(gguf_path: Path) -> str:
+    """What a conversion depends on: the file, and the versions of the code that dequantizes it (gguf's reader,
+    transformers' loader), whose rounding changes between releases; a cached copy from other versions is not reused."""
+    stat = gguf_path.stat()
+    versions = "|".join(f"{name}={importlib.metadata.version(name)}" for name in ("gguf", "transformers", "torch"))
+    return f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{versions}"
+
+
 def converted_gguf_folder(gguf_path: Path, quiet: bool = False) -> Path:
     """Dequantize a GGUF file once into a safetensors folder under the cache; later loads reuse it."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(conversion_key(gguf_path).encode()).hexdigest()[:12]
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder

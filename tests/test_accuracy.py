@@ -2,6 +2,7 @@
 own lambada_openai measures."""
 
 import hashlib
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,19 @@ def test_default_model_fp32_matches_lm_evals_own_lambada_openai(cli, tmp_path, b
     assert metrics["acc_stderr"] == pytest.approx(expected["acc_stderr,none"], rel=1e-9)
     assert metrics["perplexity"] == pytest.approx(expected["perplexity,none"], rel=1e-6)
     assert 0.1 < metrics["acc"] < 0.9 and 1 < metrics["perplexity"] < 1000  # a real model, not noise
+
+
+def test_the_converted_default_model_is_keyed_by_the_versions_that_dequantize_it():
+    """A conversion cached by other gguf or transformers releases (whose rounding differs in the last bit) is not
+    reused: the proof above compares against a fresh dequantization by the installed versions."""
+    from llmbench.models import conversion_key, converted_gguf_folder, default_gguf_path
+
+    key = conversion_key(default_gguf_path())
+    for name in ("gguf", "transformers", "torch"):
+        assert f"|{name}={importlib.metadata.version(name)}" in key
+    folder = converted_gguf_folder(default_gguf_path(), quiet=True)
+    assert folder.name.endswith("-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    assert (folder / "config.json").is_file()
 
 
 def test_tiny_llama_slice_writes_an_accuracy_record(cli, tmp_path, tiny_llama):
