@@ -123,21 +123,16 @@ def quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme: str):
     return backend, (compiled - eager_log_probs)[..., keep].abs()
 
 
-def test_generated_int8_step_matches_torchao_eager(tiny_llama, compile_env, monkeypatch):
-    backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, "int8")
-    assert backend.details["streaming_linears"]["int8"] > 0
-    assert difference.max().item() < 1e-3
-
-
-def test_int4_step_stays_close_to_torchao_eager(tiny_llama, compile_env, monkeypatch):
-    """The INT4 kernel holds TorchAO's weights exactly; on AVX2 it quantizes activations to int8 per 32 values, so
-    its log-probabilities stay close to TorchAO's eager ones, not equal."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_step_stays_close_to_torchao_eager(tiny_llama, compile_env, monkeypatch, scheme):
+    """The INT4 and INT8 kernels hold TorchAO's weights exactly; on AVX2 they quantize activations to int8 per 32
+    values, so their log-probabilities stay close to TorchAO's eager ones, not equal."""
     from llmbench.host import cpu_kind
 
-    backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, "int4")
-    assert backend.details["streaming_linears"]["int4"] > 0
+    backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme)
+    assert backend.details["streaming_linears"][scheme] > 0
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
-    assert backend.details["int4_activations"].startswith(expected)
+    assert backend.details[f"{scheme}_activations"].startswith(expected)
     assert difference.max().item() < 0.05, difference.max().item()
 
 

@@ -1,6 +1,9 @@
 """The weight-streaming CPU kernels (llmbench/backends/cpu_gemv.cpp), built for this host: every weight kind and row
 count against torch's own linear, TorchAO's INT4 weights repacked with exactly their values, and bad calls refused."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 
 from llmbench.backends import cpu_kernels, huge_pages, int4_layout
 from llmbench.backends.huge_pages import HugePageArena
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,52 @@ def test_int8_equals_torchao(ops, group_size):
     x = torch.randn(3, 128).to(torch.bfloat16)
     expected = F.linear(x, linear.weight, linear.bias).float()
     assert (call(x).float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
+def int8_expected(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the INT8 kernel computes on AVX2 CPUs: x quantized to int8 per 32 values (d = max |x| / 127, q = x / d
+    rounded to nearest even), exact integer dot products per block, then d and the weight's per-group scale."""
+    rows, k = x.shape
+    blocks = x.float().reshape(rows, k // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(blocks * torch.where(d > 0, 1 / d, 0)).double()
+    ints = torch.einsum("mbt,nbt->mnb", xq, q.double().reshape(q.shape[0], k // 32, 32))  # exact in float64
+    per_block = ints * d.double().squeeze(-1)[:, None, :]
+    group_blocks = k // 32 // scale.shape[1]
+    return (per_block.reshape(rows, q.shape[0], scale.shape[1], group_blocks).sum(-1) * scale.double()).sum(-1)
+
+
+def check_int8_integer_path(ops) -> None:
+    """The INT8 kernel equals int8_expected, per row or group, for 1 to 8 rows of x and weights -128..127."""
+    for rows, group_size in ((1, None), (3, 32), (8, 64), (5, None)):
+        torch.manual_seed(rows)
+        q = torch.randint(-128, 128, (44, 256), dtype=torch.int8)  # 44 rows: a last block of fewer than four
+        scale = torch.rand(44, 256 // group_size if group_size else 1) / 64
+        x = torch.randn(rows, 256)
+        x[0, :32] = 0  # an all-zero block (d = 0)
+        expected = int8_expected(x, q, scale)
+        out = ops.linear_int8(x, q, scale, None).double()
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), (rows, group_size)
+
+
+def test_int8_is_an_integer_dot_product_of_x_quantized_per_32_values(ops):
+    if "avx2" not in cpu_kernels.cpu_kind().flags:  # the kernel widens weights to float32 instead
+        x, q, scale = torch.randn(3, 256), torch.randint(-128, 128, (44, 256), dtype=torch.int8), torch.rand(44, 1)
+        assert torch.allclose(ops.linear_int8(x, q, scale, None), reference(x, q.float() * scale, None), rtol=1e-4)
+        return
+    check_int8_integer_path(ops)
+
+
+def test_int8_and_int4_without_vnni_give_the_same_integers(tmp_path):
+    """The AVX2 path of CPUs without VNNI (maddubs), built on this host with LLMBENCH_NO_VNNI: the same checks."""
+    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+            "from tests import test_cpu_kernels as t; t.check_int8_integer_path(torch.ops.llmbench_cpu); "
+            "[t.test_int4_tiles_of_any_rows_of_x(torch.ops.llmbench_cpu, m, r) "
+            "for m in (torch.bfloat16, torch.float32) for r in (1, 5, 8)]; print('checked')")
+    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-DLLMBENCH_NO_VNNI"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
 
 
 def dequantize_rows(rows, value_bytes, in_features, group_size):

@@ -207,8 +207,8 @@ class CompileBackend(Backend):
             dedupe = cpu_kernels.dedupe_pass()
             if dedupe is not None:  # fused siblings: one kernel call per group (not in the recorded options)
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
-            if "int4" in counts:
-                self.details["int4_activations"] = cpu_kernels.int4_activations()
+            for kind in set(counts) & set(cpu_kernels.QUANTIZED):
+                self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
             self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()
             self.details["one_row_dense_linears"] = "kernels" if cpu_kernels.dense_one_row_kernels() else \
                 "generated reductions"

@@ -182,6 +182,7 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 #endif
 
 #include "cpu_gemv_int4.h"
+#include "cpu_gemv_int8.h"
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
 template <typename T>
@@ -321,9 +322,28 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
   const float* xr = rows.x.data();
   const int8_t* w = qdata.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
-  return run(x, rows.M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
-    dense_rows(xr, rows.M, K, w, s, groups, o, n0, n1);
-  });
+  const int64_t M = rows.M;
+#ifdef __AVX2__
+  if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
+    const int64_t blocks = K / 32;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xd(M * blocks), corr(M * groups, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        float unused = 0.f;
+        const int8_t* q = &xq[m * K + b * 32];
+        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], &xq[m * K + b * 32]);
+        int32_t total = 0;
+        for (int t = 0; t < 32; ++t) total += q[t];
+        if (kVnni) corr[m * groups + b * 32 * groups / K] += 128.f * xd[m * blocks + b] * static_cast<float>(total);
+      }
+    }
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
+      int8_rows(xq.data(), xd.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
+    });
+  }
+#endif
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, int64_t value_bytes,

@@ -29,7 +29,8 @@ from llmbench.backends.huge_pages import HugePageArena
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-HEADERS = (SOURCE.with_name("cpu_gemv_int4.h"),)  # included by SOURCE: part of the build's identity
+# included by SOURCE: part of the build's identity
+HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{kind}.h") for kind in ("int4", "int8"))
 MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -122,12 +123,14 @@ def _register_fakes() -> None:
         lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
 
 
-def int4_activations() -> str:
-    """How the INT4 kernel treats activations on this host (the kernel's AVX2 branch follows -march=native)."""
+def quantized_activations(kind: str) -> str:
+    """How the INT4 or INT8 kernel treats activations on this host (the kernels' AVX2 branch follows
+    -march=native; INT8 weights in groups of other than a multiple of 32 values keep float32 activations)."""
     flags = cpu_kind().flags
     if "avx2" in flags:
         vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-        return f"int8 per 32 values, integer dot products ({'VNNI' if vnni else 'AVX2'})"
+        groups = " (weight groups of a multiple of 32; float32 otherwise)" if kind == "int8" else ""
+        return f"int8 per 32 values, integer dot products ({'VNNI' if vnni else 'AVX2'}){groups}"
     return "float32"
 
 
