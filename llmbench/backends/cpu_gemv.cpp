@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 #include <atomic>
+#include <type_traits>
 
 namespace {
 
@@ -79,22 +80,34 @@ inline void block_rows(const W* w, int64_t stride, int64_t n, int64_t rows, cons
   for (int64_t r = 0; r < R; ++r) wr[r] = w + (n + std::min(r, rows - 1)) * stride;
 }
 
-// Every block of R weight rows in [n0, n1) (rows `stride` elements apart) against every row of x:
-// body(wr, n, rows, ahead, m, sums) puts the block's dot products with row m of x into sums, which land in out
-// (M, n1 - n0); `ahead`: the rows D blocks on exist, to be prefetched.
-template <typename W, typename Body>
+// Every block of R weight rows in [n0, n1) (rows `stride` elements apart) against every row of x, C rows of x per
+// pass: body(wr, n, rows, ahead, m0, sums) puts the block's dot products with rows m0..m0+C-1 of x into sums[C][R]
+// (rows past M repeat row M-1; their sums are dropped), which land in out (M, n1 - n0). With C > 1 a body loads each
+// weight vector once for C rows of x (beams, batches) instead of once per row. `ahead`: the rows D blocks on exist,
+// to be prefetched (first pass only).
+template <int C = 1, typename W, typename Body>
 inline void each_block(const W* w, int64_t stride, int64_t M, int64_t n0, int64_t n1, float* out, Body&& body) {
   for (int64_t n = n0; n < n1; n += R) {
     const int64_t rows = std::min(R, n1 - n);
     const W* wr[R];
     block_rows(w, stride, n, rows, wr);
     const bool ahead = n + D * R < n1;
-    for (int64_t m = 0; m < M; ++m) {
-      float sums[R];
-      body(wr, n, rows, ahead, m, sums);
-      for (int64_t r = 0; r < rows; ++r) out[m * (n1 - n0) + (n - n0) + r] = sums[r];
+    for (int64_t m0 = 0; m0 < M; m0 += C) {
+      float sums[C][R];
+      body(wr, n, rows, ahead && m0 == 0, m0, sums);
+      for (int64_t i = 0; i < std::min<int64_t>(C, M - m0); ++i)
+        for (int64_t r = 0; r < rows; ++r) out[(m0 + i) * (n1 - n0) + (n - n0) + r] = sums[i][r];
     }
   }
+}
+
+// Calls f(std::integral_constant<int, C>) with C the rows of x per pass for M rows: 1 for one row, else the
+// smallest power of two up to `most` (as many accumulators as the registers hold) that covers M.
+template <typename F>
+inline void with_rows_per_pass(int64_t M, int most, F&& f) {
+  if (M == 1 || most == 1) return f(std::integral_constant<int, 1>{});
+  if (M == 2 || most == 2) return f(std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 4>{});
 }
 
 // Dense or int8 weights: `groups` float scales per row (scale == nullptr: no scale), group size a multiple of 8.
@@ -103,13 +116,14 @@ void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* s
                 float* out, int64_t n0, int64_t n1) {
   const int64_t gs = K / groups;
   each_block(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m,
-                                       float* sums) {
+                                       float (&out_sums)[1][R]) {
+      float* sums = out_sums[0];
       const float* xm = x + m * K;
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t g = 0; g < groups; ++g) {
         v8f t0 = {}, t1 = {}, t2 = {}, t3 = {};
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
-          if (m == 0 && ahead) {
+          if (ahead) {
             for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
           }
           const v8f xv = load_f32(xm + k);
@@ -139,11 +153,12 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
   const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
                     0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
   each_block(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m,
-                                       float* sums) {
+                                       float (&out_sums)[1][R]) {
+      float* sums = out_sums[0];
       const float* xm = xd + m * K;
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t k = 0; k < K; k += 16) {
-        if (m == 0 && ahead && k % 32 == 0) {
+        if (ahead && k % 32 == 0) {
           for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
         }
         const v8f xe = load_f32(xm + k), xo = load_f32(xm + k + 8);
@@ -162,22 +177,38 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
 // bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
 // x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
 // the instructions of widening the weights first.
-void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
-                   int64_t n1) {
-  each_block(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m,
-                                       float* sums) {
-      const at::BFloat16* xm = x + m * K;
-      __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+template <int C>
+void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                      int64_t n1) {
+  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const at::BFloat16* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      __m512 acc[C][R];
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
       for (int64_t k = 0; k < K; k += 32) {
-        if (m == 0 && ahead) {
+        if (ahead) {
           for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
         }
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k);
+        __m512bh wv[R];
 #pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wr[r] + k), xv);
+        for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < C; ++i) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+        }
       }
-      for (int64_t r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
   });
+}
+
+void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                   int64_t n1) {
+  with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
 }
 #endif
 

@@ -16,37 +16,66 @@ inline __m256i dot_s8_s8(__m256i w, __m256i x) {
 
 inline __m256i load_bytes(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Every block of R weight rows in [n0, n1) against every row of x. corr (M, groups): what the VNNI sums hold beyond
-// sum(w * x) per group, in x's units (128 * sum of xd * sum(xq) over the group's blocks; zeros without VNNI).
-void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
-               const float* scale, int64_t groups, float* out, int64_t n0, int64_t n1) {
+// Every block of R weight rows in [n0, n1) against every row of x, C rows of x per pass (each weight vector loaded
+// and made unsigned once for them). corr (M, groups): what the VNNI sums hold beyond sum(w * x) per group, in x's
+// units (128 * sum of xd * sum(xq) over the group's blocks; zeros without VNNI).
+template <int C>
+void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
+                  const float* scale, int64_t groups, float* out, int64_t n0, int64_t n1) {
   const int64_t gs = K / groups, blocks = K / 32;
-  each_block(w, K, M, n0, n1, out, [&](const int8_t* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m,
-                                       float* sums) {
-      const int8_t* xm = xq + m * K;
-      __m256 a[R];
-      float c[R] = {};
-      for (int64_t r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  each_block<C>(w, K, M, n0, n1, out, [&](const int8_t* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      int64_t m[C];
+      for (int i = 0; i < C; ++i) m[i] = std::min<int64_t>(m0 + i, M - 1);
+      __m256 a[C][R];
+      float c[C][R] = {};
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) a[i][r] = _mm256_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
-        __m256 t[R];
-        for (int64_t r = 0; r < R; ++r) t[r] = _mm256_setzero_ps();
+        __m256 t[C][R];
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < R; ++r) t[i][r] = _mm256_setzero_ps();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-          if (m == 0 && ahead && k % 64 == 0) {
+          if (ahead && k % 64 == 0) {
             for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
           }
-          const __m256i xv = load_bytes(xm + k);
-          const __m256 d = _mm256_set1_ps(xd[m * blocks + k / 32]);
+          __m256i wv[R];
 #pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r)
-            t[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8_s8(load_bytes(wr[r] + k), xv)), d, t[r]);
+          for (int64_t r = 0; r < R; ++r) wv[r] = load_bytes(wr[r] + k);
+#pragma GCC unroll 4
+          for (int i = 0; i < C; ++i) {
+            const __m256i xv = load_bytes(xq + m[i] * K + k);
+            const __m256 d = _mm256_set1_ps(xd[m[i] * blocks + k / 32]);
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < R; ++r)
+              t[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8_s8(wv[r], xv)), d, t[i][r]);
+          }
         }
         for (int64_t r = 0; r < R; ++r) {
           const float s = scale[(n + std::min(r, rows - 1)) * groups + g];
-          a[r] = _mm256_fmadd_ps(t[r], _mm256_set1_ps(s), a[r]);
-          c[r] += s * corr[m * groups + g];
+          for (int i = 0; i < C; ++i) {
+            a[i][r] = groups == 1 ? _mm256_mul_ps(t[i][r], _mm256_set1_ps(s))
+                                  : _mm256_fmadd_ps(t[i][r], _mm256_set1_ps(s), a[i][r]);
+            c[i][r] += s * corr[m[i] * groups + g];
+          }
         }
       }
-      for (int64_t r = 0; r < R; ++r) sums[r] = hsum((v8f)a[r]) - c[r];
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = hsum((v8f)a[i][r]) - c[i][r];
+  });
+}
+
+// Rows of x per pass: as many as the vector registers hold accumulators for (AVX-512 has 32, AVX2 16; groups keep
+// a second set), for R weight rows each.
+void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
+               const float* scale, int64_t groups, float* out, int64_t n0, int64_t n1) {
+#ifdef __AVX512F__
+  const int most = groups == 1 ? 4 : 2;
+#else
+  const int most = groups == 1 ? 2 : 1;
+#endif
+  with_rows_per_pass(M, most, [&](auto c) {
+    int8_rows_of<decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
   });
 }
 #endif
