@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -57,8 +58,14 @@ def default_gguf_path() -> Path:
 def conversion_key(gguf_path: Path) -> str:
     """What a conversion depends on: the file, and the versions of the code that dequantizes it (gguf's reader,
     transformers' loader), whose rounding changes between releases; a cached copy from other versions is not reused."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # a build without package metadata
+            return getattr(importlib.import_module(name), "__version__", "unknown")
+
     stat = gguf_path.stat()
-    versions = "|".join(f"{name}={importlib.metadata.version(name)}" for name in ("gguf", "transformers", "torch"))
+    versions = "|".join(f"{name}={version(name)}" for name in ("gguf", "transformers", "torch"))
     return f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{versions}"
 
 

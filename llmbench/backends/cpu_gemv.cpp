@@ -6,11 +6,13 @@
 // Threads claim contiguous chunks of weight rows (guided scheduling, see run) in blocks of four; for every row of x
 // a block keeps one vector accumulator per weight row (four independent chains) and prefetches the rows ahead, so
 // the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
-// two per 32-bit lane (shift and mask, against x deinterleaved once per call); fp16 by F16C; int8 with a float scale
-// per row or group; int4 (int4_tiles) in tiles of eight rows whose lanes are the rows, integer dot products against
-// x quantized to int8, with a scale and zero per group of each row ahead of the tile's weights. Accumulation is in
-// float32; x is read once into a float32 buffer and the output is written in x's dtype, with no other tensor
-// operations.
+// two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
+// vdpbf16ps (AVX512_BF16); fp16 by F16C. int8 (cpu_gemv_int8.h) as stored, integer dot products against x
+// quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h) in tiles of eight
+// rows whose lanes are the rows, integer dot products against x quantized the same way, with a scale and zero per
+// group of each row ahead of the tile's weights. The bf16 (vdpbf16ps), int8 and int4 kernels take several rows of x
+// per pass over the weights. Accumulation is in float32; x is read once (into a float32 buffer where the kernel
+// widens) and the output is written in x's dtype, with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -361,9 +363,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
     std::vector<float> xd(M * blocks), corr(M * groups, 0.f);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
-        float unused = 0.f;
-        const int8_t* q = &xq[m * K + b * 32];
-        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], &xq[m * K + b * 32]);
+        float unused = 0.f;  // the sum of x, which INT4 needs
+        int8_t* q = &xq[m * K + b * 32];
+        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], q);
         int32_t total = 0;
         for (int t = 0; t < 32; ++t) total += q[t];
         if (kVnni) corr[m * groups + b * 32 * groups / K] += 128.f * xd[m * blocks + b] * static_cast<float>(total);
