@@ -64,13 +64,16 @@ def test_compile_greedy_equals_eager_in_fp32(tiny_llama, compile_env):
     assert backend.details["direct_steps"] == {f"greedy, 2 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 
 
-def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monkeypatch):
+@pytest.mark.parametrize("cpu_kernels", ["1", "0"])  # the cache reorder by one C++ call, and by aten ops
+def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monkeypatch, cpu_kernels):
     monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "default")  # the loop is under test here; compile it quickly
+    monkeypatch.setenv("LLMBENCH_CPU_KERNELS", cpu_kernels)
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
     _, eager_ids = run_backend("eager", loaded.model, inputs, 4)
     backend, compiled_ids = run_backend("compile", loaded.model, inputs, 4)
     assert torch.equal(compiled_ids, eager_ids)
+    assert backend.details["beam_cache_reorder"].startswith("llmbench_cpu" if cpu_kernels == "1" else "index_select")
     assert backend.details["direct_steps"] == {f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 
 

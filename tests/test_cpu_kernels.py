@@ -297,3 +297,21 @@ def test_prefetch_and_one_row_choice_follow_the_cpu_vendor(monkeypatch, model_na
 
     with pytest.raises(UserError, match="use kernels or reductions"):
         cpu_kernels.dense_one_row_kernels()
+
+
+def test_reorder_rows_gathers_every_tensor_in_place(ops):
+    """Beam search's cache reorder: row i of each tensor becomes its row source[i], as index_select gives."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, 5, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    tensors.append(torch.randn(4, 7))
+    for source in ([0, 0, 2, 1], [3, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1]):
+        source = torch.tensor(source)
+        expected = [t.index_select(0, source) for t in tensors]
+        addresses = [t.data_ptr() for t in tensors]
+        ops.reorder_rows(tensors, source)
+        assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+        assert [t.data_ptr() for t in tensors] == addresses  # in place: compiled steps keep reading these
+    with pytest.raises(RuntimeError, match="source row 4 out of 4"):
+        ops.reorder_rows(tensors, torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(RuntimeError, match="contiguous on cpu with 4 rows"):
+        ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))

@@ -215,7 +215,6 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 #endif
 
 #include "cpu_gemv_int4.h"
-#include "cpu_gemv_int8.h"
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
 template <typename T>
@@ -342,42 +341,7 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   }
 }
 
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.scalar_type() == at::kChar,
-              "linear_int8: weight must be contiguous 2-D int8");
-  const int64_t N = qdata.size(0), K = qdata.size(1);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() % N == 0,
-              "linear_int8: scale must be contiguous float32 (N, groups)");
-  const int64_t groups = scale.numel() / N;
-  TORCH_CHECK(K % groups == 0 && (K / groups) % 8 == 0, "linear_int8: group size must be a multiple of 8");
-  const Rows rows = rows_of(x, K, false, "linear_int8");
-  const float* xr = rows.x.data();
-  const int8_t* w = qdata.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  const int64_t M = rows.M;
-#ifdef __AVX2__
-  if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
-    const int64_t blocks = K / 32;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> xd(M * blocks), corr(M * groups, 0.f);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        float unused = 0.f;  // the sum of x, which INT4 needs
-        int8_t* q = &xq[m * K + b * 32];
-        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], q);
-        int32_t total = 0;
-        for (int t = 0; t < 32; ++t) total += q[t];
-        if (kVnni) corr[m * groups + b * 32 * groups / K] += 128.f * xd[m * blocks + b] * static_cast<float>(total);
-      }
-    }
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
-      int8_rows(xq.data(), xd.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
-    });
-  }
-#endif
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
-}
+#include "cpu_gemv_int8.h"
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, int64_t value_bytes,
                        const c10::optional<at::Tensor>& bias) {
@@ -412,16 +376,20 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); }, kTile);
 }
 
+#include "cpu_gemv_beams.h"
+
 }  // namespace
 
 TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
+  m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
   m.impl("linear_dense", &linear_dense);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("reorder_rows", &reorder_rows);
 }

@@ -1,5 +1,5 @@
-// The INT8 part of cpu_gemv.cpp, included inside its anonymous namespace after cpu_gemv_int4.h (quantize_block,
-// kVnni): int8 weights as TorchAO stores them (row-major, symmetric, a float scale per row or per group of a
+// The INT8 part of cpu_gemv.cpp, included inside its anonymous namespace after the helpers it uses (each_block,
+// rows_of, run; quantize_block and kVnni from cpu_gemv_int4.h): int8 weights as TorchAO stores them (row-major, symmetric, a float scale per row or per group of a
 // multiple of 32) against x quantized to int8 per 32 values (xq, scale xd, as for INT4 and llama.cpp's Q8_0 dot
 // products). Per 32 weights of a row, one integer dot product, one conversion and one multiply-add by the block's
 // scale: a fifth of the instructions of widening every weight to float32, so the loop is bound by memory.
@@ -79,3 +79,40 @@ void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, 
   });
 }
 #endif
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.scalar_type() == at::kChar,
+              "linear_int8: weight must be contiguous 2-D int8");
+  const int64_t N = qdata.size(0), K = qdata.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() % N == 0,
+              "linear_int8: scale must be contiguous float32 (N, groups)");
+  const int64_t groups = scale.numel() / N;
+  TORCH_CHECK(K % groups == 0 && (K / groups) % 8 == 0, "linear_int8: group size must be a multiple of 8");
+  const Rows rows = rows_of(x, K, false, "linear_int8");
+  const float* xr = rows.x.data();
+  const int8_t* w = qdata.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t M = rows.M;
+#ifdef __AVX2__
+  if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
+    const int64_t blocks = K / 32;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xd(M * blocks), corr(M * groups, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        float unused = 0.f;  // the sum of x, which INT4 needs
+        int8_t* q = &xq[m * K + b * 32];
+        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], q);
+        int32_t total = 0;
+        for (int t = 0; t < 32; ++t) total += q[t];
+        if (kVnni) corr[m * groups + b * 32 * groups / K] += 128.f * xd[m * blocks + b] * static_cast<float>(total);
+      }
+    }
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
+      int8_rows(xq.data(), xd.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
+    });
+  }
+#endif
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
+}

@@ -30,7 +30,7 @@ from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 # included by SOURCE: part of the build's identity
-HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{kind}.h") for kind in ("int4", "int8"))
+HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("int4", "int8", "beams"))
 MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
