@@ -70,7 +70,7 @@ def test_default_model_fp32_matches_lm_evals_own_lambada_openai(cli, tmp_path, b
     assert record["num_samples"] == PROOF_LIMIT == reference["n-samples"]["lambada_openai"]["effective"]
     assert metrics["acc"] == expected["acc,none"]
     assert metrics["acc_stderr"] == pytest.approx(expected["acc_stderr,none"], rel=1e-9)
-    # float32 sums in another order move perplexity by ~1e-6 relative: on one CI machine 58.652828 against
+    # float32 sums in another order move perplexity by ~1e-6 relative: on another machine 58.652828 against
     # lm-eval's 58.652592 (the project's weights are safetensors' memory-mapped tensors, 8-byte aligned; lm-eval's,
     # dequantized from the GGUF file, fresh 64-byte aligned ones, and a GEMM may take another path for each); a
     # different task, prompt or dtype moves it by 1e-3 or more
