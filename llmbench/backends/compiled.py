@@ -18,6 +18,7 @@ GEMMs with freezing + max-autotune on cpu).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -175,12 +176,6 @@ class CompileBackend(Backend):
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         self._eos_bias = eos_bias(model, eos, device)
         self._caches: dict[tuple[int, int], StaticCache] = {}
-        # beam search's cache reorder: one C++ call for every cache tensor on cpu (two aten ops per tensor, 60 for
-        # the default model, took ~1 ms of a 7 ms INT4 beam-4 step)
-        self._reorder_op = device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
-            cpu_kernels.load() is None
-        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if self._reorder_op \
-            else "index_select and copy_ per cache tensor"
         compile_kwargs = {"fullgraph": True, "dynamic": False}
         self._graphs = StepGraphs(self.options) if device.type == "cpu" else None
         if self._graphs is not None:
@@ -346,6 +341,17 @@ class CompileBackend(Backend):
             if timer is not None:
                 timer.step()
         return torch.cat([input_ids, *tokens], dim=1)
+
+    @functools.cached_property
+    def _reorder_op(self) -> bool:
+        """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
+        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step). Decided at the first beam search,
+        so greedy runs never build the kernels for it."""
+        use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
+            cpu_kernels.load() is None
+        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
+            else "index_select and copy_ per cache tensor"
+        return use
 
     def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
                      timer: StepTimer | None) -> torch.Tensor:

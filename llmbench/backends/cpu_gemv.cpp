@@ -359,17 +359,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
               " weight bytes after ", meta, " bytes of scales and zeros of ", groups, " groups");
   const Rows rows = rows_of(x, K, false, "linear_int4");
   const int64_t M = rows.M;
-  std::vector<float> xsum(M * groups, 0.f);
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xd(M * (K / 32));
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < K / 32; ++b) {
-      quantize_block(rows.x.data() + m * K + b * 32, &xsum[m * groups + (b * 32) / group_size],
-                     &xd[m * (K / 32) + b], &xq[m * K + b * 32]);
-    }
-  }
-  const Int4Args args{rows.x.data(), xq.data(), xd.data(), xsum.data(), M, K, packed.data_ptr<uint8_t>(), stride,
-                      __builtin_ctzll(group_size)};
+  const QuantizedRows xq = quantize_rows(rows.x.data(), M, K, group_size);
+  const Int4Args args{rows.x.data(), xq.q.data(), xq.d.data(), xq.sum.data(), M, K, packed.data_ptr<uint8_t>(),
+                      stride, __builtin_ctzll(group_size)};
   if (value_bytes == 2)
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
                kTile);

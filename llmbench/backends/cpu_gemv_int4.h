@@ -36,6 +36,22 @@ inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
 }
 
 
+// M rows of x (K values each, a multiple of 32) quantized per 32 values by quantize_block: q (M, K), their scales d
+// (M, K / 32), and the exact sums of x per group of group_size values (M, K / group_size).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, sum;
+};
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group_size) {
+  const int64_t blocks = K / 32, groups = K / group_size;
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * groups, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b)
+      quantize_block(x + m * K + b * 32, &out.sum[m * groups + (b * 32) / group_size], &out.d[m * blocks + b],
+                     &out.q[m * K + b * 32]);
+  return out;
+}
+
 // int4, in tiles of eight output rows (N a multiple of 8), each tile one run of 8 * stride bytes: the scales of its
 // groups (2^shift weights each, at least 32) as [group][row], then its zeros the same way (both bfloat16, or float32
 // where the model's were not bfloat16), zero bytes up to 8 * meta, then per 32 weights 128 bytes: four vectors j

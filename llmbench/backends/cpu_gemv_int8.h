@@ -1,7 +1,7 @@
 // The INT8 part of cpu_gemv.cpp, included inside its anonymous namespace after the helpers it uses (each_block,
-// rows_of, run; quantize_block and kVnni from cpu_gemv_int4.h): int8 weights as TorchAO stores them (row-major, symmetric, a float scale per row or per group of a
-// multiple of 32) against x quantized to int8 per 32 values (xq, scale xd, as for INT4 and llama.cpp's Q8_0 dot
-// products). Per 32 weights of a row, one integer dot product, one conversion and one multiply-add by the block's
+// rows_of, run; quantize_rows and kVnni from cpu_gemv_int4.h): int8 weights as TorchAO stores them (row-major,
+// symmetric, a float scale per row or per group of a multiple of 32) against x quantized to int8 per 32 values (xq,
+// scale xd, as for INT4 and llama.cpp's Q8_0 dot products). Per 32 weights of a row, one integer dot product, one conversion and one multiply-add by the block's
 // scale: a fifth of the instructions of widening every weight to float32, so the loop is bound by memory.
 #pragma once
 
@@ -54,8 +54,7 @@ void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t 
         for (int64_t r = 0; r < R; ++r) {
           const float s = scale[(n + std::min(r, rows - 1)) * groups + g];
           for (int i = 0; i < C; ++i) {
-            a[i][r] = groups == 1 ? _mm256_mul_ps(t[i][r], _mm256_set1_ps(s))
-                                  : _mm256_fmadd_ps(t[i][r], _mm256_set1_ps(s), a[i][r]);
+            a[i][r] = _mm256_fmadd_ps(t[i][r], _mm256_set1_ps(s), a[i][r]);
             c[i][r] += s * corr[m[i] * groups + g];
           }
         }
@@ -97,20 +96,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
 #ifdef __AVX2__
   if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
     const int64_t blocks = K / 32;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> xd(M * blocks), corr(M * groups, 0.f);
-    for (int64_t m = 0; m < M; ++m) {
+    const QuantizedRows xq = quantize_rows(xr, M, K, K / groups);
+    std::vector<float> corr(M * groups, 0.f);
+    for (int64_t m = 0; kVnni && m < M; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
-        float unused = 0.f;  // the sum of x, which INT4 needs
-        int8_t* q = &xq[m * K + b * 32];
-        quantize_block(xr + m * K + b * 32, &unused, &xd[m * blocks + b], q);
         int32_t total = 0;
-        for (int t = 0; t < 32; ++t) total += q[t];
-        if (kVnni) corr[m * groups + b * 32 * groups / K] += 128.f * xd[m * blocks + b] * static_cast<float>(total);
+        for (int t = 0; t < 32; ++t) total += xq.q[m * K + b * 32 + t];
+        corr[m * groups + b * 32 * groups / K] += 128.f * xq.d[m * blocks + b] * static_cast<float>(total);
       }
     }
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
-      int8_rows(xq.data(), xd.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
+      int8_rows(xq.q.data(), xq.d.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
     });
   }
 #endif
