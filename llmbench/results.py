@@ -79,7 +79,9 @@ def check_appendable(path: Path) -> None:
 
 def append_record(path: Path, record: dict) -> None:
     """Append one line with a single write and fsync, all or nothing: when the write or the fsync fails (disk
-    full, quota, file-size limit) the file is cut back to its previous size, so no fragment is left behind.
+    full, quota, file-size limit) the file is cut back to its previous size, so no fragment is left behind. An
+    interrupt (Ctrl-C, SIGTERM) never cuts it back: it lands before the single write (nothing written) or after it
+    (the whole line written, kept).
     A file whose last line has no newline (cut short by an older writer) is repaired by ending that line
     first: the new record never runs into it."""
     path = Path(path)
@@ -97,7 +99,7 @@ def append_record(path: Path, record: dict) -> None:
             if written != len(line):
                 raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes could be written")
             os.fsync(fd)
-        except BaseException:
+        except OSError:  # not an interrupt: Ctrl-C during the fsync of a written line must not erase the record
             os.ftruncate(fd, size)
             raise
     finally:

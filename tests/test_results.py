@@ -49,6 +49,29 @@ def test_a_failed_append_leaves_the_file_as_it_was_and_the_next_one_is_readable(
     assert [r["run"] for r in read_records(results)] == [1, 3]
 
 
+def test_ctrl_c_while_a_written_record_is_synced_keeps_the_record(tmp_path):
+    """Ctrl-C reaching a sweep's case while it syncs its record (the line already written) must not erase it."""
+    results = tmp_path / "r.jsonl"
+    append_record(results, {"run": 1})
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from llmbench import results as r
+        real_fsync = os.fsync
+        def fsync_then_ctrl_c(fd):
+            real_fsync(fd)
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt as fsync returns
+        r.os.fsync = fsync_then_ctrl_c
+        try:
+            r.append_record(sys.argv[1], {"run": 2})
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(results)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "interrupted" in done.stdout, done.stderr
+    assert [r["run"] for r in read_records(results)] == [1, 2]
+
+
 def test_a_file_cut_short_by_an_older_writer_is_repaired_and_the_fragment_reported(tmp_path, capsys):
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps({"run": 1}) + "\n" + '{"run": 2, "metr')
