@@ -71,8 +71,19 @@ def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monke
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 1, CPU)
     _, eager_ids = run_backend("eager", loaded.model, inputs, 4)
+    prefill_rows = []  # the rows of every eager forward pass
+
+    def note_rows(module, args, out):
+        if not torch.compiler.is_compiling():
+            prefill_rows.append(tuple(args[0].shape))
+
+    hook = loaded.model.get_input_embeddings().register_forward_hook(note_rows)
     backend, compiled_ids = run_backend("compile", loaded.model, inputs, 4)
+    hook.remove()
     assert torch.equal(compiled_ids, eager_ids)
+    # the prompt ran once per prompt (1 row), not once per beam, in the warm-up and in the measured generation
+    assert prefill_rows == [(1, INPUT_TOKENS)] * 2
+    assert backend.details["beam_prefill"].startswith("one row per prompt")
     assert backend.details["beam_cache_reorder"].startswith("llmbench_cpu" if cpu_kernels == "1" else "index_select")
     assert backend.details["direct_steps"] == {f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 

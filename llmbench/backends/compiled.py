@@ -130,10 +130,26 @@ def new_static_cache(model_config, rows: int, max_len: int, device: torch.device
     return StaticCache(config=model_config, max_batch_size=rows, max_cache_len=max_len, device=device, dtype=dtype)
 
 
-def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
+def layer_states(cache: StaticCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of an allocated cache."""
     if hasattr(cache, "layers"):  # transformers >= 4.54
-        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return [*cache.key_cache, *cache.value_cache]
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
+    return [tensor for pair in layer_states(cache) for tensor in pair]
+
+
+def keeps_every_position(cache: StaticCache) -> bool:
+    """Whether every layer of the cache holds every position up to its length (no sliding-window layer), so that
+    keys and values computed elsewhere can be written into it by position. transformers 4.x's StaticCache always
+    does; newer ones build sliding-window layers for models that have them."""
+    if not hasattr(cache, "layers"):
+        return True
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 def eos_bias(model: torch.nn.Module, eos: list[int], device: torch.device) -> torch.Tensor | None:
@@ -169,8 +185,12 @@ class CompileBackend(Backend):
         self._compiled_shapes: set[tuple[int, int, int]] = set()
         params = inspect.signature(model.forward).parameters
         # transformers >= 5 names the cache argument `cache` and tracks positions inside it; 4.x needs cache_position.
+        # Position ids are passed as generate() passes them: models that derive them from the cache's length (OPT,
+        # from transformers 5's length tensor) would otherwise slice by a value only known at run time.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._pass_position = "cache_position" in params
+        self._pass_position_ids = "position_ids" in params
+        self._position_is_input = self._pass_position or self._pass_position_ids
         eos = generation_config(model, 1, 1).eos_token_id
         eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
@@ -229,6 +249,8 @@ class CompileBackend(Backend):
         kwargs = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
         if self._pass_position:
             kwargs["cache_position"] = position
+        if self._pass_position_ids:
+            kwargs["position_ids"] = position.unsqueeze(0).expand(ids.shape[0], -1)
         return self.model(input_ids=ids, **kwargs).logits[:, -1, :].float()
 
     def _forbid_eos(self, scores: torch.Tensor) -> torch.Tensor:
@@ -279,7 +301,8 @@ class CompileBackend(Backend):
         if self._calls_direct and key not in self._direct_calls:
             # Only a shape whose every step so far ran this one graph; only a call whose sole output is the step's.
             one_graph = len(seen) == 1 and len(outputs) == 1 and outputs[0] is result
-            direct = DirectStep.of(graph, args, ids, position if self._pass_position else None) if one_graph else None
+            fed = position if self._position_is_input else None
+            direct = DirectStep.of(graph, args, ids, fed) if one_graph else None
             self._direct_calls[key] = direct
             kind = "greedy" if step is self._greedy_step else "beam"
             length = next((length for (_, length), c in self._caches.items() if c is cache), "?")
@@ -353,6 +376,25 @@ class CompileBackend(Backend):
             else "index_select and copy_ per cache tensor"
         return use
 
+    def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache, num_beams: int) -> torch.Tensor:
+        """The eager prefill of beam search; -> log-probabilities of every beam's first token (batch x beams rows).
+        A prompt's beams start identical, so where the cache keeps every position, the prompt runs once (batch rows,
+        into a cache of the prompt's length) and its keys and values are copied into each of its beams' rows: the
+        first token costs 1/num_beams of the work (IPEX's beam search does the same). Otherwise every beam's row
+        runs the prompt, as transformers' generate() does."""
+        batch, length = input_ids.shape
+        positions = self._positions(0, length)
+        if not keeps_every_position(cache):
+            self.details["beam_prefill"] = "every beam's row (the cache has sliding-window layers)"
+            return self._beam_log_probs(input_ids.repeat_interleave(num_beams, dim=0), cache, positions)
+        self.details["beam_prefill"] = "one row per prompt, its keys and values copied into its beams' rows"
+        prompt = self._cache_for(batch, length)
+        log_probs = self._beam_log_probs(input_ids, prompt, positions)
+        for index, (keys, values) in enumerate(layer_states(prompt)):
+            cache.update(keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), index,
+                         {"cache_position": positions})
+        return log_probs.repeat_interleave(num_beams, dim=0)
+
     def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
                      timer: StepTimer | None) -> torch.Tensor:
         """Beam search as transformers runs it when EOS is forbidden: no beam finishes early, all hypotheses have
@@ -361,7 +403,7 @@ class CompileBackend(Backend):
         rows = batch * num_beams
         cache = self._cache_for(rows, length + max_new_tokens)
         sequences = input_ids.repeat_interleave(num_beams, dim=0)
-        log_probs = self._beam_log_probs(sequences, cache, self._positions(0, length))  # eager prefill
+        log_probs = self._prefill_beams(input_ids, cache, num_beams)
         scores = torch.zeros(batch, num_beams, device=self.device)
         scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
         row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
