@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None, prog: str | None = None, world=None) -> 
         quiet_libraries(verbose=debug, no_progress=config.quiet, distributed=world is not None and world.size > 1)
         return run(config, world)
     except UserError as exc:
+        if debug and exc.__cause__ is not None:  # a failure explained in one line: its traceback on request
+            raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

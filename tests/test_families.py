@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmbench.compat import dtype_kwargs
@@ -40,12 +41,18 @@ def reference_generate(folder: Path, num_beams: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_benchmarks_with_greedy_and_beam_search(family, backend, family_folders, tmp_path):
+def test_family_benchmarks_with_greedy_and_beam_search(family, backend, family_folders, tmp_path, capsys):
     folder, results = family_folders[family], tmp_path / "results.jsonl"
     if backend == "compile":
         # one process compiles every family's steps here: dynamo's recompile limit is per compiled function
         torch._dynamo.reset()
-    assert bench(folder, results, "--greedy", "--backend", backend) == 0
+    rc = bench(folder, results, "--greedy", "--backend", backend)
+    if rc and backend == "compile" and int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x: some families' code cannot run on a static cache (GPT-2, Mixtral, multi-query Falcon,
+        # Bloom's ALiBi mask): those fail in one line that points to eager
+        assert rc == 2 and "--backend eager" in capsys.readouterr().err
+        return
+    assert rc == 0
     assert bench(folder, results, "--num-beams", "4", "--backend", backend) == 0
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["num_beams"] for r in records] == [1, 4]

@@ -32,7 +32,7 @@ from llmbench.backends.base import Backend, generation_config
 from llmbench.backends.direct_steps import DirectStep, StepGraphs
 from llmbench.backends.huge_pages import HugePageArena
 from llmbench.devices import synchronize
-from llmbench.errors import UserError
+from llmbench.errors import UserError, exception_name, one_line
 from llmbench.host import cpu_kind
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
@@ -171,6 +171,11 @@ class CompileBackend(Backend):
     scored_with = "eager"
 
     def prepare(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, config) -> None:
+        if getattr(type(model), "_supports_static_cache", True) is False:  # transformers 4.x's own flag
+            import transformers
+
+            raise UserError(f"--backend compile needs a static KV cache, which {type(model).__name__} lacks in "
+                            f"transformers {transformers.__version__}: use --backend eager (or a newer transformers)")
         super().prepare(model, device, dtype, config)
         self.device, self.dtype = device, dtype
         self.kernels, why = choose_kernels(device, dtype)
@@ -191,6 +196,7 @@ class CompileBackend(Backend):
         self._pass_position = "cache_position" in params
         self._pass_position_ids = "position_ids" in params
         self._position_is_input = self._pass_position or self._pass_position_ids
+        self._keep_last_logits = "logits_to_keep" in params  # not in every 4.x model (Bloom)
         eos = generation_config(model, 1, 1).eos_token_id
         eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
@@ -246,7 +252,9 @@ class CompileBackend(Backend):
     # The forward pass and the logits processing transformers' generate() applies with min_new_tokens ==
     # max_new_tokens: scores in float32, EOS forbidden (so ids match eager generate() exactly in fp32).
     def _last_logits(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
-        kwargs = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._keep_last_logits:
+            kwargs["logits_to_keep"] = 1
         if self._pass_position:
             kwargs["cache_position"] = position
         if self._pass_position_ids:
@@ -320,7 +328,16 @@ class CompileBackend(Backend):
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         synchronize(self.device)
         start = time.perf_counter()
-        self.generate(inputs, max_new_tokens, num_beams, None)
+        try:
+            self.generate(inputs, max_new_tokens, num_beams, None)
+        except (UserError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # the model's code on a static cache, or a torch.compile limitation
+            import transformers
+
+            raise UserError(f"--backend compile could not run {type(self.model).__name__} (transformers "
+                            f"{transformers.__version__}, torch {torch.__version__}: {exception_name(exc)}: "
+                            f"{one_line(exc)}); --backend eager runs it") from exc
         synchronize(self.device)
         self.details["compile_time_s"][key] = time.perf_counter() - start
         self._compiled_shapes.add(self._shape_key(inputs.input_ids, max_new_tokens, num_beams))
