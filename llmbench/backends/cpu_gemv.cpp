@@ -7,12 +7,12 @@
 // a block keeps one vector accumulator per weight row (four independent chains) and prefetches the rows ahead, so
 // the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
 // two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
-// vdpbf16ps (AVX512_BF16); fp16 by F16C. int8 (cpu_gemv_int8.h) as stored, integer dot products against x
-// quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h) in tiles of eight
-// rows whose lanes are the rows, integer dot products against x quantized the same way, with a scale and zero per
-// group of each row ahead of the tile's weights. The bf16 (vdpbf16ps), int8 and int4 kernels take several rows of x
-// per pass over the weights. Accumulation is in float32; x is read once (into a float32 buffer where the kernel
-// widens) and the output is written in x's dtype, with no other tensor operations.
+// vdpbf16ps (AVX512_BF16); fp16 by F16C (16 at a time on AVX-512). int8 (cpu_gemv_int8.h) as stored, integer dot
+// products against x quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h)
+// in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
+// scale and zero per group of each row ahead of the tile's weights. The bf16 (vdpbf16ps), fp16 (AVX-512), int8 and
+// int4 kernels take several rows of x per pass over the weights. Accumulation is in float32; x is read once (into a
+// float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -214,6 +214,43 @@ void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
 }
 #endif
 
+#if defined(__AVX512F__)
+// fp16 weights, K a multiple of 16, on AVX-512 CPUs: one 512-bit vcvtph2ps widens 16 weights (the generic path's
+// 256-bit F16C form widens 8), multiplied against float32 x; C rows of x per pass over the weights.
+template <int C>
+void half_rows_of(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
+  each_block<C>(w, K, M, n0, n1, out, [&](const at::Half* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const float* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      __m512 acc[C][R];
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        if (ahead && k % 32 == 0) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+        __m512 wv[R];
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r)
+          wv[r] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k)));
+#pragma GCC unroll 4
+        for (int i = 0; i < C; ++i) {
+          const __m512 xv = _mm512_loadu_ps(xm[i] + k);
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+        }
+      }
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+  });
+}
+
+void half_rows(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
+  with_rows_per_pass(M, 4, [&](auto c) { half_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
+}
+#endif
+
 #include "cpu_gemv_int4.h"
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
@@ -330,7 +367,14 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   };
   switch (weight.scalar_type()) {
     case at::kFloat: return body(weight.data_ptr<float>());
-    case at::kHalf: return body(weight.data_ptr<at::Half>());
+    case at::kHalf:
+#if defined(__AVX512F__)
+      if (K % 16 == 0) {
+        const at::Half* w = weight.data_ptr<at::Half>();
+        return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { half_rows(xr, M, K, w, o, n0, n1); });
+      }
+#endif
+      return body(weight.data_ptr<at::Half>());
     case at::kBFloat16:
       if (pairs) {
         const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
