@@ -313,5 +313,17 @@ def test_reorder_rows_gathers_every_tensor_in_place(ops):
         assert [t.data_ptr() for t in tensors] == addresses  # in place: compiled steps keep reading these
     with pytest.raises(RuntimeError, match="source row 4 out of 4"):
         ops.reorder_rows(tensors, torch.tensor([0, 1, 2, 4]))
+    # positions [start, end) of dim 2 only (beam search's generated positions): the others stay as they were
+    caches = [torch.randn(4, 3, 10, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    source = torch.tensor([1, 1, 3, 2])
+    expected = [c.clone() for c in caches]
+    for e in expected:
+        e[:, :, 6:9] = e[:, :, 6:9].index_select(0, source)
+    ops.reorder_rows(caches, source, 6, 9)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+    with pytest.raises(RuntimeError, match=r"positions \[6, 11\) need 4-D tensors that hold them"):
+        ops.reorder_rows(caches, source, 6, 11)
+    with pytest.raises(RuntimeError, match="need 4-D tensors"):
+        ops.reorder_rows([torch.randn(4, 7)], source, 0, 2)
     with pytest.raises(RuntimeError, match="contiguous on cpu with 4 rows"):
         ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))

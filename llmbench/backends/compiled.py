@@ -393,8 +393,10 @@ class CompileBackend(Backend):
             else "index_select and copy_ per cache tensor"
         return use
 
-    def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache, num_beams: int) -> torch.Tensor:
-        """The eager prefill of beam search; -> log-probabilities of every beam's first token (batch x beams rows).
+    def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
+                       num_beams: int) -> tuple[torch.Tensor, bool]:
+        """The eager prefill of beam search; -> (log-probabilities of every beam's first token (batch x beams rows),
+        whether the prompt's positions of the cache are the same in each of a prompt's beams).
         A prompt's beams start identical, so where the cache keeps every position, the prompt runs once (batch rows,
         into a cache of the prompt's length) and its keys and values are copied into each of its beams' rows: the
         first token costs 1/num_beams of the work (IPEX's beam search does the same). Otherwise every beam's row
@@ -403,14 +405,14 @@ class CompileBackend(Backend):
         positions = self._positions(0, length)
         if not keeps_every_position(cache):
             self.details["beam_prefill"] = "every beam's row (the cache has sliding-window layers)"
-            return self._beam_log_probs(input_ids.repeat_interleave(num_beams, dim=0), cache, positions)
+            return self._beam_log_probs(input_ids.repeat_interleave(num_beams, dim=0), cache, positions), False
         self.details["beam_prefill"] = "one row per prompt, its keys and values copied into its beams' rows"
         prompt = self._cache_for(batch, length)
         log_probs = self._beam_log_probs(input_ids, prompt, positions)
         for index, (keys, values) in enumerate(layer_states(prompt)):
             cache.update(keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), index,
                          {"cache_position": positions})
-        return log_probs.repeat_interleave(num_beams, dim=0)
+        return log_probs.repeat_interleave(num_beams, dim=0), True
 
     def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
                      timer: StepTimer | None) -> torch.Tensor:
@@ -420,7 +422,7 @@ class CompileBackend(Backend):
         rows = batch * num_beams
         cache = self._cache_for(rows, length + max_new_tokens)
         sequences = input_ids.repeat_interleave(num_beams, dim=0)
-        log_probs = self._prefill_beams(input_ids, cache, num_beams)
+        log_probs, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)
         scores = torch.zeros(batch, num_beams, device=self.device)
         scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
         row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
@@ -441,11 +443,17 @@ class CompileBackend(Backend):
                 timer.step()
             if i == max_new_tokens - 1:
                 break
-            if self._reorder_op:  # in place: the compiled step reads these very tensors
-                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows)
+            # In place (the compiled step reads these very tensors); where the prompt's positions are the same in
+            # every beam of a prompt (a beam only takes rows of its own prompt), only the generated positions move.
+            start, end = (length, length + i) if shared_prompt else (0, -1)  # end -1: every position
+            if start == end:
+                pass
+            elif self._reorder_op:
+                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end)
             else:
                 for tensor in tensors:
-                    tensor.copy_(tensor.index_select(0, source_rows))
+                    moving = tensor[:, :, start:end] if shared_prompt else tensor
+                    moving.copy_(moving.index_select(0, source_rows))
             position = self._positions(length + i, length + i + 1)
             log_probs = self._call_step(self._beam_step, tokens, cache, position)
         best = scores.argmax(dim=1) + row_offset.squeeze(1)

@@ -420,7 +420,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
-  m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source) -> ()");
+  m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
