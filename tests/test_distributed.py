@@ -190,6 +190,17 @@ def test_a_failing_rank_ends_the_whole_job_with_one_clear_line(tiny_llama, tmp_p
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_the_compile_backend_is_refused_under_tensor_parallelism(tiny_llama, tmp_path):
+    """Its compiled steps left the ranks' all-reduces out of step (rank 0 spun in one forever): one line, at once."""
+    run = mpirun(sys.executable, str(ROOT / "run_generation_with_deepspeed.py"), "--benchmark", "-m", str(tiny_llama),
+                 "--greedy", "--dtype", "float32", "--backend", "compile", "--input-tokens", "8",
+                 "--max-new-tokens", "4", "--results", str(tmp_path / "r.jsonl"), timeout=120)
+    assert run.returncode == 2
+    assert "error: --backend compile does not run tensor-parallel: use --backend eager" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_accuracy_under_tensor_parallelism_equals_the_single_process_accuracy(tmp_path, tiny_llama):
     lambada = ROOT.parent / "shared" / "data" / "lambada_openai"
     common = ["--accuracy-only", "-m", str(tiny_llama), "--dtype", "float32", "--acc-data-dir", str(lambada),
