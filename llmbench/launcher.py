@@ -6,10 +6,21 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from llmbench.errors import UserError
 from llmbench.main import main as run_main
 from llmbench.ranks import World, discover_world, rendezvous
+
+
+def release_shared_memory() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce never unlinks its buffers: every job would leave one /dev/shm segment
+    per rank behind (69 MB each, memory until reboot). Each rank maps every rank's segment while the group comes up,
+    so whichever rank ends first may remove the job's segments (the mappings stay valid)."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if address and port:
+        for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_*"):
+            segment.unlink(missing_ok=True)
 
 
 def abort(world: World, code: int, prog: str) -> None:
@@ -17,6 +28,7 @@ def abort(world: World, code: int, prog: str) -> None:
     print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
           flush=True)
     sys.stdout.flush()
+    release_shared_memory()
     # Exiting (rather than MPI_Abort) lets the launcher forward this rank's last lines before it ends the
     # other ranks: MPI launchers, torchrun and deepspeed all end a job whose rank exits non-zero.
     os._exit(code)
@@ -46,4 +58,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         if tdist.is_initialized():
             tdist.destroy_process_group()
+        release_shared_memory()
     return code

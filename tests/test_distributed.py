@@ -134,10 +134,13 @@ def single_and_tensor_parallel(common: list[str], tmp_path) -> tuple[dict, dict,
 def test_seed_launch_form_writes_one_record_with_the_single_process_output(tmp_path, tiny_llama):
     common = ["--benchmark", "-m", str(tiny_llama), "--greedy", "--dtype", "float32", "--input-tokens", "24",
               "--max-new-tokens", "12", "--num-iter", "2", "--num-warmup", "1", "--token-latency"]
+    segments = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     reference, record, tp = single_and_tensor_parallel(common, tmp_path)
     assert record["world_size"] == 2
     assert record["output_token_ids"] == reference["output_token_ids"]
     assert record["tensor_parallel"]["method"] == "deepspeed-autotp"
+    # DeepSpeed's shared-memory all-reduce never unlinks its /dev/shm buffers (69 MB a rank): the job removes them
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= segments
     # DeepSpeed's shared-memory all-reduce where it is compiled already, gloo elsewhere
     assert record["tensor_parallel"]["cpu_allreduce"] == ("deepspeed-shm" if shm_allreduce_wanted() else "gloo")
     assert len(record["tensor_parallel"]["rank_peak_memory_bytes"]) == 2
