@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llmbench.backends import get_backend
-from llmbench.backends.compiled import choose_kernels
+from llmbench.backends.compile_settings import choose_kernels
 from llmbench.errors import UserError
 from llmbench.host import CpuKind
 from llmbench.models import load_model
@@ -148,11 +148,12 @@ def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch)
 
 def test_kernel_choice_follows_the_cpu_and_the_override(monkeypatch):
     monkeypatch.delenv("LLMBENCH_COMPILE_KERNELS", raising=False)
-    monkeypatch.setattr("llmbench.backends.compiled.cpu_kind", lambda: CpuKind("Xeon", frozenset({"avx2", "amx_bf16"})))
+    where = "llmbench.backends.compile_settings.cpu_kind"
+    monkeypatch.setattr(where, lambda: CpuKind("Xeon", frozenset({"avx2", "amx_bf16"})))
     kernels, why = choose_kernels(CPU, torch.bfloat16)  # AMX's GEMMs lose to generated kernels at one token
     assert kernels == "generated" and "amx_bf16" in why
     assert choose_kernels(CPU, torch.float32)[0] == "generated"
-    monkeypatch.setattr("llmbench.backends.compiled.cpu_kind", lambda: CpuKind("EPYC", frozenset({"avx2", "fma"})))
+    monkeypatch.setattr(where, lambda: CpuKind("EPYC", frozenset({"avx2", "fma"})))
     assert choose_kernels(CPU, torch.bfloat16)[0] == "generated"
     monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "library")
     assert choose_kernels(CPU, torch.bfloat16) == ("library", "LLMBENCH_COMPILE_KERNELS")

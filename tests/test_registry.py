@@ -51,7 +51,7 @@ def test_a_registered_backend_is_benchmarked(toy, capsys):
 def test_a_backend_option_is_a_config_field_and_an_environment_variable_overrides_it(monkeypatch):
     import torch
 
-    from llmbench.backends.compiled import compile_options
+    from llmbench.backends.compile_settings import compile_options
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("LLMBENCH_COMPILE_MODE", raising=False)
@@ -67,7 +67,7 @@ def test_a_backend_option_is_a_config_field_and_an_environment_variable_override
 def test_inductor_options_from_the_environment_are_checked_by_name(monkeypatch):
     import torch
 
-    from llmbench.backends.compiled import compile_options
+    from llmbench.backends.compile_settings import compile_options
     from llmbench.errors import UserError
 
     cpu = torch.device("cpu")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import os
 import time
 
@@ -29,99 +28,18 @@ from transformers import StaticCache
 
 from llmbench.backends import cpu_kernels, generated_kernels
 from llmbench.backends.base import Backend, generation_config
+from llmbench.backends.compile_settings import (
+    GENERATED_LINEAR_MAX_ROWS,
+    choose_kernels,
+    compile_options,
+    inductor_cache_dir,
+)
 from llmbench.backends.direct_steps import DirectStep, StepGraphs
 from llmbench.backends.huge_pages import HugePageArena
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
-from llmbench.host import cpu_kind
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
-
-# Per device and kernel choice: (torch.compile mode, extra inductor options). With library kernels on cpu, freezing
-# prepacks the weights for oneDNN, max-autotune lets inductor pick (and generate) the GEMM kernels, the C++ wrapper
-# cuts per-call overhead, and concat_linear fuses the q/k/v and gate/up projections into one GEMM each. Generated
-# kernels take the C++ wrapper too: it launches the step's ~370 kernels and ops without Python in between (on an AMX
-# Xeon, one process alternating generations: INT4 0.88x best / 0.90x median time, bf16 1.01x / 0.94x, same ids).
-# On cuda, CUDA graphs remove launch overhead, which dominates one-token steps.
-SETTINGS = {
-    ("cpu", "library"): ("max-autotune-no-cudagraphs",
-                         {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
-    ("cpu", "generated"): ("default", {"cpp_wrapper": True, "size_asserts": False, "scalar_asserts": False,
-                                       "alignment_asserts": False}),
-    ("cuda", "library"): ("reduce-overhead", {"coordinate_descent_tuning": True}),
-    ("xpu", "library"): ("default", {}),
-}
-KERNEL_CHOICES = ("generated", "library")
-# Rows (batch x beams) up to which a decode step's linears and attention are generated reductions. Measured on an
-# AVX2 EPYC: one row streams the weights at ~85% of the read bandwidth; at 4 rows (beam 4) the single-accumulator
-# reductions become latency-bound and the step was 7x slower than the library path, so more rows keep the library.
-GENERATED_LINEAR_MAX_ROWS = 1
-
-
-def inductor_cache_dir() -> str:
-    """Inductor's caches live in a persistent folder, so a second run of the same shape skips most compiling.
-    A TORCHINDUCTOR_CACHE_DIR of the user's own is kept; torch's default (a temporary folder) is replaced."""
-    from llmbench.paths import cache_dir
-
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        torch_default = os.path.abspath(default_cache_dir())
-    except ImportError:  # older torch
-        torch_default = None
-    if current is None or os.path.abspath(current) == torch_default:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(cache_dir() / "inductor")
-    return current
-
-
-def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    """-> (kernels, why): `library` (oneDNN/MKL, cuBLAS, oneMKL) or `generated` (inductor's own C++ kernels).
-    LLMBENCH_COMPILE_KERNELS overrides the choice (the record says so)."""
-    forced = os.environ.get("LLMBENCH_COMPILE_KERNELS")
-    if forced:
-        if forced not in KERNEL_CHOICES or (forced == "generated" and device.type != "cpu"):
-            raise UserError(f"LLMBENCH_COMPILE_KERNELS={forced!r}: use library, or generated (cpu only)")
-        return forced, "LLMBENCH_COMPILE_KERNELS"
-    if device.type != "cpu":
-        return "library", f"{device.type}: vendor GEMM libraries"
-    amx = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
-    if amx and amx in cpu_kind().flags:
-        # Measured on a 2-core AMX Xeon (bf16, batch 1): generated 22.8 ms/token, oneDNN's AMX GEMMs 32-50 ms.
-        return "generated", (f"the CPU has {amx}, but a one-token step streams weights faster through generated "
-                             "kernels than through oneDNN's AMX GEMMs (LLMBENCH_COMPILE_KERNELS=library uses them)")
-    return "generated", ("no AMX for this dtype: inductor-generated reductions stream the weights faster than the "
-                         "library GEMV")
-
-
-def compile_options(device: torch.device, kernels: str = "library", requested: str | None = None) -> tuple[str, dict]:
-    """-> (mode, inductor options) as one options dict for torch.compile (which takes mode or options).
-    A requested mode (--compile-mode; LLMBENCH_COMPILE_MODE overrides it), e.g. `default` (compiles several times
-    faster, runs slower), replaces the device's mode."""
-    from torch._inductor import list_mode_options
-
-    mode, extra = SETTINGS.get((device.type, kernels), SETTINGS[("xpu", "library")])
-    override = os.environ.get("LLMBENCH_COMPILE_MODE") or requested
-    if override:
-        mode = override
-        extra = {k: v for k, v in extra.items() if k == "freezing"}
-    if os.environ.get("LLMBENCH_INDUCTOR_OPTIONS"):  # e.g. '{"cpp_wrapper": true}': replaces or adds options
-        try:
-            extra = {**extra, **json.loads(os.environ["LLMBENCH_INDUCTOR_OPTIONS"])}
-        except (ValueError, TypeError):
-            raise UserError("LLMBENCH_INDUCTOR_OPTIONS must be a JSON object of inductor options, e.g. "
-                            "'{\"cpp_wrapper\": true}'") from None
-        from torch._inductor import config
-
-        unknown = sorted(set(extra) - set(config.get_config_copy()))
-        if unknown:
-            raise UserError(f"LLMBENCH_INDUCTOR_OPTIONS: {', '.join(unknown)} not an option of this torch's inductor "
-                            "(names as in torch._inductor.config, e.g. cpp_wrapper)")
-    try:
-        return mode, {**list_mode_options(mode), **extra}
-    except (KeyError, RuntimeError):
-        raise UserError(f"LLMBENCH_COMPILE_MODE={mode!r} is not a torch.compile mode: use default, reduce-overhead, "
-                        "max-autotune or max-autotune-no-cudagraphs") from None
 
 
 def new_static_cache(model_config, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> StaticCache:
