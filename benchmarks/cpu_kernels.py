@@ -4,6 +4,7 @@ measured side by side on this host under the CPU lock.
 
     python benchmarks/cpu_kernels.py --prefetch   # the kernels built with each prefetch hint: one step's linears
     python benchmarks/cpu_kernels.py --step       # one-row linears as generated reductions vs the kernels
+    python benchmarks/cpu_kernels.py --amx        # bf16 linears of 1-8 rows: AMX tiles vs vdpbf16ps
 
 --prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
 bf16, one input row), once per build of the kernels (prefetchnta, prefetcht0), each build in its own process,
@@ -11,6 +12,9 @@ alternating for --rounds rounds; best and median per build, and the weight bytes
 --step compiles the default model's greedy decode step twice in one process (one-row linears as inductor's
 generated reductions, and as the kernels), alternates whole generations (32 in, 64 new) and prints ms/token, their
 ratio, and how many greedy tokens the two agree on.
+--amx (CPUs with AMX_BF16) times one step's bf16 linears with 1, 2, 3, 4 and 8 rows of x (batch x beams) on AMX
+tiles (LLMBENCH_AMX_MIN_ROWS=1) and through the vdpbf16ps kernel (LLMBENCH_AMX_MIN_ROWS=0), each in its own
+process, alternating for --rounds rounds, and prints the AMX/vdpbf16ps ratio of best times per row count.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def step_shapes() -> list[tuple[int, int]]:
     return layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
 
 
-def time_linears(rounds: int) -> dict:
+def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16") -> dict:
     """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears."""
     import torch
 
@@ -62,17 +66,20 @@ def time_linears(rounds: int) -> dict:
     torch.manual_seed(0)
     shapes, gs = step_shapes(), 32
     int4 = [int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
-                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in shapes]
+                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0]
+            for n, k in shapes if "int4" in kinds]
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
-    xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for _, k in shapes}
+    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
     cases = {
-        "int4": (lambda: [ops.linear_int4(xs[k], rows, gs, 2, None) for rows, (_, k) in zip(int4, shapes)],
-                 sum(rows.numel() for rows in int4)),
+        "int4": (lambda: [ops.linear_int4(xs[k], packed, gs, 2, None) for packed, (_, k) in zip(int4, shapes)],
+                 sum(packed.numel() for packed in int4)),
         "bf16": (lambda: [ops.linear_dense(xs[k], w, None) for w, (_, k) in zip(bf16, shapes)],
                  sum(2 * w.numel() for w in bf16)),
     }
     out = {}
     for name, (run, nbytes) in cases.items():
+        if name not in kinds:
+            continue
         run()
         times = []
         for _ in range(rounds):
@@ -103,6 +110,30 @@ def prefetch(rounds: int) -> None:
                   f"GB/s)  median {median * 1e3:6.2f} ms")
         best = {hint: min(r[case]["best"] for r in runs) for hint, runs in results.items()}
         print(f"  {case} t0/nta best-time ratio: {best['t0'] / best['nta']:.3f}")
+
+
+def amx(rounds: int) -> None:
+    rows = (1, 2, 3, 4, 8)
+    results: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for r in rows:
+            for name, value in (("vdpbf16ps", "0"), ("amx", "1")):
+                env = {**os.environ, "LLMBENCH_AMX_MIN_ROWS": value}
+                proc = subprocess.run([sys.executable, __file__, "--child", "10", "--rows", str(r)], env=env,
+                                      capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise SystemExit(f"the {name} run failed: {proc.stderr.strip().splitlines()[-1:]}")
+                results.setdefault((name, r), []).append(json.loads(proc.stdout.strip().splitlines()[-1])["bf16"])
+    print(f"one decode step's bf16 linears, default model shapes; {cpu_kind().describe()}; {rounds} alternating "
+          "processes per case")
+    for r in rows:
+        best = {}
+        for name in ("vdpbf16ps", "amx"):
+            runs = results[(name, r)]
+            best[name] = min(x["best"] for x in runs)
+            print(f"  {r} rows {name:<10} best {best[name] * 1e3:6.2f} ms ({runs[0]['bytes'] / best[name] / 1e9:5.1f} "
+                  f"GB/s)  median {statistics.median(x['median'] for x in runs) * 1e3:6.2f} ms")
+        print(f"  {r} rows amx/vdpbf16ps best-time ratio: {best['amx'] / best['vdpbf16ps']:.3f}")
 
 
 def step(dtype: str, iters: int) -> None:
@@ -146,19 +177,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--step", action="store_true")
+    p.add_argument("--amx", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(time_linears(args.child)))
+        print(json.dumps(time_linears(args.child, args.rows or 1, "bf16" if args.rows else "int4,bf16")))
         return 0
-    if not (args.prefetch or args.step):
-        p.error("choose --prefetch, --step or both")
+    if not (args.prefetch or args.step or args.amx):
+        p.error("choose --prefetch, --step, --amx or several")
     if args.prefetch:
         with cpu_lock(True):
             prefetch(args.rounds)
+    if args.amx:
+        if "amx_bf16" not in cpu_kind().flags:
+            p.error("--amx: this CPU has no AMX_BF16")
+        with cpu_lock(True):
+            amx(args.rounds)
     if args.step:
         step(args.dtype, args.iters)
     return 0

@@ -160,3 +160,27 @@ def test_kernel_choice_follows_the_cpu_and_the_override(monkeypatch):
     monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "fast")
     with pytest.raises(UserError, match="LLMBENCH_COMPILE_KERNELS='fast'"):
         choose_kernels(CPU, torch.bfloat16)
+
+
+def test_bf16_steps_of_four_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny_llama, compile_env, monkeypatch):
+    """Batch 4 in bf16: the step's linears on AMX tiles on AMX hosts (the record says so), elsewhere the vdpbf16ps
+    or widening kernels; either way the teacher-forced log-probabilities stay within bf16 noise of eager's."""
+    from tests.test_cpu_kernels import amx_expected
+
+    monkeypatch.delenv("LLMBENCH_AMX_MIN_ROWS", raising=False)
+    loaded = load_model(str(tiny_llama), CPU, torch.bfloat16)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 4, CPU)
+    ids = eager_generate(loaded.model, inputs, 1)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
+    backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
+    rows = amx_expected()
+    if rows:
+        assert backend.details["amx_tiles"].startswith(f"bf16 linears of {rows}-8 rows (batch x beams) on AMX tiles")
+    else:
+        assert "amx_tiles" not in backend.details or backend.details["amx_tiles"].startswith("not used")
+    compiled = teacher_forced_log_probs(backend, inputs.input_ids, ids[:, INPUT_TOKENS:])
+    keep = torch.ones(logits.shape[-1], dtype=torch.bool)
+    keep[loaded.model.config.eos_token_id] = False
+    difference = (compiled - torch.log_softmax(logits, dim=-1))[..., keep].abs()
+    assert difference.max().item() < 0.03, difference.max().item()

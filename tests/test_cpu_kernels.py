@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends import cpu_kernels, huge_pages, int4_layout
+from llmbench.backends.compile_settings import dedupe_pass
 from llmbench.backends.huge_pages import HugePageArena
 from tests.conftest import ROOT
 
@@ -43,6 +44,45 @@ def test_dense_equals_linear(ops, dtype, rows, in_features):
     assert (out.float() - expected).abs().max().item() <= tolerance
     without_bias = ops.linear_dense(x, weight, None).float()
     assert (without_bias - reference(x, weight, None)).abs().max().item() <= tolerance
+
+
+def amx_expected() -> int:
+    """The rows from which bf16 linears use AMX tiles here: 3 (the default) where the CPU has AMX_BF16 and Linux
+    grants tile data (5.16 on), else 0."""
+    from llmbench.host import cpu_kind
+
+    release = tuple(int(p) for p in os.uname().release.split(".")[:2])
+    return cpu_kernels.AMX_DEFAULT_MIN_ROWS if "amx_bf16" in cpu_kind().flags and release >= (5, 16) else 0
+
+
+@pytest.mark.parametrize("out_features", [16, 80, 560])  # 560: threads take 4, 3, 2 and 1 tiles at once
+@pytest.mark.parametrize("in_features", [32, 96])
+def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features, monkeypatch):
+    monkeypatch.delenv("LLMBENCH_AMX_MIN_ROWS", raising=False)
+    assert ops.amx_rows_from() == amx_expected()  # on AMX hosts, rows 3-8 below run on tiles
+    torch.manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    for rows in range(1, 9):
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+        for bias in (None, torch.randn(out_features), torch.randn(out_features, dtype=torch.bfloat16)):
+            expected = reference(x, weight, bias)
+            tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
+            assert (ops.linear_dense(x, weight, bias).float() - expected).abs().max().item() <= tolerance
+    # oneDNN's own bf16 GEMMs (AMX where the CPU has it) in the same threads stay right after the tiles ran
+    a = torch.randn(256, in_features, dtype=torch.bfloat16)
+    expected = a.float() @ weight.float().t()
+    assert ((a @ weight.t()).float() - expected).abs().max().item() <= 2 * 0.0079 * expected.abs().max().item()
+
+
+def test_a_bad_amx_row_count_is_refused(monkeypatch):
+    from llmbench.errors import UserError
+
+    for bad in ("three", "17", "-1"):
+        monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", bad)
+        with pytest.raises(UserError, match="LLMBENCH_AMX_MIN_ROWS"):
+            cpu_kernels.amx_min_rows_env()
+    monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", "0")
+    assert cpu_kernels.amx_min_rows_env() == 0
 
 
 def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40, dtype=torch.bfloat16):
@@ -257,7 +297,7 @@ def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):
     module = make_fx(step)(torch.randn(1, 64), torch.randn(16, 64))
     graph = module.graph
     assert sum(n.op == "call_function" and "llmbench_cpu" in str(n.target) for n in graph.nodes) == 3
-    cpu_kernels.dedupe_pass()(graph)
+    dedupe_pass()(graph)
     calls = [n for n in graph.nodes if n.op == "call_function" and "llmbench_cpu" in str(n.target)]
     assert len(calls) == 2
 

@@ -1,5 +1,6 @@
 """How the compile backend compiles (backends/compiled.py): torch.compile mode and inductor options per device and
-kernel choice, which kernels a step uses per CPU kind, and where inductor keeps its caches."""
+kernel choice, which kernels a step uses per CPU kind, where inductor keeps its caches, and the graph pass that keeps
+one call of each fused group of kernel linears."""
 
 from __future__ import annotations
 
@@ -96,3 +97,31 @@ def compile_options(device: torch.device, kernels: str = "library", requested: s
     except (KeyError, RuntimeError):
         raise UserError(f"LLMBENCH_COMPILE_MODE={mode!r} is not a torch.compile mode: use default, reduce-overhead, "
                         "max-autotune or max-autotune-no-cudagraphs") from None
+
+
+def dedupe_pass():
+    """An inductor graph pass that keeps one of identical llmbench_cpu op calls (same op, same inputs): the sibling
+    linears of a fused group each call their group's kernel on the same input. None where this torch has no custom
+    passes (the calls then stay, each computing the whole group)."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return None
+
+    class DedupeKernelCalls(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen: dict[tuple, torch.fx.Node] = {}
+            for node in list(graph.nodes):
+                if node.op != "call_function" or getattr(node.target, "namespace", None) != "llmbench_cpu":
+                    continue
+                key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
+                if key in seen:
+                    node.replace_all_uses_with(seen[key])
+                    graph.erase_node(node)
+                else:
+                    seen[key] = node
+
+        def uuid(self) -> str:
+            return "llmbench-dedupe-kernel-calls-1"
+
+    return DedupeKernelCalls()

@@ -32,6 +32,7 @@ from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
     choose_kernels,
     compile_options,
+    dedupe_pass,
     inductor_cache_dir,
 )
 from llmbench.backends.direct_steps import DirectStep, StepGraphs
@@ -149,11 +150,14 @@ class CompileBackend(Backend):
                 model, cpu_kernels.MAX_ROWS, arena)
             self.details["streaming_weights_memory"] = arena.describe() if arena else \
                 "as loaded (LLMBENCH_HUGE_PAGES=0)"
-            dedupe = cpu_kernels.dedupe_pass()
+            dedupe = dedupe_pass()
             if dedupe is not None:  # fused siblings: one kernel call per group (not in the recorded options)
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
+            amx = cpu_kernels.amx_description() if "bfloat16" in counts else None
+            if amx:
+                self.details["amx_tiles"] = amx
             self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()
             self.details["one_row_dense_linears"] = "kernels" if cpu_kernels.dense_one_row_kernels() else \
                 "generated reductions"

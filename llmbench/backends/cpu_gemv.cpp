@@ -7,7 +7,8 @@
 // a block keeps one vector accumulator per weight row (four independent chains) and prefetches the rows ahead, so
 // the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
 // two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
-// vdpbf16ps (AVX512_BF16); fp16 by F16C (16 at a time on AVX-512). int8 (cpu_gemv_int8.h) as stored, integer dot
+// vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
+// F16C (16 at a time on AVX-512). int8 (cpu_gemv_int8.h) as stored, integer dot
 // products against x quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h)
 // in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
 // scale and zero per group of each row ahead of the tile's weights. The bf16 (vdpbf16ps), fp16 (AVX-512), int8 and
@@ -175,83 +176,9 @@ void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, flo
   });
 }
 
-#if defined(__AVX512BF16__)
-// bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
-// x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
-// the instructions of widening the weights first.
-template <int C>
-void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
-                      int64_t n1) {
-  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
-                                          float (&sums)[C][R]) {
-      const at::BFloat16* xm[C];
-      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
-      __m512 acc[C][R];
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        if (ahead) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
-        }
-        __m512bh wv[R];
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < C; ++i) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
-        }
-      }
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-  });
-}
-
-void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
-                   int64_t n1) {
-  with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
-}
-#endif
-
-#if defined(__AVX512F__)
-// fp16 weights, K a multiple of 16, on AVX-512 CPUs: one 512-bit vcvtph2ps widens 16 weights (the generic path's
-// 256-bit F16C form widens 8), multiplied against float32 x; C rows of x per pass over the weights.
-template <int C>
-void half_rows_of(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
-  each_block<C>(w, K, M, n0, n1, out, [&](const at::Half* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
-                                          float (&sums)[C][R]) {
-      const float* xm[C];
-      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
-      __m512 acc[C][R];
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) {
-        if (ahead && k % 32 == 0) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
-        }
-        __m512 wv[R];
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r)
-          wv[r] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k)));
-#pragma GCC unroll 4
-        for (int i = 0; i < C; ++i) {
-          const __m512 xv = _mm512_loadu_ps(xm[i] + k);
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-        }
-      }
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-  });
-}
-
-void half_rows(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
-  with_rows_per_pass(M, 4, [&](auto c) { half_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
-}
-#endif
-
+#include "cpu_gemv_avx512.h"
 #include "cpu_gemv_int4.h"
+#include "cpu_gemv_amx.h"
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
 template <typename T>
@@ -289,21 +216,36 @@ Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* 
   return rows;
 }
 
+// One output row: float32 values in the output's dtype (bf16 16 at a time where the CPU converts them).
 template <typename T>
-void write_out(const float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, const at::Tensor& bias, T* out) {
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = n0; n < n1; ++n) {
-      float v = src[m * (n1 - n0) + (n - n0)];
-      if (bias.defined()) {
-        switch (bias.scalar_type()) {
-          case at::kFloat: v += bias.data_ptr<float>()[n]; break;
-          case at::kBFloat16: v += static_cast<float>(bias.data_ptr<at::BFloat16>()[n]); break;
-          default: v += static_cast<float>(bias.data_ptr<at::Half>()[n]); break;
-        }
-      }
-      out[m * N + n] = static_cast<T>(v);
-    }
+void store_row(const float* src, int64_t n, T* out) {
+  int64_t j = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    for (; j + 16 <= n; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
   }
+#endif
+  for (; j < n; ++j) out[j] = static_cast<T>(src[j]);
+}
+
+// Rows of src (M, n1 - n0), the bias (float32, columns n0..n1-1, or nullptr) added in place, into out (M, N)'s
+// columns n0..n1-1.
+template <typename T>
+void write_out(float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, const float* bias, T* out) {
+  const int64_t n = n1 - n0;
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = src + m * n;
+    if (bias)
+      for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+    store_row(row, n, out + m * N + n0);
+  }
+}
+
+template <typename T>
+void bias_part(const T* b, int64_t n0, int64_t n1, std::vector<float>& part) {
+  part.resize(n1 - n0);
+  for (int64_t n = n0; n < n1; ++n) part[n - n0] = static_cast<float>(b[n]);
 }
 
 // Runs body(out_chunk, n0, n1) over the weight rows in parallel, in chunks of whole blocks of `unit` rows, and
@@ -315,17 +257,27 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  TORCH_CHECK(!b.defined() || (b.numel() == N && b.is_contiguous() && b.scalar_type() != at::kDouble),
+  TORCH_CHECK(!b.defined() || (b.numel() == N && b.is_contiguous() &&
+                                   (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16 ||
+                                    b.scalar_type() == at::kHalf)),
               "bias must be a contiguous float32, bfloat16 or float16 vector of the output size");
   const int64_t blocks = (N + unit - 1) / unit;
-  auto chunk = [&](int64_t b0, int64_t b1, std::vector<float>& part) {
+  auto chunk = [&](int64_t b0, int64_t b1, std::vector<float>& part, std::vector<float>& bf) {
     const int64_t n0 = b0 * unit, n1 = std::min(N, b1 * unit);
     part.resize(M * (n1 - n0));
     body(part.data(), n0, n1);
+    const float* bp = nullptr;
+    if (b.defined()) {
+      switch (b.scalar_type()) {
+        case at::kFloat: bp = b.data_ptr<float>() + n0; break;
+        case at::kBFloat16: bias_part(b.data_ptr<at::BFloat16>(), n0, n1, bf); bp = bf.data(); break;
+        default: bias_part(b.data_ptr<at::Half>(), n0, n1, bf); bp = bf.data(); break;
+      }
+    }
     switch (y.scalar_type()) {
-      case at::kFloat: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<float>()); break;
-      case at::kBFloat16: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<at::BFloat16>()); break;
-      default: write_out(part.data(), M, N, n0, n1, b, y.data_ptr<at::Half>()); break;
+      case at::kFloat: write_out(part.data(), M, N, n0, n1, bp, y.data_ptr<float>()); break;
+      case at::kBFloat16: write_out(part.data(), M, N, n0, n1, bp, y.data_ptr<at::BFloat16>()); break;
+      default: write_out(part.data(), M, N, n0, n1, bp, y.data_ptr<at::Half>()); break;
     }
   };
   // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread
@@ -334,12 +286,12 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   const int64_t threads = at::get_num_threads(), least = 32 / unit;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> part;
+    std::vector<float> part, bf;
     int64_t b0 = next.load();
     while (b0 < blocks) {
       const int64_t size = threads == 1 ? blocks : std::max<int64_t>(least, (blocks - b0) / (2 * threads));
       if (!next.compare_exchange_weak(b0, b0 + size)) continue;  // b0 now holds what another thread left
-      chunk(b0, std::min(blocks, b0 + size), part);
+      chunk(b0, std::min(blocks, b0 + size), part, bf);
       b0 = next.load();
     }
   });
@@ -355,6 +307,14 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
     const int64_t M = checked_rows(xc, K, "linear_dense");
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+    const int64_t amx_from = amx_min_rows();
+    if (amx_from && M >= amx_from && N % kAmxRows == 0) {
+      const std::vector<uint32_t> xp = amx_pairs(xb, M, K);
+      return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { amx_rows(xp.data(), M, K, w, o, n0, n1); },
+                 kAmxRows);
+    }
+#endif
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
@@ -420,6 +380,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
+  m.def("amx_rows_from() -> int", &amx_rows_from);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
 }
 

@@ -7,10 +7,11 @@ decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every we
 step, widened to float32 in registers, with independent accumulators per weight row, so the step streams weights
 near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
 
-Weights: float32, bfloat16 and float16 as stored; TorchAO INT8 weight-only (int8 values, float scale per row or
-group) as stored; TorchAO's CPU INT4 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into
-this kernel's layout (`int4_layout.py`: tiles of eight rows, their groups' scales and zeros as stored, then two
-weights per byte, interleaved so that the vector lanes are the rows) with exactly the same values.
+Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
+them); TorchAO INT8 weight-only (int8 values, float scale per row or group) as stored; TorchAO's CPU INT4
+(`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into this kernel's layout
+(`int4_layout.py`: tiles of eight rows, their groups' scales and zeros as stored, then two weights per byte,
+interleaved so that the vector lanes are the rows) with exactly the same values.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 # included by SOURCE: part of the build's identity
-HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("int4", "int8", "beams"))
+HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("avx512", "int4", "int8", "beams", "amx"))
 MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -73,6 +74,38 @@ def dense_one_row_kernels() -> bool:
     return forced == "kernels" if forced else not _amd()
 
 
+AMX_DEFAULT_MIN_ROWS = 3  # cpu_gemv_amx.h's default
+
+
+def amx_min_rows_env() -> int | None:
+    """LLMBENCH_AMX_MIN_ROWS checked (the kernels read it once per process): the fewest rows (batch x beams) of a
+    step whose bf16 linears run on AMX tiles, 0 for never; None where unset. The default, 3, is measured on a
+    2-core AMX Xeon (benchmarks/cpu_kernels.py --amx): one step's bf16 linears of the default model took 0.56x the
+    time of the vdpbf16ps kernel at 8 rows, 0.80x at 4 and 0.79x at 3, but 0.94x at 2 rows, where whole compiled
+    decode steps were 1.05-1.10x slower (and 1.07x at one row)."""
+    value = os.environ.get("LLMBENCH_AMX_MIN_ROWS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > 16:
+        from llmbench.errors import UserError
+
+        raise UserError(f"LLMBENCH_AMX_MIN_ROWS={value!r}: use a number of rows from 1 to 16, or 0 for never")
+    return int(value)
+
+
+def amx_description() -> str | None:
+    """How bf16 linears use AMX tiles in this process (kernels loaded); None on CPUs without AMX_BF16."""
+    rows = torch.ops.llmbench_cpu.amx_rows_from()
+    if rows:
+        return (f"bf16 linears of {rows}-{MAX_ROWS} rows (batch x beams) on AMX tiles, weights as stored "
+                "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never)")
+    if "amx_bf16" not in cpu_kind().flags:
+        return None
+    if amx_min_rows_env() == 0:
+        return "not used: LLMBENCH_AMX_MIN_ROWS=0"
+    return "not used: Linux refused AMX tile data to this process (arch_prctl ARCH_REQ_XCOMP_PERM)"
+
+
 def prefetch_flags() -> list[str]:
     return ["-DLLMBENCH_PREFETCH_LOCALITY=" + {"nta": "0", "t0": "3"}[prefetch_hint()]]
 
@@ -90,6 +123,7 @@ def load() -> str | None:
 def _load() -> str | None:
     if sys.platform != "linux":
         return f"built only on linux, not {sys.platform}"
+    amx_min_rows_env()  # a bad value stops here, in one line
     cpu = cpu_kind()
     extra = [*prefetch_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
     sources = [f.read_text() for f in (SOURCE, *HEADERS)]
@@ -155,8 +189,9 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 
 class KernelCall:
     """One op call over the weights of one linear or of a group of siblings: `call(x)` gives the whole output.
-    Inside a compiled step every member calls it with the same input and dedupe_pass keeps one call; outside
-    (`scored`: accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused by the other members."""
+    Inside a compiled step every member calls it with the same input and compile_settings.dedupe_pass keeps one
+    call; outside (`scored`: accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused by the
+    other members."""
 
     def __init__(self, call):
         self.call = call
@@ -297,34 +332,6 @@ def _fuse(members: list[torch.nn.Linear],
         for m, (begin, size) in zip(members, spans):
             m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
     return kind, KernelCall(_op_call(kind, tensors, layout, bias)), spans
-
-
-def dedupe_pass():
-    """An inductor graph pass that keeps one of identical llmbench_cpu op calls (same op, same inputs): the sibling
-    linears of a fused group each call their group's kernel on the same input. None where this torch has no custom
-    passes (the calls then stay, each computing the whole group)."""
-    try:
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-    except ImportError:
-        return None
-
-    class DedupeKernelCalls(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            seen: dict[tuple, torch.fx.Node] = {}
-            for node in list(graph.nodes):
-                if node.op != "call_function" or getattr(node.target, "namespace", None) != "llmbench_cpu":
-                    continue
-                key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
-                if key in seen:
-                    node.replace_all_uses_with(seen[key])
-                    graph.erase_node(node)
-                else:
-                    seen[key] = node
-
-        def uuid(self) -> str:
-            return "llmbench-dedupe-kernel-calls-1"
-
-    return DedupeKernelCalls()
 
 
 def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageArena | None = None) -> dict[str, int]:

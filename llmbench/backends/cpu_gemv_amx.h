@@ -1,0 +1,115 @@
+// AMX part of cpu_gemv.cpp (bf16 weights, bf16 x, several rows of x), included inside its anonymous namespace.
+//
+// With several rows of x the vdpbf16ps kernel runs out of arithmetic before it runs out of memory bandwidth (8 rows
+// of x on a 2-core AMX Xeon: 13 GB/s). AMX tiles do the arithmetic of 16 weight rows by 32 inputs by up to 16 rows
+// of x in one instruction, so the same pass over the weights streams them at the one-row rate. The weights are read
+// as stored (no repacking): a tile of 16 weight rows x 32 inputs is the A operand, x is the B operand, transposed
+// once per call into AMX's pair layout, and the 16 x M product tile is the output transposed.
+#pragma once
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+constexpr int64_t kAmxRows = 16;  // weight rows per tile
+
+// Whether Linux lets this process use AMX tile data (asked once; refused on kernels before 5.16 or by policy).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// The fewest rows of x whose bf16 linears run on AMX tiles: LLMBENCH_AMX_MIN_ROWS (1-16, or 0: never; checked by
+// cpu_kernels.py), else 3 (see cpu_kernels.amx_min_rows); 0 where the process may not use AMX.
+int64_t amx_min_rows() {
+  static const int64_t rows = [] {
+    const char* forced = std::getenv("LLMBENCH_AMX_MIN_ROWS");
+    const int64_t wanted = forced && *forced ? std::atoll(forced) : 3;
+    return amx_permitted() ? wanted : 0;
+  }();
+  return rows;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: sums (16 weight rows x M rows of x, float32); 4 and 5: weights (16 rows x 32 bf16, by turns); 6: x
+// (16 pairs of inputs x M rows of x).
+void configure_tiles(int64_t M) {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.bytes_per_row[t] = t == 4 || t == 5 ? 64 : 4 * M;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// T tiles of weight rows from row n (16 T rows) against every row of x: sums (16 T, M) into c.
+template <int T>
+void amx_tiles(const uint32_t* xp, int64_t M, int64_t K, const at::BFloat16* w, float* c) {
+  _tile_zero(0);
+  if (T > 1) _tile_zero(1);
+  if (T > 2) _tile_zero(2);
+  if (T > 3) _tile_zero(3);
+  const int64_t ld = 2 * K;  // bytes from one weight row to the next
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(6, xp + k / 2 * M, 4 * M);
+    _tile_loadd(4, w + k, ld);
+    _tile_dpbf16ps(0, 4, 6);
+    if (T > 1) { _tile_loadd(5, w + 16 * K + k, ld); _tile_dpbf16ps(1, 5, 6); }
+    if (T > 2) { _tile_loadd(4, w + 32 * K + k, ld); _tile_dpbf16ps(2, 4, 6); }
+    if (T > 3) { _tile_loadd(5, w + 48 * K + k, ld); _tile_dpbf16ps(3, 5, 6); }
+  }
+  _tile_stored(0, c, 4 * M);
+  if (T > 1) _tile_stored(1, c + 16 * M, 4 * M);
+  if (T > 2) _tile_stored(2, c + 32 * M, 4 * M);
+  if (T > 3) _tile_stored(3, c + 48 * M, 4 * M);
+}
+
+// Weight rows [n0, n1) (a multiple of 16 apart) against x in pair layout: out (M, n1 - n0).
+void amx_rows(const uint32_t* xp, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
+  configure_tiles(M);  // tile state is per thread
+  float c[4 * kAmxRows * kAmxRows];
+  for (int64_t n = n0; n < n1;) {
+    const int64_t tiles = std::min<int64_t>(4, (n1 - n) / kAmxRows);
+    const at::BFloat16* wn = w + n * K;
+    switch (tiles) {
+      case 4: amx_tiles<4>(xp, M, K, wn, c); break;
+      case 3: amx_tiles<3>(xp, M, K, wn, c); break;
+      case 2: amx_tiles<2>(xp, M, K, wn, c); break;
+      default: amx_tiles<1>(xp, M, K, wn, c); break;
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < tiles * kAmxRows; ++i) out[m * (n1 - n0) + (n - n0) + i] = c[i * M + m];
+    n += tiles * kAmxRows;
+  }
+  _tile_release();  // leaves no configuration behind for oneDNN's AMX kernels in this thread
+}
+
+// x (M, K) bf16 as AMX's B operand: pairs of inputs (one 32-bit lane) for every row of x, input pair by input pair.
+std::vector<uint32_t> amx_pairs(const at::BFloat16* x, int64_t M, int64_t K) {
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+  std::vector<uint32_t> xp(M * K / 2);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K / 2; ++j) xp[j * M + m] = x32[m * (K / 2) + j];
+  return xp;
+}
+#endif
+
+// -> the fewest rows of x from which bf16 linears use AMX tiles; 0 where they do not (no AMX in this build, the
+// process may not use it, or LLMBENCH_AMX_MIN_ROWS=0).
+int64_t amx_rows_from() {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return amx_min_rows();
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,79 @@
+// AVX-512 part of cpu_gemv.cpp (bf16 by vdpbf16ps, fp16 by 512-bit vcvtph2ps, several rows of x per pass over the
+// weights), included inside its anonymous namespace.
+#pragma once
+
+#if defined(__AVX512BF16__)
+// bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
+// x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
+// the instructions of widening the weights first.
+template <int C>
+void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                      int64_t n1) {
+  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const at::BFloat16* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      __m512 acc[C][R];
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        if (ahead) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+        __m512bh wv[R];
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < C; ++i) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+        }
+      }
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+  });
+}
+
+void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                   int64_t n1) {
+  with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
+}
+#endif
+
+#if defined(__AVX512F__)
+// fp16 weights, K a multiple of 16, on AVX-512 CPUs: one 512-bit vcvtph2ps widens 16 weights (the generic path's
+// 256-bit F16C form widens 8), multiplied against float32 x; C rows of x per pass over the weights.
+template <int C>
+void half_rows_of(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
+  each_block<C>(w, K, M, n0, n1, out, [&](const at::Half* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const float* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      __m512 acc[C][R];
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        if (ahead && k % 32 == 0) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+        __m512 wv[R];
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r)
+          wv[r] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k)));
+#pragma GCC unroll 4
+        for (int i = 0; i < C; ++i) {
+          const __m512 xv = _mm512_loadu_ps(xm[i] + k);
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+        }
+      }
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+  });
+}
+
+void half_rows(const float* x, int64_t M, int64_t K, const at::Half* w, float* out, int64_t n0, int64_t n1) {
+  with_rows_per_pass(M, 4, [&](auto c) { half_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
+}
+#endif
