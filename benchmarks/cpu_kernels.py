@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The two per-CPU choices of the compile backend's weight-streaming kernels (llmbench/backends/cpu_kernels.py),
+"""The per-CPU choices of the compile backend's weight-streaming kernels (llmbench/backends/cpu_kernels.py),
 measured side by side on this host under the CPU lock.
 
     python benchmarks/cpu_kernels.py --prefetch   # the kernels built with each prefetch hint: one step's linears
     python benchmarks/cpu_kernels.py --step       # one-row linears as generated reductions vs the kernels
     python benchmarks/cpu_kernels.py --amx        # bf16 linears of 1-8 rows: AMX tiles vs vdpbf16ps
+    python benchmarks/cpu_kernels.py --prefill    # bf16 prefill linears of 16-64 rows: AMX tiles vs oneDNN
 
 --prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
 bf16, one input row), once per build of the kernels (prefetchnta, prefetcht0), each build in its own process,
@@ -15,6 +16,9 @@ ratio, and how many greedy tokens the two agree on.
 --amx (CPUs with AMX_BF16) times one step's bf16 linears with 1, 2, 3, 4 and 8 rows of x (batch x beams) on AMX
 tiles (LLMBENCH_AMX_MIN_ROWS=1) and through the vdpbf16ps kernel (LLMBENCH_AMX_MIN_ROWS=0), each in its own
 process, alternating for --rounds rounds, and prints the AMX/vdpbf16ps ratio of best times per row count.
+--prefill (CPUs with AMX_BF16) times one prefill's bf16 linears (every layer's, not the output head) of 16, 32 and
+64 rows (prompt tokens x batch, the AMX kernel's limit) through torch's F.linear (oneDNN) and the AMX kernel,
+alternating in one process.
 """
 
 from __future__ import annotations
@@ -136,6 +140,36 @@ def amx(rounds: int) -> None:
         print(f"  {r} rows amx/vdpbf16ps best-time ratio: {best['amx'] / best['vdpbf16ps']:.3f}")
 
 
+def prefill(iters: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from llmbench.backends import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why:
+        raise SystemExit(why)
+    torch.manual_seed(0)
+    shapes = step_shapes()[:-1]
+    weights = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
+    print(f"one prefill's bf16 linears, default model shapes; {cpu_kind().describe()}; {iters} alternating rounds")
+    for rows in (16, 32, 64):
+        xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
+        cases = {"oneDNN": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                 "amx": lambda: [torch.ops.llmbench_cpu.linear_dense(xs[w.shape[1]], w, None) for w in weights]}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for run in cases.values():
+            run()
+        for _ in range(iters):
+            for name, run in cases.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        for name, ts in times.items():
+            print(f"  {rows} rows {name:<7} best {min(ts) * 1e3:6.2f}  median {statistics.median(ts) * 1e3:6.2f} ms")
+        print(f"  {rows} rows amx/oneDNN best-time ratio: {min(times['amx']) / min(times['oneDNN']):.3f}")
+
+
 def step(dtype: str, iters: int) -> None:
     import torch
 
@@ -178,6 +212,7 @@ def main() -> int:
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--step", action="store_true")
     p.add_argument("--amx", action="store_true")
+    p.add_argument("--prefill", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
@@ -187,16 +222,19 @@ def main() -> int:
     if args.child:
         print(json.dumps(time_linears(args.child, args.rows or 1, "bf16" if args.rows else "int4,bf16")))
         return 0
-    if not (args.prefetch or args.step or args.amx):
-        p.error("choose --prefetch, --step, --amx or several")
+    if not (args.prefetch or args.step or args.amx or args.prefill):
+        p.error("choose --prefetch, --step, --amx, --prefill or several")
+    if (args.amx or args.prefill) and "amx_bf16" not in cpu_kind().flags:
+        p.error("--amx and --prefill: this CPU has no AMX_BF16")
     if args.prefetch:
         with cpu_lock(True):
             prefetch(args.rounds)
     if args.amx:
-        if "amx_bf16" not in cpu_kind().flags:
-            p.error("--amx: this CPU has no AMX_BF16")
         with cpu_lock(True):
             amx(args.rounds)
+    if args.prefill:
+        with cpu_lock(True):
+            prefill(args.iters)
     if args.step:
         step(args.dtype, args.iters)
     return 0

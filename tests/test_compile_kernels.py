@@ -167,7 +167,6 @@ def test_bf16_steps_of_four_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny_ll
     or widening kernels; either way the teacher-forced log-probabilities stay within bf16 noise of eager's."""
     from tests.test_cpu_kernels import amx_expected
 
-    monkeypatch.delenv("LLMBENCH_AMX_MIN_ROWS", raising=False)
     loaded = load_model(str(tiny_llama), CPU, torch.bfloat16)
     inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 4, CPU)
     ids = eager_generate(loaded.model, inputs, 1)

@@ -47,22 +47,26 @@ def test_dense_equals_linear(ops, dtype, rows, in_features):
 
 
 def amx_expected() -> int:
-    """The rows from which bf16 linears use AMX tiles here: 3 (the default) where the CPU has AMX_BF16 and Linux
-    grants tile data (5.16 on), else 0."""
+    """The rows from which bf16 linears use AMX tiles here: LLMBENCH_AMX_MIN_ROWS as the process started, else 3
+    (the default), where the CPU has AMX_BF16 and Linux grants tile data (5.16 on); else 0."""
     from llmbench.host import cpu_kind
 
     release = tuple(int(p) for p in os.uname().release.split(".")[:2])
-    return cpu_kernels.AMX_DEFAULT_MIN_ROWS if "amx_bf16" in cpu_kind().flags and release >= (5, 16) else 0
+    if "amx_bf16" not in cpu_kind().flags or release < (5, 16):
+        return 0
+    return cpu_kernels.amx_min_rows_env() if cpu_kernels.amx_min_rows_env() is not None else \
+        cpu_kernels.AMX_DEFAULT_MIN_ROWS
 
 
 @pytest.mark.parametrize("out_features", [16, 80, 560])  # 560: threads take 4, 3, 2 and 1 tiles at once
 @pytest.mark.parametrize("in_features", [32, 96])
-def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features, monkeypatch):
-    monkeypatch.delenv("LLMBENCH_AMX_MIN_ROWS", raising=False)
+def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features):
     assert ops.amx_rows_from() == amx_expected()  # on AMX hosts, rows 3-8 below run on tiles
     torch.manual_seed(out_features)
     weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
-    for rows in range(1, 9):
+    for rows in (*range(1, 9), 17, 64):  # 17, 64: prefills (groups of 16 rows of x, the last one padded)
+        if rows > 8 and not amx_expected():
+            continue
         x = torch.randn(rows, in_features, dtype=torch.bfloat16)
         for bias in (None, torch.randn(out_features), torch.randn(out_features, dtype=torch.bfloat16)):
             expected = reference(x, weight, bias)
@@ -77,7 +81,7 @@ def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features,
 def test_a_bad_amx_row_count_is_refused(monkeypatch):
     from llmbench.errors import UserError
 
-    for bad in ("three", "17", "-1"):
+    for bad in ("three", "9", "-1"):
         monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", bad)
         with pytest.raises(UserError, match="LLMBENCH_AMX_MIN_ROWS"):
             cpu_kernels.amx_min_rows_env()
@@ -247,6 +251,34 @@ def test_siblings_share_one_kernel_call_with_the_same_outputs(ops, scheme):
     assert cpu_kernels.score_with_kernels(parent)
     for name in alone:
         assert torch.equal(getattr(parent, name)(x), expected[name]), name
+
+
+def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
+    """Outside compiled steps (the prefill), bf16 linears of up to 64 rows run the kernels where the CPU has AMX
+    (one call per fused group, its output dropped once each member has its part), else the library's F.linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: torch.nn.Linear(128, out_features).to(torch.bfloat16))
+    x = torch.randn(2, 20, 128, dtype=torch.bfloat16)  # 40 rows: a prompt, not a decode step
+    expected = {name: reference(x, m.weight, m.bias) for name, m in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_PREFILL") != "0" else 0
+    assert parent.q_proj.forward.kernel.prefill_rows == tiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        outs = {name: getattr(parent, name)(x) for name in expected}
+    calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
+    assert calls == (2 if tiles else 0)  # q/k/v as one call, o_proj alone
+    for name, out in outs.items():
+        assert out.shape == expected[name].shape
+        tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected[name].abs().max().item()
+        assert (out.float() - expected[name]).abs().max().item() <= tolerance, name
+    assert parent.q_proj.forward.kernel._last is None  # all three members served: nothing held
+    parent.q_proj(x)
+    assert (parent.q_proj.forward.kernel._last is not None) == bool(tiles)  # k and v have not had theirs yet
+    most = 64 if amx_expected() else cpu_kernels.MAX_ROWS  # the op's own limit
+    with pytest.raises(RuntimeError, match=f"at most {most} rows"):
+        ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8", "bfloat16"])

@@ -194,12 +194,12 @@ struct Rows {
   int64_t M;
 };
 
-// x contiguous, checked against the weight's input size K; -> its number of rows (at most kMaxRows)
-int64_t checked_rows(const at::Tensor& x, int64_t K, const char* op) {
+// x contiguous, checked against the weight's input size K; -> its number of rows (at most `most`)
+int64_t checked_rows(const at::Tensor& x, int64_t K, const char* op, int64_t most = kMaxRows) {
   TORCH_CHECK(x.size(-1) == K, op, ": input size ", x.size(-1), " != weight input size ", K);
   TORCH_CHECK(K % 8 == 0, op, ": input size must be a multiple of 8, got ", K);
   const int64_t M = x.numel() / K;
-  TORCH_CHECK(M <= kMaxRows, op, ": at most ", kMaxRows, " rows, got ", M);
+  TORCH_CHECK(M <= most, op, ": at most ", most, " rows, got ", M);
   return M;
 }
 
@@ -304,17 +304,19 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
 #if defined(__AVX512BF16__)
   if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0) {
     const at::Tensor xc = x.contiguous();
-    const int64_t M = checked_rows(xc, K, "linear_dense");
-    const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    const int64_t amx_from = amx_min_rows();
-    if (amx_from && M >= amx_from && N % kAmxRows == 0) {
-      const std::vector<uint32_t> xp = amx_pairs(xb, M, K);
-      return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { amx_rows(xp.data(), M, K, w, o, n0, n1); },
+    const int64_t amx_from = amx_min_rows(), rows = x.numel() / std::max<int64_t>(K, 1);
+    if (amx_from && rows >= amx_from && N % kAmxRows == 0) {
+      const int64_t M = checked_rows(xc, K, "linear_dense", kAmxMaxRows);
+      int64_t C = 0;
+      const std::vector<uint32_t> xp = amx_pairs(xc.data_ptr<at::BFloat16>(), M, K, C);
+      return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { amx_rows(xp.data(), M, C, K, w, o, n0, n1); },
                  kAmxRows);
     }
 #endif
+    const int64_t M = checked_rows(xc, K, "linear_dense");
+    const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
@@ -381,6 +383,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
   m.def("amx_rows_from() -> int", &amx_rows_from);
+  m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
 }
 

@@ -13,7 +13,8 @@
 
 #include <cstdlib>
 
-constexpr int64_t kAmxRows = 16;  // weight rows per tile
+constexpr int64_t kAmxRows = 16;      // weight rows per tile, and rows of x per pass
+constexpr int64_t kAmxMaxRows = 64;  // rows of x the AMX path takes (prefills of short prompts included)
 
 // Whether Linux lets this process use AMX tile data (asked once; refused on kernels before 5.16 or by policy).
 bool amx_permitted() {
@@ -24,7 +25,7 @@ bool amx_permitted() {
   return ok;
 }
 
-// The fewest rows of x whose bf16 linears run on AMX tiles: LLMBENCH_AMX_MIN_ROWS (1-16, or 0: never; checked by
+// The fewest rows of x whose bf16 linears run on AMX tiles: LLMBENCH_AMX_MIN_ROWS (1-8, or 0: never; checked by
 // cpu_kernels.py), else 3 (see cpu_kernels.amx_min_rows); 0 where the process may not use AMX.
 int64_t amx_min_rows() {
   static const int64_t rows = [] {
@@ -74,32 +75,42 @@ void amx_tiles(const uint32_t* xp, int64_t M, int64_t K, const at::BFloat16* w, 
   if (T > 3) _tile_stored(3, c + 48 * M, 4 * M);
 }
 
-// Weight rows [n0, n1) (a multiple of 16 apart) against x in pair layout: out (M, n1 - n0).
-void amx_rows(const uint32_t* xp, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
-  configure_tiles(M);  // tile state is per thread
+// Weight rows [n0, n1) (a multiple of 16 apart) against x in pair layout, in groups of C rows of x (the last one
+// zero-padded where M > C): out (M, n1 - n0). A block of up to 64 weight rows is read from memory for the first group
+// and from cache for the others.
+void amx_rows(const uint32_t* xp, int64_t M, int64_t C, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+              int64_t n1) {
+  configure_tiles(C);  // tile state is per thread
   float c[4 * kAmxRows * kAmxRows];
   for (int64_t n = n0; n < n1;) {
     const int64_t tiles = std::min<int64_t>(4, (n1 - n) / kAmxRows);
     const at::BFloat16* wn = w + n * K;
-    switch (tiles) {
-      case 4: amx_tiles<4>(xp, M, K, wn, c); break;
-      case 3: amx_tiles<3>(xp, M, K, wn, c); break;
-      case 2: amx_tiles<2>(xp, M, K, wn, c); break;
-      default: amx_tiles<1>(xp, M, K, wn, c); break;
+    for (int64_t m0 = 0; m0 < M; m0 += C) {
+      const uint32_t* xg = xp + m0 * K / 2;
+      switch (tiles) {
+        case 4: amx_tiles<4>(xg, C, K, wn, c); break;
+        case 3: amx_tiles<3>(xg, C, K, wn, c); break;
+        case 2: amx_tiles<2>(xg, C, K, wn, c); break;
+        default: amx_tiles<1>(xg, C, K, wn, c); break;
+      }
+      for (int64_t m = m0; m < std::min(M, m0 + C); ++m)
+        for (int64_t i = 0; i < tiles * kAmxRows; ++i) out[m * (n1 - n0) + (n - n0) + i] = c[i * C + m - m0];
     }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < tiles * kAmxRows; ++i) out[m * (n1 - n0) + (n - n0) + i] = c[i * M + m];
     n += tiles * kAmxRows;
   }
   _tile_release();  // leaves no configuration behind for oneDNN's AMX kernels in this thread
 }
 
-// x (M, K) bf16 as AMX's B operand: pairs of inputs (one 32-bit lane) for every row of x, input pair by input pair.
-std::vector<uint32_t> amx_pairs(const at::BFloat16* x, int64_t M, int64_t K) {
+// x (M, K) bf16 as AMX's B operand, in groups of C rows (-> C: M itself up to 16, else 16 with the last group
+// zero-padded): per group, pairs of inputs (one 32-bit lane) for each of its rows, input pair by input pair.
+std::vector<uint32_t> amx_pairs(const at::BFloat16* x, int64_t M, int64_t K, int64_t& C) {
+  C = std::min<int64_t>(M, kAmxRows);
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
-  std::vector<uint32_t> xp(M * K / 2);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < K / 2; ++j) xp[j * M + m] = x32[m * (K / 2) + j];
+  std::vector<uint32_t> xp((M + C - 1) / C * C * K / 2, 0u);
+  for (int64_t m = 0; m < M; ++m) {
+    uint32_t* group = xp.data() + m / C * C * K / 2;
+    for (int64_t j = 0; j < K / 2; ++j) group[j * C + m % C] = x32[m * (K / 2) + j];
+  }
   return xp;
 }
 #endif
@@ -109,6 +120,15 @@ std::vector<uint32_t> amx_pairs(const at::BFloat16* x, int64_t M, int64_t K) {
 int64_t amx_rows_from() {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
   return amx_min_rows();
+#else
+  return 0;
+#endif
+}
+
+// -> the most rows of x bf16 linears take on AMX tiles (0 where they do not use them).
+int64_t amx_max_rows() {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return amx_min_rows() ? kAmxMaxRows : 0;
 #else
   return 0;
 #endif

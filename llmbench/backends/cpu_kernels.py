@@ -86,19 +86,35 @@ def amx_min_rows_env() -> int | None:
     value = os.environ.get("LLMBENCH_AMX_MIN_ROWS", "")
     if not value:
         return None
-    if not value.isdigit() or int(value) > 16:
+    if not value.isdigit() or int(value) > MAX_ROWS:
         from llmbench.errors import UserError
 
-        raise UserError(f"LLMBENCH_AMX_MIN_ROWS={value!r}: use a number of rows from 1 to 16, or 0 for never")
+        raise UserError(f"LLMBENCH_AMX_MIN_ROWS={value!r}: use a number of rows from 1 to {MAX_ROWS}, or 0 for never")
     return int(value)
+
+
+def amx_prefill_rows(kind: str, weight: torch.Tensor) -> int:
+    """The most rows (prompt tokens x batch) a linear of this weight runs on AMX tiles outside compiled steps (the
+    prefill), 0 where it keeps the library's GEMM: bf16 weights whose output size is a multiple of 16 and input size
+    of 32, on a CPU and kernel build with AMX. On a 2-core AMX Xeon, one prefill's bf16 linears of the default
+    model took 0.74x oneDNN's time at 32 rows, 0.84x at 64, but 1.09x at 128 (benchmarks/cpu_kernels.py --prefill,
+    oneDNN given the fused q/k/v and gate/up weights too; the model's own prefill calls them one by one), hence up to
+    64 rows (kAmxMaxRows). LLMBENCH_AMX_PREFILL=0 keeps the library's GEMM."""
+    if kind != "bfloat16" or weight.shape[0] % 16 or weight.shape[1] % 32 or os.environ.get(
+            "LLMBENCH_AMX_PREFILL") == "0":
+        return 0
+    return torch.ops.llmbench_cpu.amx_max_rows()
 
 
 def amx_description() -> str | None:
     """How bf16 linears use AMX tiles in this process (kernels loaded); None on CPUs without AMX_BF16."""
     rows = torch.ops.llmbench_cpu.amx_rows_from()
     if rows:
+        prefill = torch.ops.llmbench_cpu.amx_max_rows() if os.environ.get("LLMBENCH_AMX_PREFILL") != "0" else 0
         return (f"bf16 linears of {rows}-{MAX_ROWS} rows (batch x beams) on AMX tiles, weights as stored "
-                "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never)")
+                "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never); "
+                + (f"prefills of up to {prefill} rows (prompt tokens x batch) too" if prefill else
+                   "prefills through the library (LLMBENCH_AMX_PREFILL=0)"))
     if "amx_bf16" not in cpu_kind().flags:
         return None
     if amx_min_rows_env() == 0:
@@ -188,31 +204,34 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 
 
 class KernelCall:
-    """One op call over the weights of one linear or of a group of siblings: `call(x)` gives the whole output.
-    Inside a compiled step every member calls it with the same input and compile_settings.dedupe_pass keeps one
-    call; outside (`scored`: accuracy scoring, MAX_ROWS rows at a time) the last input's output is reused by the
-    other members."""
+    """One op call over the weights of one linear or of a group of `members` siblings: `call(x)` gives the whole
+    output. Inside a compiled step every member calls it with the same input and compile_settings.dedupe_pass keeps
+    one call; outside (`rows_at_once`: accuracy scoring, the prefill on AMX tiles) the first member's call serves
+    the others, and the output is let go once every member has had it."""
 
-    def __init__(self, call):
-        self.call = call
+    def __init__(self, call, members: int = 1, prefill_rows: int = 0):
+        self.call, self.members, self.prefill_rows = call, members, prefill_rows
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._served = 0
 
-    def scored(self, x: torch.Tensor) -> torch.Tensor:
-        if self._last is not None and self._last[0] is x:
-            return self._last[1]
-        rows = x.numel() // x.shape[-1]
-        flat = x.reshape(rows, x.shape[-1]).contiguous()
-        out = torch.cat([self.call(chunk) for chunk in flat.split(MAX_ROWS)])
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        self._last = (x, out)
+    def rows_at_once(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            rows = x.numel() // x.shape[-1]
+            flat = x.reshape(rows, x.shape[-1]).contiguous()
+            out = torch.cat([self.call(part) for part in flat.split(chunk)]) if rows > chunk else self.call(flat)
+            self._last, self._served = (x, out.reshape(*x.shape[:-1], out.shape[-1])), 0
+        out = self._last[1]
+        self._served += 1
+        if self._served == self.members:
+            self._last = None
         return out
 
 
 class KernelLinearForward:
     """A replacement forward for one nn.Linear: its kernel (its columns `part` of a group's output) while compiling
-    a step of at most `max_rows` rows, the module's own F.linear (library or TorchAO kernel) otherwise (prefill,
-    bigger steps), unless `scoring`: then the kernel, MAX_ROWS rows at a time (accuracy runs score the decode step's
-    numerics)."""
+    a step of at most `max_rows` rows; outside compiled steps, the kernel for prompts of up to its `prefill_rows`
+    (bf16 on AMX tiles) and, while `scoring` (accuracy runs score the decode step's numerics), for everything,
+    MAX_ROWS rows at a time; else the module's own F.linear (library or TorchAO kernel)."""
 
     def __init__(self, module: torch.nn.Linear, max_rows: int, kernel: KernelCall, one_row=None,
                  part: tuple[int, int] | None = None):
@@ -224,12 +243,15 @@ class KernelLinearForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if torch.compiler.is_compiling() and rows <= self.max_rows:
-            if rows == 1 and self.one_row is not None:
-                return self.one_row(x, self.module.weight, self.module.bias)
-            return self._mine(self.kernel.call(x))
-        if self.scoring and not torch.compiler.is_compiling():
-            return self._mine(self.kernel.scored(x))
+        if torch.compiler.is_compiling():
+            if rows <= self.max_rows:
+                if rows == 1 and self.one_row is not None:
+                    return self.one_row(x, self.module.weight, self.module.bias)
+                return self._mine(self.kernel.call(x))
+        else:
+            tiles = self.kernel.prefill_rows if x.dtype == torch.bfloat16 else 0
+            if rows <= tiles or self.scoring:
+                return self._mine(self.kernel.rows_at_once(x, tiles or MAX_ROWS))
         return F.linear(x, self.module.weight, self.module.bias)
 
 
@@ -331,7 +353,8 @@ def _fuse(members: list[torch.nn.Linear],
         whole = tensors[0]
         for m, (begin, size) in zip(members, spans):
             m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
-    return kind, KernelCall(_op_call(kind, tensors, layout, bias)), spans
+    prefill = amx_prefill_rows(kind, tensors[0])
+    return kind, KernelCall(_op_call(kind, tensors, layout, bias), len(members), prefill), spans
 
 
 def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageArena | None = None) -> dict[str, int]:
@@ -373,6 +396,6 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageAre
             kind = f"kept: {kind}"
             counts[kind] = counts.get(kind, 0) + 1
         else:
-            give(module, kind, KernelCall(call))
+            give(module, kind, KernelCall(call, 1, amx_prefill_rows(kind, module.weight)))
     int4_layout.forget_nibble_orders()  # one index per weight of each shape: not kept for the run
     return counts
