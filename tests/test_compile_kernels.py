@@ -162,13 +162,17 @@ def test_kernel_choice_follows_the_cpu_and_the_override(monkeypatch):
         choose_kernels(CPU, torch.bfloat16)
 
 
-def test_bf16_steps_of_four_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny_llama, compile_env, monkeypatch):
-    """Batch 4 in bf16: the step's linears on AMX tiles on AMX hosts (the record says so), elsewhere the vdpbf16ps
-    or widening kernels; either way the teacher-forced log-probabilities stay within bf16 noise of eager's."""
+@pytest.mark.parametrize("batch", [4, 12])
+def test_bf16_steps_of_several_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny_llama, compile_env, monkeypatch,
+                                                                             batch):
+    """Batches of 4 and 12 in bf16: the step's linears on AMX tiles on AMX hosts (the record says so; 12 rows, past
+    the other kernels' 8, only there), elsewhere the vdpbf16ps or widening kernels (4 rows) or the library (12);
+    either way the teacher-forced log-probabilities stay within bf16 noise of eager's."""
     from tests.test_cpu_kernels import amx_expected
 
+    python_wrapper(monkeypatch)  # kernel calls visible to the profiler
     loaded = load_model(str(tiny_llama), CPU, torch.bfloat16)
-    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 4, CPU)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, batch, CPU)
     ids = eager_generate(loaded.model, inputs, 1)
     with torch.inference_mode():
         logits = loaded.model(input_ids=ids[:, :-1]).logits[:, INPUT_TOKENS - 1:].float()
@@ -176,10 +180,16 @@ def test_bf16_steps_of_four_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny_ll
     rows = amx_expected()
     if rows:
         assert backend.details["amx_tiles"].startswith(f"bf16 linears of {rows}-8 rows (batch x beams) on AMX tiles")
+        assert backend.details["amx_tiles"].endswith("so are prefills and steps of up to 64 rows "
+                                                     "(LLMBENCH_AMX_MAX_ROWS)")
     else:
         assert "amx_tiles" not in backend.details or backend.details["amx_tiles"].startswith("not used")
-    compiled = teacher_forced_log_probs(backend, inputs.input_ids, ids[:, INPUT_TOKENS:])
+    compiled = []
+    calls = library_calls(lambda: compiled.append(teacher_forced_log_probs(backend, inputs.input_ids,
+                                                                           ids[:, INPUT_TOKENS:])),
+                          ("llmbench_cpu::linear_dense",))
+    assert (calls > 0) == (batch <= 8 or bool(rows))
     keep = torch.ones(logits.shape[-1], dtype=torch.bool)
     keep[loaded.model.config.eos_token_id] = False
-    difference = (compiled - torch.log_softmax(logits, dim=-1))[..., keep].abs()
+    difference = (compiled[0] - torch.log_softmax(logits, dim=-1))[..., keep].abs()
     assert difference.max().item() < 0.03, difference.max().item()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbench.backends import cpu_kernels, huge_pages, int4_layout
+from llmbench.backends import compile_settings, cpu_kernels, huge_pages, int4_layout
 from llmbench.backends.compile_settings import dedupe_pass
 from llmbench.backends.huge_pages import HugePageArena
 from tests.conftest import ROOT
@@ -54,8 +54,8 @@ def amx_expected() -> int:
     release = tuple(int(p) for p in os.uname().release.split(".")[:2])
     if "amx_bf16" not in cpu_kind().flags or release < (5, 16):
         return 0
-    return cpu_kernels.amx_min_rows_env() if cpu_kernels.amx_min_rows_env() is not None else \
-        cpu_kernels.AMX_DEFAULT_MIN_ROWS
+    return compile_settings.amx_min_rows_env() if compile_settings.amx_min_rows_env() is not None else \
+        compile_settings.AMX_DEFAULT_MIN_ROWS
 
 
 @pytest.mark.parametrize("out_features", [16, 80, 560])  # 560: threads take 4, 3, 2 and 1 tiles at once
@@ -78,15 +78,25 @@ def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features)
     assert ((a @ weight.t()).float() - expected).abs().max().item() <= 2 * 0.0079 * expected.abs().max().item()
 
 
-def test_a_bad_amx_row_count_is_refused(monkeypatch):
+def test_a_bad_amx_row_count_is_refused(ops, monkeypatch):
     from llmbench.errors import UserError
 
     for bad in ("three", "9", "-1"):
         monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", bad)
         with pytest.raises(UserError, match="LLMBENCH_AMX_MIN_ROWS"):
-            cpu_kernels.amx_min_rows_env()
+            compile_settings.amx_min_rows_env()
     monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", "0")
-    assert cpu_kernels.amx_min_rows_env() == 0
+    assert compile_settings.amx_min_rows_env() == 0
+    weight = torch.empty(16, 32)
+    for bad in ("all", "65"):
+        monkeypatch.setenv("LLMBENCH_AMX_MAX_ROWS", bad)
+        with pytest.raises(UserError, match="LLMBENCH_AMX_MAX_ROWS"):
+            compile_settings.amx_large_rows("bfloat16", weight)
+    monkeypatch.setenv("LLMBENCH_AMX_MAX_ROWS", "8")  # decode steps only
+    assert compile_settings.amx_large_rows("bfloat16", weight) == 0
+    monkeypatch.delenv("LLMBENCH_AMX_MAX_ROWS")
+    assert compile_settings.amx_large_rows("float32", weight) == 0
+    assert compile_settings.amx_large_rows("bfloat16", torch.empty(24, 32)) == 0  # 24 rows: not whole tiles
 
 
 def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40, dtype=torch.bfloat16):
@@ -263,8 +273,8 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     x = torch.randn(2, 20, 128, dtype=torch.bfloat16)  # 40 rows: a prompt, not a decode step
     expected = {name: reference(x, m.weight, m.bias) for name, m in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
-    tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_PREFILL") != "0" else 0
-    assert parent.q_proj.forward.kernel.prefill_rows == tiles
+    tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
+    assert parent.q_proj.forward.kernel.amx_rows == tiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")

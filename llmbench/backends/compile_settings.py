@@ -31,6 +31,60 @@ KERNEL_CHOICES = ("generated", "library")
 # AVX2 EPYC: one row streams the weights at ~85% of the read bandwidth; at 4 rows (beam 4) the single-accumulator
 # reductions become latency-bound and the step was 7x slower than the library path, so more rows keep the library.
 GENERATED_LINEAR_MAX_ROWS = 1
+KERNEL_MAX_ROWS = 8  # rows of the steps whose linears call the suite's kernels (cpu_gemv.cpp's kMaxRows)
+AMX_DEFAULT_MIN_ROWS = 3  # cpu_gemv_amx.h's default
+
+
+def amx_min_rows_env() -> int | None:
+    """LLMBENCH_AMX_MIN_ROWS checked (the kernels read it once per process): the fewest rows (batch x beams) of a
+    step whose bf16 linears run on AMX tiles, 0 for never; None where unset. The default, 3, is measured on a
+    2-core AMX Xeon (benchmarks/cpu_kernels.py --amx): one step's bf16 linears of the default model took 0.56x the
+    time of the vdpbf16ps kernel at 8 rows, 0.80x at 4 and 0.79x at 3, but 0.94x at 2 rows, where whole compiled
+    decode steps were 1.05-1.10x slower (and 1.07x at one row)."""
+    value = os.environ.get("LLMBENCH_AMX_MIN_ROWS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > KERNEL_MAX_ROWS:
+        raise UserError(f"LLMBENCH_AMX_MIN_ROWS={value!r}: use a number of rows from 1 to {KERNEL_MAX_ROWS}, or 0 "
+                        "for never")
+    return int(value)
+
+
+def amx_large_rows(kind: str, weight: torch.Tensor) -> int:
+    """The most rows a linear of this weight runs on AMX tiles beyond decode steps of up to KERNEL_MAX_ROWS
+    (prefills: prompt tokens x batch; decode steps of 9 rows or more), 0 where those keep the library's GEMM: bf16
+    weights
+    whose output size is a multiple of 16 and input size of 32, on a CPU and kernel build with AMX; at most 64
+    (kAmxMaxRows), or LLMBENCH_AMX_MAX_ROWS. On a 2-core AMX Xeon, one prefill's bf16 linears of the default model
+    took 0.59x oneDNN's time at 16 rows, 0.71x at 32, 0.84x at 64, but 1.09x at 128 (benchmarks/cpu_kernels.py
+    --prefill, oneDNN given the fused q/k/v and gate/up weights too; the model's own prefill calls them one by
+    one)."""
+    if kind != "bfloat16" or weight.shape[0] % 16 or weight.shape[1] % 32:
+        return 0
+    most = torch.ops.llmbench_cpu.amx_max_rows()
+    value = os.environ.get("LLMBENCH_AMX_MAX_ROWS", "")
+    if value:
+        if not value.isdigit() or int(value) > 64:
+            raise UserError(f"LLMBENCH_AMX_MAX_ROWS={value!r}: use a number of rows up to 64 (up to "
+                            f"{KERNEL_MAX_ROWS}: decode steps only)")
+        most = min(most, int(value))
+    return most if most > KERNEL_MAX_ROWS else 0
+
+
+def amx_description() -> str | None:
+    """How bf16 linears use AMX tiles in this process (kernels loaded); None on CPUs without AMX_BF16."""
+    rows = torch.ops.llmbench_cpu.amx_rows_from()
+    if rows:
+        large = amx_large_rows("bfloat16", torch.empty(16, 32))
+        return (f"bf16 linears of {rows}-{KERNEL_MAX_ROWS} rows (batch x beams) on AMX tiles, weights as stored "
+                "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never); "
+                + (f"so are prefills and steps of up to {large} rows (LLMBENCH_AMX_MAX_ROWS)" if large else
+                   "prefills and larger steps through the library (LLMBENCH_AMX_MAX_ROWS)"))
+    if "amx_bf16" not in cpu_kind().flags:
+        return None
+    if amx_min_rows_env() == 0:
+        return "not used: LLMBENCH_AMX_MIN_ROWS=0"
+    return "not used: Linux refused AMX tile data to this process (arch_prctl ARCH_REQ_XCOMP_PERM)"
 
 
 def inductor_cache_dir() -> str:

@@ -30,6 +30,7 @@ from llmbench.backends import cpu_kernels, generated_kernels
 from llmbench.backends.base import Backend, generation_config
 from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
+    amx_description,
     choose_kernels,
     compile_options,
     dedupe_pass,
@@ -155,7 +156,7 @@ class CompileBackend(Backend):
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
-            amx = cpu_kernels.amx_description() if "bfloat16" in counts else None
+            amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx
             self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends import int4_layout
+from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_large_rows, amx_min_rows_env
 from llmbench.backends.huge_pages import HugePageArena
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 # included by SOURCE: part of the build's identity
 HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("avx512", "int4", "int8", "beams", "amx"))
-MAX_ROWS = 8  # the C++ kernels' limit (kMaxRows)
+MAX_ROWS = KERNEL_MAX_ROWS  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -72,54 +73,6 @@ def dense_one_row_kernels() -> bool:
 
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
     return forced == "kernels" if forced else not _amd()
-
-
-AMX_DEFAULT_MIN_ROWS = 3  # cpu_gemv_amx.h's default
-
-
-def amx_min_rows_env() -> int | None:
-    """LLMBENCH_AMX_MIN_ROWS checked (the kernels read it once per process): the fewest rows (batch x beams) of a
-    step whose bf16 linears run on AMX tiles, 0 for never; None where unset. The default, 3, is measured on a
-    2-core AMX Xeon (benchmarks/cpu_kernels.py --amx): one step's bf16 linears of the default model took 0.56x the
-    time of the vdpbf16ps kernel at 8 rows, 0.80x at 4 and 0.79x at 3, but 0.94x at 2 rows, where whole compiled
-    decode steps were 1.05-1.10x slower (and 1.07x at one row)."""
-    value = os.environ.get("LLMBENCH_AMX_MIN_ROWS", "")
-    if not value:
-        return None
-    if not value.isdigit() or int(value) > MAX_ROWS:
-        from llmbench.errors import UserError
-
-        raise UserError(f"LLMBENCH_AMX_MIN_ROWS={value!r}: use a number of rows from 1 to {MAX_ROWS}, or 0 for never")
-    return int(value)
-
-
-def amx_prefill_rows(kind: str, weight: torch.Tensor) -> int:
-    """The most rows (prompt tokens x batch) a linear of this weight runs on AMX tiles outside compiled steps (the
-    prefill), 0 where it keeps the library's GEMM: bf16 weights whose output size is a multiple of 16 and input size
-    of 32, on a CPU and kernel build with AMX. On a 2-core AMX Xeon, one prefill's bf16 linears of the default
-    model took 0.74x oneDNN's time at 32 rows, 0.84x at 64, but 1.09x at 128 (benchmarks/cpu_kernels.py --prefill,
-    oneDNN given the fused q/k/v and gate/up weights too; the model's own prefill calls them one by one), hence up to
-    64 rows (kAmxMaxRows). LLMBENCH_AMX_PREFILL=0 keeps the library's GEMM."""
-    if kind != "bfloat16" or weight.shape[0] % 16 or weight.shape[1] % 32 or os.environ.get(
-            "LLMBENCH_AMX_PREFILL") == "0":
-        return 0
-    return torch.ops.llmbench_cpu.amx_max_rows()
-
-
-def amx_description() -> str | None:
-    """How bf16 linears use AMX tiles in this process (kernels loaded); None on CPUs without AMX_BF16."""
-    rows = torch.ops.llmbench_cpu.amx_rows_from()
-    if rows:
-        prefill = torch.ops.llmbench_cpu.amx_max_rows() if os.environ.get("LLMBENCH_AMX_PREFILL") != "0" else 0
-        return (f"bf16 linears of {rows}-{MAX_ROWS} rows (batch x beams) on AMX tiles, weights as stored "
-                "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never); "
-                + (f"prefills of up to {prefill} rows (prompt tokens x batch) too" if prefill else
-                   "prefills through the library (LLMBENCH_AMX_PREFILL=0)"))
-    if "amx_bf16" not in cpu_kind().flags:
-        return None
-    if amx_min_rows_env() == 0:
-        return "not used: LLMBENCH_AMX_MIN_ROWS=0"
-    return "not used: Linux refused AMX tile data to this process (arch_prctl ARCH_REQ_XCOMP_PERM)"
 
 
 def prefetch_flags() -> list[str]:
@@ -207,10 +160,10 @@ class KernelCall:
     """One op call over the weights of one linear or of a group of `members` siblings: `call(x)` gives the whole
     output. Inside a compiled step every member calls it with the same input and compile_settings.dedupe_pass keeps
     one call; outside (`rows_at_once`: accuracy scoring, the prefill on AMX tiles) the first member's call serves
-    the others, and the output is let go once every member has had it."""
+    the others, and the output is let go once every member has had it. `amx_rows`: see amx_large_rows."""
 
-    def __init__(self, call, members: int = 1, prefill_rows: int = 0):
-        self.call, self.members, self.prefill_rows = call, members, prefill_rows
+    def __init__(self, call, members: int = 1, amx_rows: int = 0):
+        self.call, self.members, self.amx_rows = call, members, amx_rows
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._served = 0
 
@@ -228,10 +181,10 @@ class KernelCall:
 
 
 class KernelLinearForward:
-    """A replacement forward for one nn.Linear: its kernel (its columns `part` of a group's output) while compiling
-    a step of at most `max_rows` rows; outside compiled steps, the kernel for prompts of up to its `prefill_rows`
-    (bf16 on AMX tiles) and, while `scoring` (accuracy runs score the decode step's numerics), for everything,
-    MAX_ROWS rows at a time; else the module's own F.linear (library or TorchAO kernel)."""
+    """A replacement forward for one nn.Linear: its kernel (its columns `part` of a group's output) for compiled
+    steps of at most `max_rows` rows, and for any call of up to the kernel's `amx_rows` (bf16 on AMX tiles:
+    prefills, larger steps); while `scoring` (accuracy runs score the decode step's numerics) for everything, in
+    chunks; else the module's own F.linear (library or TorchAO kernel)."""
 
     def __init__(self, module: torch.nn.Linear, max_rows: int, kernel: KernelCall, one_row=None,
                  part: tuple[int, int] | None = None):
@@ -243,15 +196,14 @@ class KernelLinearForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        tiles = self.kernel.amx_rows if x.dtype == torch.bfloat16 else 0
         if torch.compiler.is_compiling():
-            if rows <= self.max_rows:
-                if rows == 1 and self.one_row is not None:
-                    return self.one_row(x, self.module.weight, self.module.bias)
+            if rows == 1 and self.one_row is not None:
+                return self.one_row(x, self.module.weight, self.module.bias)
+            if rows <= max(self.max_rows, tiles):
                 return self._mine(self.kernel.call(x))
-        else:
-            tiles = self.kernel.prefill_rows if x.dtype == torch.bfloat16 else 0
-            if rows <= tiles or self.scoring:
-                return self._mine(self.kernel.rows_at_once(x, tiles or MAX_ROWS))
+        elif rows <= tiles or self.scoring:
+            return self._mine(self.kernel.rows_at_once(x, tiles or MAX_ROWS))
         return F.linear(x, self.module.weight, self.module.bias)
 
 
@@ -353,8 +305,8 @@ def _fuse(members: list[torch.nn.Linear],
         whole = tensors[0]
         for m, (begin, size) in zip(members, spans):
             m.weight = torch.nn.Parameter(whole[begin:begin + size], requires_grad=False)
-    prefill = amx_prefill_rows(kind, tensors[0])
-    return kind, KernelCall(_op_call(kind, tensors, layout, bias), len(members), prefill), spans
+    kernel = KernelCall(_op_call(kind, tensors, layout, bias), len(members), amx_large_rows(kind, tensors[0]))
+    return kind, kernel, spans
 
 
 def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageArena | None = None) -> dict[str, int]:
@@ -396,6 +348,6 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageAre
             kind = f"kept: {kind}"
             counts[kind] = counts.get(kind, 0) + 1
         else:
-            give(module, kind, KernelCall(call, 1, amx_prefill_rows(kind, module.weight)))
+            give(module, kind, KernelCall(call, 1, amx_large_rows(kind, module.weight)))
     int4_layout.forget_nibble_orders()  # one index per weight of each shape: not kept for the run
     return counts
