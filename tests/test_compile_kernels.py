@@ -131,6 +131,7 @@ def test_quantized_step_stays_close_to_torchao_eager(tiny_llama, compile_env, mo
 
     backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme)
     assert backend.details["streaming_linears"][scheme] > 0
+    assert backend.details["quantized_prefill"].startswith("prompts of up to 256 rows (tokens x batch) through")
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
     assert backend.details[f"{scheme}_activations"].startswith(expected)
     assert difference.max().item() < 0.05, difference.max().item()

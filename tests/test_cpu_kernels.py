@@ -274,7 +274,7 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     expected = {name: reference(x, m.weight, m.bias) for name, m in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
-    assert parent.q_proj.forward.kernel.amx_rows == tiles
+    assert parent.q_proj.forward.kernel.large_rows == tiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
@@ -289,6 +289,27 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     most = 64 if amx_expected() else cpu_kernels.MAX_ROWS  # the op's own limit
     with pytest.raises(RuntimeError, match=f"at most {most} rows"):
         ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_prefills_run_the_kernels_eight_rows_a_call(ops, scheme):
+    """INT4 and INT8 prompts of up to QUANTIZED_PREFILL_ROWS rows take the kernels outside compiled steps (TorchAO's
+    INT4 kernel is compute-bound), MAX_ROWS rows a call; longer ones keep TorchAO's F.linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: quantized_linear(scheme, 32, in_features=128, out_features=out_features))
+    alone = {name: cpu_kernels.kernel_call(module)[0] for name, module in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    op = f"llmbench_cpu::linear_{scheme}"
+    for rows, calls in ((40, 2 * 5), (cpu_kernels.QUANTIZED_PREFILL_ROWS + 1, 0)):
+        x = torch.randn(rows, 128, dtype=torch.bfloat16)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = {name: getattr(parent, name)(x) for name in alone}
+        assert sum(e.count for e in prof.key_averages() if e.key == op) == calls  # q/k/v as one, o_proj alone
+        if calls:
+            for name, call in alone.items():
+                assert torch.equal(outs[name], torch.cat([call(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)]))
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8", "bfloat16"])

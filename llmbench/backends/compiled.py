@@ -156,6 +156,9 @@ class CompileBackend(Backend):
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
+                self.details["quantized_prefill"] = (
+                    f"prompts of up to {cpu_kernels.QUANTIZED_PREFILL_ROWS} rows (tokens x batch) through the kernels, "
+                    f"{cpu_kernels.MAX_ROWS} rows a call; longer ones through TorchAO's kernels")
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx
