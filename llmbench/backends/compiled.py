@@ -97,6 +97,11 @@ class CompileBackend(Backend):
             raise UserError(f"--backend compile needs a static KV cache, which {type(model).__name__} lacks in "
                             f"transformers {transformers.__version__}: use --backend eager (or a newer transformers)")
         super().prepare(model, device, dtype, config)
+        # Dynamo counts compiled variants per code object, and every backend instance's steps share this class's
+        # code: a process that prepares several (accuracy and a benchmark, a test session) would reach torch's
+        # default of 8 and, the steps being fullgraph, fail.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         self.device, self.dtype = device, dtype
         self.kernels, why = choose_kernels(device, dtype)
         self.mode, self.options = compile_options(device, self.kernels, getattr(config, "compile_mode", None))
@@ -171,7 +176,7 @@ class CompileBackend(Backend):
         self.details["generated_attention"] = generated_kernels.use_generated_attention(model)
 
     def prepare_scoring(self) -> None:
-        """Accuracy runs score through the same linear kernels as the decode step (8 rows at a time)."""
+        """Accuracy runs score through the same linear kernels as the decode step (in chunks they take)."""
         if cpu_kernels.score_with_kernels(self.model):
             self.scored_with = cpu_kernels.SCORED_WITH
 

@@ -5,7 +5,9 @@ AVX2 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`
 (`torch.ops.llmbench_cpu.linear_dense / linear_int8 / linear_int4`) that torch.compile calls from inside the compiled
 decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from memory per
 step, widened to float32 in registers, with independent accumulators per weight row, so the step streams weights
-near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
+near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound. They
+serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts, and on AMX CPUs bf16 prompts
+and steps of up to 64 rows.
 
 Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
 them); TorchAO INT8 weight-only (int8 values, float scale per row or group) as stored; TorchAO's CPU INT4
