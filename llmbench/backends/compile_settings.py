@@ -53,9 +53,8 @@ def amx_min_rows_env() -> int | None:
 def amx_large_rows(kind: str, weight: torch.Tensor) -> int:
     """The most rows a linear of this weight runs on AMX tiles beyond decode steps of up to KERNEL_MAX_ROWS
     (prefills: prompt tokens x batch; decode steps of 9 rows or more), 0 where those keep the library's GEMM: bf16
-    weights
-    whose output size is a multiple of 16 and input size of 32, on a CPU and kernel build with AMX; at most 64
-    (kAmxMaxRows), or LLMBENCH_AMX_MAX_ROWS. On a 2-core AMX Xeon, one prefill's bf16 linears of the default model
+    weights whose output size is a multiple of 16 and input size of 32, on a CPU and kernel build with AMX; at most
+    64 (kAmxMaxRows), or LLMBENCH_AMX_MAX_ROWS. On a 2-core AMX Xeon, one prefill's bf16 linears of the default model
     took 0.59x oneDNN's time at 16 rows, 0.71x at 32, 0.84x at 64, but 1.09x at 128 (benchmarks/cpu_kernels.py
     --prefill, oneDNN given the fused q/k/v and gate/up weights too; the model's own prefill calls them one by
     one)."""
