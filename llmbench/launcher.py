@@ -23,15 +23,22 @@ def release_shared_memory() -> None:
             segment.unlink(missing_ok=True)
 
 
+def exit_rank(code: int) -> None:
+    """End this rank now, its output flushed and the job's shared-memory segments removed, without the
+    interpreter's teardown."""
+    release_shared_memory()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def abort(world: World, code: int, prog: str) -> None:
     """End the whole job now: the other ranks may be waiting in a collective that will never complete."""
     print(f"{prog}: rank {world.rank} of {world.size} failed (exit {code}); ending the job", file=sys.stderr,
           flush=True)
-    sys.stdout.flush()
-    release_shared_memory()
     # Exiting (rather than MPI_Abort) lets the launcher forward this rank's last lines before it ends the
     # other ranks: MPI launchers, torchrun and deepspeed all end a job whose rank exits non-zero.
-    os._exit(code)
+    exit_rank(code)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -58,14 +65,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         if tdist.is_initialized():
             tdist.destroy_process_group()
-        release_shared_memory()
         # The rank's work is done and written. Ending here skips the interpreter's teardown, where a rank of a
         # finished job sometimes died in a C++ destructor ("terminate called without an active exception", exit 6:
         # 2 of 30 two-rank jobs in one full test run on an AMX Xeon with DeepSpeed's shared-memory all-reduce).
         mpi = sys.modules.get("mpi4py.MPI")  # MPI launchers end a job whose rank exits without MPI_Finalize
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
             mpi.Finalize()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_rank(code)
     return code

@@ -50,16 +50,13 @@ def amx_min_rows_env() -> int | None:
     return int(value)
 
 
-def amx_large_rows(kind: str, weight: torch.Tensor) -> int:
-    """The most rows a linear of this weight runs on AMX tiles beyond decode steps of up to KERNEL_MAX_ROWS
-    (prefills: prompt tokens x batch; decode steps of 9 rows or more), 0 where those keep the library's GEMM: bf16
-    weights whose output size is a multiple of 16 and input size of 32, on a CPU and kernel build with AMX; at most
-    64 (kAmxMaxRows), or LLMBENCH_AMX_MAX_ROWS. On a 2-core AMX Xeon, one prefill's bf16 linears of the default model
-    took 0.59x oneDNN's time at 16 rows, 0.71x at 32, 0.84x at 64, but 1.09x at 128 (benchmarks/cpu_kernels.py
-    --prefill, oneDNN given the fused q/k/v and gate/up weights too; the model's own prefill calls them one by
-    one)."""
-    if kind != "bfloat16" or weight.shape[0] % 16 or weight.shape[1] % 32:
-        return 0
+def amx_max_rows() -> int:
+    """The most rows one bf16 linear call runs on AMX tiles beyond decode steps of up to KERNEL_MAX_ROWS (prefills:
+    prompt tokens x batch; decode steps of 9 rows or more), 0 where those keep the library's GEMM: up to 64
+    (kAmxMaxRows) on a CPU and kernel build with AMX, or LLMBENCH_AMX_MAX_ROWS. On a 2-core AMX Xeon, one
+    prefill's bf16 linears of the default model took 0.59x oneDNN's time at 16 rows, 0.71x at 32, 0.84x at 64, but
+    1.09x at 128 (benchmarks/cpu_kernels.py --prefill, oneDNN given the fused q/k/v and gate/up weights too; the
+    model's own prefill calls them one by one)."""
     most = torch.ops.llmbench_cpu.amx_max_rows()
     value = os.environ.get("LLMBENCH_AMX_MAX_ROWS", "")
     if value:
@@ -70,11 +67,19 @@ def amx_large_rows(kind: str, weight: torch.Tensor) -> int:
     return most if most > KERNEL_MAX_ROWS else 0
 
 
+def amx_large_rows(kind: str, weight: torch.Tensor) -> int:
+    """amx_max_rows() for a linear of this weight: bf16 whose output size is a multiple of 16 and input size of 32;
+    0 for any other."""
+    if kind != "bfloat16" or weight.shape[0] % 16 or weight.shape[1] % 32:
+        return 0
+    return amx_max_rows()
+
+
 def amx_description() -> str | None:
     """How bf16 linears use AMX tiles in this process (kernels loaded); None on CPUs without AMX_BF16."""
     rows = torch.ops.llmbench_cpu.amx_rows_from()
     if rows:
-        large = amx_large_rows("bfloat16", torch.empty(16, 32))
+        large = amx_max_rows()
         return (f"bf16 linears of {rows}-{KERNEL_MAX_ROWS} rows (batch x beams) on AMX tiles, weights as stored "
                 "(LLMBENCH_AMX_MIN_ROWS sets the rows; 0: never); "
                 + (f"so are prefills and steps of up to {large} rows (LLMBENCH_AMX_MAX_ROWS)" if large else

@@ -26,7 +26,8 @@ bool amx_permitted() {
 }
 
 // The fewest rows of x whose bf16 linears run on AMX tiles: LLMBENCH_AMX_MIN_ROWS (1-8, or 0: never; checked by
-// cpu_kernels.py), else 3 (see cpu_kernels.amx_min_rows); 0 where the process may not use AMX.
+// compile_settings.amx_min_rows_env before the kernels load), else 3 (AMX_DEFAULT_MIN_ROWS there, with the
+// measurements behind it); 0 where the process may not use AMX.
 int64_t amx_min_rows() {
   static const int64_t rows = [] {
     const char* forced = std::getenv("LLMBENCH_AMX_MIN_ROWS");
