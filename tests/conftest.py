@@ -29,6 +29,18 @@ def tokenizer():
     return train_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def ops():
+    """The suite's CPU kernels (torch.ops.llmbench_cpu), built for this host."""
+    import torch
+
+    from llmbench.backends import cpu_kernels
+
+    why_not = cpu_kernels.load()  # must build on every machine the suite runs on (g++ and ninja come with setup)
+    assert why_not is None, why_not
+    return torch.ops.llmbench_cpu
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
     """A saved 2-layer Llama (hidden size 64) with its tokenizer: a model folder for -m."""

@@ -169,7 +169,7 @@ def test_bf16_steps_of_several_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny
     """Batches of 4 and 12 in bf16: the step's linears on AMX tiles on AMX hosts (the record says so; 12 rows, past
     the other kernels' 8, only there), elsewhere the vdpbf16ps or widening kernels (4 rows) or the library (12);
     either way the teacher-forced log-probabilities stay within bf16 noise of eager's."""
-    from tests.test_cpu_kernels import amx_expected
+    from tests.test_cpu_kernels_amx import amx_expected
 
     python_wrapper(monkeypatch)  # kernel calls visible to the profiler
     loaded = load_model(str(tiny_llama), CPU, torch.bfloat16)

@@ -1,0 +1,112 @@
+"""The CPU kernels' AMX path (bf16 steps of several rows and prefills on AMX tiles) and prefills through the kernels
+(INT4 and INT8 prompts)."""
+
+import os
+
+import pytest
+import torch
+
+from llmbench.backends import compile_settings, cpu_kernels
+from tests.test_cpu_kernels import quantized_linear, reference, siblings
+
+
+def amx_expected() -> int:
+    """The rows from which bf16 linears use AMX tiles here: LLMBENCH_AMX_MIN_ROWS as the process started, else 3
+    (the default), where the CPU has AMX_BF16 and Linux grants tile data (5.16 on); else 0."""
+    from llmbench.host import cpu_kind
+
+    release = tuple(int(p) for p in os.uname().release.split(".")[:2])
+    if "amx_bf16" not in cpu_kind().flags or release < (5, 16):
+        return 0
+    return compile_settings.amx_min_rows_env() if compile_settings.amx_min_rows_env() is not None else \
+        compile_settings.AMX_DEFAULT_MIN_ROWS
+
+
+@pytest.mark.parametrize("out_features", [16, 80, 560])  # 560: threads take 4, 3, 2 and 1 tiles at once
+@pytest.mark.parametrize("in_features", [32, 96])
+def test_bf16_steps_of_several_rows_on_amx_tiles(ops, out_features, in_features):
+    assert ops.amx_rows_from() == amx_expected()  # on AMX hosts, rows 3-8 below run on tiles
+    torch.manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    for rows in (*range(1, 9), 17, 64):  # 17, 64: prefills (groups of 16 rows of x, the last one padded)
+        if rows > 8 and not amx_expected():
+            continue
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+        for bias in (None, torch.randn(out_features), torch.randn(out_features, dtype=torch.bfloat16)):
+            expected = reference(x, weight, bias)
+            tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
+            assert (ops.linear_dense(x, weight, bias).float() - expected).abs().max().item() <= tolerance
+    # oneDNN's own bf16 GEMMs (AMX where the CPU has it) in the same threads stay right after the tiles ran
+    a = torch.randn(256, in_features, dtype=torch.bfloat16)
+    expected = a.float() @ weight.float().t()
+    assert ((a @ weight.t()).float() - expected).abs().max().item() <= 2 * 0.0079 * expected.abs().max().item()
+
+
+def test_a_bad_amx_row_count_is_refused(ops, monkeypatch):
+    from llmbench.errors import UserError
+
+    for bad in ("three", "9", "-1"):
+        monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", bad)
+        with pytest.raises(UserError, match="LLMBENCH_AMX_MIN_ROWS"):
+            compile_settings.amx_min_rows_env()
+    monkeypatch.setenv("LLMBENCH_AMX_MIN_ROWS", "0")
+    assert compile_settings.amx_min_rows_env() == 0
+    weight = torch.empty(16, 32)
+    for bad in ("all", "65"):
+        monkeypatch.setenv("LLMBENCH_AMX_MAX_ROWS", bad)
+        with pytest.raises(UserError, match="LLMBENCH_AMX_MAX_ROWS"):
+            compile_settings.amx_large_rows("bfloat16", weight)
+    monkeypatch.setenv("LLMBENCH_AMX_MAX_ROWS", "8")  # decode steps only
+    assert compile_settings.amx_large_rows("bfloat16", weight) == 0
+    monkeypatch.delenv("LLMBENCH_AMX_MAX_ROWS")
+    assert compile_settings.amx_large_rows("float32", weight) == 0
+    assert compile_settings.amx_large_rows("bfloat16", torch.empty(24, 32)) == 0  # 24 rows: not whole tiles
+
+
+def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
+    """Outside compiled steps (the prefill), bf16 linears of up to 64 rows run the kernels where the CPU has AMX
+    (one call per fused group, its output dropped once each member has its part), else the library's F.linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: torch.nn.Linear(128, out_features).to(torch.bfloat16))
+    x = torch.randn(2, 20, 128, dtype=torch.bfloat16)  # 40 rows: a prompt, not a decode step
+    expected = {name: reference(x, m.weight, m.bias) for name, m in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
+    assert parent.q_proj.forward.kernel.large_rows == tiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        outs = {name: getattr(parent, name)(x) for name in expected}
+    calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
+    assert calls == (2 if tiles else 0)  # q/k/v as one call, o_proj alone
+    for name, out in outs.items():
+        assert out.shape == expected[name].shape
+        tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected[name].abs().max().item()
+        assert (out.float() - expected[name]).abs().max().item() <= tolerance, name
+    assert parent.q_proj.forward.kernel._last is None  # all three members served: nothing held
+    parent.q_proj(x)
+    assert (parent.q_proj.forward.kernel._last is not None) == bool(tiles)  # k and v have not had theirs yet
+    most = 64 if amx_expected() else cpu_kernels.MAX_ROWS  # the op's own limit
+    with pytest.raises(RuntimeError, match=f"at most {most} rows"):
+        ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_prefills_run_the_kernels_eight_rows_a_call(ops, scheme):
+    """INT4 and INT8 prompts of up to QUANTIZED_PREFILL_ROWS rows take the kernels outside compiled steps (TorchAO's
+    INT4 kernel is compute-bound), MAX_ROWS rows a call; longer ones keep TorchAO's F.linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: quantized_linear(scheme, 32, in_features=128, out_features=out_features))
+    alone = {name: cpu_kernels.kernel_call(module)[0] for name, module in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    op = f"llmbench_cpu::linear_{scheme}"
+    for rows, calls in ((40, 2 * 5), (cpu_kernels.QUANTIZED_PREFILL_ROWS + 1, 0)):
+        x = torch.randn(rows, 128, dtype=torch.bfloat16)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = {name: getattr(parent, name)(x) for name in alone}
+        assert sum(e.count for e in prof.key_averages() if e.key == op) == calls  # q/k/v as one, o_proj alone
+        if calls:
+            for name, call in alone.items():
+                assert torch.equal(outs[name], torch.cat([call(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)]))
