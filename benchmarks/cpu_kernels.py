@@ -8,8 +8,11 @@ measured side by side on this host under the CPU lock.
     python benchmarks/cpu_kernels.py --prefill    # bf16 prefill linears of 16-64 rows: AMX tiles vs oneDNN
 
 --prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
-bf16, one input row), once per build of the kernels (prefetchnta, prefetcht0), each build in its own process,
-alternating for --rounds rounds; best and median per build, and the weight bytes streamed per second.
+bf16, one input row), once per build of the kernels (prefetchnta, prefetcht2, prefetcht0, for the weight rows and
+the INT4 tiles alike), each build in its own process, alternating for --rounds rounds; best and median per build,
+and the weight bytes streamed per second. A CPU whose last-level cache holds the default model's weights (the AMX
+Xeon's: 480 MiB) serves them from there: --beyond-cache reads its layers over and over, twice that cache in all, so
+that they stream from memory as a larger model's do.
 --step compiles the default model's greedy decode step twice in one process (one-row linears as inductor's
 generated reductions, and as the kernels), alternates whole generations (32 in, 64 new) and prints ms/token, their
 ratio, and how many greedy tokens the two agree on.
@@ -37,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from woq import cpu_lock, leading_agreement  # noqa: E402
 
-from llmbench.host import cpu_kind  # noqa: E402
+from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 
-HINTS = {"nta": "0", "t0": "3"}
+HINTS = {"nta": "0", "t2": "1", "t0": "3"}  # __builtin_prefetch's locality
 
 
-def step_shapes() -> list[tuple[int, int]]:
+def step_shapes(repeat: int = 1) -> list[tuple[int, int]]:
     """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
-    kernels run them) and its output head."""
+    kernels run them; its layers `repeat` times over) and its output head."""
     from transformers import AutoConfig
 
     from llmbench.models import resolve_source
@@ -54,11 +57,20 @@ def step_shapes() -> list[tuple[int, int]]:
     kv = c.num_key_value_heads * head_dim
     layer = [(c.hidden_size + 2 * kv, c.hidden_size), (c.hidden_size, c.hidden_size),
              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
-    return layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
+    return layer * c.num_hidden_layers * repeat + [(c.vocab_size, c.hidden_size)]
 
 
-def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16") -> dict:
-    """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears."""
+def beyond_cache_repeat(bytes_per_weight: float) -> int:
+    """How many times over the default model's layers must be read so that a step's weights (bytes_per_weight each)
+    are twice the CPU's last-level cache: then they stream from memory, as a larger model's do."""
+    llc = last_level_cache_bytes() or 0
+    layers = sum(n * k for n, k in step_shapes()[:-1]) * bytes_per_weight
+    return max(1, -(-2 * llc // int(layers)))
+
+
+def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", beyond_cache: bool = False) -> dict:
+    """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears (with
+    beyond_cache, of as many layers as stream from memory rather than the last-level cache)."""
     import torch
 
     from llmbench.backends import cpu_kernels, int4_layout
@@ -68,16 +80,17 @@ def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16") -> dict:
         raise SystemExit(why)
     ops = torch.ops.llmbench_cpu
     torch.manual_seed(0)
-    shapes, gs = step_shapes(), 32
+    gs = 32
+    int4_shapes = step_shapes(beyond_cache_repeat(0.5) if beyond_cache else 1) if "int4" in kinds else []
+    bf16_shapes = step_shapes(beyond_cache_repeat(2) if beyond_cache else 1) if "bf16" in kinds else []
     int4 = [int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
-                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0]
-            for n, k in shapes if "int4" in kinds]
-    bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
-    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
+                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in int4_shapes]
+    bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in bf16_shapes]
+    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in step_shapes()}
     cases = {
-        "int4": (lambda: [ops.linear_int4(xs[k], packed, gs, 2, None) for packed, (_, k) in zip(int4, shapes)],
+        "int4": (lambda: [ops.linear_int4(xs[k], packed, gs, 2, None) for packed, (_, k) in zip(int4, int4_shapes)],
                  sum(packed.numel() for packed in int4)),
-        "bf16": (lambda: [ops.linear_dense(xs[k], w, None) for w, (_, k) in zip(bf16, shapes)],
+        "bf16": (lambda: [ops.linear_dense(xs[k], w, None) for w, (_, k) in zip(bf16, bf16_shapes)],
                  sum(2 * w.numel() for w in bf16)),
     }
     out = {}
@@ -94,41 +107,52 @@ def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16") -> dict:
     return out
 
 
-def prefetch(rounds: int) -> None:
+def child(args: list[str], env: dict, what: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", "10", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"the {what} run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prefetch(rounds: int, beyond: list[str]) -> None:
+    """Each hint for the rows' and the INT4 tiles' prefetches alike (the kernels' own defaults come first in the
+    build's flags; the later -D wins)."""
     results: dict[str, list[dict]] = {hint: [] for hint in HINTS}
     for _ in range(rounds):
-        for hint, level in HINTS.items():  # the kernels' own default comes first; the later -D wins
-            env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": f"-DLLMBENCH_PREFETCH_LOCALITY={level}"}
-            proc = subprocess.run([sys.executable, __file__, "--child", "10"], env=env, capture_output=True,
-                                  text=True, check=False)
-            if proc.returncode:
-                raise SystemExit(f"the {hint} build failed: {proc.stderr.strip().splitlines()[-1:]}")
-            results[hint].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"one decode step's linears, default model shapes, 1 row; {cpu_kind().describe()}; "
-          f"{rounds} alternating processes per build")
+        for hint, level in HINTS.items():
+            flags = f"-DLLMBENCH_PREFETCH_LOCALITY={level} -DLLMBENCH_TILE_PREFETCH_LOCALITY={level}"
+            results[hint].append(child(beyond, {"LLMBENCH_CPU_KERNEL_FLAGS": flags}, f"{hint} build"))
+    print(f"one decode step's linears, default model shapes{', beyond the cache' if beyond else ''}, 1 row; "
+          f"{cpu_kind().describe()}; {rounds} alternating processes per build; this CPU's choice: "
+          f"{cpu_kernels_choice()}")
     for case in ("int4", "bf16"):
+        best = {}
         for hint, runs in results.items():
-            best = min(r[case]["best"] for r in runs)
+            best[hint] = min(r[case]["best"] for r in runs)
             median = statistics.median(r[case]["median"] for r in runs)
-            print(f"  {case} prefetch{hint:<3}  best {best * 1e3:6.2f} ms ({runs[0][case]['bytes'] / best / 1e9:5.1f} "
-                  f"GB/s)  median {median * 1e3:6.2f} ms")
-        best = {hint: min(r[case]["best"] for r in runs) for hint, runs in results.items()}
-        print(f"  {case} t0/nta best-time ratio: {best['t0'] / best['nta']:.3f}")
+            rate = runs[0][case]["bytes"] / best[hint] / 1e9
+            print(f"  {case} prefetch{hint:<3}  best {best[hint] * 1e3:6.2f} ms ({rate:5.1f} GB/s)  median "
+                  f"{median * 1e3:6.2f} ms")
+        print(f"  {case} best-time ratios to nta: " + ", ".join(f"{h} {best[h] / best['nta']:.3f}" for h in HINTS))
 
 
-def amx(rounds: int) -> None:
+def cpu_kernels_choice() -> str:
+    from llmbench.backends import cpu_kernels
+
+    return cpu_kernels.prefetch_hint()
+
+
+def amx(rounds: int, beyond: list[str]) -> None:
     rows = (1, 2, 3, 4, 8)
     results: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for r in rows:
             for name, value in (("vdpbf16ps", "0"), ("amx", "1")):
-                env = {**os.environ, "LLMBENCH_AMX_MIN_ROWS": value}
-                proc = subprocess.run([sys.executable, __file__, "--child", "10", "--rows", str(r)], env=env,
-                                      capture_output=True, text=True, check=False)
-                if proc.returncode:
-                    raise SystemExit(f"the {name} run failed: {proc.stderr.strip().splitlines()[-1:]}")
-                results.setdefault((name, r), []).append(json.loads(proc.stdout.strip().splitlines()[-1])["bf16"])
-    print(f"one decode step's bf16 linears, default model shapes; {cpu_kind().describe()}; {rounds} alternating "
+                found = child(["--rows", str(r), *beyond], {"LLMBENCH_AMX_MIN_ROWS": value}, name)
+                results.setdefault((name, r), []).append(found["bf16"])
+    print(f"one decode step's bf16 linears, default model shapes{', beyond the cache' if beyond else ''}; "
+          f"{cpu_kind().describe()}; {rounds} alternating "
           "processes per case")
     for r in rows:
         best = {}
@@ -217,21 +241,28 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--beyond-cache", action="store_true",
+                   help="--prefetch, --amx: the layers read over and over, twice the last-level cache in all, so "
+                        "that the weights stream from memory as a larger model's do")
     p.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(time_linears(args.child, args.rows or 1, "bf16" if args.rows else "int4,bf16")))
+        kinds = "bf16" if args.rows else "int4,bf16"
+        print(json.dumps(time_linears(args.child, args.rows or 1, kinds, args.beyond_cache)))
         return 0
+    if args.beyond_cache and not last_level_cache_bytes():
+        p.error("--beyond-cache: this CPU's last-level cache size cannot be read (/sys/devices/system/cpu)")
+    beyond = ["--beyond-cache"] if args.beyond_cache else []
     if not (args.prefetch or args.step or args.amx or args.prefill):
         p.error("choose --prefetch, --step, --amx, --prefill or several")
     if (args.amx or args.prefill) and "amx_bf16" not in cpu_kind().flags:
         p.error("--amx and --prefill: this CPU has no AMX_BF16")
     if args.prefetch:
         with cpu_lock(True):
-            prefetch(args.rounds)
+            prefetch(args.rounds, beyond)
     if args.amx:
         with cpu_lock(True):
-            amx(args.rounds)
+            amx(args.rounds, beyond)
     if args.prefill:
         with cpu_lock(True):
             prefill(args.iters)

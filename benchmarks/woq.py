@@ -66,7 +66,8 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
                        backend=backend, num_beams=1, input_tokens=args.input_tokens,
                        max_new_tokens=args.max_new_tokens, num_iter=args.num_iter, num_warmup=args.num_warmup,
                        token_latency=True, quiet=True, woq=scheme if quantized else None,
-                       woq_group_size=args.group_size if scheme == "int4" else None)
+                       woq_group_size=args.group_size if scheme == "int4" else None,
+                       dummy_weights=args.dummy_weights)
     run = open_pipeline(config)
     inputs = run.inputs()
     run.backend.warm_up_shapes(inputs, config.max_new_tokens, config.num_beams)  # compiles outside the lock
@@ -105,6 +106,8 @@ def run_anchor(allow_busy: bool, script: Path = ANCHOR, anchor_type: str = "q4_1
 def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> None:
     """The flags that say which cases run and how (shared with benchmarks/roofline.py)."""
     p.add_argument("-m", "--model", default=None, help="default: the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="-m's real size with random weights (a built-in id or a config.json): timing only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
     p.add_argument("--schemes", default=schemes, help="comma-separated, of fp32, bf16, int8, int4")

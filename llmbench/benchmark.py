@@ -13,6 +13,7 @@ from llmbench.cli import RunConfig
 from llmbench.devices import peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from llmbench.distributed import gather
 from llmbench.errors import UserError, one_line
+from llmbench.host import last_level_cache_bytes
 from llmbench.pipeline import Pipeline, open_pipeline
 from llmbench.prompts import PromptInputs
 from llmbench.results import append_or_show
@@ -125,7 +126,8 @@ def record_roofline(run: Pipeline, input_tokens: int) -> dict:
     try:
         return roofline(run.loaded.model, run.dtype, config.batch_size * config.num_beams, input_tokens,
                         config.max_new_tokens, bandwidth, devices=run.world_size if device.type != "cpu" else 1,
-                        world_size=run.world_size)
+                        world_size=run.world_size,
+                        cache_bytes=last_level_cache_bytes() if device.type == "cpu" else None)
     except (AttributeError, TypeError, ValueError) as exc:  # a model shape the byte count does not know
         return {**bandwidth, "roofline_next_token_s": None, "error": f"bytes read per step unknown: {one_line(exc)}"}
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 CPUINFO = "/proc/cpuinfo"
+CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 # The flags that change which precision runs natively and which kernels libraries pick.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16",
                   "amx_int8")
@@ -78,3 +80,28 @@ def cpu_kind() -> CpuKind:
             return parse_cpuinfo(f.read())
     except OSError:
         return parse_cpuinfo("")
+
+
+def parse_cache_size(text: str) -> int:
+    """sysfs's cache size ('491520K', '2048K', '32M') -> bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+@cache
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest data cache level (sysfs: cpu0's highest-level data or unified cache; a guest
+    sees what its hypervisor reports, shared with other tenants), or None where it cannot be read."""
+    best: tuple[int, int] | None = None
+    for index in CACHES.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = parse_cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if best is None or level > best[0]:
+            best = (level, size)
+    return best[1] if best else None

@@ -242,12 +242,17 @@ def decode_bytes_read(model: torch.nn.Module, dtype: torch.dtype, rows: int, inp
 
 
 def roofline(model: torch.nn.Module, dtype: torch.dtype, rows: int, input_tokens: int, max_new_tokens: int,
-             bandwidth: dict, devices: int = 1, world_size: int = 1) -> dict:
+             bandwidth: dict, devices: int = 1, world_size: int = 1, cache_bytes: int | None = None) -> dict:
     """The record's "roofline": bytes read per step, the bandwidth used and its source, and roofline_next_token_s.
-    `devices` is how many devices' bandwidth the step has (GPU ranks each bring their own; cpu ranks share one)."""
+    `devices` is how many devices' bandwidth the step has (GPU ranks each bring their own; cpu ranks share one).
+    `cache_bytes` (cpu: the last-level cache's size) adds whether a step's bytes fit in it: then parts of them may
+    come from that cache, and a step may beat a roofline drawn from memory bandwidth."""
     out = {**decode_bytes_read(model, dtype, rows, input_tokens, max_new_tokens, world_size), **bandwidth}
     gb_s = bandwidth.get("read_bandwidth_gb_s")
     out["roofline_next_token_s"] = out["bytes_read_per_token"] / (gb_s * 1e9 * devices) if gb_s else None
+    if cache_bytes:
+        out["last_level_cache_bytes"] = cache_bytes
+        out["fits_in_last_level_cache"] = out["bytes_read_per_token"] <= cache_bytes
     return out
 
 
@@ -268,7 +273,17 @@ def roofline_line(metrics: dict, roofline_info: dict | None) -> str | None:
             f" GB/s, {roofline_info['source']})")
     if metrics.get("roofline_fraction") is not None:
         line += f"; {metrics['roofline_fraction'] * 100:.0f}% of roofline"
-    return line
+    return line + (cache_note(roofline_info) or "")
+
+
+def cache_note(roofline_info: dict) -> str | None:
+    """A warning, where a step's bytes fit in the CPU's last-level cache, that the roofline drawn from memory
+    bandwidth is not the limit there (a larger model of the same family shows the memory-bound figure)."""
+    if not roofline_info.get("fits_in_last_level_cache"):
+        return None
+    return (f"; the {roofline_info['bytes_read_per_token'] / 1e6:.1f} MB a step reads fit in this CPU's "
+            f"{roofline_info['last_level_cache_bytes'] / 2**20:.0f} MiB last-level cache, so parts may come from "
+            "cache, faster than this roofline")
 
 
 def _main(argv: list[str]) -> int:

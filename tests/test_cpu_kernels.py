@@ -275,15 +275,18 @@ def test_layers_the_kernels_cannot_take_keep_their_forward():
     assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
 
 
-@pytest.mark.parametrize("model_name, hint", [("AMD EPYC 7B13", "nta"), ("Intel(R) Xeon(R) Platinum 8481C", "t0")])
+@pytest.mark.parametrize("model_name, hint", [("AMD EPYC 7B13", "nta"),
+                                              ("Intel(R) Xeon(R) Platinum 8481C", "t0, INT4 tiles t2")])
 def test_prefetch_and_one_row_choice_follow_the_cpu_vendor(monkeypatch, model_name, hint):
     from llmbench.host import parse_cpuinfo
 
     monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\nflags : avx2 fma"))
     monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
     assert cpu_kernels.prefetch_hint() == hint
-    assert cpu_kernels.prefetch_flags() == [f"-DLLMBENCH_PREFETCH_LOCALITY={0 if hint == 'nta' else 3}"]
-    assert cpu_kernels.dense_one_row_kernels() == (hint == "t0")
+    flags = ["-DLLMBENCH_PREFETCH_LOCALITY=0"] if hint == "nta" else ["-DLLMBENCH_PREFETCH_LOCALITY=3",
+                                                                       "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]
+    assert cpu_kernels.prefetch_flags() == flags
+    assert cpu_kernels.dense_one_row_kernels() == (hint != "nta")
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "reductions")
     assert not cpu_kernels.dense_one_row_kernels()
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "fast")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmbench import host
 from llmbench import roofline as rl
 from llmbench.errors import UserError
-from llmbench.host import cpu_kind
+from llmbench.host import cpu_kind, last_level_cache_bytes
 from llmbench.models import load_model, weight_bytes
 from llmbench.records import read_records
 from tests.conftest import ROOT
@@ -45,6 +46,29 @@ def test_record_has_a_consistent_roofline(run_main, tmp_path, tiny_llama, monkey
     line = next(line for line in out.splitlines() if line.startswith("Roofline:"))
     assert f"{metrics['roofline_fraction'] * 100:.0f}% of roofline" in line and rl.OVERRIDE_ENV in line
     assert out.index("Weight read bandwidth:") < out.index("Roofline:")
+    if last_level_cache_bytes():  # a tiny model's step fits in any CPU's last-level cache: the line says so
+        assert roofline["fits_in_last_level_cache"] is True and "last-level cache" in line
+
+
+def test_the_last_level_cache_is_read_from_sysfs_and_named_where_a_step_fits_in_it(tmp_path, monkeypatch):
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K"),
+                                                 (3, "Unified", "491520K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{value}\n")
+    monkeypatch.setattr(host, "CACHES", tmp_path)
+    host.last_level_cache_bytes.cache_clear()
+    try:
+        assert host.last_level_cache_bytes() == 480 << 20
+    finally:
+        host.last_level_cache_bytes.cache_clear()
+    metrics = {"roofline_next_token_s": 0.01, "roofline_fraction": 0.8}
+    info = {"bytes_read_per_token": 270_500_000, "read_bandwidth_gb_s": 27.0, "source": "cache",
+            "last_level_cache_bytes": 480 << 20, "fits_in_last_level_cache": True}
+    assert "270.5 MB a step reads fit in this CPU's 480 MiB last-level cache" in rl.roofline_line(metrics, info)
+    assert "cache," not in rl.roofline_line(metrics, {**info, "fits_in_last_level_cache": False})
+    assert host.parse_cache_size("32M") == 32 << 20 and host.parse_cache_size("1024") == 1024
 
 
 def test_without_token_latency_the_roofline_has_no_fraction(run_main, tmp_path, tiny_llama, monkeypatch):
@@ -169,8 +193,12 @@ def test_roofline_table_script(tmp_path, tiny_llama):
     assert lines[0].startswith(f"CPU: {cpu_kind().describe()}; ")
     assert f"read bandwidth: 10.0 GB/s ({rl.OVERRIDE_ENV}" in lines[1]
     header = next(i for i, line in enumerate(lines) if line.startswith("backend"))
-    rows = [line.split() for line in lines[header + 1:]]
+    end = lines.index("", header) if "" in lines[header:] else len(lines)
+    rows = [line.split() for line in lines[header + 1:end]]
     assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "int8", "bfloat16")]
+    if last_level_cache_bytes():  # a tiny model's steps fit in it: the note after the table names both rows
+        assert lines[-1].endswith("last-level cache holds, so parts may come from cache and beat the roofline drawn "
+                                  "from memory bandwidth: eager fp32, eager int8")
     for r in rows:
         ms, roofline_ms, share, run_share, read_mb = float(r[3]), float(r[4]), r[5], r[6], float(r[7])
         assert roofline_ms == pytest.approx(read_mb / 10, rel=0.01, abs=0.01)

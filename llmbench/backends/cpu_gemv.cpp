@@ -55,6 +55,11 @@ inline float hsum(v8f v) {
 #define LLMBENCH_PREFETCH_LOCALITY 0
 #endif
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_PREFETCH_LOCALITY); }
+// INT4 tiles: their own hint (cpu_kernels.prefetch_flags)
+#ifndef LLMBENCH_TILE_PREFETCH_LOCALITY
+#define LLMBENCH_TILE_PREFETCH_LOCALITY LLMBENCH_PREFETCH_LOCALITY
+#endif
+inline void prefetch_tile(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_TILE_PREFETCH_LOCALITY); }
 
 // 8 weights widened to float32 (generic path: fp32, fp16, int8, and bf16 rows whose size is not a multiple of 16)
 inline v8f widen(const float* p) { return load_f32(p); }

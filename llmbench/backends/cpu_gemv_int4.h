@@ -114,7 +114,7 @@ void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m2
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     if (next) {
-      for (int64_t l = 0; l < per_block; ++l) prefetch(next + (b * per_block + l) * 64);
+      for (int64_t l = 0; l < per_block; ++l) prefetch_tile(next + (b * per_block + l) * 64);
     }
     __m256i lo[4], hi[4];
     for (int j = 0; j < 4; ++j) {

@@ -52,12 +52,14 @@ def _amd() -> bool:
 
 
 def prefetch_hint() -> str:
-    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor.
+    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor: "nta"
+    (non-temporal), "t0" (every cache level), or "t0, INT4 tiles t2" (the INT4 tiles' prefetches to the last level).
     Measured with benchmarks/cpu_kernels.py: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a
     decode step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
     (prefetcht0) at 10.0 and 13.5 GB/s; the AVX2 EPYC the kernels were written on streamed at ~85% of its read
-    bandwidth with prefetchnta."""
-    return "nta" if _amd() else "t0"
+    bandwidth with prefetchnta. The AMX Xeon's INT4 tiles stream from memory faster with prefetcht2: Phi-3-mini's
+    shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token (docs/backends.md)."""
+    return "nta" if _amd() else "t0, INT4 tiles t2"
 
 
 def dense_one_row_kernels() -> bool:
@@ -78,7 +80,10 @@ def dense_one_row_kernels() -> bool:
 
 
 def prefetch_flags() -> list[str]:
-    return ["-DLLMBENCH_PREFETCH_LOCALITY=" + {"nta": "0", "t0": "3"}[prefetch_hint()]]
+    """The build's -D flags for prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)."""
+    if _amd():
+        return ["-DLLMBENCH_PREFETCH_LOCALITY=0"]
+    return ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]
 
 
 def load() -> str | None:
