@@ -51,11 +51,10 @@ inline float hsum(v8f v) {
   for (int i = 0; i < 8; ++i) s += v[i];
   return s;
 }
-#ifndef LLMBENCH_PREFETCH_LOCALITY
+#ifndef LLMBENCH_PREFETCH_LOCALITY  // weight rows; INT4 tiles have their own hint (cpu_kernels.prefetch_flags)
 #define LLMBENCH_PREFETCH_LOCALITY 0
 #endif
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_PREFETCH_LOCALITY); }
-// INT4 tiles: their own hint (cpu_kernels.prefetch_flags)
 #ifndef LLMBENCH_TILE_PREFETCH_LOCALITY
 #define LLMBENCH_TILE_PREFETCH_LOCALITY LLMBENCH_PREFETCH_LOCALITY
 #endif
