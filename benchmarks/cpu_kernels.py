@@ -45,9 +45,9 @@ from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 HINTS = {"nta": "0", "t2": "1", "t0": "3"}  # __builtin_prefetch's locality
 
 
-def step_shapes(repeat: int = 1) -> list[tuple[int, int]]:
+def step_shapes() -> list[tuple[int, int]]:
     """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
-    kernels run them; its layers `repeat` times over) and its output head."""
+    kernels run them) and its output head."""
     from transformers import AutoConfig
 
     from llmbench.models import resolve_source
@@ -57,20 +57,20 @@ def step_shapes(repeat: int = 1) -> list[tuple[int, int]]:
     kv = c.num_key_value_heads * head_dim
     layer = [(c.hidden_size + 2 * kv, c.hidden_size), (c.hidden_size, c.hidden_size),
              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
-    return layer * c.num_hidden_layers * repeat + [(c.vocab_size, c.hidden_size)]
+    return layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
 
 
-def beyond_cache_repeat(bytes_per_weight: float) -> int:
-    """How many times over the default model's layers must be read so that a step's weights (bytes_per_weight each)
-    are twice the CPU's last-level cache: then they stream from memory, as a larger model's do."""
-    llc = last_level_cache_bytes() or 0
-    layers = sum(n * k for n, k in step_shapes()[:-1]) * bytes_per_weight
-    return max(1, -(-2 * llc // int(layers)))
+def beyond_cache(shapes: list[tuple[int, int]], bytes_per_weight: float) -> list[tuple[int, int]]:
+    """step_shapes() with its layers read over and over, so that a step's weights (bytes_per_weight each) are twice
+    the CPU's last-level cache: then they stream from memory, as a larger model's do."""
+    layers, head = shapes[:-1], shapes[-1:]
+    size = sum(n * k for n, k in layers) * bytes_per_weight
+    return layers * max(1, -(-2 * (last_level_cache_bytes() or 0) // int(size))) + head
 
 
-def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", beyond_cache: bool = False) -> dict:
+def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", from_memory: bool = False) -> dict:
     """One process, one build (LLMBENCH_CPU_KERNEL_FLAGS): best and median seconds of one step's linears (with
-    beyond_cache, of as many layers as stream from memory rather than the last-level cache)."""
+    from_memory, of as many layers as stream from memory rather than the last-level cache: beyond_cache)."""
     import torch
 
     from llmbench.backends import cpu_kernels, int4_layout
@@ -80,13 +80,13 @@ def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", beyond_ca
         raise SystemExit(why)
     ops = torch.ops.llmbench_cpu
     torch.manual_seed(0)
-    gs = 32
-    int4_shapes = step_shapes(beyond_cache_repeat(0.5) if beyond_cache else 1) if "int4" in kinds else []
-    bf16_shapes = step_shapes(beyond_cache_repeat(2) if beyond_cache else 1) if "bf16" in kinds else []
+    gs, shapes = 32, step_shapes()
+    int4_shapes = (beyond_cache(shapes, 0.5) if from_memory else shapes) if "int4" in kinds else []
+    bf16_shapes = (beyond_cache(shapes, 2) if from_memory else shapes) if "bf16" in kinds else []
     int4 = [int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
                                   torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in int4_shapes]
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in bf16_shapes]
-    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in step_shapes()}
+    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
     cases = {
         "int4": (lambda: [ops.linear_int4(xs[k], packed, gs, 2, None) for packed, (_, k) in zip(int4, int4_shapes)],
                  sum(packed.numel() for packed in int4)),
@@ -118,6 +118,8 @@ def child(args: list[str], env: dict, what: str) -> dict:
 def prefetch(rounds: int, beyond: list[str]) -> None:
     """Each hint for the rows' and the INT4 tiles' prefetches alike (the kernels' own defaults come first in the
     build's flags; the later -D wins)."""
+    from llmbench.backends import cpu_kernels
+
     results: dict[str, list[dict]] = {hint: [] for hint in HINTS}
     for _ in range(rounds):
         for hint, level in HINTS.items():
@@ -125,7 +127,7 @@ def prefetch(rounds: int, beyond: list[str]) -> None:
             results[hint].append(child(beyond, {"LLMBENCH_CPU_KERNEL_FLAGS": flags}, f"{hint} build"))
     print(f"one decode step's linears, default model shapes{', beyond the cache' if beyond else ''}, 1 row; "
           f"{cpu_kind().describe()}; {rounds} alternating processes per build; this CPU's choice: "
-          f"{cpu_kernels_choice()}")
+          f"{cpu_kernels.prefetch_hint()}")
     for case in ("int4", "bf16"):
         best = {}
         for hint, runs in results.items():
@@ -135,12 +137,6 @@ def prefetch(rounds: int, beyond: list[str]) -> None:
             print(f"  {case} prefetch{hint:<3}  best {best[hint] * 1e3:6.2f} ms ({rate:5.1f} GB/s)  median "
                   f"{median * 1e3:6.2f} ms")
         print(f"  {case} best-time ratios to nta: " + ", ".join(f"{h} {best[h] / best['nta']:.3f}" for h in HINTS))
-
-
-def cpu_kernels_choice() -> str:
-    from llmbench.backends import cpu_kernels
-
-    return cpu_kernels.prefetch_hint()
 
 
 def amx(rounds: int, beyond: list[str]) -> None:

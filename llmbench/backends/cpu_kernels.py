@@ -79,11 +79,13 @@ def dense_one_row_kernels() -> bool:
     return forced == "kernels" if forced else not _amd()
 
 
+# The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
+PREFETCH_FLAGS = {"nta": ["-DLLMBENCH_PREFETCH_LOCALITY=0"],
+                  "t0, INT4 tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
+
+
 def prefetch_flags() -> list[str]:
-    """The build's -D flags for prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)."""
-    if _amd():
-        return ["-DLLMBENCH_PREFETCH_LOCALITY=0"]
-    return ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]
+    return PREFETCH_FLAGS[prefetch_hint()]
 
 
 def load() -> str | None:
