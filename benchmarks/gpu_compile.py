@@ -1,15 +1,25 @@
 #!/usr/bin/env python
-"""Eager vs the compile backend on one GPU with a Llama-2-7B-shaped model (random fp16 weights, built on the GPU by
-the run_generation.py pipeline's --dummy-weights):
-greedy, batch 1, next-token latency against the weight-read roofline of the card.
+"""Eager vs the compile backend on one GPU with a Llama-2-7B-shaped model (random weights, built on the GPU by the
+run_generation.py pipeline's --dummy-weights), against the card's decode roofline (the record's: datasheet bandwidth,
+with a measured device copy beside it), in one process:
 
-    python benchmarks/gpu_compile.py            # on a CUDA machine
-    python benchmarks/gpu_compile.py --tiny     # a 2-layer model on cpu: checks the script itself
+- eager, then the compile backend's decode step for each kernel choice (`library`: cuBLAS; `generated`: Triton
+  reductions), greedy and each --beams;
+- for the compile backend's greedy step, the default call (on cuda: the whole step replayed as one CUDA graph)
+  against compiled calls through dynamo with its guards skipped and evaluated, alternating, so what each saves shows
+  as a ratio measured side by side;
+- tokens equal to eager's, per case.
+
+    python benchmarks/gpu_compile.py                                  # fp16, greedy and beam 4, on a CUDA machine
+    python benchmarks/gpu_compile.py --dtype bfloat16 --woq int4      # TorchAO INT4 (tinygemm) through both paths
+    python benchmarks/gpu_compile.py --tiny                           # a 2-layer model on cpu: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,12 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmbench.cli import RunConfig
 from llmbench.devices import device_name
-from llmbench.models import weight_bytes
 from llmbench.pipeline import Pipeline, open_pipeline
-from llmbench.roofline import datasheet_bandwidth, measure_copy_bandwidth
+from llmbench.roofline import device_bandwidth, roofline
 from llmbench.timing import StepTimer
 
 MODEL = "meta-llama/Llama-2-7b-hf"  # its built-in shape (llmbench/families.py), built with --dummy-weights
+DETAILS = ("compile_time_s", "compile_mode", "step_calls", "fused_sibling_groups", "generated_linears",
+           "fx_graph_cache_hits")
+# How the compile backend's warmed-up greedy steps are called, timed alternately in one process: the default (on
+# cuda, the whole step one CUDA graph), then as compiled calls through dynamo (guards skipped, then evaluated).
+VARIANTS = ("default", "compiled calls", "compiled calls, guards on")
 
 
 def tiny_config_file(folder: Path) -> Path:
@@ -39,69 +53,121 @@ def tiny_config_file(folder: Path) -> Path:
 
 
 def open_backend(name: str, args, folder: Path) -> Pipeline:
-    """Random weights built directly on the device in the run's dtype (no copy on the host), prepared for `name`."""
+    """Random weights built directly on the device in the run's dtype (no copy on the host), quantized where
+    --woq asks, prepared for `name`."""
     config = RunConfig(model_id=str(tiny_config_file(folder)) if args.tiny else MODEL, dummy_weights=True,
-                       device="cpu" if args.tiny else "cuda", dtype="float32" if args.tiny else "float16",
-                       backend=name, num_beams=1, input_tokens=args.input_tokens,
+                       device="cpu" if args.tiny else "cuda", dtype="float32" if args.tiny else args.dtype,
+                       backend=name, woq=args.woq, input_tokens=args.input_tokens,
                        max_new_tokens=args.max_new_tokens, quiet=True)
     return open_pipeline(config)
 
 
-def time_backend(run: Pipeline, new_tokens: int, iters: int):
-    backend, inputs, device = run.backend, run.inputs(), run.device
-    start = time.perf_counter()
-    backend.warm_up_shapes(inputs, new_tokens, 1)
-    backend.generate(inputs, new_tokens, 1)  # warm-up
-    setup_s = time.perf_counter() - start + run.facts["prepare_time_s"]
-    timer = StepTimer(device)
-    next_token, ids = [], None
+def time_generations(run: Pipeline, beams: int, iters: int) -> tuple[list[float], torch.Tensor]:
+    """-> (next-token latencies of `iters` generations, the last one's ids)."""
+    timer, new_tokens, ids, latencies = StepTimer(run.device), run.config.max_new_tokens, None, []
     for _ in range(iters):
         timer.start()
-        ids = backend.generate(inputs, new_tokens, 1, timer)
-        next_token += timer.stop(new_tokens).token_latencies_s[1:]
-    return statistics.mean(next_token), statistics.median(next_token), setup_s, ids, backend.details
+        ids = run.backend.generate(run.inputs(), new_tokens, beams, timer)
+        latencies += timer.stop(new_tokens).token_latencies_s[1:]
+    return latencies, ids
+
+
+def warm_up(run: Pipeline, beams: int) -> float:
+    """Compile (compile backend) and run once; -> seconds."""
+    start = time.perf_counter()
+    run.backend.warm_up_shapes(run.inputs(), run.config.max_new_tokens, beams)
+    run.backend.generate(run.inputs(), run.config.max_new_tokens, beams)
+    return time.perf_counter() - start
+
+
+def report(case: str, latencies: list[float], bound: dict, setup_s: float, equal: str, out: list[dict]) -> None:
+    mean_s, median_s = statistics.mean(latencies), statistics.median(latencies)
+    datasheet, measured = bound.get("datasheet_bandwidth_gb_s"), bound.get("measured_bandwidth_gb_s")
+    row = {"case": case, "next_token_mean_ms": mean_s * 1e3, "next_token_median_ms": median_s * 1e3,
+           "bytes_read_per_token": bound["bytes_read_per_token"], "achieved_gb_s": bound["bytes_read_per_token"]
+           / mean_s / 1e9, "roofline_ms": bound["roofline_next_token_s"] * 1e3,
+           "roofline_fraction": bound["roofline_next_token_s"] / mean_s, "roofline_source": bound["source"],
+           "measured_copy_fraction": bound["bytes_read_per_token"] / (measured * 1e9) / mean_s if measured else None,
+           "datasheet_gb_s": datasheet, "measured_copy_gb_s": measured, "setup_s": setup_s, "tokens_equal": equal}
+    out.append(row)
+    copy = f", {row['measured_copy_fraction'] * 100:.0f}% of the measured copy" if measured else ""
+    print(f"{case:42s} mean {row['next_token_mean_ms']:7.2f} ms, median {row['next_token_median_ms']:7.2f} ms, "
+          f"{row['achieved_gb_s']:7.1f} GB/s, {row['roofline_fraction'] * 100:3.0f}% of roofline ({bound['source']})"
+          f"{copy}; set-up {setup_s:.1f} s; tokens equal to eager: {equal}", flush=True)
+
+
+def agreement(reference: torch.Tensor | None, ids: torch.Tensor, prompt_tokens: int) -> str:
+    if reference is None:
+        return "-"
+    new_a, new_b = reference[0, prompt_tokens:], ids[0, prompt_tokens:]
+    differs = (new_a != new_b).nonzero()
+    return f"{int(differs[0, 0]) if differs.numel() else new_a.numel()}/{new_a.numel()} leading"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="2-layer model on cpu (fp32): checks the script")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--woq", choices=("int4", "int8"), help="TorchAO weight-only quantization (int4: bfloat16)")
+    parser.add_argument("--kernels", default="library", help="comma-separated compile kernel choices to time: "
+                        "library (cuBLAS), generated (Triton reductions)")
+    parser.add_argument("--beams", default="1,4", help="comma-separated beam widths (1: greedy)")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-iter", type=int, default=3)
+    parser.add_argument("--num-iter", type=int, default=3, help="generations per case and round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of guards skipped / evaluated")
+    parser.add_argument("--json", type=Path, help="append one JSON line per case to this file")
     args = parser.parse_args()
-    results = {}
+    beams = [int(b) for b in args.beams.split(",")]
+    out: list[dict] = []
+    reference: dict[int, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name in ("eager", "compile"):
+        backends = ([] if args.no_eager else [("eager", None)]) + [("compile", k) for k in args.kernels.split(",")]
+        bandwidth = None
+        for name, kernels in backends:
+            if kernels:
+                os.environ["LLMBENCH_COMPILE_KERNELS"] = kernels
             run = open_backend(name, args, Path(folder))
-            if not results:
-                device, wbytes = run.device, weight_bytes(run.loaded.model)
-                gpu = device_name(device)
-                datasheet = datasheet_bandwidth(gpu)
-                measured = measure_copy_bandwidth(device, 2**30 if args.tiny else 8 * 2**30)
-                print(f"device: {gpu}; torch {torch.__version__}; weights {wbytes / 1e9:.2f} GB ({run.dtype})")
-                print(f"copy bandwidth measured: {measured / 1e12:.2f} TB/s; datasheet: "
-                      f"{datasheet / 1e12 if datasheet else float('nan'):.2f} TB/s")
-                for label, bw in (("datasheet", datasheet), ("measured copy", measured)):
-                    if bw:
-                        print(f"roofline ({label}): {wbytes / bw * 1e3:.2f} ms/token")
-            mean_s, median_s, setup_s, ids, details = time_backend(run, args.max_new_tokens, args.num_iter)
-            del run  # the next backend loads its own copy
-            results[name] = (mean_s, ids)
-            line = (f"{name:8s} next-token mean {mean_s * 1e3:.2f} ms, median {median_s * 1e3:.2f} ms, "
-                    f"{wbytes / mean_s / 1e12:.2f} TB/s achieved")
-            if datasheet:
-                line += f", {wbytes / datasheet / mean_s * 100:.0f}% of datasheet roofline"
-            line += f"; set-up incl. compile {setup_s:.1f} s"
-            print(line, flush=True)
-            if details.get("compile_time_s"):
-                print(f"         compile details: {details['compile_time_s']} mode={details['compile_mode']}")
-    speedup = results["eager"][0] / results["compile"][0]
-    new_e = results["eager"][1][0, args.input_tokens:]
-    new_c = results["compile"][1][0, args.input_tokens:]
-    differs = (new_e != new_c).nonzero()
-    agree = int(differs[0, 0]) if differs.numel() else new_e.numel()
-    print(f"compile speed-up over eager: {speedup:.2f}x; leading greedy tokens equal to eager: "
-          f"{agree}/{new_e.numel()}")
+            if bandwidth is None:
+                bandwidth = device_bandwidth(run.device)
+                print(f"device: {device_name(run.device)}; torch {torch.__version__}; dtype {run.dtype}; "
+                      f"woq {args.woq}; bandwidth {json.dumps(bandwidth)}", flush=True)
+            label = name if not kernels else f"compile/{kernels}"
+            for width in beams:
+                bound = roofline(run.loaded.model, run.dtype, width, args.input_tokens, args.max_new_tokens, bandwidth)
+                setup_s = warm_up(run, width) + run.facts["prepare_time_s"]
+                case = f"{label} {'greedy' if width == 1 else f'beam {width}'}"
+                if name == "eager":
+                    latencies, reference[width] = time_generations(run, width, args.num_iter * args.rounds)
+                    report(case, latencies, bound, setup_s, "-", out)
+                    continue
+                backend, details = run.backend, run.backend.details
+                graphs = backend.whole_step_graphs  # cuda: the whole step one CUDA graph
+                rounds = {VARIANTS[0]: [], VARIANTS[1]: [], VARIANTS[2]: []} if width == 1 else {VARIANTS[0]: []}
+                for _ in range(args.rounds if width == 1 else 1):
+                    for variant in rounds:
+                        backend.whole_step_graphs = graphs and variant == VARIANTS[0]
+                        details["guards_after_warm_up"] = "evaluated" if variant == VARIANTS[2] else "skipped"
+                        latencies, ids = time_generations(run, width, args.num_iter)
+                        rounds[variant] += latencies
+                        if variant == VARIANTS[0]:
+                            equal = agreement(reference.get(width), ids, args.input_tokens)
+                backend.whole_step_graphs, details["guards_after_warm_up"] = graphs, "skipped"
+                for variant, latencies in rounds.items():
+                    report(f"{case}, {variant}", latencies, bound, setup_s, equal, out)
+                for variant in list(rounds)[1:]:
+                    ratio = statistics.mean(rounds[VARIANTS[0]]) / statistics.mean(rounds[variant])
+                    print(f"{'':42s} {VARIANTS[0]} / {variant}: {ratio:.3f}x the time", flush=True)
+                facts = {key: details.get(key) for key in DETAILS}
+                print(f"{'':42s} compile: {json.dumps(facts)}", flush=True)
+            del run  # the next backend builds its own copy
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if args.json:
+        with args.json.open("a", encoding="utf-8") as f:
+            for row in out:
+                f.write(json.dumps({**row, "dtype": args.dtype, "woq": args.woq}) + "\n")
     return 0
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llmbench.backends import get_backend
-from llmbench.backends.compile_settings import choose_kernels
+from llmbench.backends.compile_settings import choose_kernels, compile_guards, compile_options
 from llmbench.errors import UserError
 from llmbench.host import CpuKind
 from llmbench.models import load_model
@@ -194,3 +194,55 @@ def test_bf16_steps_of_several_rows_run_on_amx_tiles_where_the_cpu_has_them(tiny
     keep[loaded.model.config.eos_token_id] = False
     difference = (compiled[0] - torch.log_softmax(logits, dim=-1))[..., keep].abs()
     assert difference.max().item() < 0.03, difference.max().item()
+
+
+def test_gpu_steps_take_generated_kernels_only_when_asked_and_keep_guards_only_when_asked(monkeypatch):
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    monkeypatch.delenv("LLMBENCH_COMPILE_KERNELS", raising=False)
+    assert choose_kernels(cuda, torch.float16)[0] == "library"
+    monkeypatch.setenv("LLMBENCH_COMPILE_KERNELS", "generated")
+    assert choose_kernels(cuda, torch.float16) == ("generated", "LLMBENCH_COMPILE_KERNELS")
+    for kernels in ("library", "generated"):  # the backend captures whole steps itself, not inductor
+        mode, options = compile_options(cuda, kernels)
+        assert mode == "default" and not options.get("triton.cudagraphs") and options["coordinate_descent_tuning"]
+    with pytest.raises(UserError, match="cpu and cuda"):
+        choose_kernels(torch.device("xpu"), torch.float16)
+    monkeypatch.delenv("LLMBENCH_COMPILE_GUARDS", raising=False)
+    assert compile_guards() == "skipped"
+    monkeypatch.setenv("LLMBENCH_COMPILE_GUARDS", "evaluated")
+    assert compile_guards() == "evaluated"
+    monkeypatch.setenv("LLMBENCH_COMPILE_GUARDS", "sometimes")
+    with pytest.raises(UserError, match="LLMBENCH_COMPILE_GUARDS='sometimes'"):
+        compile_guards()
+
+
+@pytest.mark.parametrize("generated", [False, True])
+def test_fused_siblings_compile_to_one_product_per_group_with_the_same_logits(tiny_llama, compile_env, generated):
+    """What the compile backend does to q/k/v and gate/up on GPUs, compiled here on cpu: each group's weights
+    become slices of one tensor (no extra bytes), and the compiled step computes one product per group."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from llmbench.backends.fused_siblings import fuse_for_compile
+    from llmbench.backends.generated_kernels import reduction_or_library
+
+    model = load_model(str(tiny_llama), CPU, torch.float32).model
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        size = sum(p.numel() for p in model.parameters())
+        linear = reduction_or_library(1) if generated else torch.nn.functional.linear
+        options, groups = fuse_for_compile(model, {}, linear)
+        assert groups == 2 * layers and sum(p.numel() for p in model.parameters()) == size
+        attention = model.model.layers[0].self_attn
+        assert attention.k_proj.weight.data_ptr() == attention.q_proj.weight.data_ptr() + \
+            attention.q_proj.weight.nbytes
+        assert torch.equal(model(ids).logits, expected)  # eager: each member on its own slice
+        step = torch.compile(lambda x: model(x).logits, fullgraph=True, options=options)
+        logits, code = run_and_get_code(step, ids)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    products = len(re.findall(r"extern_kernels\.(?:mm|addmm)\(", "\n".join(code)))
+    # library: q/k/v, o, gate/up and down per layer, and the head; generated: o and down, the head
+    assert products == (2 * layers + 1 if generated else 4 * layers + 1)

@@ -32,44 +32,19 @@ from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
     amx_description,
     choose_kernels,
+    compile_guards,
     compile_options,
     dedupe_pass,
     inductor_cache_dir,
 )
-from llmbench.backends.direct_steps import DirectStep, StepGraphs
+from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
+from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import HugePageArena
+from llmbench.backends.static_caches import cache_tensors, keeps_every_position, layer_states, new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
 from llmbench.prompts import PromptInputs
 from llmbench.timing import StepTimer
-
-
-def new_static_cache(model_config, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> StaticCache:
-    """Older transformers (4.51) allocate from max_batch_size/device/dtype; newer ones take only max_cache_len, ignore
-    the rest, and allocate at the first update (our eager prefill), so one call serves both."""
-    return StaticCache(config=model_config, max_batch_size=rows, max_cache_len=max_len, device=device, dtype=dtype)
-
-
-def layer_states(cache: StaticCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of every layer of an allocated cache."""
-    if hasattr(cache, "layers"):  # transformers >= 4.54
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def cache_tensors(cache: StaticCache) -> list[torch.Tensor]:
-    return [tensor for pair in layer_states(cache) for tensor in pair]
-
-
-def keeps_every_position(cache: StaticCache) -> bool:
-    """Whether every layer of the cache holds every position up to its length (no sliding-window layer), so that
-    keys and values computed elsewhere can be written into it by position. transformers 4.x's StaticCache always
-    does; newer ones build sliding-window layers for models that have them."""
-    if not hasattr(cache, "layers"):
-        return True
-    from transformers.cache_utils import StaticLayer
-
-    return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 def eos_bias(model: torch.nn.Module, eos: list[int], device: torch.device) -> torch.Tensor | None:
@@ -107,11 +82,17 @@ class CompileBackend(Backend):
         self.mode, self.options = compile_options(device, self.kernels, getattr(config, "compile_mode", None))
         self.details = {"compile_mode": self.mode, "inductor_options": dict(self.options), "kernels": self.kernels,
                         "kernels_reason": why, "inductor_cache_dir": inductor_cache_dir(), "compile_time_s": {}}
-        if self.kernels == "generated":
+        if device.type == "cuda":  # q/k/v and gate/up one product each
+            linear = generated_kernels.reduction_or_library(GENERATED_LINEAR_MAX_ROWS) \
+                if self.kernels == "generated" else torch.nn.functional.linear
+            self.options, self.details["fused_sibling_groups"] = fuse_for_compile(model, self.options, linear)
+        if self.kernels == "generated" and device.type == "cpu":
             self._use_streaming_kernels(model)
+        elif self.kernels == "generated":  # cuda: Triton reductions
+            self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS))
         # Once a shape is compiled, dynamo's guards (a check of every cache tensor, ~2 ms a step on cpu) are skipped:
-        # nothing about the step's inputs changes between calls but the values of the token and position.
-        self.details["guards_after_warm_up"] = "skipped" if device.type == "cpu" else "evaluated"
+        # only the token's and position's values change between calls. LLMBENCH_COMPILE_GUARDS=evaluated keeps them.
+        self.details["guards_after_warm_up"] = compile_guards()
         self._compiled_shapes: set[tuple[int, int, int]] = set()
         params = inspect.signature(model.forward).parameters
         # transformers >= 5 names the cache argument `cache` and tracks positions inside it; 4.x needs cache_position.
@@ -135,7 +116,12 @@ class CompileBackend(Backend):
                                           "compiled graph without dynamo's frame evaluation")
         else:
             compile_kwargs["options"] = self.options
-        self._direct_calls: dict[tuple[int, int], DirectStep | None] = {}
+        # cuda: one CUDA graph per warmed-up shape (LLMBENCH_CUDA_GRAPHS=0: none, to measure what they save)
+        self.whole_step_graphs = device.type == "cuda" and not self.options.get("triton.cudagraphs") and \
+            os.environ.get("LLMBENCH_CUDA_GRAPHS", "1") != "0"
+        if self.whole_step_graphs:
+            self.details["step_calls"] = "one CUDA graph per shape: the whole compiled step, captured after warm-up"
+        self._direct_calls: dict[tuple[int, int], DirectStep | CudaGraphStep | None] = {}
         self._graphs_seen: dict[tuple[int, int], set[int]] = {}
         self._calls_direct = False
         self._greedy_step = torch.compile(self._greedy_scores_argmax, **compile_kwargs)
@@ -172,8 +158,7 @@ class CompileBackend(Backend):
                 "generated reductions"
         else:
             self.details["streaming_linears_unavailable"] = why_not
-        self.details["generated_linears"] = generated_kernels.use_reduction_linears(model, GENERATED_LINEAR_MAX_ROWS)
-        self.details["generated_attention"] = generated_kernels.use_generated_attention(model)
+        self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS))
 
     def prepare_scoring(self) -> None:
         """Accuracy runs score through the same linear kernels as the decode step (in chunks they take)."""
@@ -219,9 +204,21 @@ class CompileBackend(Backend):
         return cache
 
     def _call_step(self, step, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.mode == "reduce-overhead":
+        if self.device.type == "cuda" and self.options.get("triton.cudagraphs"):  # inductor's CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()
             return step(ids, cache, position).clone()  # CUDA graph outputs are overwritten by the next replay
+        if self.device.type == "cuda":
+            if not (self._calls_direct and self.whole_step_graphs):
+                return step(ids, cache, position)
+            key = (id(step), id(cache))
+            if key not in self._direct_calls:
+                try:
+                    self._direct_calls[key] = CudaGraphStep(step, ids, cache, position)
+                except RuntimeError as exc:  # not capturable: the step runs as compiled, the record says why
+                    self._direct_calls[key] = None
+                    self.details["step_calls"] = f"as compiled (CUDA graph capture failed: {one_line(exc)})"
+            graph = self._direct_calls[key]
+            return step(ids, cache, position) if graph is None else graph(ids, position)
         if self._graphs is None:
             return step(ids, cache, position)
         key = (id(step), id(cache))
@@ -256,7 +253,7 @@ class CompileBackend(Backend):
             return
         from torch._dynamo.utils import counters
 
-        hits_before = counters["inductor"]["fxgraph_cache_hit"]
+        hits_before, skips_before = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["cudagraph_skips"]
         synchronize(self.device)
         start = time.perf_counter()
         try:
@@ -273,6 +270,8 @@ class CompileBackend(Backend):
         self.details["compile_time_s"][key] = time.perf_counter() - start
         self._compiled_shapes.add(self._shape_key(inputs.input_ids, max_new_tokens, num_beams))
         self.details["fx_graph_cache_hits"] = counters["inductor"]["fxgraph_cache_hit"] - hits_before
+        if self.mode == "reduce-overhead":  # steps that run without CUDA graphs (inductor logs why)
+            self.details["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
 
     def generate(self, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
                  timer: StepTimer | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Decode steps called without dynamo on cpu: a torch.compile backend (inductor, as torch.compile calls it) whose
-compiled graphs note their last call, and the direct call of a warmed-up shape's graph built from one such call.
-Used by the compile backend (compiled.py), which decides when a shape may call its graph directly."""
+"""Decode steps called without dynamo: on cpu, a torch.compile backend (inductor, as torch.compile calls it) whose
+compiled graphs note their last call, and the direct call of a warmed-up shape's graph built from one such call; on
+cuda, the whole step captured as one CUDA graph. Used by the compile backend (compiled.py), which decides when a
+shape may call its graph directly."""
 
 from __future__ import annotations
 
@@ -57,3 +58,29 @@ class DirectStep:
         if self.position_at is not None:
             self.args[self.position_at] = position
         return self.graph(*self.args)[0]
+
+
+class CudaGraphStep:
+    """A warmed-up shape's whole compiled decode step captured as one CUDA graph (cuda, where inductor's own CUDA
+    graphs are off): each token copies its ids and position into the graph's inputs and replays it. Without it each
+    step runs dynamo's entry, AOT autograd's wrappers and inductor's launches on the host (every weight and cache
+    tensor an input; TorchAO's INT4 weights unwrapped each call) while the GPU waits on a step that token-latency
+    timing synchronizes. The cache is updated in place by the graph, at its fixed addresses."""
+
+    def __init__(self, step, ids: torch.Tensor, cache, position: torch.Tensor):
+        self.ids, self.position = ids.clone(), position.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # libraries' lazy set-up on the capturing stream; writes what the step writes
+            step(self.ids, cache, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.ids, cache, self.position)
+
+    def __call__(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The step's output, a copy (the next replay overwrites the graph's own)."""
+        self.ids.copy_(ids)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.out.clone()

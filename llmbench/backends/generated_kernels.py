@@ -31,6 +31,15 @@ def _reduction_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def reduction_or_library(max_rows: int):
+    """-> linear(x, weight, bias): the reduction form for steps of up to `max_rows` rows, F.linear for more."""
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= max_rows:
+            return _reduction_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+    return linear
+
+
 def _reduction_int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
     """The same for TorchAO's INT8 weight-only weights: int8 values (out, in) and a float scale per output row or
@@ -156,3 +165,10 @@ def use_generated_attention(model: torch.nn.Module) -> bool:
             return False
     model.config._attn_implementation = ATTENTION_NAME
     return True
+
+
+def use_generated(model: torch.nn.Module, max_rows: int) -> dict:
+    """Linears (use_reduction_linears) and attention (use_generated_attention) in their generated forms; -> the
+    record's counts."""
+    return {"generated_linears": use_reduction_linears(model, max_rows),
+            "generated_attention": use_generated_attention(model)}
