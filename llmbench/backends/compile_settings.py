@@ -20,7 +20,7 @@ from llmbench.host import cpu_kind
 # On cuda, the compile backend captures each warmed-up shape's whole step as one CUDA graph of its own
 # (direct_steps.CudaGraphStep), which removes the host's work between steps as well as launch overhead (inductor's
 # CUDA graphs, `reduce-overhead`, keep dynamo's and AOT autograd's wrappers in every step: on an H200, a 7B INT4
-# step took 3.40 ms against 8.62, fp16 4.47 against 4.45); coordinate descent tunes the generated (Triton) kernels.
+# step took 3.40 ms against 8.62, fp16 4.47 against 4.45, two runs); coordinate descent tunes Triton kernels.
 SETTINGS = {
     ("cpu", "library"): ("max-autotune-no-cudagraphs",
                          {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
