@@ -80,7 +80,8 @@ def warm_up(run: Pipeline, beams: int) -> float:
     return time.perf_counter() - start
 
 
-def report(case: str, latencies: list[float], bound: dict, setup_s: float, equal: str, out: list[dict]) -> None:
+def report(case: str, latencies: list[float], bound: dict, setup_s: float, equal: str, args) -> None:
+    """Print one case's line, and append it to --json at once (a later case that fails or overruns loses nothing)."""
     mean_s, median_s = statistics.mean(latencies), statistics.median(latencies)
     datasheet, measured = bound.get("datasheet_bandwidth_gb_s"), bound.get("measured_bandwidth_gb_s")
     row = {"case": case, "next_token_mean_ms": mean_s * 1e3, "next_token_median_ms": median_s * 1e3,
@@ -89,7 +90,9 @@ def report(case: str, latencies: list[float], bound: dict, setup_s: float, equal
            "roofline_fraction": bound["roofline_next_token_s"] / mean_s, "roofline_source": bound["source"],
            "measured_copy_fraction": bound["bytes_read_per_token"] / (measured * 1e9) / mean_s if measured else None,
            "datasheet_gb_s": datasheet, "measured_copy_gb_s": measured, "setup_s": setup_s, "tokens_equal": equal}
-    out.append(row)
+    if args.json:
+        with args.json.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({**row, "dtype": args.dtype, "woq": args.woq}) + "\n")
     copy = f", {row['measured_copy_fraction'] * 100:.0f}% of the measured copy" if measured else ""
     print(f"{case:42s} mean {row['next_token_mean_ms']:7.2f} ms, median {row['next_token_median_ms']:7.2f} ms, "
           f"{row['achieved_gb_s']:7.1f} GB/s, {row['roofline_fraction'] * 100:3.0f}% of roofline ({bound['source']})"
@@ -104,6 +107,16 @@ def agreement(reference: torch.Tensor | None, ids: torch.Tensor, prompt_tokens: 
     return f"{int(differs[0, 0]) if differs.numel() else new_a.numel()}/{new_a.numel()} leading"
 
 
+def widths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated beam widths of 1 or more, e.g. 1,4")
+    return values
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="2-layer model on cpu (fp32): checks the script")
@@ -111,16 +124,15 @@ def main() -> int:
     parser.add_argument("--woq", choices=("int4", "int8"), help="TorchAO weight-only quantization (int4: bfloat16)")
     parser.add_argument("--kernels", default="library", help="comma-separated compile kernel choices to time: "
                         "library (cuBLAS), generated (Triton reductions)")
-    parser.add_argument("--beams", default="1,4", help="comma-separated beam widths (1: greedy)")
+    parser.add_argument("--beams", default=[1, 4], type=widths, help="comma-separated beam widths (1: greedy)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-iter", type=int, default=3, help="generations per case and round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of guards skipped / evaluated")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the greedy step's call variants")
     parser.add_argument("--json", type=Path, help="append one JSON line per case to this file")
     args = parser.parse_args()
-    beams = [int(b) for b in args.beams.split(",")]
-    out: list[dict] = []
+    beams = args.beams
     reference: dict[int, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as folder:
         backends = ([] if args.no_eager else [("eager", None)]) + [("compile", k) for k in args.kernels.split(",")]
@@ -140,7 +152,7 @@ def main() -> int:
                 case = f"{label} {'greedy' if width == 1 else f'beam {width}'}"
                 if name == "eager":
                     latencies, reference[width] = time_generations(run, width, args.num_iter * args.rounds)
-                    report(case, latencies, bound, setup_s, "-", out)
+                    report(case, latencies, bound, setup_s, "-", args)
                     continue
                 backend, details = run.backend, run.backend.details
                 graphs = backend.whole_step_graphs  # cuda: the whole step one CUDA graph
@@ -155,7 +167,7 @@ def main() -> int:
                             equal = agreement(reference.get(width), ids, args.input_tokens)
                 backend.whole_step_graphs, details["guards_after_warm_up"] = graphs, "skipped"
                 for variant, latencies in rounds.items():
-                    report(f"{case}, {variant}", latencies, bound, setup_s, equal, out)
+                    report(f"{case}, {variant}", latencies, bound, setup_s, equal, args)
                 for variant in list(rounds)[1:]:
                     ratio = statistics.mean(rounds[VARIANTS[0]]) / statistics.mean(rounds[variant])
                     print(f"{'':42s} {VARIANTS[0]} / {variant}: {ratio:.3f}x the time", flush=True)
@@ -164,10 +176,6 @@ def main() -> int:
             del run  # the next backend builds its own copy
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    if args.json:
-        with args.json.open("a", encoding="utf-8") as f:
-            for row in out:
-                f.write(json.dumps({**row, "dtype": args.dtype, "woq": args.woq}) + "\n")
     return 0
 
 

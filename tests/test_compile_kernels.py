@@ -246,3 +246,24 @@ def test_fused_siblings_compile_to_one_product_per_group_with_the_same_logits(ti
     products = len(re.findall(r"extern_kernels\.(?:mm|addmm)\(", "\n".join(code)))
     # library: q/k/v, o, gate/up and down per layer, and the head; generated: o and down, the head
     assert products == (2 * layers + 1 if generated else 4 * layers + 1)
+
+
+def test_the_gpu_script_runs_its_cases_on_a_tiny_model_and_writes_each_as_it_is_measured(tmp_path, cli):
+    """benchmarks/gpu_compile.py --tiny (cpu, fp32): every case measured, in the JSON lines, equal to eager."""
+    import json
+
+    out = tmp_path / "gpu.jsonl"
+    run = cli("--tiny", "--kernels", "generated", "--beams", "1,2", "--max-new-tokens", "6", "--num-iter", "1",
+              "--rounds", "1", "--json", str(out), script="benchmarks/gpu_compile.py",
+              env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["case"] for row in rows] == [
+        "eager greedy", "eager beam 2", "compile/generated greedy, default",
+        "compile/generated greedy, compiled calls", "compile/generated greedy, compiled calls, guards on",
+        "compile/generated beam 2, default"]
+    assert all(row["tokens_equal"] == "6/6 leading" for row in rows[2:])
+    assert all(row["next_token_mean_ms"] > 0 and 0 < row["roofline_fraction"] for row in rows)
+    assert "default / compiled calls: " in run.stdout
+    bad = cli("--beams", "0", script="benchmarks/gpu_compile.py")
+    assert bad.returncode == 2 and "beam widths of 1 or more" in bad.stderr and "Traceback" not in bad.stderr
