@@ -156,7 +156,7 @@ def main() -> int:
                     continue
                 backend, details = run.backend, run.backend.details
                 graphs = backend.whole_step_graphs  # cuda: the whole step one CUDA graph
-                rounds = {VARIANTS[0]: [], VARIANTS[1]: [], VARIANTS[2]: []} if width == 1 else {VARIANTS[0]: []}
+                rounds = {variant: [] for variant in (VARIANTS if width == 1 else VARIANTS[:1])}
                 for _ in range(args.rounds if width == 1 else 1):
                     for variant in rounds:
                         backend.whole_step_graphs = graphs and variant == VARIANTS[0]

@@ -208,9 +208,7 @@ class CompileBackend(Backend):
         if self.device.type == "cuda" and self.options.get("triton.cudagraphs"):  # inductor's CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()
             return step(ids, cache, position).clone()  # CUDA graph outputs are overwritten by the next replay
-        if self.device.type == "cuda":
-            if not (self._calls_direct and self.whole_step_graphs):
-                return step(ids, cache, position)
+        if self.whole_step_graphs and self._calls_direct:  # cuda: the warmed-up shape's CUDA graph
             key = (id(step), id(cache))
             if key not in self._direct_calls:
                 try:
@@ -220,7 +218,7 @@ class CompileBackend(Backend):
                     self.details["step_calls"] = f"as compiled (CUDA graph capture failed: {one_line(exc)})"
             graph = self._direct_calls[key]
             return step(ids, cache, position) if graph is None else graph(ids, position)
-        if self._graphs is None:
+        if self._graphs is None:  # not cpu
             return step(ids, cache, position)
         key = (id(step), id(cache))
         direct = self._direct_calls.get(key)
