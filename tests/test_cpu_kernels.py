@@ -324,3 +324,49 @@ def test_reorder_rows_gathers_every_tensor_in_place(ops):
         ops.reorder_rows([torch.randn(4, 7)], source, 0, 2)
     with pytest.raises(RuntimeError, match="contiguous on cpu with 4 rows"):
         ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("dim", [64, 40])  # 64: the AVX-512 path where the CPU has it; 40: the portable loops
+def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim):
+    """One query position per row against a cache of 40 positions, of which each row sees its own first few (the
+    rest is the static cache's unused tail, or left padding in row 0); grouped-query heads share a cached head."""
+    torch.manual_seed(rows + heads)
+    length = 40
+    query = torch.randn(rows, 1, heads, dim).to(dtype).transpose(1, 2)  # (rows, heads, 1, dim) as a strided view
+    key, value = (torch.randn(rows, kv_heads, length, dim).to(dtype) for _ in range(2))
+    keep = torch.zeros(rows, 1, 1, length + 3, dtype=torch.bool)  # longer than the cache, as transformers' may be
+    for r in range(rows):
+        keep[r, ..., 2 * (r == 0): 20 + r] = True
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = ops.decode_attention(query, key, value, mask, 0.125)
+    group = heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1),
+        attn_mask=keep[..., :length], scale=0.125).transpose(1, 2)
+    assert out.shape == (rows, 1, heads, dim) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    with pytest.raises(RuntimeError, match="key/value heads must divide"):
+        ops.decode_attention(query, key[:, :1].expand(rows, 5, length, dim), value[:, :1].expand(rows, 5, length, dim),
+                             mask, 0.125)
+    with pytest.raises(RuntimeError, match="bool or float32"):
+        ops.decode_attention(query, key, value, mask.to(torch.int32), 0.125)
+
+
+def test_attention_kernel_choice_follows_its_switch_and_the_head_size(ops, monkeypatch):
+    from llmbench.errors import UserError
+
+    monkeypatch.delenv("LLMBENCH_CPU_KERNELS", raising=False)
+    monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "1")
+    vectorized = ops.attention_vectorized()
+    assert vectorized == ("avx512f" in cpu_kernels.cpu_kind().flags)
+    assert cpu_kernels.attention_kernel(64) == vectorized
+    assert not cpu_kernels.attention_kernel(40)  # portable loops: inductor's form stays
+    monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "0")
+    assert not cpu_kernels.attention_kernel(64)
+    monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "fast")
+    with pytest.raises(UserError, match="use 1 .* or 0"):
+        cpu_kernels.attention_kernel(64)

@@ -160,6 +160,9 @@ class CompileBackend(Backend):
         else:
             self.details["streaming_linears_unavailable"] = why_not
         self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS))
+        if self.details["generated_attention"]:
+            self.details["decode_attention"] = "llmbench_cpu.decode_attention" if cpu_kernels.attention_kernel() \
+                else "generated"
 
     def prepare_scoring(self) -> None:
         """Accuracy runs score through the same linear kernels as the decode step (in chunks they take)."""

@@ -33,6 +33,7 @@ from llmbench.backends.huge_pages import HugePageArena
 from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+ATTENTION_SOURCE = SOURCE.with_name("cpu_attention.cpp")  # decode attention, built into the same library
 # included by SOURCE: part of the build's identity
 HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("avx512", "int4", "int8", "beams", "amx"))
 MAX_ROWS = KERNEL_MAX_ROWS  # the C++ kernels' limit (kMaxRows)
@@ -79,6 +80,27 @@ def dense_one_row_kernels() -> bool:
     return forced == "kernels" if forced else not _amd()
 
 
+VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's AVX-512 path holds a head in registers
+
+
+def attention_kernel(head_dim: int | None = None) -> bool:
+    """Whether the attention of decode steps on cpu runs llmbench_cpu.decode_attention (cpu_attention.cpp, loaded
+    with the linear kernels), else inductor's generated form (generated_kernels.generated_attention): where its AVX-512
+    path was built (AVX-512 CPUs) and takes the head size. Batch 8 of the default model on the 2-core AMX Xeon: ~55 us
+    a layer inside the step against the generated form's ~92 us (docs/backends.md). Its portable loops (AVX2 CPUs,
+    other head sizes) were never measured against the generated form, so those keep it.
+    LLMBENCH_ATTENTION_KERNEL=0 (or LLMBENCH_CPU_KERNELS=0, none of the suite's kernels) keeps the generated form,
+    for comparisons."""
+    forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")
+    if forced not in ("0", "1"):
+        from llmbench.errors import UserError
+
+        raise UserError(f"LLMBENCH_ATTENTION_KERNEL={forced!r}: use 1 (the kernel) or 0 (inductor's generated form)")
+    if forced == "0" or os.environ.get("LLMBENCH_CPU_KERNELS") == "0" or _state.get("error", "not loaded") is not None:
+        return False
+    return bool(_state.get("attention_vectorized")) and head_dim in (None, *VECTORIZED_HEAD_SIZES)
+
+
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
 PREFETCH_FLAGS = {"nta": ["-DLLMBENCH_PREFETCH_LOCALITY=0"],
                   "t0, INT4 tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
@@ -104,7 +126,7 @@ def _load() -> str | None:
     amx_min_rows_env()  # a bad value stops here, in one line
     cpu = cpu_kind()
     extra = [*prefetch_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
-    sources = [f.read_text() for f in (SOURCE, *HEADERS)]
+    sources = [f.read_text() for f in (SOURCE, ATTENTION_SOURCE, *HEADERS)]
     identity = [" ".join(extra), *sources, " ".join(sorted(cpu.flags)), torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode())
     name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
@@ -116,7 +138,8 @@ def _load() -> str | None:
         if not (folder / f"{name}.so").exists():
             print(f"building the CPU decode kernels for {cpu.describe()} (once per host, about a minute)",
                   file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(SOURCE), str(ATTENTION_SOURCE)], build_directory=str(folder),
+                           is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
                            verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
     except Exception as exc:  # a missing compiler or ninja, a build error: the caller falls back and records why
@@ -124,6 +147,7 @@ def _load() -> str | None:
 
         return f"the CPU decode kernels could not be built ({one_line(exc)})"
     _register_fakes()
+    _state["attention_vectorized"] = bool(torch.ops.llmbench_cpu.attention_vectorized())  # read once, not traced
     return None
 
 
@@ -136,6 +160,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int4")(
         lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
+    torch.library.register_fake("llmbench_cpu::decode_attention")(
+        lambda query, key, value, mask, scale: query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3])))
 
 
 def quantized_activations(kind: str) -> str:

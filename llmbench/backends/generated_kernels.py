@@ -126,6 +126,12 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = head_dim ** -0.5 if scaling is None else scaling
+    if query.device.type == "cpu":
+        from llmbench.backends import cpu_kernels
+
+        if cpu_kernels.attention_kernel(head_dim):  # one C++ call per layer (cpu_attention.cpp)
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
+            return torch.ops.llmbench_cpu.decode_attention(query, key, value, mask, scale), None
     # The query arrives as an unrealized pointwise result (RoPE, whose cos/sin inductor would otherwise recompute
     # for every cached position inside the score reduction): materialize it once.
     q = query.float().contiguous()
