@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbench.backends import cpu_kernels, huge_pages, int4_layout
+from llmbench.backends import cpu_kernels, generated_kernels, huge_pages, int4_layout
 from llmbench.backends.compile_settings import dedupe_pass
 from llmbench.backends.huge_pages import HugePageArena
 from tests.conftest import ROOT
@@ -363,10 +363,10 @@ def test_attention_kernel_choice_follows_its_switch_and_the_head_size(ops, monke
     monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "1")
     vectorized = ops.attention_vectorized()
     assert vectorized == ("avx512f" in cpu_kernels.cpu_kind().flags)
-    assert cpu_kernels.attention_kernel(64) == vectorized
-    assert not cpu_kernels.attention_kernel(40)  # portable loops: inductor's form stays
+    assert generated_kernels.attention_kernel(64) == vectorized
+    assert not generated_kernels.attention_kernel(40)  # portable loops: inductor's form stays
     monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "0")
-    assert not cpu_kernels.attention_kernel(64)
+    assert not generated_kernels.attention_kernel(64)
     monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "fast")
     with pytest.raises(UserError, match="use 1 .* or 0"):
-        cpu_kernels.attention_kernel(64)
+        generated_kernels.attention_kernel(64)

@@ -4,9 +4,11 @@
 // One query position of each row (batch x beams) against the whole static KV cache, in one call per layer: inductor
 // turns the same computation written as tensor ops (generated_kernels.generated_attention) into a reduction per score
 // with a horizontal sum over the head dimension, a softmax and a second reduction, which took ~90 us a layer for 8
-// rows of the default model on a 2-core AMX Xeon. Here each thread takes whole heads: the query widened to float32
-// once, each cached key widened once and dotted with it, masked positions skipped, a softmax in float32 and the
-// values summed with the weights, all within the head's few KB of cache.
+// rows of the default model on a 2-core AMX Xeon. Here each thread takes whole cached heads of a row with their
+// grouped query heads: the queries widened to float32 once, each cached key widened once and dotted with every query
+// of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed with the
+// weights, all within the head's few KB of cache. The AVX-512 path keeps a head of 16-128 values in registers; other
+// CPUs and head sizes get portable loops (cpu_kernels.attention_kernel decides which of them run).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

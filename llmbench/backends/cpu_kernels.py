@@ -80,25 +80,10 @@ def dense_one_row_kernels() -> bool:
     return forced == "kernels" if forced else not _amd()
 
 
-VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's AVX-512 path holds a head in registers
-
-
-def attention_kernel(head_dim: int | None = None) -> bool:
-    """Whether the attention of decode steps on cpu runs llmbench_cpu.decode_attention (cpu_attention.cpp, loaded
-    with the linear kernels), else inductor's generated form (generated_kernels.generated_attention): where its AVX-512
-    path was built (AVX-512 CPUs) and takes the head size. Batch 8 of the default model on the 2-core AMX Xeon: ~55 us
-    a layer inside the step against the generated form's ~92 us (docs/backends.md). Its portable loops (AVX2 CPUs,
-    other head sizes) were never measured against the generated form, so those keep it.
-    LLMBENCH_ATTENTION_KERNEL=0 (or LLMBENCH_CPU_KERNELS=0, none of the suite's kernels) keeps the generated form,
-    for comparisons."""
-    forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")
-    if forced not in ("0", "1"):
-        from llmbench.errors import UserError
-
-        raise UserError(f"LLMBENCH_ATTENTION_KERNEL={forced!r}: use 1 (the kernel) or 0 (inductor's generated form)")
-    if forced == "0" or os.environ.get("LLMBENCH_CPU_KERNELS") == "0" or _state.get("error", "not loaded") is not None:
-        return False
-    return bool(_state.get("attention_vectorized")) and head_dim in (None, *VECTORIZED_HEAD_SIZES)
+def attention_vectorized() -> bool:
+    """Whether the kernels are loaded (not turned off) with decode_attention's AVX-512 path (cpu_attention.cpp)."""
+    off = os.environ.get("LLMBENCH_CPU_KERNELS") == "0" or _state.get("error", "not loaded") is not None
+    return not off and bool(_state.get("attention_vectorized"))
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)

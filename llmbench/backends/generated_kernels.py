@@ -12,6 +12,8 @@ library kernels) and only to plain floating-point weights (TorchAO's quantized t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -108,6 +110,27 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
     return count
 
 
+VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's AVX-512 path holds a head in registers
+
+
+def attention_kernel(head_dim: int) -> bool:
+    """Whether the attention of decode steps on cpu runs llmbench_cpu.decode_attention (cpu_attention.cpp, loaded
+    with the linear kernels), else inductor's generated form (generated_attention below): where its AVX-512 path was
+    built (AVX-512 CPUs) and takes the head size. Batch 8 of the default model on the 2-core AMX Xeon: 46 us a layer
+    inside the step against the generated form's 92 us (docs/backends.md). Its portable loops (AVX2 CPUs,
+    other head sizes) were never measured against the generated form, so those keep it.
+    LLMBENCH_ATTENTION_KERNEL=0 (or LLMBENCH_CPU_KERNELS=0, none of the suite's kernels) keeps the generated form,
+    for comparisons."""
+    forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")
+    if forced not in ("0", "1"):
+        from llmbench.errors import UserError
+
+        raise UserError(f"LLMBENCH_ATTENTION_KERNEL={forced!r}: use 1 (the kernel) or 0 (inductor's generated form)")
+    from llmbench.backends import cpu_kernels
+
+    return forced == "1" and cpu_kernels.attention_vectorized() and head_dim in VECTORIZED_HEAD_SIZES
+
+
 def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs) -> tuple[torch.Tensor, None]:
@@ -126,12 +149,9 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = head_dim ** -0.5 if scaling is None else scaling
-    if query.device.type == "cpu":
-        from llmbench.backends import cpu_kernels
-
-        if cpu_kernels.attention_kernel(head_dim):  # one C++ call per layer (cpu_attention.cpp)
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
-            return torch.ops.llmbench_cpu.decode_attention(query, key, value, mask, scale), None
+    if query.device.type == "cpu" and attention_kernel(head_dim):  # one C++ call per layer (cpu_attention.cpp)
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
+        return torch.ops.llmbench_cpu.decode_attention(query, key, value, mask, scale), None
     # The query arrives as an unrealized pointwise result (RoPE, whose cos/sin inductor would otherwise recompute
     # for every cached position inside the score reduction): materialize it once.
     q = query.float().contiguous()
