@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llmbench.backends import generated_kernels, get_backend
+from llmbench.backends import cpu_kernels, generated_kernels, get_backend
 from llmbench.backends.compile_settings import choose_kernels, compile_guards, compile_options
 from llmbench.errors import UserError
 from llmbench.host import CpuKind
@@ -78,7 +78,8 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     assert calls == prefill_calls  # the eager prefill's; none from the NEW_TOKENS - 1 compiled steps
     assert torch.equal(ids[0], eager_ids)
     head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
-    kernel = streaming and generated_kernels.attention_kernel(head_dim)  # AVX-512 CPUs: the kernel, every layer
+    kernel = streaming and generated_kernels.attention_kernel(  # AVX-512 CPUs: the kernel, every layer
+        head_dim, cpu_kernels.attention_vectorized())
     assert backend.details["decode_attention"] == ("llmbench_cpu.decode_attention" if kernel else "generated")
     attention = library_calls(lambda: backend.generate(inputs, NEW_TOKENS, num_beams),
                               ("llmbench_cpu::decode_attention",))

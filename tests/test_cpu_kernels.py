@@ -364,10 +364,13 @@ def test_attention_kernel_choice_follows_its_switch_and_the_head_size(ops, monke
     vectorized = ops.attention_vectorized()
     built_without = "-mno-avx512f" in os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "")  # an AVX2 build, for tests
     assert vectorized == ("avx512f" in cpu_kernels.cpu_kind().flags and not built_without)
-    assert generated_kernels.attention_kernel(64) == vectorized
-    assert not generated_kernels.attention_kernel(40)  # portable loops: inductor's form stays
+    assert cpu_kernels.attention_vectorized() == vectorized
+    assert generated_kernels.attention_kernel(64, vectorized) == vectorized
+    assert not generated_kernels.attention_kernel(40, True)  # portable loops: inductor's form stays
+    monkeypatch.setenv("LLMBENCH_CPU_KERNELS", "0")  # none of the suite's kernels
+    assert not cpu_kernels.attention_vectorized()
     monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "0")
-    assert not generated_kernels.attention_kernel(64)
+    assert not generated_kernels.attention_kernel(64, True)
     monkeypatch.setenv("LLMBENCH_ATTENTION_KERNEL", "fast")
     with pytest.raises(UserError, match="use 1 .* or 0"):
-        generated_kernels.attention_kernel(64)
+        generated_kernels.attention_kernel(64, True)

@@ -159,12 +159,12 @@ class CompileBackend(Backend):
                 "generated reductions"
         else:
             self.details["streaming_linears_unavailable"] = why_not
-        self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS))
+        config = model.config
+        kernel = generated_kernels.attention_kernel(getattr(config, "head_dim", None) or config.hidden_size
+                                                    // config.num_attention_heads, cpu_kernels.attention_vectorized())
+        self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS, kernel))
         if self.details["generated_attention"]:
-            config = model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            self.details["decode_attention"] = "llmbench_cpu.decode_attention" \
-                if generated_kernels.attention_kernel(head_dim) else "generated"
+            self.details["decode_attention"] = "llmbench_cpu.decode_attention" if kernel else "generated"
 
     def prepare_scoring(self) -> None:
         """Accuracy runs score through the same linear kernels as the decode step (in chunks they take)."""

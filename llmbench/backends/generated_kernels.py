@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "llmbench_generated"
+KERNEL_ATTENTION_NAME = "llmbench_generated_cpu_kernel"  # the same, decode steps through llmbench_cpu.decode_attention
 # Rows of a step whose attention is generated (the decode kernels' limit): SDPA's CPU path repeats the keys and values
 # of grouped-query heads into copies of the whole cache per layer and step.
 MAX_ATTENTION_ROWS = 8
@@ -113,27 +114,24 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
 VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's AVX-512 path holds a head in registers
 
 
-def attention_kernel(head_dim: int) -> bool:
+def attention_kernel(head_dim: int, vectorized: bool) -> bool:
     """Whether the attention of decode steps on cpu runs llmbench_cpu.decode_attention (cpu_attention.cpp, loaded
-    with the linear kernels), else inductor's generated form (generated_attention below): where its AVX-512 path was
-    built (AVX-512 CPUs) and takes the head size. Batch 8 of the default model on the 2-core AMX Xeon: 46 us a layer
-    inside the step against the generated form's 92 us (docs/backends.md). Its portable loops (AVX2 CPUs,
-    other head sizes) were never measured against the generated form, so those keep it.
-    LLMBENCH_ATTENTION_KERNEL=0 (or LLMBENCH_CPU_KERNELS=0, none of the suite's kernels) keeps the generated form,
-    for comparisons."""
+    with the linear kernels; `vectorized`: cpu_kernels.attention_vectorized()), else inductor's generated form
+    (generated_attention below): where its AVX-512 path was built (AVX-512 CPUs) and takes the head size. Batch 8 of
+    the default model on the 2-core AMX Xeon: 46 us a layer inside the step against the generated form's 92 us
+    (docs/backends.md). Its portable loops (AVX2 CPUs, other head sizes) were never measured against the generated
+    form, so those keep it. LLMBENCH_ATTENTION_KERNEL=0 keeps the generated form, for comparisons."""
     forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")
     if forced not in ("0", "1"):
         from llmbench.errors import UserError
 
         raise UserError(f"LLMBENCH_ATTENTION_KERNEL={forced!r}: use 1 (the kernel) or 0 (inductor's generated form)")
-    from llmbench.backends import cpu_kernels
-
-    return forced == "1" and cpu_kernels.attention_vectorized() and head_dim in VECTORIZED_HEAD_SIZES
+    return forced == "1" and vectorized and head_dim in VECTORIZED_HEAD_SIZES
 
 
 def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
+                        decode_kernel: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: one query position of each of up to MAX_ATTENTION_ROWS rows (batch x
     beams) against the whole static cache, as plain tensor ops (grouped-query heads by a view, no repeated keys);
     anything else goes to SDPA as before.
@@ -149,7 +147,7 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = head_dim ** -0.5 if scaling is None else scaling
-    if query.device.type == "cpu" and attention_kernel(head_dim):  # one C++ call per layer (cpu_attention.cpp)
+    if decode_kernel and query.device.type == "cpu":  # one C++ call per layer (cpu_attention.cpp)
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
         return torch.ops.llmbench_cpu.decode_attention(query, key, value, mask, scale), None
     # The query arrives as an unrealized pointwise result (RoPE, whose cos/sin inductor would otherwise recompute
@@ -167,7 +165,12 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.to(query.dtype).view(batch, heads, 1, head_dim).transpose(1, 2), None
 
 
-def use_generated_attention(model: torch.nn.Module) -> bool:
+def kernel_attention(*args, **kwargs) -> tuple[torch.Tensor, None]:
+    """generated_attention with llmbench_cpu.decode_attention for the decode steps it takes."""
+    return generated_attention(*args, decode_kernel=True, **kwargs)
+
+
+def use_generated_attention(model: torch.nn.Module, kernel: bool = False) -> bool:
     """Route the model's attention through generated_attention where it uses transformers' attention interface
     (and its SDPA masks); -> whether it could."""
     try:
@@ -176,25 +179,26 @@ def use_generated_attention(model: torch.nn.Module) -> bool:
         return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(ATTENTION_NAME, generated_attention)
+    name = KERNEL_ATTENTION_NAME if kernel else ATTENTION_NAME
+    AttentionInterface.register(name, kernel_attention if kernel else generated_attention)
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        AttentionMaskInterface.register(name, sdpa_mask)
     except ImportError:  # transformers 4.51 builds masks per model: an additive float mask for unknown kinds
         pass
     if hasattr(model, "set_attn_implementation"):
         try:
-            model.set_attn_implementation(ATTENTION_NAME)
+            model.set_attn_implementation(name)
             return True
         except (ValueError, KeyError, TypeError):
             return False
-    model.config._attn_implementation = ATTENTION_NAME
+    model.config._attn_implementation = name
     return True
 
 
-def use_generated(model: torch.nn.Module, max_rows: int) -> dict:
-    """Linears (use_reduction_linears) and attention (use_generated_attention) in their generated forms; -> the
-    record's counts."""
+def use_generated(model: torch.nn.Module, max_rows: int, attention_kernel: bool = False) -> dict:
+    """Linears (use_reduction_linears) and attention (use_generated_attention, with llmbench_cpu.decode_attention
+    where attention_kernel) in their generated forms; -> the record's counts."""
     return {"generated_linears": use_reduction_linears(model, max_rows),
-            "generated_attention": use_generated_attention(model)}
+            "generated_attention": use_generated_attention(model, attention_kernel)}
