@@ -159,9 +159,9 @@ class CompileBackend(Backend):
                 "generated reductions"
         else:
             self.details["streaming_linears_unavailable"] = why_not
-        config = model.config
-        kernel = generated_kernels.attention_kernel(getattr(config, "head_dim", None) or config.hidden_size
-                                                    // config.num_attention_heads, cpu_kernels.attention_vectorized())
+        config, heads = model.config, getattr(model.config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
+        kernel = generated_kernels.attention_kernel(head_dim, cpu_kernels.attention_vectorized())
         self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS, kernel))
         if self.details["generated_attention"]:
             self.details["decode_attention"] = "llmbench_cpu.decode_attention" if kernel else "generated"
