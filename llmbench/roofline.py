@@ -217,6 +217,14 @@ def weight_bytes_read_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def head_size(config) -> int:
+    """Values per attention head of a model's (text) config: its head_dim, else hidden size over heads; 0 where
+    neither is known."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
+
+
 def kv_cache_bytes_per_position(config, dtype: torch.dtype) -> int:
     """Bytes of keys and values one cached position holds, over all layers, for one sequence."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -225,8 +233,7 @@ def kv_cache_bytes_per_position(config, dtype: torch.dtype) -> int:
         kv_heads = 1  # falcon, gpt_bigcode
     else:
         kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_size(config) * torch.tensor([], dtype=dtype).element_size()
 
 
 def decode_bytes_read(model: torch.nn.Module, dtype: torch.dtype, rows: int, input_tokens: int,

@@ -11,6 +11,7 @@ from llmbench.errors import UserError
 from llmbench.host import CpuKind
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
+from llmbench.roofline import head_size
 from tests.compiled_steps import teacher_forced_log_probs
 
 CPU = torch.device("cpu")
@@ -77,9 +78,8 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     assert prefill_calls > 0
     assert calls == prefill_calls  # the eager prefill's; none from the NEW_TOKENS - 1 compiled steps
     assert torch.equal(ids[0], eager_ids)
-    head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
     kernel = streaming and generated_kernels.attention_kernel(  # AVX-512 CPUs: the kernel, every layer
-        head_dim, cpu_kernels.attention_vectorized())
+        head_size(loaded.model.config), cpu_kernels.attention_vectorized())
     assert backend.details["decode_attention"] == ("llmbench_cpu.decode_attention" if kernel else "generated")
     attention = library_calls(lambda: backend.generate(inputs, NEW_TOKENS, num_beams),
                               ("llmbench_cpu::decode_attention",))

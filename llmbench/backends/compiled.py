@@ -45,6 +45,7 @@ from llmbench.backends.static_caches import cache_tensors, keeps_every_position,
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
 from llmbench.prompts import PromptInputs
+from llmbench.roofline import head_size
 from llmbench.timing import StepTimer
 
 
@@ -159,9 +160,7 @@ class CompileBackend(Backend):
                 "generated reductions"
         else:
             self.details["streaming_linears_unavailable"] = why_not
-        config, heads = model.config, getattr(model.config, "num_attention_heads", None)
-        head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
-        kernel = generated_kernels.attention_kernel(head_dim, cpu_kernels.attention_vectorized())
+        kernel = generated_kernels.attention_kernel(head_size(model.config), cpu_kernels.attention_vectorized())
         self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS, kernel))
         if self.details["generated_attention"]:
             self.details["decode_attention"] = "llmbench_cpu.decode_attention" if kernel else "generated"

@@ -83,7 +83,7 @@ def dense_one_row_kernels() -> bool:
 def attention_vectorized() -> bool:
     """Whether the kernels are loaded (not turned off) with decode_attention's AVX-512 path (cpu_attention.cpp)."""
     off = os.environ.get("LLMBENCH_CPU_KERNELS") == "0" or _state.get("error", "not loaded") is not None
-    return not off and bool(_state.get("attention_vectorized"))
+    return not off and torch.ops.llmbench_cpu.attention_vectorized()
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
@@ -132,7 +132,6 @@ def _load() -> str | None:
 
         return f"the CPU decode kernels could not be built ({one_line(exc)})"
     _register_fakes()
-    _state["attention_vectorized"] = bool(torch.ops.llmbench_cpu.attention_vectorized())  # read once, not traced
     return None
 
 
