@@ -106,6 +106,27 @@ def test_int8_and_int4_without_vnni_give_the_same_integers(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
 
 
+def test_a_build_without_avx512_promises_no_amx_tiles():
+    """Built as for an AVX2 CPU (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f), an AMX host's kernels have no AMX path: no
+    call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why."""
+    code = ("import torch; from llmbench.backends import cpu_kernels, compile_settings as c; "
+            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; "
+            "assert ops.amx_rows_from() == 0 and ops.amx_max_rows() == 0 and c.amx_max_rows() == 0; "
+            "w = torch.randn(64, 256, dtype=torch.bfloat16); x = torch.randn(3, 256, dtype=torch.bfloat16); "
+            "ref = (x.float() @ w.float().T); assert torch.allclose(ops.linear_dense(x, w, None).float(), ref, "
+            "rtol=2e-2, atol=2e-2); print(c.amx_description())")
+    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-mno-avx512f"}
+    env.pop("LLMBENCH_AMX_MIN_ROWS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout.strip().splitlines()[-1]
+    if "amx_bf16" not in cpu_kernels.cpu_kind().flags:
+        assert said == "None"
+    else:
+        assert "without AVX512_BF16" in said or "Linux refused" in said, said
+
+
 def dequantize_rows(rows, value_bytes, in_features, group_size):
     """The kernel layout's weights in float32: per tile of 8 rows their groups' scales as [group][row], their zeros
     the same way, padding, then per 32 weights four vectors of 32 bytes, whose 4-byte lane r holds row r's weights

@@ -92,7 +92,18 @@ def amx_description() -> str | None:
         return None
     if amx_min_rows_env() == 0:
         return "not used: LLMBENCH_AMX_MIN_ROWS=0"
-    return "not used: Linux refused AMX tile data to this process (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    if not amx_permitted():
+        return "not used: Linux refused AMX tile data to this process (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    return ("not used: the kernels were built without AVX512_BF16, which their AMX path needs "
+            f"(LLMBENCH_CPU_KERNEL_FLAGS={os.environ.get('LLMBENCH_CPU_KERNEL_FLAGS', '')!r})")
+
+
+def amx_permitted() -> bool:
+    """Whether Linux lets this process use AMX tile data (the request the kernels make; repeating it is harmless)."""
+    import ctypes
+
+    sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64 numbers
+    return ctypes.CDLL(None).syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
 
 
 def inductor_cache_dir() -> str:

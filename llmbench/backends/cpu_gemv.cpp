@@ -309,7 +309,7 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0) {
     const at::Tensor xc = x.contiguous();
     const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(LLMBENCH_AMX)
     const int64_t amx_from = amx_min_rows(), rows = x.numel() / std::max<int64_t>(K, 1);
     if (amx_from && rows >= amx_from && N % kAmxRows == 0) {
       const int64_t M = checked_rows(xc, K, "linear_dense", kAmxMaxRows);

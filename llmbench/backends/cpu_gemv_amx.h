@@ -7,7 +7,13 @@
 // once per call into AMX's pair layout, and the 16 x M product tile is the output transposed.
 #pragma once
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// The tiles serve only where linear_dense takes its bf16 path (AVX512_BF16): a build without AVX-512 on an AMX CPU
+// (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f) has no AMX path either, so amx_max_rows() never promises one.
+#if defined(__AVX512BF16__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define LLMBENCH_AMX 1
+#endif
+
+#if defined(LLMBENCH_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -119,7 +125,7 @@ std::vector<uint32_t> amx_pairs(const at::BFloat16* x, int64_t M, int64_t K, int
 // -> the fewest rows of x from which bf16 linears use AMX tiles; 0 where they do not (no AMX in this build, the
 // process may not use it, or LLMBENCH_AMX_MIN_ROWS=0).
 int64_t amx_rows_from() {
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(LLMBENCH_AMX)
   return amx_min_rows();
 #else
   return 0;
@@ -128,7 +134,7 @@ int64_t amx_rows_from() {
 
 // -> the most rows of x bf16 linears take on AMX tiles (0 where they do not use them).
 int64_t amx_max_rows() {
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#if defined(LLMBENCH_AMX)
   return amx_min_rows() ? kAmxMaxRows : 0;
 #else
   return 0;
