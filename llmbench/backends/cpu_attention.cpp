@@ -7,8 +7,9 @@
 // rows of the default model on a 2-core AMX Xeon. Here each thread takes whole cached heads of a row with their
 // grouped query heads: the queries widened to float32 once, each cached key widened once and dotted with every query
 // of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed with the
-// weights, all within the head's few KB of cache. The AVX-512 path keeps a head of 16-128 values in registers; other
-// CPUs and head sizes get portable loops (cpu_kernels.attention_kernel decides which of them run).
+// weights, all within the head's few KB of cache. The vector path (AVX-512, or AVX2 with FMA and F16C) keeps a head of
+// 16-128 values in registers; other CPUs and head sizes get portable loops (generated_kernels.attention_kernel decides
+// whether the op or inductor's generated form runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -55,34 +56,99 @@ struct MaskRow {
   float bias(int64_t j) const { return add ? add[j * stride] : 0.f; }
 };
 
+// The vector path's registers: 16 floats (AVX-512) or 8 (AVX2 with FMA and F16C); Vec::W is 0 where neither was built.
 #if defined(__AVX512F__)
-// e^x for 16 floats (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2/2; ~1 ulp), exactly 0 below -104.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  } else {
-    return _mm512_loadu_ps(p);
+struct Vec {
+  using R = __m512;
+  static constexpr int W = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
+  static float sum(R v) { return _mm512_reduce_add_ps(v); }
+  static R round(R v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p 2^n, exactly 0 for x below -104 (the caller's clamp keeps n from underflowing scalef's exponent)
+  static R scale2(R p, R n, R x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(-104.f), _CMP_GE_OQ),
+                                                               _mm512_scalef_ps(p, n)); }
+  static constexpr float kLowest = -104.f;
+  template <typename T>
+  static R widen(const T* p) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+      return _mm512_loadu_ps(p);
+    }
   }
+};
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct Vec {
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float v) { return _mm256_set1_ps(v); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static float sum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static R round(R v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p 2^n through the exponent bits (n >= -126 after the caller's clamp), 0 for x below that clamp
+  static R scale2(R p, R n, R x) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x, set1(kLowest), _CMP_GE_OQ));
+  }
+  static constexpr float kLowest = -87.f;
+  template <typename T>
+  static R widen(const T* p) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {
+      return _mm256_loadu_ps(p);
+    }
+  }
+};
+#else
+struct Vec {
+  static constexpr int W = 0;
+};
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+// e^x for a vector of floats (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2/2; ~1 ulp), exactly 0 below
+// Vec::kLowest (-104, or -87 where 2^n is built from exponent bits: e^-87 is 1.6e-38).
+inline Vec::R vexp(Vec::R x) {
+  const Vec::R xc = Vec::max(x, Vec::set1(Vec::kLowest));
+  const Vec::R n = Vec::round(Vec::mul(xc, Vec::set1(1.44269504088896341f)));
+  Vec::R r = Vec::fnmadd(n, Vec::set1(0.693359375f), xc);
+  r = Vec::fnmadd(n, Vec::set1(-2.12194440e-4f), r);
+  Vec::R p = Vec::set1(1.9875691500e-4f);
+  p = Vec::fmadd(p, r, Vec::set1(1.3981999507e-3f));
+  p = Vec::fmadd(p, r, Vec::set1(8.3334519073e-3f));
+  p = Vec::fmadd(p, r, Vec::set1(4.1665795894e-2f));
+  p = Vec::fmadd(p, r, Vec::set1(1.6666665459e-1f));
+  p = Vec::fmadd(p, r, Vec::set1(5.0000001201e-1f));
+  p = Vec::fmadd(Vec::mul(p, r), r, Vec::add(r, Vec::set1(1.f)));
+  return Vec::scale2(p, n, x);
 }
 #endif
 
@@ -95,52 +161,46 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
   for (int64_t j = 0; j < L; ++j)
     if (!row.masked(j)) kept.push_back(j);
   const int64_t n = static_cast<int64_t>(kept.size());
-#if defined(__AVX512F__)
-  if constexpr (CH > 0) {
+  if constexpr (CH > 0 && Vec::W > 0) {
+    constexpr int W = Vec::W;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t j = kept[i];
       for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)  // the values' pass comes next
         _mm_prefetch(reinterpret_cast<const char*>(vh + j * vs) + line, _MM_HINT_T0);
-      __m512 k[CH];
-      for (int c = 0; c < CH; ++c) k[c] = load16(kh + j * ks + 16 * c);
+      Vec::R k[CH];
+      for (int c = 0; c < CH; ++c) k[c] = Vec::widen(kh + j * ks + W * c);
       const float add = row.bias(j);
       for (int64_t g = 0; g < group; ++g) {
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), k[0]);
-        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * c), k[c], acc);
-        scores[g * L + i] = _mm512_reduce_add_ps(acc) + add;
+        Vec::R acc = Vec::mul(Vec::load(qf + g * D), k[0]);
+        for (int c = 1; c < CH; ++c) acc = Vec::fmadd(Vec::load(qf + g * D + W * c), k[c], acc);
+        scores[g * L + i] = Vec::sum(acc) + add;
       }
     }
     for (int64_t g = 0; g < group; ++g) {
       float* s = scores + g * L;
       float top = -INFINITY;
       for (int64_t i = 0; i < n; ++i) top = std::max(top, s[i]);
-      __m512 sum = _mm512_setzero_ps();
+      Vec::R sum = Vec::zero();
       int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(top)));
-        _mm512_storeu_ps(s + i, e);
-        sum = _mm512_add_ps(sum, e);
+      for (; i + W <= n; i += W) {
+        const Vec::R e = vexp(Vec::sub(Vec::load(s + i), Vec::set1(top)));
+        Vec::store(s + i, e);
+        sum = Vec::add(sum, e);
       }
-      if (i < n) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), _mm512_set1_ps(top)));
-        _mm512_mask_storeu_ps(s + i, m, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-      }
-      const float total = _mm512_reduce_add_ps(sum);
-      __m512 acc[CH];
-      for (int c = 0; c < CH; ++c) acc[c] = _mm512_setzero_ps();
+      float total = Vec::sum(sum);
+      for (; i < n; ++i) total += s[i] = std::exp(s[i] - top);
+      Vec::R acc[CH];
+      for (int c = 0; c < CH; ++c) acc[c] = Vec::zero();
       for (int64_t i2 = 0; i2 < n; ++i2) {
-        const __m512 p = _mm512_set1_ps(s[i2]);
+        const Vec::R p = Vec::set1(s[i2]);
         const T* v = vh + kept[i2] * vs;
-        for (int c = 0; c < CH; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + 16 * c), acc[c]);
+        for (int c = 0; c < CH; ++c) acc[c] = Vec::fmadd(p, Vec::widen(v + W * c), acc[c]);
       }
-      const __m512 inv = _mm512_set1_ps(1.f / total);
-      for (int c = 0; c < CH; ++c) _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[c], inv));
+      const Vec::R inv = Vec::set1(1.f / total);
+      for (int c = 0; c < CH; ++c) Vec::store(out + g * D + W * c, Vec::mul(acc[c], inv));
     }
     return;
   }
-#endif
   std::vector<float> kf(D);
   for (int64_t i = 0; i < n; ++i) {
     widen(kh + kept[i] * ks, kf.data(), D);
@@ -213,12 +273,13 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value, const at::Tensor& mask,
             double scale, at::Tensor& out) {
-  switch (q.size(3)) {  // head sizes the vector path holds in registers
-    case 64: attend_heads<T, 4>(q, key, value, mask, scale, out); break;
-    case 128: attend_heads<T, 8>(q, key, value, mask, scale, out); break;
-    case 96: attend_heads<T, 6>(q, key, value, mask, scale, out); break;
-    case 32: attend_heads<T, 2>(q, key, value, mask, scale, out); break;
-    case 16: attend_heads<T, 1>(q, key, value, mask, scale, out); break;
+  constexpr int W = Vec::W > 0 ? Vec::W : 16;  // head sizes the vector path holds in registers, W floats a register
+  switch (Vec::W > 0 ? q.size(3) : 0) {
+    case 64: attend_heads<T, 64 / W>(q, key, value, mask, scale, out); break;
+    case 128: attend_heads<T, 128 / W>(q, key, value, mask, scale, out); break;
+    case 96: attend_heads<T, 96 / W>(q, key, value, mask, scale, out); break;
+    case 32: attend_heads<T, 32 / W>(q, key, value, mask, scale, out); break;
+    case 16: attend_heads<T, 16 / W>(q, key, value, mask, scale, out); break;
     default: attend_heads<T, 0>(q, key, value, mask, scale, out); break;
   }
 }
@@ -250,15 +311,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 
 }  // namespace
 
-// Whether decode_attention was built with its AVX-512 path (head sizes 16, 32, 64, 96 and 128 in registers); without it
-// the portable loops run, which were never measured against inductor's generated attention.
-bool attention_vectorized() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+// Whether decode_attention was built with its vector path (AVX-512, or AVX2 with FMA and F16C; head sizes 16, 32, 64,
+// 96 and 128 in registers); without it the portable loops run, which were never measured against inductor's form.
+bool attention_vectorized() { return Vec::W > 0; }
 
 TORCH_LIBRARY_FRAGMENT(llmbench_cpu, m) {
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor");

@@ -11,8 +11,8 @@
 // F16C (16 at a time on AVX-512). int8 (cpu_gemv_int8.h) as stored, integer dot
 // products against x quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h)
 // in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
-// scale and zero per group of each row ahead of the tile's weights. The bf16 (vdpbf16ps), fp16 (AVX-512), int8 and
-// int4 kernels take several rows of x per pass over the weights. Accumulation is in float32; x is read once (into a
+// scale and zero per group of each row ahead of the tile's weights. Every kernel takes several rows of x per pass
+// over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read once (into a
 // float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -117,69 +117,7 @@ inline void with_rows_per_pass(int64_t M, int most, F&& f) {
   return f(std::integral_constant<int, 4>{});
 }
 
-// Dense or int8 weights: `groups` float scales per row (scale == nullptr: no scale), group size a multiple of 8.
-template <typename W>
-void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t groups,
-                float* out, int64_t n0, int64_t n1) {
-  const int64_t gs = K / groups;
-  each_block(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m,
-                                       float (&out_sums)[1][R]) {
-      float* sums = out_sums[0];
-      const float* xm = x + m * K;
-      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t g = 0; g < groups; ++g) {
-        v8f t0 = {}, t1 = {}, t2 = {}, t3 = {};
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
-          if (ahead) {
-            for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
-          }
-          const v8f xv = load_f32(xm + k);
-          t0 += xv * widen(wr[0] + k);
-          t1 += xv * widen(wr[1] + k);
-          t2 += xv * widen(wr[2] + k);
-          t3 += xv * widen(wr[3] + k);
-        }
-        if (scale) {
-          const float* s = scale + g;
-          a0 += t0 * s[(n + 0) * groups];
-          a1 += t1 * s[(n + std::min<int64_t>(1, rows - 1)) * groups];
-          a2 += t2 * s[(n + std::min<int64_t>(2, rows - 1)) * groups];
-          a3 += t3 * s[(n + std::min<int64_t>(3, rows - 1)) * groups];
-        } else {
-          a0 += t0; a1 += t1; a2 += t2; a3 += t3;
-        }
-      }
-      sums[0] = hsum(a0); sums[1] = hsum(a1); sums[2] = hsum(a2); sums[3] = hsum(a3);
-  });
-}
-
-// bf16, K a multiple of 16: one 32-byte load gives 16 weights as eight 32-bit lanes, each holding an even-indexed
-// weight in its low half and the next (odd) one in its high half: a shift and a mask widen both. x comes
-// deinterleaved per 16 (the 8 even-indexed, then the 8 odd-indexed values).
-void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
-  const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
-                    0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
-  each_block(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m,
-                                       float (&out_sums)[1][R]) {
-      float* sums = out_sums[0];
-      const float* xm = xd + m * K;
-      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K; k += 16) {
-        if (ahead && k % 32 == 0) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
-        }
-        const v8f xe = load_f32(xm + k), xo = load_f32(xm + k + 8);
-        const v8u l0 = load_u32(wr[0] + k), l1 = load_u32(wr[1] + k), l2 = load_u32(wr[2] + k),
-                  l3 = load_u32(wr[3] + k);
-        a0 += xe * (v8f)(l0 << 16) + xo * (v8f)(l0 & high);
-        a1 += xe * (v8f)(l1 << 16) + xo * (v8f)(l1 & high);
-        a2 += xe * (v8f)(l2 << 16) + xo * (v8f)(l2 & high);
-        a3 += xe * (v8f)(l3 << 16) + xo * (v8f)(l3 & high);
-      }
-      sums[0] = hsum(a0); sums[1] = hsum(a1); sums[2] = hsum(a2); sums[3] = hsum(a3);
-  });
-}
-
+#include "cpu_gemv_generic.h"
 #include "cpu_gemv_avx512.h"
 #include "cpu_gemv_int4.h"
 #include "cpu_gemv_amx.h"

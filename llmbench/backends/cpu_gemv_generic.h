@@ -1,0 +1,101 @@
+// Generic part of cpu_gemv.cpp (GCC vector extensions: AVX2 code on AVX2 CPUs, 8 floats a register), included inside
+// its anonymous namespace: float32, fp16 and bf16 weights widened to float32, and int8 where no integer path fits.
+//
+// C rows of x per pass over a block of weight rows: each weight vector is loaded and widened once for all C of them,
+// and C x R chains of FMAs are in flight. One decode step's linears of the default model, AMX Xeon built as AVX2
+// code (LLMBENCH_CPU_KERNEL_FLAGS="-mno-avx512f -mno-avxvnni"), best ms at 4 / 8 rows, one and then two rounds:
+// bf16 1 row per pass 20.7 / 33.4 and 20.3 / 32.2, 2 rows 18.8 / 28.9, 4 rows 18.6 / 27.4; fp16 (F16C) 1 row
+// 24.5 / 38.5, 2 rows 25.0 / 41.2, 4 rows 20.7 / 34.2; fp32 1 row 30.4 / 41.7, 2 rows 27.8 / 35.8, 4 rows 28.1 / 38.1
+// (one-row steps unchanged). So 4 rows per pass where weights are widened, 2 for float32 (free to widen; 2 x 4
+// chains and their loads). LLMBENCH_GENERIC_ROWS_PER_PASS (1, 2 or 4) sets both, for such measurements.
+#pragma once
+
+#ifdef LLMBENCH_GENERIC_ROWS_PER_PASS
+template <typename W>
+constexpr int kGenericRows = LLMBENCH_GENERIC_ROWS_PER_PASS;
+#else
+template <typename W>
+constexpr int kGenericRows = std::is_same_v<W, float> ? 2 : 4;
+#endif
+
+// Dense weights (float32, fp16, bf16 rows whose size is not a multiple of 16) against C rows of x; int8 ones with
+// `groups` float scales per row (scale != nullptr; group size a multiple of 8), one row of x per pass.
+template <int C, typename W>
+void dense_rows_of(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t groups,
+                   float* out, int64_t n0, int64_t n1) {
+  const int64_t gs = K / groups;
+  each_block<C>(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const float* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      v8f a[C][R] = {};
+      for (int64_t g = 0; g < groups; ++g) {
+        v8f t[C][R] = {};
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+          if (ahead) {
+            for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+          }
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < R; ++r) {
+            const v8f wv = widen(wr[r] + k);
+#pragma GCC unroll 4
+            for (int i = 0; i < C; ++i) t[i][r] += load_f32(xm[i] + k) * wv;
+          }
+        }
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < R; ++r) {
+            if (scale) a[i][r] += t[i][r] * scale[(n + std::min<int64_t>(r, rows - 1)) * groups + g];
+            else a[i][r] += t[i][r];
+          }
+      }
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = hsum(a[i][r]);
+  });
+}
+
+template <typename W>
+void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t groups,
+                float* out, int64_t n0, int64_t n1) {
+  with_rows_per_pass(M, scale ? 1 : kGenericRows<W>, [&](auto c) {
+    dense_rows_of<decltype(c)::value>(x, M, K, w, scale, groups, out, n0, n1);
+  });
+}
+
+// bf16, K a multiple of 16: one 32-byte load gives 16 weights as eight 32-bit lanes, each holding an even-indexed
+// weight in its low half and the next (odd) one in its high half: a shift and a mask widen both. x comes
+// deinterleaved per 16 (the 8 even-indexed, then the 8 odd-indexed values).
+template <int C>
+void bf16_rows_of(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
+  const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
+                    0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
+  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+                                          float (&sums)[C][R]) {
+      const float* xm[C];
+      for (int i = 0; i < C; ++i) xm[i] = xd + std::min<int64_t>(m0 + i, M - 1) * K;
+      constexpr int S = C == 1 ? 2 : 1;  // chains per sum: one row keeps even and odd apart (8 chains, not 4)
+      v8f a[C][R][S] = {};
+      for (int64_t k = 0; k < K; k += 16) {
+        if (ahead && k % 32 == 0) {
+          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+        }
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < R; ++r) {
+          const v8u l = load_u32(wr[r] + k);
+          const v8f even = (v8f)(l << 16), odd = (v8f)(l & high);
+#pragma GCC unroll 4
+          for (int i = 0; i < C; ++i) {
+            a[i][r][0] += load_f32(xm[i] + k) * even;
+            a[i][r][S - 1] += load_f32(xm[i] + k + 8) * odd;
+          }
+        }
+      }
+      for (int i = 0; i < C; ++i)
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = hsum(S == 1 ? a[i][r][0] : a[i][r][0] + a[i][r][S - 1]);
+  });
+}
+
+void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
+  with_rows_per_pass(M, kGenericRows<at::BFloat16>, [&](auto c) {
+    bf16_rows_of<decltype(c)::value>(xd, M, K, w, out, n0, n1);
+  });
+}
