@@ -81,7 +81,7 @@ def dense_one_row_kernels() -> bool:
 
 
 def attention_vectorized() -> bool:
-    """Whether the kernels are loaded (not turned off) with decode_attention's AVX-512 path (cpu_attention.cpp)."""
+    """Whether the kernels are loaded (not turned off) with decode_attention's vector path (cpu_attention.cpp)."""
     off = os.environ.get("LLMBENCH_CPU_KERNELS") == "0" or _state.get("error", "not loaded") is not None
     return not off and torch.ops.llmbench_cpu.attention_vectorized()
 

@@ -111,16 +111,17 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
     return count
 
 
-VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's AVX-512 path holds a head in registers
+VECTORIZED_HEAD_SIZES = (16, 32, 64, 96, 128)  # cpu_attention.cpp's vector path holds a head in registers
 
 
 def attention_kernel(head_dim: int, vectorized: bool) -> bool:
     """Whether the attention of decode steps on cpu runs llmbench_cpu.decode_attention (cpu_attention.cpp, loaded
     with the linear kernels; `vectorized`: cpu_kernels.attention_vectorized()), else inductor's generated form
-    (generated_attention below): where its AVX-512 path was built (AVX-512 CPUs) and takes the head size. Batch 8 of
-    the default model on the 2-core AMX Xeon: 46 us a layer inside the step against the generated form's 92 us
-    (docs/backends.md). Its portable loops (AVX2 CPUs, other head sizes) were never measured against the generated
-    form, so those keep it. LLMBENCH_ATTENTION_KERNEL=0 keeps the generated form, for comparisons."""
+    (generated_attention below): where its vector path was built (AVX-512, or AVX2 with FMA and F16C) and takes the
+    head size. Batch 8 of the default model on the 2-core AMX Xeon: 46 us a layer inside the step against the
+    generated form's 92 us; built as AVX2 code there, whole steps 0.92-0.95x at batch 1 (docs/backends.md). Its
+    portable loops (other CPUs and head sizes) were never measured against the generated form, so those keep it.
+    LLMBENCH_ATTENTION_KERNEL=0 keeps the generated form, for comparisons."""
     forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")
     if forced not in ("0", "1"):
         from llmbench.errors import UserError
