@@ -32,7 +32,7 @@ void dense_rows_of(const float* x, int64_t M, int64_t K, const W* w, const float
       for (int64_t g = 0; g < groups; ++g) {
         v8f t[C][R] = {};
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
-          if (ahead) {
+          if (ahead && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
             for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
           }
 #pragma GCC unroll 4
