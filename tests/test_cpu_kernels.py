@@ -127,6 +127,21 @@ def test_a_build_without_avx512_promises_no_amx_tiles():
         assert "without AVX512_BF16" in said or "Linux refused" in said, said
 
 
+def test_a_build_without_avx2_runs_the_portable_loops():
+    """Built for an x86-64 CPU without AVX2, FMA and F16C, the kernels still build (their vector paths left out),
+    and the dense and attention kernels' portable loops give the same results."""
+    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+            "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
+            "assert not ops.attention_vectorized(); "
+            "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
+            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
+            "for d in (torch.float32, torch.bfloat16)]; print('checked')")
+    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+
+
 def dequantize_rows(rows, value_bytes, in_features, group_size):
     """The kernel layout's weights in float32: per tile of 8 rows their groups' scales as [group][row], their zeros
     the same way, padding, then per 32 weights four vectors of 32 bytes, whose 4-byte lane r holds row r's weights
@@ -350,7 +365,7 @@ def test_reorder_rows_gathers_every_tensor_in_place(ops):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-@pytest.mark.parametrize("dim", [64, 40])  # 64: the AVX-512 path where the CPU has it; 40: the portable loops
+@pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops
 def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim):
     """One query position per row against a cache of 40 positions, of which each row sees its own first few (the
     rest is the static cache's unused tail, or left padding in row 0); grouped-query heads share a cached head."""

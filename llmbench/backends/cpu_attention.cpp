@@ -57,6 +57,9 @@ struct MaskRow {
 };
 
 // The vector path's registers: 16 floats (AVX-512) or 8 (AVX2 with FMA and F16C); Vec::W is 0 where neither was built.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define LLMBENCH_ATTENTION_VECTORS 1
+#endif
 #if defined(__AVX512F__)
 struct Vec {
   using R = __m512;
@@ -133,7 +136,7 @@ struct Vec {
 };
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if defined(LLMBENCH_ATTENTION_VECTORS)
 // e^x for a vector of floats (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2/2; ~1 ulp), exactly 0 below
 // Vec::kLowest (-104, or -87 where 2^n is built from exponent bits: e^-87 is 1.6e-38).
 inline Vec::R vexp(Vec::R x) {
@@ -161,7 +164,8 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
   for (int64_t j = 0; j < L; ++j)
     if (!row.masked(j)) kept.push_back(j);
   const int64_t n = static_cast<int64_t>(kept.size());
-  if constexpr (CH > 0 && Vec::W > 0) {
+#if defined(LLMBENCH_ATTENTION_VECTORS)
+  if constexpr (CH > 0) {
     constexpr int W = Vec::W;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t j = kept[i];
@@ -201,6 +205,7 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
     }
     return;
   }
+#endif
   std::vector<float> kf(D);
   for (int64_t i = 0; i < n; ++i) {
     widen(kh + kept[i] * ks, kf.data(), D);
