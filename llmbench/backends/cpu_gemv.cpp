@@ -8,7 +8,7 @@
 // the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
 // two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
 // vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
-// F16C (16 at a time on AVX-512). int8 (cpu_gemv_int8.h) as stored, integer dot
+// F16C; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h) as stored, integer dot
 // products against x quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h)
 // in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
 // scale and zero per group of each row ahead of the tile's weights. Every kernel takes several rows of x per pass
@@ -269,16 +269,16 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   auto body = [&](auto* w) {
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
   };
+#if defined(__AVX512F__)
+  auto wide = [&](auto* w) {
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
+  };
+  if (K % 16 == 0 && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
+  if (K % 16 == 0 && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
+#endif
   switch (weight.scalar_type()) {
     case at::kFloat: return body(weight.data_ptr<float>());
-    case at::kHalf:
-#if defined(__AVX512F__)
-      if (K % 16 == 0) {
-        const at::Half* w = weight.data_ptr<at::Half>();
-        return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { half_rows(xr, M, K, w, o, n0, n1); });
-      }
-#endif
-      return body(weight.data_ptr<at::Half>());
+    case at::kHalf: return body(weight.data_ptr<at::Half>());
     case at::kBFloat16:
       if (pairs) {
         const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
