@@ -1,9 +1,6 @@
 """The weight-streaming CPU kernels (llmbench/backends/cpu_gemv.cpp), built for this host: every weight kind and row
 count against torch's own linear, TorchAO's INT4 weights repacked with exactly their values, and bad calls refused."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,6 @@ import torch.nn.functional as F
 from llmbench.backends import cpu_kernels, generated_kernels, huge_pages, int4_layout
 from llmbench.backends.compile_settings import dedupe_pass
 from llmbench.backends.huge_pages import HugePageArena
-from tests.conftest import ROOT
 
 
 def reference(x, weight, bias):
@@ -92,54 +88,6 @@ def test_int8_is_an_integer_dot_product_of_x_quantized_per_32_values(ops):
         assert torch.allclose(ops.linear_int8(x, q, scale, None), reference(x, q.float() * scale, None), rtol=1e-4)
         return
     check_int8_integer_path(ops)
-
-
-def test_int8_and_int4_without_vnni_give_the_same_integers(tmp_path):
-    """The AVX2 path of CPUs without VNNI (maddubs), built on this host with LLMBENCH_NO_VNNI: the same checks."""
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t; t.check_int8_integer_path(torch.ops.llmbench_cpu); "
-            "[t.test_int4_tiles_of_any_rows_of_x(torch.ops.llmbench_cpu, m, r) "
-            "for m in (torch.bfloat16, torch.float32) for r in (1, 5, 8)]; print('checked')")
-    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-DLLMBENCH_NO_VNNI"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
-
-
-def test_a_build_without_avx512_promises_no_amx_tiles():
-    """Built as for an AVX2 CPU (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f), an AMX host's kernels have no AMX path: no
-    call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why."""
-    code = ("import torch; from llmbench.backends import cpu_kernels, compile_settings as c; "
-            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; "
-            "assert ops.amx_rows_from() == 0 and ops.amx_max_rows() == 0 and c.amx_max_rows() == 0; "
-            "w = torch.randn(64, 256, dtype=torch.bfloat16); x = torch.randn(3, 256, dtype=torch.bfloat16); "
-            "ref = (x.float() @ w.float().T); assert torch.allclose(ops.linear_dense(x, w, None).float(), ref, "
-            "rtol=2e-2, atol=2e-2); print(c.amx_description())")
-    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-mno-avx512f"}
-    env.pop("LLMBENCH_AMX_MIN_ROWS", None)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    said = proc.stdout.strip().splitlines()[-1]
-    if "amx_bf16" not in cpu_kernels.cpu_kind().flags:
-        assert said == "None"
-    else:
-        assert "without AVX512_BF16" in said or "Linux refused" in said, said
-
-
-def test_a_build_without_avx2_runs_the_portable_loops():
-    """Built for an x86-64 CPU without AVX2, FMA and F16C, the kernels still build (their vector paths left out),
-    and the dense and attention kernels' portable loops give the same results."""
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
-            "assert not ops.attention_vectorized(); "
-            "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
-            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
-            "for d in (torch.float32, torch.bfloat16)]; print('checked')")
-    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
 
 
 def dequantize_rows(rows, value_bytes, in_features, group_size):

@@ -1,0 +1,60 @@
+"""The CPU kernels built with other instruction sets than this host's best (LLMBENCH_CPU_KERNEL_FLAGS), each in a
+process of its own: the paths of CPUs without VNNI, without AVX-512 and without AVX2 give the same results, and a
+build promises only the paths it has."""
+
+import os
+import subprocess
+import sys
+
+from llmbench.backends import cpu_kernels
+from tests.conftest import ROOT
+
+
+def run_in_build(code: str, flags: str, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python -c code` with the kernels built with `flags` (environment variables in `drop` unset)."""
+    env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": flags}
+    for name in drop:
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+
+
+def test_int8_and_int4_without_vnni_give_the_same_integers():
+    """The AVX2 path of CPUs without VNNI (maddubs), built on this host with LLMBENCH_NO_VNNI: the same checks."""
+    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+            "from tests import test_cpu_kernels as t; t.check_int8_integer_path(torch.ops.llmbench_cpu); "
+            "[t.test_int4_tiles_of_any_rows_of_x(torch.ops.llmbench_cpu, m, r) "
+            "for m in (torch.bfloat16, torch.float32) for r in (1, 5, 8)]; print('checked')")
+    proc = run_in_build(code, "-DLLMBENCH_NO_VNNI")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+
+
+def test_a_build_without_avx512_promises_no_amx_tiles():
+    """Built as for an AVX2 CPU (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f), an AMX host's kernels have no AMX path: no
+    call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why."""
+    code = ("import torch; from llmbench.backends import cpu_kernels, compile_settings as c; "
+            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; "
+            "assert ops.amx_rows_from() == 0 and ops.amx_max_rows() == 0 and c.amx_max_rows() == 0; "
+            "w = torch.randn(64, 256, dtype=torch.bfloat16); x = torch.randn(3, 256, dtype=torch.bfloat16); "
+            "ref = (x.float() @ w.float().T); assert torch.allclose(ops.linear_dense(x, w, None).float(), ref, "
+            "rtol=2e-2, atol=2e-2); print(c.amx_description())")
+    proc = run_in_build(code, "-mno-avx512f", drop=("LLMBENCH_AMX_MIN_ROWS",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout.strip().splitlines()[-1]
+    if "amx_bf16" not in cpu_kernels.cpu_kind().flags:
+        assert said == "None"
+    else:
+        assert "without AVX512_BF16" in said or "Linux refused" in said, said
+
+
+def test_a_build_without_avx2_runs_the_portable_loops():
+    """Built for an x86-64 CPU without AVX2, FMA and F16C, the kernels still build (their vector paths left out),
+    and the dense and attention kernels' portable loops give the same results."""
+    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+            "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
+            "assert not ops.attention_vectorized(); "
+            "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
+            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
+            "for d in (torch.float32, torch.bfloat16)]; print('checked')")
+    proc = run_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
