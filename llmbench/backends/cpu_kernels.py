@@ -34,8 +34,8 @@ from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 ATTENTION_SOURCE = SOURCE.with_name("cpu_attention.cpp")  # decode attention, built into the same library
-# included by SOURCE: part of the build's identity
-HEADERS = tuple(SOURCE.with_name(f"cpu_gemv_{part}.h") for part in ("avx512", "int4", "int8", "beams", "amx"))
+# included by SOURCE: part of the build's identity (every one of them, so that a new header cannot be left out)
+HEADERS = tuple(sorted(SOURCE.parent.glob("cpu_gemv_*.h")))
 MAX_ROWS = KERNEL_MAX_ROWS  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
