@@ -84,6 +84,9 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     attention = library_calls(lambda: backend.generate(inputs, NEW_TOKENS, num_beams),
                               ("llmbench_cpu::decode_attention",))
     assert attention == (loaded.model.config.num_hidden_layers * (NEW_TOKENS - 1) if kernel else 0)
+    assert backend.details.get("greedy_pick") == ("llmbench_cpu.argmax_rows" if streaming else None)
+    picks = library_calls(lambda: backend.generate(inputs, NEW_TOKENS, num_beams), ("llmbench_cpu::argmax_rows",))
+    assert picks == (NEW_TOKENS if streaming else 0)  # the eager prefill's and every compiled step's
 
 
 def test_generated_kernels_with_beams_call_no_library_kernel_and_equal_eager(tiny_llama, compile_env, monkeypatch):

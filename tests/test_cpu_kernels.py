@@ -311,6 +311,33 @@ def test_reorder_rows_gathers_every_tensor_in_place(ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, vocab", [(1, 40000), (8, 49152), (3, 37)])
+def test_argmax_rows_picks_as_torch_argmax(ops, dtype, rows, vocab):
+    """Greedy steps' pick: argmax of float32(logits) + bias per row, the first of equal values, the first NaN."""
+    torch.manual_seed(0)
+    for case in ("random", "ties", "nan", "all -inf", "rounded", "bias"):
+        x = torch.randn(rows, vocab).to(dtype)
+        if case == "ties":
+            x[:, vocab // 2] = x[:, -1] = 100
+        elif case == "nan":
+            x[:, -3] = x[:, 7] = float("nan")
+        elif case == "all -inf":
+            x.fill_(float("-inf"))
+        elif case == "rounded":  # many equal values across the threads' parts
+            x = x.round()
+        bias = None
+        if case == "bias":  # the best of every row forbidden, as EOS is
+            bias = torch.zeros(vocab)
+            bias[x.float().argmax(-1)] = float("-inf")
+        expected = (x.float() + (0 if bias is None else bias)).argmax(-1, keepdim=True)
+        assert torch.equal(ops.argmax_rows(x, bias), expected), case
+    prefill = torch.randn(rows, 3, vocab).to(dtype)  # a prefill's last position: rows apart
+    assert torch.equal(ops.argmax_rows(prefill[:, -1, :], None), prefill[:, -1, :].float().argmax(-1, keepdim=True))
+    with pytest.raises(RuntimeError, match="one value per column"):
+        ops.argmax_rows(x, torch.zeros(vocab + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops

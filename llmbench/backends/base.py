@@ -54,6 +54,17 @@ def generation_config(model: torch.nn.Module, max_new_tokens: int, num_beams: in
     )
 
 
+def eos_bias(model: torch.nn.Module, eos: list[int], device: torch.device) -> torch.Tensor | None:
+    """0 for every token of the output vocabulary, -inf for the EOS tokens, or None where the model names no output
+    layer or no EOS within it. Added to float32 scores it forbids EOS, as a mask would, at the price of one read."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    if weight is None or not eos or not all(0 <= token < weight.shape[0] for token in eos):
+        return None
+    bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
+    bias[eos] = float("-inf")
+    return bias
+
+
 def hf_generate(model: torch.nn.Module, inputs: PromptInputs, max_new_tokens: int, num_beams: int,
                 timer: StepTimer | None) -> torch.Tensor:
     criteria = StoppingCriteriaList([timer.stopping_criteria()]) if timer is not None else None

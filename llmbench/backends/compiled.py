@@ -28,7 +28,7 @@ import torch
 from transformers import StaticCache
 
 from llmbench.backends import cpu_kernels, generated_kernels
-from llmbench.backends.base import Backend, generation_config
+from llmbench.backends.base import Backend, eos_bias, generation_config
 from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
     amx_description,
@@ -47,17 +47,6 @@ from llmbench.errors import UserError, exception_name, one_line
 from llmbench.prompts import PromptInputs
 from llmbench.roofline import head_size
 from llmbench.timing import StepTimer
-
-
-def eos_bias(model: torch.nn.Module, eos: list[int], device: torch.device) -> torch.Tensor | None:
-    """0 for every token of the output vocabulary, -inf for the EOS tokens, or None where the model names no output
-    layer or no EOS within it. Added to float32 scores it forbids EOS, as a mask would, at the price of one read."""
-    weight = getattr(model.get_output_embeddings(), "weight", None)
-    if weight is None or not eos or not all(0 <= token < weight.shape[0] for token in eos):
-        return None
-    bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
-    bias[eos] = float("-inf")
-    return bias
 
 
 class CompileBackend(Backend):
@@ -88,6 +77,7 @@ class CompileBackend(Backend):
             linear = generated_kernels.reduction_or_library(GENERATED_LINEAR_MAX_ROWS) \
                 if self.kernels == "generated" else torch.nn.functional.linear
             self.options, self.details["fused_sibling_groups"] = fuse_for_compile(model, self.options, linear)
+        self._pick_op = False  # greedy steps pick by llmbench_cpu.argmax_rows (cpu kernels built)
         if self.kernels == "generated" and device.type == "cpu":
             self._use_streaming_kernels(model)
         elif self.kernels == "generated":  # cuda: Triton reductions
@@ -138,6 +128,8 @@ class CompileBackend(Backend):
         why_not = cpu_kernels.load() if os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" else \
             "LLMBENCH_CPU_KERNELS=0"
         if why_not is None:
+            self._pick_op = True
+            self.details["greedy_pick"] = "llmbench_cpu.argmax_rows"
             # LLMBENCH_HUGE_PAGES=0 keeps the weights where they are (for comparisons; see huge_pages.py)
             arena = HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
             self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(
@@ -180,7 +172,7 @@ class CompileBackend(Backend):
             kwargs["cache_position"] = position
         if self._pass_position_ids:
             kwargs["position_ids"] = position.unsqueeze(0).expand(ids.shape[0], -1)
-        return self.model(input_ids=ids, **kwargs).logits[:, -1, :].float()
+        return self.model(input_ids=ids, **kwargs).logits[:, -1, :]  # in the model's dtype (scores: float32)
 
     def _forbid_eos(self, scores: torch.Tensor) -> torch.Tensor:
         if not self._eos.numel():
@@ -193,11 +185,16 @@ class CompileBackend(Backend):
         return scores.masked_fill(banned, float("-inf"))
 
     def _greedy_scores_argmax(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
-        return self._forbid_eos(self._last_logits(ids, cache, position)).argmax(dim=-1, keepdim=True)
+        logits = self._last_logits(ids, cache, position)
+        bias = self._eos_bias if self._eos.numel() else None
+        fits = bias.shape[0] == logits.shape[-1] if bias is not None else not self._eos.numel()
+        if self._pick_op and fits:  # one pass over the logits as the head wrote them
+            return torch.ops.llmbench_cpu.argmax_rows(logits, bias)
+        return self._forbid_eos(logits.float()).argmax(dim=-1, keepdim=True)
 
     def _beam_log_probs(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
         # transformers normalizes first, then masks EOS: the same order keeps the beams identical.
-        return self._forbid_eos(torch.log_softmax(self._last_logits(ids, cache, position), dim=-1))
+        return self._forbid_eos(torch.log_softmax(self._last_logits(ids, cache, position).float(), dim=-1))
 
     def _cache_for(self, rows: int, max_len: int) -> StaticCache:
         """One cache per shape, allocated once and reset between runs (compiled code keeps its addresses)."""

@@ -317,6 +317,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
 }
 
 #include "cpu_gemv_beams.h"
+#include "cpu_gemv_argmax.h"
 
 }  // namespace
 
@@ -327,6 +328,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("amx_rows_from() -> int", &amx_rows_from);
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
+  m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
@@ -334,4 +336,5 @@ TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("reorder_rows", &reorder_rows);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -144,6 +144,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int4")(
         lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
+    torch.library.register_fake("llmbench_cpu::argmax_rows")(
+        lambda scores, bias: scores.new_empty((scores.shape[0], 1), dtype=torch.long))
     torch.library.register_fake("llmbench_cpu::decode_attention")(
         lambda query, key, value, mask, scale: query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3])))
 
