@@ -61,15 +61,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if code != 0 and world.size > 1:
             abort(world, code, prog)
     if world.size > 1:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-        # The rank's work is done and written. Ending here skips the interpreter's teardown, where a rank of a
-        # finished job sometimes died in a C++ destructor ("terminate called without an active exception", exit 6:
-        # 2 of 30 two-rank jobs in one full test run on an AMX Xeon with DeepSpeed's shared-memory all-reduce).
-        mpi = sys.modules.get("mpi4py.MPI")  # MPI launchers end a job whose rank exits without MPI_Finalize
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-        exit_rank(code)
+        finish_rank(code)
     return code
+
+
+def finish_rank(code: int) -> None:
+    """End a rank whose work is done and written: its process group destroyed, MPI finalized, then exit_rank. Skipping
+    the interpreter's teardown, where a rank of a finished job sometimes died in a C++ destructor ("terminate called
+    without an active exception", exit 6: 2 of 30 two-rank jobs in one full test run on an AMX Xeon with DeepSpeed's
+    shared-memory all-reduce)."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")  # MPI launchers end a job whose rank exits without MPI_Finalize
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    exit_rank(code)

@@ -17,7 +17,7 @@ import torch
 from llmbench.backends.base import hf_generate
 from llmbench.cli import parse_config
 from llmbench.distributed import gather, is_sharded, load_sharded
-from llmbench.launcher import release_shared_memory
+from llmbench.launcher import finish_rank
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
 from llmbench.ranks import discover_world, rendezvous
@@ -61,7 +61,7 @@ def main() -> None:
     if world.is_main:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(everyone, f)
-    release_shared_memory()  # as run_generation_with_deepspeed.py does
+    finish_rank(0)  # as run_generation_with_deepspeed.py ends its ranks
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ class CompileBackend(Backend):
 
     def _greedy_scores_argmax(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
         logits = self._last_logits(ids, cache, position)
-        bias = self._eos_bias if self._eos.numel() else None
-        fits = bias.shape[0] == logits.shape[-1] if bias is not None else not self._eos.numel()
+        bias = self._eos_bias if self._eos.numel() else None  # the op adds it; without one that fits, the mask below
+        fits = not self._eos.numel() or (bias is not None and bias.shape[0] == logits.shape[-1])
         if self._pick_op and fits:  # one pass over the logits as the head wrote them
             return torch.ops.llmbench_cpu.argmax_rows(logits, bias)
         return self._forbid_eos(logits.float()).argmax(dim=-1, keepdim=True)
