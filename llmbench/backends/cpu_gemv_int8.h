@@ -17,10 +17,50 @@ inline __m256i dot_s8_s8(__m256i w, __m256i x) {
 
 inline __m256i load_bytes(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// The vectors of int8_rows_of: 32 weights per integer dot product, one block of x's quantization (scale d).
+struct Int8x32 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int64_t kWeights = 32;
+  static I weights(const int8_t* p) { return load_bytes(p); }
+  static I values(const int8_t* p) { return load_bytes(p); }
+  static F scales(const float* d) { return _mm256_set1_ps(d[0]); }
+  static F dot(I w, I x) { return _mm256_cvtepi32_ps(dot_s8_s8(w, x)); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static float sum(F v) { return hsum((v8f)v); }
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && !defined(LLMBENCH_NO_VNNI)
+#define LLMBENCH_INT8_WIDE 1
+// AVX-512 VNNI, weight groups a multiple of 64: 64 weights per 512-bit integer dot product (the weights made
+// unsigned as loaded), which spans two blocks of x's quantization (32 values, a scale each): its sums are scaled by
+// [d of the first block x 8, d of the second x 8]. Half the instructions of the 256-bit form per weight, and one load
+// per cache line: one step's int8 linears of the default model on a 2-core AMX Xeon, best ms at 1 / 4 / 8 rows,
+// builds alternating, 3 rounds: 256-bit 7.15 / 9.68 / 15.18, 7.31 / 9.99 / 15.37, 7.19 / 9.91 / 14.86; 512-bit
+// 6.25 / 8.83 / 13.38, 5.88 / 8.55 / 13.30, 6.63 / 9.49 / 13.98. LLMBENCH_INT8_NARROW keeps the 256-bit form, for
+// such measurements.
+struct Int8x64 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int64_t kWeights = 64;
+  static I weights(const int8_t* p) { return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(-128)); }
+  static I values(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static F scales(const float* d) { return _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1); }
+  static F dot(I w, I x) { return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x)); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
 // Every block of R weight rows in [n0, n1) against every row of x, C rows of x per pass (each weight vector loaded
-// and made unsigned once for them). corr (M, groups): what the VNNI sums hold beyond sum(w * x) per group, in x's
-// units (128 * sum of xd * sum(xq) over the group's blocks; zeros without VNNI).
-template <int C>
+// and made unsigned once for them), V::kWeights weights per integer dot product. corr (M, groups): what the VNNI
+// sums hold beyond sum(w * x) per group, in x's units (128 * sum of xd * sum(xq) over the group's blocks; zeros
+// without VNNI).
+template <typename V, int C>
 void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
                   const float* scale, int64_t groups, float* out, int64_t n0, int64_t n1) {
   const int64_t gs = K / groups, blocks = K / 32;
@@ -28,99 +68,41 @@ void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t 
                                           float (&sums)[C][R]) {
       int64_t m[C];
       for (int i = 0; i < C; ++i) m[i] = std::min<int64_t>(m0 + i, M - 1);
-      __m256 a[C][R];
+      typename V::F a[C][R];
       float c[C][R] = {};
       for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) a[i][r] = _mm256_setzero_ps();
+        for (int64_t r = 0; r < R; ++r) a[i][r] = V::zero();
       for (int64_t g = 0; g < groups; ++g) {
-        __m256 t[C][R];
+        typename V::F t[C][R];
         for (int i = 0; i < C; ++i)
-          for (int64_t r = 0; r < R; ++r) t[i][r] = _mm256_setzero_ps();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+          for (int64_t r = 0; r < R; ++r) t[i][r] = V::zero();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += V::kWeights) {
           if (ahead && k % 64 == 0) {
             for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
           }
-          __m256i wv[R];
+          typename V::I wv[R];
 #pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) wv[r] = load_bytes(wr[r] + k);
+          for (int64_t r = 0; r < R; ++r) wv[r] = V::weights(wr[r] + k);
 #pragma GCC unroll 4
           for (int i = 0; i < C; ++i) {
-            const __m256i xv = load_bytes(xq + m[i] * K + k);
-            const __m256 d = _mm256_set1_ps(xd[m[i] * blocks + k / 32]);
+            const typename V::I xv = V::values(xq + m[i] * K + k);
+            const typename V::F d = V::scales(xd + m[i] * blocks + k / 32);
 #pragma GCC unroll 4
-            for (int64_t r = 0; r < R; ++r)
-              t[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8_s8(wv[r], xv)), d, t[i][r]);
+            for (int64_t r = 0; r < R; ++r) t[i][r] = V::fmadd(V::dot(wv[r], xv), d, t[i][r]);
           }
         }
         for (int64_t r = 0; r < R; ++r) {
           const float s = scale[(n + std::min(r, rows - 1)) * groups + g];
           for (int i = 0; i < C; ++i) {
-            a[i][r] = _mm256_fmadd_ps(t[i][r], _mm256_set1_ps(s), a[i][r]);
+            a[i][r] = V::fmadd(t[i][r], V::set1(s), a[i][r]);
             c[i][r] += s * corr[m[i] * groups + g];
           }
         }
       }
       for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = hsum((v8f)a[i][r]) - c[i][r];
+        for (int64_t r = 0; r < R; ++r) sums[i][r] = V::sum(a[i][r]) - c[i][r];
   });
 }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && !defined(LLMBENCH_NO_VNNI)
-#define LLMBENCH_INT8_WIDE 1
-// AVX-512 VNNI, weight groups a multiple of 64: 64 weights per 512-bit integer dot product, which spans two blocks
-// of x's quantization (32 values, a scale each): its sums are scaled by [d of the first block x 8, d of the second x
-// 8]. Half the instructions of the 256-bit form per weight, and one load per cache line: one step's int8 linears of
-// the default model on a 2-core AMX Xeon, best ms at 1 / 4 / 8 rows, builds alternating, 3 rounds: 256-bit 7.15 /
-// 9.68 / 15.18, 7.31 / 9.99 / 15.37, 7.19 / 9.91 / 14.86; 512-bit 6.25 / 8.83 / 13.38, 5.88 / 8.55 / 13.30, 6.63 /
-// 9.49 / 13.98. LLMBENCH_INT8_NARROW keeps the 256-bit form, for such measurements.
-template <int C>
-void int8_wide_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
-                       const float* scale, int64_t groups, float* out, int64_t n0, int64_t n1) {
-  const int64_t gs = K / groups, blocks = K / 32;
-  const __m512i flip = _mm512_set1_epi8(-128);
-  each_block<C>(w, K, M, n0, n1, out, [&](const int8_t* (&wr)[R], int64_t n, int64_t rows, bool ahead, int64_t m0,
-                                          float (&sums)[C][R]) {
-      int64_t m[C];
-      for (int i = 0; i < C; ++i) m[i] = std::min<int64_t>(m0 + i, M - 1);
-      __m512 a[C][R];
-      float c[C][R] = {};
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) a[i][r] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 t[C][R];
-        for (int i = 0; i < C; ++i)
-          for (int64_t r = 0; r < R; ++r) t[i][r] = _mm512_setzero_ps();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
-          if (ahead) {
-            for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
-          }
-          __m512i wv[R];
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) wv[r] = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + k), flip);
-#pragma GCC unroll 4
-          for (int i = 0; i < C; ++i) {
-            const __m512i xv = _mm512_loadu_si512(xq + m[i] * K + k);
-            const float* dp = xd + m[i] * blocks + k / 32;
-            const __m512 d = _mm512_insertf32x8(_mm512_set1_ps(dp[0]), _mm256_set1_ps(dp[1]), 1);
-#pragma GCC unroll 4
-            for (int64_t r = 0; r < R; ++r)
-              t[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv)), d,
-                                        t[i][r]);
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const float s = scale[(n + std::min(r, rows - 1)) * groups + g];
-          for (int i = 0; i < C; ++i) {
-            a[i][r] = _mm512_fmadd_ps(t[i][r], _mm512_set1_ps(s), a[i][r]);
-            c[i][r] += s * corr[m[i] * groups + g];
-          }
-        }
-      }
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(a[i][r]) - c[i][r];
-  });
-}
-#endif
 
 // Rows of x per pass: as many as the vector registers hold accumulators for (AVX-512 has 32, AVX2 16; groups keep
 // a second set), for R weight rows each.
@@ -134,11 +116,11 @@ void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, 
 #if defined(LLMBENCH_INT8_WIDE) && !defined(LLMBENCH_INT8_NARROW)
   if ((K / groups) % 64 == 0)
     return with_rows_per_pass(M, most, [&](auto c) {
-      int8_wide_rows_of<decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
+      int8_rows_of<Int8x64, decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
     });
 #endif
   with_rows_per_pass(M, most, [&](auto c) {
-    int8_rows_of<decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
+    int8_rows_of<Int8x32, decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
   });
 }
 #endif
