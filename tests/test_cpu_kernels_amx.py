@@ -1,7 +1,10 @@
 """The CPU kernels' AMX path (bf16 steps of several rows and prefills on AMX tiles) and prefills through the kernels
-(INT4 and INT8 prompts)."""
+(INT4 and INT8 prompts; 16-bit ones where torch emulates their GEMM)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +77,8 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     expected = {name: reference(x, m.weight, m.bias) for name, m in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
-    assert parent.q_proj.forward.kernel.large_rows == tiles
+    emulated = not tiles and compile_settings.emulated_gemm("bfloat16")  # 40 rows: float32 F.linear (below)
+    assert parent.q_proj.forward.kernel.large_rows == (tiles or (cpu_kernels.MAX_ROWS if emulated else 0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
@@ -110,3 +114,42 @@ def test_quantized_prefills_run_the_kernels_eight_rows_a_call(ops, scheme):
         if calls:
             for name, call in alone.items():
                 assert torch.equal(outs[name], torch.cat([call(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)]))
+
+
+EMULATED_PREFILL = """
+import torch, torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from llmbench.backends import compile_settings, cpu_kernels
+from tests.test_cpu_kernels import siblings
+assert cpu_kernels.load() is None
+for dtype in (torch.bfloat16, torch.float16):
+    assert compile_settings.emulated_gemm(str(dtype).removeprefix("torch."))
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: torch.nn.Linear(128, out_features).to(dtype))
+    kept = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    assert parent.q_proj.forward.kernel.large_rows == cpu_kernels.MAX_ROWS
+    for rows, calls in ((cpu_kernels.MAX_ROWS, 2), (cpu_kernels.MAX_ROWS + 1, 0), (40, 0)):
+        x = torch.randn(rows, 128, dtype=dtype)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = {name: getattr(parent, name)(x) for name in kept}
+        assert sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense") == calls
+        for name, (weight, bias) in kept.items():
+            wide = F.linear(x.float(), weight.float(), bias.float())
+            assert outs[name].dtype == dtype
+            if not calls:  # exactly torch's float32 product, rounded once
+                assert torch.equal(outs[name], wide.to(dtype)), (dtype, rows, name)
+            assert (outs[name].float() - wide).abs().max() <= 4 * torch.finfo(dtype).eps * wide.abs().max()
+print("ok")
+"""
+
+
+def test_emulated_16_bit_prefills_take_the_kernels_or_float32(ops):
+    """Where torch has no native bf16/fp16 GEMM (oneDNN held to AVX2 here, as on CPUs without avx512_bf16/fp16),
+    16-bit prompts of up to MAX_ROWS rows run the kernels (one call per fused group) and longer ones F.linear in
+    float32, not torch's emulated 16-bit GEMM."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "LLMBENCH_AMX_MAX_ROWS": "0", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", EMULATED_PREFILL], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

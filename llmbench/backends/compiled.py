@@ -36,6 +36,7 @@ from llmbench.backends.compile_settings import (
     compile_guards,
     compile_options,
     dedupe_pass,
+    emulated_gemm,
     inductor_cache_dir,
 )
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
@@ -144,6 +145,10 @@ class CompileBackend(Backend):
                 self.details["quantized_prefill"] = (
                     f"prompts of up to {cpu_kernels.QUANTIZED_PREFILL_ROWS} rows (tokens x batch) through the kernels, "
                     f"{cpu_kernels.MAX_ROWS} rows a call; longer ones through TorchAO's kernels")
+            for kind in [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]:
+                self.details["emulated_prefill"] = (
+                    f"torch has no native {kind} GEMM here: prompts of up to {cpu_kernels.MAX_ROWS} rows through "
+                    "the kernels, longer ones in float32")
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx

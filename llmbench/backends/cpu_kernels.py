@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends import int4_layout
-from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_large_rows, amx_min_rows_env
+from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_large_rows, amx_min_rows_env, emulated_gemm
 from llmbench.backends.huge_pages import HugePageArena
+from llmbench.errors import UserError, one_line
 from llmbench.host import cpu_kind
+from llmbench.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 ATTENTION_SOURCE = SOURCE.with_name("cpu_attention.cpp")  # decode attention, built into the same library
@@ -42,8 +44,6 @@ _state: dict[str, object] = {}
 
 
 def build_dir() -> Path:
-    from llmbench.paths import cache_dir
-
     return cache_dir() / "kernels"
 
 
@@ -74,8 +74,6 @@ def dense_one_row_kernels() -> bool:
     LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
-        from llmbench.errors import UserError
-
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
     return forced == "kernels" if forced else not _amd()
 
@@ -128,8 +126,6 @@ def _load() -> str | None:
                            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
                            verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
     except Exception as exc:  # a missing compiler or ninja, a build error: the caller falls back and records why
-        from llmbench.errors import one_line
-
         return f"the CPU decode kernels could not be built ({one_line(exc)})"
     _register_fakes()
     return None
@@ -189,11 +185,12 @@ class KernelCall:
     one call; outside (`rows_at_once`: prefills, accuracy scoring) the first member's call serves the others, and
     the output is let go once every member has had it. Calls of up to `large_rows` rows outside decode steps of up
     to MAX_ROWS (prefills; bf16 on AMX tiles: larger steps too) take the kernel, `chunk` rows at a time, where the
-    input has `dtype` (None: any)."""
+    input has `dtype` (None: any); with `widen`, larger calls take F.linear in float32."""
 
     def __init__(self, call, members: int = 1, large_rows: int = 0, chunk: int = MAX_ROWS,
-                 dtype: torch.dtype | None = None):
-        self.call, self.members, self.large_rows, self.chunk, self.dtype = call, members, large_rows, chunk, dtype
+                 dtype: torch.dtype | None = None, widen: bool = False):
+        self.call, self.members, self.large_rows, self.chunk = call, members, large_rows, chunk
+        self.dtype, self.widen = dtype, widen
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._served = 0
 
@@ -215,10 +212,13 @@ class KernelCall:
 
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
-    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of MAX_ROWS; other kinds in decode steps only."""
+    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of MAX_ROWS; 16-bit kinds whose GEMM torch emulates here
+    (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
     if kind in QUANTIZED:
         return KernelCall(call, members, QUANTIZED_PREFILL_ROWS)
     tiles = amx_large_rows(kind, weight)
+    if not tiles and emulated_gemm(kind):
+        return KernelCall(call, members, MAX_ROWS, widen=True)
     return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
 
 
@@ -246,6 +246,9 @@ class KernelLinearForward:
                 return self._mine(self.kernel.call(x))
         elif rows <= large or self.scoring:
             return self._mine(self.kernel.rows_at_once(x, self.kernel.chunk if large else MAX_ROWS))
+        elif self.kernel.widen:
+            bias = self.module.bias if self.module.bias is None else self.module.bias.float()
+            return F.linear(x.float(), self.module.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.module.weight, self.module.bias)
 
 
@@ -265,7 +268,7 @@ def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
 
 
 class _Refused(Exception):
-    pass
+    """Why the kernels do not take a layer's weight."""
 
 
 def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...], object]:
