@@ -121,15 +121,20 @@ def _agrees(tp: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
     return tp.shape == ref.shape and bool((tp - ref).abs().max() <= tolerance * max(1.0, float(ref.abs().max())))
 
 
-def shm_allreduce_wanted() -> bool:
+def shm_allreduce_wanted(compiled: bool = False) -> bool:
     """DeepSpeed's shared-memory all-reduce for CPU ranks on one node: faster than gloo (docs/distributed.md),
     but compiled on first use (~70 s on 2 cores, needs g++ and ninja). LLMBENCH_DS_SHM_ALLREDUCE=1 uses it
-    (compiling it if need be), =0 keeps gloo; unset, it is used where it is already compiled."""
+    (compiling it if need be), =0 keeps gloo; unset, it is used where it is already compiled. Never in `compiled`
+    decode steps (--backend compile): inductor takes its out-of-place op for a pure function and may merge or drop
+    calls per rank (a 2-layer Llama's two ranks compiled 5 and 3 of them, and rank 0 waited forever), while
+    torch.distributed's all-reduce is traced as a collective."""
     choice = os.environ.get(SHM_ENV, "").strip()
-    if choice in ("0", "1"):
-        return choice == "1"
-    if choice:
+    if choice and choice not in ("0", "1"):
         raise UserError(f"{SHM_ENV}={choice!r}: expected 1 (use DeepSpeed's shared-memory all-reduce) or 0 (gloo)")
+    if compiled and choice == "1":
+        raise UserError(f"{SHM_ENV}=1: --backend compile all-reduces through torch.distributed (gloo); unset it")
+    if compiled or choice:
+        return choice == "1"
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
@@ -140,13 +145,13 @@ def shm_allreduce_wanted() -> bool:
 
 
 def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool,
-           plain: bool = True):
+           plain: bool = True, compiled: bool = False):
     """Shard with DeepSpeed AutoTP (kernel injection only with --ki); -> the sharded model (still a
     transformers model, so generate() with beam search works on it). plain=False keeps DeepSpeed's own layers
     (what ipex.llm.optimize recognises and quantizes, all-reduce included)."""
     import deepspeed
 
-    if device.type == "cpu" and not shm_allreduce_wanted():
+    if device.type == "cpu" and not shm_allreduce_wanted(compiled):
         # (the package attribute deepspeed.comm.torch is the torch library, hence sys.modules)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
@@ -190,9 +195,11 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     if config.ki and device.type == "cpu":
         raise UserError("--ki (DeepSpeed kernel injection) needs a GPU: drop --ki on cpu")
     device = rank_device(device, world)
+    compiled = config.backend == "compile"
     init_process_group(world, device)
     facts: dict = {"world_size": world.size, "launcher": world.launcher,
-                   "cpu_allreduce": ("deepspeed-shm" if shm_allreduce_wanted() else "gloo") if device.type == "cpu"
+                   "cpu_allreduce": ("deepspeed-shm" if shm_allreduce_wanted(compiled) else "gloo")
+                   if device.type == "cpu"
                    else None}
     model_config = _checkpoint_config(config)
     family = getattr(model_config, "model_type", None)
@@ -214,7 +221,8 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         reference = _logits(loaded.model, ids) if device.type == "cpu" else None
         start = time.perf_counter()
         try:
-            loaded.model = autotp(loaded.model, dtype, world, device, config.ki, plain=config.backend != "ipex")
+            loaded.model = autotp(loaded.model, dtype, world, device, config.ki, plain=config.backend != "ipex",
+                                  compiled=compiled)
             sharded = _logits(loaded.model, ids.to(device))
             if reference is None or _agrees(sharded, reference, dtype):
                 method = AUTOTP + ("-kernel-inject" if config.ki else "")

@@ -145,10 +145,6 @@ def open_pipeline(config: RunConfig, world=None) -> Pipeline:
     dtype = choice.dtype
     torch.manual_seed(config.seed)
     backend = get_backend(config.backend)  # first: a backend that cannot run here fails before any loading
-    if world is not None and world.size > 1 and config.backend == "compile":
-        # its compiled decode steps leave the ranks' all-reduces out of step: on cpu rank 0 spun in one forever
-        raise UserError("--backend compile does not run tensor-parallel: use --backend eager (or ipex) with "
-                        "run_generation_with_deepspeed.py")
     facts: dict = {}
     start = time.perf_counter()
     where = device
