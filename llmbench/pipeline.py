@@ -145,6 +145,9 @@ def open_pipeline(config: RunConfig, world=None) -> Pipeline:
     dtype = choice.dtype
     torch.manual_seed(config.seed)
     backend = get_backend(config.backend)  # first: a backend that cannot run here fails before any loading
+    if world is not None and world.size > 1 and config.backend == "compile" and device.type != "cpu":
+        raise UserError(f"--backend compile runs tensor-parallel on cpu only (its {device.type} steps replay as "
+                        "graphs, not checked with all-reduces inside): use --backend eager")
     facts: dict = {}
     start = time.perf_counter()
     where = device
