@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import importlib
 import os
 import sys
 import time
@@ -124,16 +125,17 @@ def _agrees(tp: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
 def shm_allreduce_wanted(compiled: bool = False) -> bool:
     """DeepSpeed's shared-memory all-reduce for CPU ranks on one node: faster than gloo (docs/distributed.md),
     but compiled on first use (~70 s on 2 cores, needs g++ and ninja). LLMBENCH_DS_SHM_ALLREDUCE=1 uses it
-    (compiling it if need be), =0 keeps gloo; unset, it is used where it is already compiled. Never in `compiled`
-    decode steps (--backend compile): inductor takes its out-of-place op for a pure function and may merge or drop
-    calls per rank (a 2-layer Llama's two ranks compiled 5 and 3 of them, and rank 0 waited forever), while
-    torch.distributed's all-reduce is traced as a collective."""
+    (compiling it if need be), =0 keeps gloo; unset, it is used where it is already compiled. In `compiled` decode
+    steps (--backend compile) only where inductor keeps ops marked as having side effects (keep_shm_allreduce)."""
     choice = os.environ.get(SHM_ENV, "").strip()
     if choice and choice not in ("0", "1"):
         raise UserError(f"{SHM_ENV}={choice!r}: expected 1 (use DeepSpeed's shared-memory all-reduce) or 0 (gloo)")
-    if compiled and choice == "1":
-        raise UserError(f"{SHM_ENV}=1: --backend compile all-reduces through torch.distributed (gloo); unset it")
-    if compiled or choice:
+    if compiled and not hasattr(importlib.import_module("torch._library.utils"), "is_impure"):
+        if choice == "1":
+            raise UserError(f"{SHM_ENV}=1: torch {torch.__version__}'s inductor may drop DeepSpeed's all-reduce from "
+                            "compiled steps; unset it (gloo) or use --backend eager")
+        return False
+    if choice:
         return choice == "1"
     try:
         from torch.utils.cpp_extension import _get_build_directory
@@ -142,6 +144,17 @@ def shm_allreduce_wanted(compiled: bool = False) -> bool:
     except (ImportError, OSError, RuntimeError):
         return False
     return os.path.isfile(os.path.join(folder, f"{SHM_OP}.so"))
+
+
+def keep_shm_allreduce() -> None:
+    """Mark DeepSpeed's shared-memory all-reduce ops as having side effects, for compiled steps. Inductor otherwise
+    takes the op (out of place once functionalized) for a pure function and drops it with dead code: with the
+    2-layer test Llama on two ranks, rank 1's output head gets no columns of the final hidden state, so its step lost
+    the last layer and that layer's two all-reduces (5 calls on rank 0, 3 on rank 1), and rank 0 waited forever."""
+    ops = getattr(torch.ops, "deepspeed", None)
+    for name in ("inference_all_reduce", "inference_all_reduce_"):
+        if ops is not None and hasattr(ops, name):
+            torch.fx.node.has_side_effect(getattr(ops, name).default)
 
 
 def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool,
@@ -156,6 +169,8 @@ def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: tor
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
+    if compiled:
+        keep_shm_allreduce()
     autotp_fixups(engine.module)
     if plain:
         plain_linears(engine.module)
