@@ -151,9 +151,9 @@ def keep_shm_allreduce() -> None:
     takes the op (out of place once functionalized) for a pure function and drops it with dead code: with the
     2-layer test Llama on two ranks, rank 1's output head gets no columns of the final hidden state, so its step lost
     the last layer and that layer's two all-reduces (5 calls on rank 0, 3 on rank 1), and rank 0 waited forever."""
-    ops = getattr(torch.ops, "deepspeed", None)
+    ops = torch.ops.deepspeed  # a namespace whether or not DeepSpeed registered the ops
     for name in ("inference_all_reduce", "inference_all_reduce_"):
-        if ops is not None and hasattr(ops, name):
+        if hasattr(ops, name):
             torch.fx.node.has_side_effect(getattr(ops, name).default)
 
 

@@ -145,10 +145,11 @@ class CompileBackend(Backend):
                 self.details["quantized_prefill"] = (
                     f"prompts of up to {cpu_kernels.QUANTIZED_PREFILL_ROWS} rows (tokens x batch) through the kernels, "
                     f"{cpu_kernels.MAX_ROWS} rows a call; longer ones through TorchAO's kernels")
-            for kind in [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]:
+            emulated = [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]
+            if emulated:
                 self.details["emulated_prefill"] = (
-                    f"torch has no native {kind} GEMM here: prompts of up to {cpu_kernels.MAX_ROWS} rows through "
-                    "the kernels, longer ones in float32")
+                    f"torch has no native {' or '.join(emulated)} GEMM here: prompts of up to "
+                    f"{cpu_kernels.MAX_ROWS} rows through the kernels, longer ones in float32")
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx
