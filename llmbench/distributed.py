@@ -130,7 +130,7 @@ def shm_allreduce_wanted(compiled: bool = False) -> bool:
     choice = os.environ.get(SHM_ENV, "").strip()
     if choice and choice not in ("0", "1"):
         raise UserError(f"{SHM_ENV}={choice!r}: expected 1 (use DeepSpeed's shared-memory all-reduce) or 0 (gloo)")
-    if compiled and not hasattr(importlib.import_module("torch._library.utils"), "is_impure"):
+    if compiled and not inductor_keeps_marked_ops():
         if choice == "1":
             raise UserError(f"{SHM_ENV}=1: torch {torch.__version__}'s inductor may drop DeepSpeed's all-reduce from "
                             "compiled steps; unset it (gloo) or use --backend eager")
@@ -144,6 +144,11 @@ def shm_allreduce_wanted(compiled: bool = False) -> bool:
     except (ImportError, OSError, RuntimeError):
         return False
     return os.path.isfile(os.path.join(folder, f"{SHM_OP}.so"))
+
+
+def inductor_keeps_marked_ops() -> bool:
+    """Whether inductor keeps ops marked as having side effects (torch._library.utils.is_impure; not in torch 2.8)."""
+    return hasattr(importlib.import_module("torch._library.utils"), "is_impure")
 
 
 def keep_shm_allreduce() -> None:

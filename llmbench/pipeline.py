@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmbench import errors_only
 from llmbench.backends import backend_overrides, get_backend
 from llmbench.backends.base import Backend
 from llmbench.cli import RunConfig
@@ -29,10 +30,6 @@ from llmbench.records import RECORD_VERSION
 from llmbench.results import environment, now_utc
 
 
-def _errors_only(record) -> bool:
-    return record.levelno >= logging.ERROR
-
-
 def quiet_libraries(verbose: bool, no_progress: bool, distributed: bool = False) -> None:
     """Library chatter (deprecations, optional-kernel notices) would bury the report."""
     import transformers
@@ -44,9 +41,9 @@ def quiet_libraries(verbose: bool, no_progress: bool, distributed: bool = False)
     # its own level on import, so a filter (which stays) keeps its warnings out of single-process runs.
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if verbose or distributed:
-        deepspeed_logger.removeFilter(_errors_only)
-    elif _errors_only not in deepspeed_logger.filters:
-        deepspeed_logger.addFilter(_errors_only)
+        deepspeed_logger.removeFilter(errors_only)
+    elif errors_only not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(errors_only)
     if verbose:
         return
     transformers.utils.logging.set_verbosity_error()

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from llmbench.accuracy import shipped_tasks
+from llmbench.compat import dtype_kwargs
 from llmbench.records import read_records
 from tests.conftest import ROOT, error_lines
 
@@ -119,7 +120,7 @@ def test_evaluate_can_be_called_on_a_model_object(tiny_llama):
     from llmbench.cli import parse_config
 
     config = parse_config(["--accuracy-only", "--quiet", "--acc-data-dir", str(LAMBADA_DIR), "--acc-limit", "2"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, **dtype_kwargs(torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     results = evaluate(model, tokenizer, config)
     assert results["n-samples"]["lambada_openai"]["effective"] == 2

@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from llmbench.compat import dtype_kwargs
 from llmbench.ipex_woq import PACK, read_checkpoint
 from llmbench.models import load_model
 from llmbench.prompts import cut_prompt
@@ -79,5 +80,5 @@ def test_autoround_checkpoint_as_ipex_reads_it_encodes_what_auto_round_runs(run_
             modules[layer].weight.copy_(gptq_weights(state, layer))
     ids = cut_prompt(reference.tokenizer, 16, 1, CPU).input_ids
     expected = reference.model(ids).logits
-    got = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()(ids).logits.float()
+    got = AutoModelForCausalLM.from_pretrained(str(ckpt), **dtype_kwargs(torch.float32)).eval()(ids).logits.float()
     assert torch.allclose(got, expected, atol=2e-2 * expected.abs().max().item()), (got - expected).abs().max()

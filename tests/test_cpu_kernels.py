@@ -333,6 +333,9 @@ def test_argmax_rows_picks_as_torch_argmax(ops, dtype, rows, vocab):
         assert torch.equal(ops.argmax_rows(x, bias), expected), case
     prefill = torch.randn(rows, 3, vocab).to(dtype)  # a prefill's last position: rows apart
     assert torch.equal(ops.argmax_rows(prefill[:, -1, :], None), prefill[:, -1, :].float().argmax(-1, keepdim=True))
+    # leading dimensions are rows (torch 2.8 hands over an all-reduce's (rows, 1, vocab) buffer, not its view)
+    assert torch.equal(ops.argmax_rows(prefill[:, -1:, :].contiguous(), None),
+                       prefill[:, -1, :].float().argmax(-1, keepdim=True))
     with pytest.raises(RuntimeError, match="one value per column"):
         ops.argmax_rows(x, torch.zeros(vocab + 1))
 

@@ -17,8 +17,11 @@ from tests.conftest import ROOT, error_lines
 
 # Runs `code` in a child whose files may not grow past LIMIT bytes (RLIMIT_FSIZE): a disk that is full at that
 # size. SIGXFSZ is ignored, so an oversized write fails with EFBIG (or writes short) instead of killing the child.
+# The suite's modules are imported before (the disk fills after start-up): with torch 2.8 and transformers 4.51 the
+# imports write files of their own (a generated torch module, joblib's semaphore probe).
 LIMITED = textwrap.dedent("""
     import resource, runpy, signal, sys
+    import llmbench.main
     limit = int(sys.argv.pop(1))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

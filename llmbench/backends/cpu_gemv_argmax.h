@@ -76,9 +76,12 @@ Pick pick_in(const T* x, const float* bias, int64_t j0, int64_t j1) {
 constexpr int64_t kPickPart = 16384;  // the fewest values a thread takes of a row
 
 at::Tensor argmax_rows(const at::Tensor& scores, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(scores.dim() == 2 && scores.size(1) > 0, "argmax_rows: scores must be 2-D (rows, vocabulary), got ",
+  TORCH_CHECK(scores.dim() >= 2 && scores.size(-1) > 0, "argmax_rows: scores must be (rows, vocabulary), got ",
               scores.sizes());
-  const at::Tensor s = scores.stride(1) == 1 ? scores : scores.contiguous();  // rows may be apart (a prefill's last)
+  // Leading dimensions count as rows: torch 2.8's C++ wrapper hands over the (1, 1, V) buffer of an in-place
+  // all-reduce (tensor parallelism over gloo) instead of its (1, V) view.
+  const at::Tensor rows = scores.dim() == 2 ? scores : scores.reshape({-1, scores.size(-1)});
+  const at::Tensor s = rows.stride(1) == 1 ? rows : rows.contiguous();  // rows may be apart (a prefill's last)
   const int64_t M = s.size(0), V = s.size(1), stride = s.stride(0);
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kHalf,
               "argmax_rows: scores must be float32, bfloat16 or float16, got ", s.scalar_type());
