@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -96,6 +97,9 @@ def quantize_model(loaded: LoadedModel, config, device: torch.device, dtype: tor
         from llmbench.calibrated import load_autoround
 
         return load_autoround(loaded, config, device, dtype)
+    if importlib.util.find_spec("torchao") is None:  # the IPEX environment has none
+        raise UserError(f"--woq {config.woq} quantizes with torchao, which is not installed here: add --ipex (IPEX's "
+                        "own weight-only path) or run in the main environment (bash setup.sh)")
     accept = packable(config.woq, device)
     in_features = {name: mod.in_features for name, mod in linears.items() if accept(mod, name)}
     checkpoint = config.woq_checkpoint
