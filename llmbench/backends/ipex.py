@@ -5,6 +5,7 @@ torch, IPEX and transformers, which requirements-ipex.txt pins for a virtual env
 from __future__ import annotations
 
 import contextlib
+import sys
 from importlib import metadata
 
 import torch
@@ -107,8 +108,9 @@ class IpexBackend(Backend):
         adapt_deepspeed_shard_sizes(model)
         if hasattr(ipex, "llm") and hasattr(ipex.llm, "optimize"):
             api = "ipex.llm.optimize"
-            model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True, device=device.type,
-                                      **quantize)
+            with contextlib.redirect_stdout(sys.stderr):  # its notices ("... has set the optimized model") print
+                model = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True,
+                                          device=device.type, **quantize)
         else:
             if woq is not None:
                 raise UserError(f"--ipex --woq needs ipex.llm.optimize (IPEX 2.3 or newer), not IPEX "
