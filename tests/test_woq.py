@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -193,6 +194,15 @@ def test_bad_input_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch, extra,
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_woq_without_torchao_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The IPEX environment has no torchao: --woq without --ipex says what to do instead."""
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what find_spec reports for a package that is not installed
+    code = main([*RUN, "-m", str(tiny_llama), "--results", str(tmp_path / "r.jsonl"), "--woq", "int8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "quantizes with torchao, which is not installed here: add --ipex" in err
 
 
 def test_checkpoint_mismatch_and_foreign_folder_are_one_line(tiny_llama, tmp_path, capsys):
