@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from importlib import metadata
 
 import torch
@@ -72,7 +73,9 @@ def adapt_deepspeed_shard_sizes(model: torch.nn.Module) -> None:
 
     def adapt(function):
         def call(total_size, mp_size, meta_or_name=None, *args, **kwargs):
-            total_size = int(total_size)  # IPEX's TorchScript trace passes the hidden size as a traced tensor
+            with warnings.catch_warnings():  # IPEX's TorchScript trace passes the hidden size as a traced tensor
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant of the model: as intended
+                total_size = int(total_size)
             if not isinstance(meta_or_name, tp_shard.AutoTPMeta):
                 return function(total_size, mp_size, meta, meta_or_name, *args, **kwargs)
             return function(total_size, mp_size, meta_or_name, *args, **kwargs)
