@@ -163,18 +163,19 @@ def keep_shm_allreduce() -> None:
 
 
 def autotp(model: torch.nn.Module, dtype: torch.dtype, world: World, device: torch.device, ki: bool,
-           plain: bool = True, compiled: bool = False):
+           plain: bool = True, shm: bool = False, compiled: bool = False):
     """Shard with DeepSpeed AutoTP (kernel injection only with --ki); -> the sharded model (still a
     transformers model, so generate() with beam search works on it). plain=False keeps DeepSpeed's own layers
-    (what ipex.llm.optimize recognises and quantizes, all-reduce included)."""
+    (what ipex.llm.optimize recognises and quantizes, all-reduce included). On cpu, `shm` (shm_allreduce_wanted)
+    takes DeepSpeed's shared-memory all-reduce, else gloo; `compiled` steps keep it (keep_shm_allreduce)."""
     import deepspeed
 
-    if device.type == "cpu" and not shm_allreduce_wanted(compiled):
+    if device.type == "cpu" and not shm:
         # (the package attribute deepspeed.comm.torch is the torch library, hence sys.modules)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world.size}, dtype=dtype,
                                       replace_with_kernel_inject=ki)
-    if compiled:
+    if compiled and shm:
         keep_shm_allreduce()
     autotp_fixups(engine.module)
     if plain:
@@ -217,10 +218,9 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
     device = rank_device(device, world)
     compiled = config.backend == "compile"
     init_process_group(world, device)
+    shm = device.type == "cpu" and shm_allreduce_wanted(compiled)
     facts: dict = {"world_size": world.size, "launcher": world.launcher,
-                   "cpu_allreduce": ("deepspeed-shm" if shm_allreduce_wanted(compiled) else "gloo")
-                   if device.type == "cpu"
-                   else None}
+                   "cpu_allreduce": ("deepspeed-shm" if shm else "gloo") if device.type == "cpu" else None}
     model_config = _checkpoint_config(config)
     family = getattr(model_config, "model_type", None)
     if family in TP_PLAN_FAMILIES:  # refused before any weights are read
@@ -242,7 +242,7 @@ def load_sharded(load: Callable[[torch.device], object], config, device: torch.d
         start = time.perf_counter()
         try:
             loaded.model = autotp(loaded.model, dtype, world, device, config.ki, plain=config.backend != "ipex",
-                                  compiled=compiled)
+                                  shm=shm, compiled=compiled)
             sharded = _logits(loaded.model, ids.to(device))
             if reference is None or _agrees(sharded, reference, dtype):
                 method = AUTOTP + ("-kernel-inject" if config.ki else "")
