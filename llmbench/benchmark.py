@@ -144,7 +144,7 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                   token_latency=config.token_latency)  # input_tokens: the prompt's length as measured
     if run.is_main:
         record["roofline"] = record_roofline(run, inputs.num_tokens)
-    measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world))
+    measurement = Measurement(window=MeasuredWindow(device, config.batch_size, world, record.get("roofline")))
     profile_table = None
     try:
         measure(backend, inputs, config, device, run.loaded.tokenizer, measurement)

@@ -29,6 +29,7 @@ OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
 GPU_COPY_BYTES = 2 << 30  # per buffer: 4 GiB in all, beside a loaded model
 REPEATS = 10  # best of: a momentary disturbance (another process, a page fault) does not stick
+CHECK_REPEATS = 3  # the check after a run's measured iterations (~0.5 s on a 2-core host)
 BUSY_LIMIT = 0.25  # share of the CPUs busy with other work above which a measurement is used but never cached
 # Datasheet memory bandwidth, bytes/s, by a fragment of the device name; the first fragment found wins, so more
 # specific names come first ("H100 PCIe" before "H100").
@@ -68,6 +69,20 @@ def measure_cpu_read_bandwidth(size_bytes: int = CPU_READ_BYTES, repeats: int = 
         data.sum()
         best = min(best, time.perf_counter() - start)
     return size_bytes / best
+
+
+def check_cpu_read_bandwidth(repeats: int = CHECK_REPEATS) -> dict:
+    """The read bandwidth available now, measured in this process as the host's figure is (a 1 GiB sum, one thread
+    per CPU), best of `repeats`: after a run's measured iterations it tells whether something else took the memory
+    bandwidth the run needed, which no CPU counter of this machine shows when the other work runs in another
+    virtual machine. -> {"read_bandwidth_gb_s", "method"}."""
+    threads, before = os.cpu_count() or torch.get_num_threads(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gb_s = measure_cpu_read_bandwidth(repeats=repeats) / 1e9
+    finally:
+        torch.set_num_threads(before)
+    return {"read_bandwidth_gb_s": gb_s, "method": cpu_read_method(threads, repeats=repeats)}
 
 
 def measure_copy_bandwidth(device: torch.device, size_bytes: int = GPU_COPY_BYTES, repeats: int = REPEATS) -> float:

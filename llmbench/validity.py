@@ -26,6 +26,7 @@ MAX_E2E_CV = 0.5  # the iterations repeat the same work: a quiet run varies by a
 MIN_E2E_ITERATIONS = 3
 MAX_OTHER_GPU_SM_PERCENT = 10.0  # other processes' mean SM utilization on the device
 MAX_GPU_THERMAL_SHARE = 0.10  # share of the window the GPU spent clocked down for heat
+MIN_MEMORY_BANDWIDTH_SHARE = 0.8  # cpu: read bandwidth right after measurement / the host's best figure
 
 PROC_STAT = Path("/proc/stat")
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -153,6 +154,19 @@ class CpuFigures:
     unreadable: str | None = None  # why the CPU share could not be measured
 
 
+@dataclass
+class MemoryFigures:
+    """cpu: the read bandwidth measured right after the measured iterations against the host's best figure (the one
+    the roofline divides by). Other virtual machines on the same host take memory bandwidth without showing in any
+    CPU counter of this one (steal included), and a decode step slows down as much as the bandwidth it loses."""
+
+    read_bandwidth_gb_s: float | None
+    host_read_bandwidth_gb_s: float
+    share: float | None  # read_bandwidth_gb_s / host_read_bandwidth_gb_s
+    method: str | None
+    error: str | None = None  # why the check could not run
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -227,6 +241,7 @@ class Validity:
     cpu: CpuFigures | None
     gpu: GpuFigures | None
     thresholds: dict
+    memory: MemoryFigures | None = None
 
     def to_record(self) -> dict:
         out = asdict(self)
@@ -237,12 +252,13 @@ class Validity:
 THRESHOLDS = {"max_other_cpu_share": MAX_OTHER_CPU_SHARE, "max_steal_share": MAX_STEAL_SHARE,
               "max_next_token_cv": MAX_NEXT_TOKEN_CV, "min_next_token_steps": MIN_NEXT_TOKEN_STEPS,
               "max_e2e_cv": MAX_E2E_CV, "min_e2e_iterations": MIN_E2E_ITERATIONS,
-              "max_other_gpu_sm_percent": MAX_OTHER_GPU_SM_PERCENT, "max_gpu_thermal_share": MAX_GPU_THERMAL_SHARE}
+              "max_other_gpu_sm_percent": MAX_OTHER_GPU_SM_PERCENT, "max_gpu_thermal_share": MAX_GPU_THERMAL_SHARE,
+              "min_memory_bandwidth_share": MIN_MEMORY_BANDWIDTH_SHARE}
 
 
 def assess(iterations: list[dict], metrics: dict, requested_iterations: int, requested_tokens: int,
            warmup_iterations: int, complete: bool, cpu: CpuFigures | None = None,
-           gpu: GpuFigures | None = None) -> Validity:
+           gpu: GpuFigures | None = None, memory: MemoryFigures | None = None) -> Validity:
     """The verdict: `iterations` are the record's (generated_tokens, token_latencies_s), `metrics` its metrics."""
     reasons = []
     if cpu is not None and cpu.other_share is not None:
@@ -252,6 +268,10 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
         if (cpu.steal_share or 0.0) - (cpu.other_share_resolution or 0.0) > MAX_STEAL_SHARE:
             reasons.append(f"the hypervisor gave {cpu.steal_share:.0%} of this machine's CPU time to others "
                            "during measurement (steal)")
+    if memory is not None and memory.share is not None and memory.share < MIN_MEMORY_BANDWIDTH_SHARE:
+        reasons.append(f"right after measurement a read of memory reached {memory.read_bandwidth_gb_s:.1f} GB/s, "
+                       f"{memory.share:.0%} of this host's {memory.host_read_bandwidth_gb_s:.1f} GB/s (other work, "
+                       "perhaps on another virtual machine, was using the memory or the CPUs)")
     if cpu is not None and cpu.throttle_events:
         reasons.append(f"the CPUs were thermally throttled {cpu.throttle_events} times during measurement")
     if gpu is not None:
@@ -278,7 +298,7 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
     return Validity(valid=not reasons, reasons=reasons, complete=complete, iterations_measured=len(iterations),
                     iterations_requested=requested_iterations, warmup_iterations=warmup_iterations,
                     tokens_as_requested=tokens_ok, next_token_latency_cv=next_cv, e2e_latency_cv=e2e_cv, cpu=cpu,
-                    gpu=gpu, thresholds=dict(THRESHOLDS))
+                    gpu=gpu, thresholds=dict(THRESHOLDS), memory=memory)
 
 
 def warning_line(reasons: list[str]) -> str:

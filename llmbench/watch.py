@@ -15,7 +15,8 @@ from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
 from llmbench.profiling import profile_generation
-from llmbench.validity import CpuWatch, assess, warning_line
+from llmbench.roofline import check_cpu_read_bandwidth
+from llmbench.validity import CpuWatch, MemoryFigures, assess, warning_line
 
 
 def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
@@ -33,10 +34,15 @@ def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
 
 
 class MeasuredWindow:
-    """start() before the first measured iteration, stop() after the last (or when the run fails)."""
+    """start() before the first measured iteration, stop() after the last (or when the run fails). `roofline`: the
+    record's (on cpu its measured read bandwidth is what a complete single-process run checks the memory against
+    after measurement; a figure set with LLMBENCH_READ_BANDWIDTH_GB_S is not checked)."""
 
-    def __init__(self, device: torch.device, batch_size: int, world=None):
+    def __init__(self, device: torch.device, batch_size: int, world=None, roofline: dict | None = None):
         self.device, self.batch_size, self.world = device, batch_size, world
+        measured = (roofline or {}).get("source") in ("cache", "measured")
+        self.host_gb_s = roofline["read_bandwidth_gb_s"] if measured and device.type == "cpu" and (
+            world is None or world.size <= 1) else None
         own, launchers, cpus = job_processes(world)
         self.cpu = CpuWatch(own, launchers, cpus)
         self.gpu = GpuWatch(device, own) if device.type == "cuda" else None
@@ -82,9 +88,20 @@ class MeasuredWindow:
                 energy.joules_per_token = energy.joules / energy.generated_tokens if energy.generated_tokens else None
                 energy.average_watts = energy.joules / energy.window_s
                 energy.scope = f"{energy.scope}, summed over {len(joules)} ranks"
+        memory = self.check_memory() if complete and self.host_gb_s else None
         validity = assess(iterations, record["metrics"], record["num_iter"], record["max_new_tokens"],
-                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures)
+                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory)
         return {"valid": validity.valid, "validity": validity.to_record(), "energy": energy.to_record()}
+
+
+    def check_memory(self) -> MemoryFigures:
+        """The memory's read bandwidth now against the host's figure (llmbench.roofline.check_cpu_read_bandwidth)."""
+        try:
+            now = check_cpu_read_bandwidth()
+        except (RuntimeError, MemoryError) as exc:
+            return MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
+        gb_s = now["read_bandwidth_gb_s"]
+        return MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
 
 
 def profile_after(backend, inputs, config, device: torch.device, record: dict, world=None) -> tuple[dict, str]:
