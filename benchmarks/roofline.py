@@ -79,9 +79,9 @@ def anchor_rows(args) -> list[dict]:
 
 
 def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) -> None:
-    """`gb_s`: the host's read bandwidth (the best seen), the roofline's; `run_gb_s`: the bandwidth measured during
-    this run (the mean of its measurements before and after the cases), which a shared host lowers: "% of run bw"
-    is the share of that bandwidth a case reached."""
+    """`gb_s`: the host's read bandwidth (the best seen), the roofline's; a row's `run_gb_s`: the bandwidth measured
+    right after its case (else `run_gb_s`, the mean of this run's measurements before and after the cases), which a
+    shared host lowers: "% of run bw" is the share of that bandwidth a case reached."""
     print(f"\n{'backend':<10}{'scheme':<7}{'dtype':<10}{'ms/token':>9}{'roofline ms':>12}{'% of roofline':>14}"
           f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}")
     for r in rows:
@@ -91,7 +91,8 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
         roofline_ms = r["bytes_read"] / (gb_s * 1e9) * 1e3 if r["bytes_read"] and gb_s else None
         roofline = f"{roofline_ms:.2f}" if roofline_ms else "-"
         share = f"{roofline_ms / r['next_ms'] * 100:.0f}%" if roofline_ms else "-"
-        run_share = f"{roofline_ms * gb_s / run_gb_s / r['next_ms'] * 100:.0f}%" if roofline_ms and run_gb_s else "-"
+        case_gb_s = r.get("run_gb_s") or run_gb_s
+        run_share = f"{roofline_ms * gb_s / case_gb_s / r['next_ms'] * 100:.0f}%" if roofline_ms and case_gb_s else "-"
         read_mb = f"{r['bytes_read'] / 1e6:.1f}" if r["bytes_read"] else "-"
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
         print(f"{r['backend']:<10}{r['scheme']:<7}{r['dtype']:<10}{r['next_ms']:>9.2f}{roofline:>12}{share:>14}"

@@ -29,7 +29,7 @@ from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
 from llmbench.cli import RunConfig  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
-from llmbench.roofline import decode_bytes_read  # noqa: E402
+from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
 ANCHOR = ROOT.parent / "shared" / "anchors" / "llama_bench.sh"
@@ -74,6 +74,8 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     measurement = Measurement()
     with cpu_lock(not args.no_lock and run.device.type == "cpu"):
         measure(run.backend, inputs, config, run.device, None, measurement)
+        # the memory's bandwidth right after, as a record's validity checks it: a shared host lowers it
+        run_gb_s = check_cpu_read_bandwidth()["read_bandwidth_gb_s"] if run.device.type == "cpu" else None
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
     read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens,
                              config.max_new_tokens)["bytes_read_per_token"]
@@ -82,7 +84,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
            "dtype": str(run.dtype).removeprefix("torch."), "next_ms": next_s * 1e3,
            "first_ms": metrics["first_token_latency_s"] * 1e3, "bytes_read": read, "gb_s": read / next_s / 1e9,
            "tokens": measurement.output_token_ids,
-           "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None,
+           "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None, "run_gb_s": run_gb_s,
            "quantization": run.facts.get("quantization")}
     del run
     gc.collect()
