@@ -29,7 +29,7 @@ from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
 from llmbench.cli import RunConfig  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
-from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read  # noqa: E402
+from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read, override_bandwidth  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
 ANCHOR = ROOT.parent / "shared" / "anchors" / "llama_bench.sh"
@@ -74,8 +74,10 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     measurement = Measurement()
     with cpu_lock(not args.no_lock and run.device.type == "cpu"):
         measure(run.backend, inputs, config, run.device, None, measurement)
-        # the memory's bandwidth right after, as a record's validity checks it: a shared host lowers it
-        run_gb_s = check_cpu_read_bandwidth()["read_bandwidth_gb_s"] if run.device.type == "cpu" else None
+        # the memory's bandwidth right after, as a record's validity checks it (a shared host lowers it), unless
+        # the user set the bandwidth
+        checked = run.device.type == "cpu" and override_bandwidth() is None
+        run_gb_s = check_cpu_read_bandwidth()["read_bandwidth_gb_s"] if checked else None
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
     read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens,
                              config.max_new_tokens)["bytes_read_per_token"]

@@ -95,9 +95,12 @@ class MeasuredWindow:
 
 
     def check_memory(self) -> MemoryFigures:
-        """The memory's read bandwidth now against the host's figure (llmbench.roofline.check_cpu_read_bandwidth)."""
+        """The memory's read bandwidth now against the host's figure (llmbench.roofline.check_cpu_read_bandwidth).
+        Ctrl-C during the check ends the check only: the run it follows is complete and must reach the record."""
         try:
             now = check_cpu_read_bandwidth()
+        except KeyboardInterrupt:
+            return MemoryFigures(None, self.host_gb_s, None, None, error="interrupted (Ctrl-C)")
         except (RuntimeError, MemoryError) as exc:
             return MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
         gb_s = now["read_bandwidth_gb_s"]
