@@ -22,6 +22,10 @@ process, alternating for --rounds rounds, and prints the AMX/vdpbf16ps ratio of 
 --prefill (CPUs with AMX_BF16) times one prefill's bf16 linears (every layer's, not the output head) of 16, 32 and
 64 rows (prompt tokens x batch, the AMX kernel's limit) through torch's F.linear (oneDNN) and the AMX kernel,
 alternating in one process.
+The weights of --prefetch, --amx and --prefill lie in huge pages as the compile backend places them
+(llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
+how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
+on plain pages, 1.27x in huge pages, as in a compiled step).
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ from woq import cpu_lock, leading_agreement  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 
 HINTS = {"nta": "0", "t2": "1", "t0": "3"}  # __builtin_prefetch's locality
+
+
+def placed():
+    """-> a function that moves a weight into huge pages as the compile backend does (LLMBENCH_HUGE_PAGES=0: keeps
+    it), and the arena (None without huge pages) that holds them."""
+    from llmbench.backends.huge_pages import HugePageArena
+
+    arena = HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
+    return (arena.place if arena else (lambda t: t)), arena
 
 
 def step_shapes() -> list[tuple[int, int]]:
@@ -83,9 +96,10 @@ def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", from_memo
     gs, shapes = 32, step_shapes()
     int4_shapes = (beyond_cache(shapes, 0.5) if from_memory else shapes) if "int4" in kinds else []
     bf16_shapes = (beyond_cache(shapes, 2) if from_memory else shapes) if "bf16" in kinds else []
-    int4 = [int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
-                                  torch.rand(n, k // gs, dtype=torch.bfloat16))[0] for n, k in int4_shapes]
-    bf16 = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in bf16_shapes]
+    place, _ = placed()
+    int4 = [place(int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
+                                        torch.rand(n, k // gs, dtype=torch.bfloat16))[0]) for n, k in int4_shapes]
+    bf16 = [place(torch.randn(n, k, dtype=torch.bfloat16)) for n, k in bf16_shapes]
     xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
     cases = {
         "int4": (lambda: [ops.linear_int4(xs[k], packed, gs, 2, None) for packed, (_, k) in zip(int4, int4_shapes)],
@@ -171,8 +185,10 @@ def prefill(iters: int) -> None:
         raise SystemExit(why)
     torch.manual_seed(0)
     shapes = step_shapes()[:-1]
-    weights = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in shapes]
-    print(f"one prefill's bf16 linears, default model shapes; {cpu_kind().describe()}; {iters} alternating rounds")
+    place, arena = placed()
+    weights = [place(torch.randn(n, k, dtype=torch.bfloat16)) for n, k in shapes]
+    print(f"one prefill's bf16 linears, default model shapes; {cpu_kind().describe()}; {iters} alternating rounds; "
+          f"weights: {arena.describe() if arena else 'plain pages (LLMBENCH_HUGE_PAGES=0)'}")
     for rows in (16, 32, 64):
         xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
         cases = {"oneDNN": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
