@@ -49,6 +49,7 @@ class MeasuredWindow:
         self.energy = EnergyMeter(device)
         self.started = self.stopped = False
         self.cpu_figures = self.gpu_figures = None
+        self.memory_figures: MemoryFigures | None = None
         self.energy_figures: Energy | None = None
 
     def start(self) -> None:
@@ -88,23 +89,28 @@ class MeasuredWindow:
                 energy.joules_per_token = energy.joules / energy.generated_tokens if energy.generated_tokens else None
                 energy.average_watts = energy.joules / energy.window_s
                 energy.scope = f"{energy.scope}, summed over {len(joules)} ranks"
-        memory = self.check_memory() if complete and self.host_gb_s else None
+        memory = self.memory_figures if complete else None
         validity = assess(iterations, record["metrics"], record["num_iter"], record["max_new_tokens"],
                           record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory)
         return {"valid": validity.valid, "validity": validity.to_record(), "energy": energy.to_record()}
 
-
-    def check_memory(self) -> MemoryFigures:
-        """The memory's read bandwidth now against the host's figure (llmbench.roofline.check_cpu_read_bandwidth).
-        Ctrl-C during the check ends the check only: the run it follows is complete and must reach the record."""
+    def check_memory(self) -> None:
+        """Right after the measured iterations (before a --profile generation): the memory's read bandwidth now
+        against the host's figure (llmbench.roofline.check_cpu_read_bandwidth), for the record's validity; nothing
+        where there is no host figure to check against. Ctrl-C during the check ends the check only: the run it
+        follows is complete and must reach the record."""
+        if not self.host_gb_s:
+            return
         try:
             now = check_cpu_read_bandwidth()
         except KeyboardInterrupt:
-            return MemoryFigures(None, self.host_gb_s, None, None, error="interrupted (Ctrl-C)")
+            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error="interrupted (Ctrl-C)")
+            return
         except (RuntimeError, MemoryError) as exc:
-            return MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
+            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
+            return
         gb_s = now["read_bandwidth_gb_s"]
-        return MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
+        self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
 
 
 def profile_after(backend, inputs, config, device: torch.device, record: dict, world=None) -> tuple[dict, str]:
