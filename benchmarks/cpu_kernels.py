@@ -52,9 +52,9 @@ HINTS = {"nta": "0", "t2": "1", "t0": "3"}  # __builtin_prefetch's locality
 def placed():
     """-> a function that moves a weight into huge pages as the compile backend does (LLMBENCH_HUGE_PAGES=0: keeps
     it), and the arena (None without huge pages) that holds them."""
-    from llmbench.backends.huge_pages import HugePageArena
+    from llmbench.backends.huge_pages import weights_arena
 
-    arena = HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
+    arena = weights_arena()
     return (arena.place if arena else (lambda t: t)), arena
 
 

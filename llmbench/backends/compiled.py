@@ -41,7 +41,7 @@ from llmbench.backends.compile_settings import (
 )
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
-from llmbench.backends.huge_pages import HugePageArena
+from llmbench.backends.huge_pages import weights_arena
 from llmbench.backends.static_caches import cache_tensors, keeps_every_position, layer_states, new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
@@ -131,8 +131,7 @@ class CompileBackend(Backend):
         if why_not is None:
             self._pick_op = True
             self.details["greedy_pick"] = "llmbench_cpu.argmax_rows"
-            # LLMBENCH_HUGE_PAGES=0 keeps the weights where they are (for comparisons; see huge_pages.py)
-            arena = HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
+            arena = weights_arena()
             self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(
                 model, cpu_kernels.MAX_ROWS, arena)
             self.details["streaming_weights_memory"] = arena.describe() if arena else \

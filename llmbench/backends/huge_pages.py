@@ -9,6 +9,7 @@ in one process). Where the kernel's THP setting is `never`, or madvise is unavai
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -74,3 +75,9 @@ class HugePageArena:
         how = "madvised for huge pages" if self.advised and mode in ("always", "madvise") else \
             f"plain pages (transparent huge pages: {mode})"
         return f"{self.placed_bytes / 2**20:.1f} MiB in {len(self.slabs)} slab(s), {how}"
+
+
+def weights_arena() -> HugePageArena | None:
+    """The arena the compile backend moves the weights its kernels stream into; None for LLMBENCH_HUGE_PAGES=0,
+    which keeps them where they are (for comparisons)."""
+    return HugePageArena() if os.environ.get("LLMBENCH_HUGE_PAGES", "1") != "0" else None
