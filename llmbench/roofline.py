@@ -71,12 +71,18 @@ def measure_cpu_read_bandwidth(size_bytes: int = CPU_READ_BYTES, repeats: int = 
     return size_bytes / best
 
 
+def host_threads() -> int:
+    """Threads of the host's read-bandwidth figure: every CPU of the host, whatever this process's own thread count
+    (the roofline is the machine's, and the ranks of a distributed run, fewer threads each, look up the same figure)."""
+    return os.cpu_count() or torch.get_num_threads()
+
+
 def check_cpu_read_bandwidth(repeats: int = CHECK_REPEATS) -> dict:
     """The read bandwidth available now, measured in this process as the host's figure is (a 1 GiB sum, one thread
     per CPU), best of `repeats`: after a run's measured iterations it tells whether something else took the memory
     bandwidth the run needed, which no CPU counter of this machine shows when the other work runs in another
     virtual machine. -> {"read_bandwidth_gb_s", "method"}."""
-    threads, before = os.cpu_count() or torch.get_num_threads(), torch.get_num_threads()
+    threads, before = host_threads(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gb_s = measure_cpu_read_bandwidth(repeats=repeats) / 1e9
@@ -147,9 +153,7 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     under a lock on a quiet machine) and keeps the higher of the new and the cached figure: a busy moment only lowers
     a bandwidth, so the best figure seen is the host's. Without `measure`: the cache, or a RuntimeError.
     -> {"bandwidth_gb_s", "method", "measured_at", "source", "cache_file"}."""
-    # Every CPU of the host, whatever this process's own thread count: the roofline is the machine's, and the ranks
-    # of a distributed run (fewer threads each) look up the same figure.
-    threads = os.cpu_count() or torch.get_num_threads()
+    threads = host_threads()
     method = cpu_read_method(threads) if device.type == "cpu" else gpu_copy_method()
     path = cache_file(device, threads)
     cached = None

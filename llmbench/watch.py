@@ -103,11 +103,9 @@ class MeasuredWindow:
             return
         try:
             now = check_cpu_read_bandwidth()
-        except KeyboardInterrupt:
-            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error="interrupted (Ctrl-C)")
-            return
-        except (RuntimeError, MemoryError) as exc:
-            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
+        except (KeyboardInterrupt, RuntimeError, MemoryError) as exc:
+            why = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=why)
             return
         gb_s = now["read_bandwidth_gb_s"]
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
