@@ -148,7 +148,7 @@ def run_benchmark(config: RunConfig, world=None) -> int:
     profile_table = None
     try:
         measure(backend, inputs, config, device, run.loaded.tokenizer, measurement)
-        measurement.window.check_memory()
+        measurement.window.check_host()
         if config.profile is not None:
             record["profile"], profile_table = profile_after(backend, inputs, config, device, record, world)
     except KeyboardInterrupt as exc:  # for main()'s message: what the finally clause below keeps

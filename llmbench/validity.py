@@ -27,6 +27,7 @@ MIN_E2E_ITERATIONS = 3
 MAX_OTHER_GPU_SM_PERCENT = 10.0  # other processes' mean SM utilization on the device
 MAX_GPU_THERMAL_SHARE = 0.10  # share of the window the GPU spent clocked down for heat
 MIN_MEMORY_BANDWIDTH_SHARE = 0.8  # cpu: read bandwidth right after measurement / the host's best figure
+MIN_CORE_SPEED_SHARE = 0.8  # cpu: the cores' speed right after measurement / their best on this host
 
 PROC_STAT = Path("/proc/stat")
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -167,6 +168,22 @@ class MemoryFigures:
     error: str | None = None  # why the check could not run
 
 
+@dataclass
+class CoreFigures:
+    """cpu: the cores' speed measured right after the measured iterations against the best this host has given
+    (llmbench.core_speed): a matrix product's GFLOP/s and one small operator's time. Busy hyperthread siblings
+    (another virtual machine's) or a lowered clock slow the cores without showing in any CPU counter of this one."""
+
+    matmul_gflop_s: float | None
+    host_matmul_gflop_s: float | None
+    op_us: float | None
+    host_op_us: float | None
+    share: float | None  # the slower probe's speed now / its best on this host
+    method: str | None
+    first_on_host: bool = False  # no earlier figure: this run's own is the host's best so far
+    error: str | None = None  # why the check could not run
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -242,6 +259,7 @@ class Validity:
     gpu: GpuFigures | None
     thresholds: dict
     memory: MemoryFigures | None = None
+    cores: CoreFigures | None = None
 
     def to_record(self) -> dict:
         out = asdict(self)
@@ -253,12 +271,13 @@ THRESHOLDS = {"max_other_cpu_share": MAX_OTHER_CPU_SHARE, "max_steal_share": MAX
               "max_next_token_cv": MAX_NEXT_TOKEN_CV, "min_next_token_steps": MIN_NEXT_TOKEN_STEPS,
               "max_e2e_cv": MAX_E2E_CV, "min_e2e_iterations": MIN_E2E_ITERATIONS,
               "max_other_gpu_sm_percent": MAX_OTHER_GPU_SM_PERCENT, "max_gpu_thermal_share": MAX_GPU_THERMAL_SHARE,
-              "min_memory_bandwidth_share": MIN_MEMORY_BANDWIDTH_SHARE}
+              "min_memory_bandwidth_share": MIN_MEMORY_BANDWIDTH_SHARE, "min_core_speed_share": MIN_CORE_SPEED_SHARE}
 
 
 def assess(iterations: list[dict], metrics: dict, requested_iterations: int, requested_tokens: int,
            warmup_iterations: int, complete: bool, cpu: CpuFigures | None = None,
-           gpu: GpuFigures | None = None, memory: MemoryFigures | None = None) -> Validity:
+           gpu: GpuFigures | None = None, memory: MemoryFigures | None = None,
+           cores: CoreFigures | None = None) -> Validity:
     """The verdict: `iterations` are the record's (generated_tokens, token_latencies_s), `metrics` its metrics."""
     reasons = []
     if cpu is not None and cpu.other_share is not None:
@@ -272,6 +291,11 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
         reasons.append(f"right after measurement a read of memory reached {memory.read_bandwidth_gb_s:.1f} GB/s, "
                        f"{memory.share:.0%} of this host's {memory.host_read_bandwidth_gb_s:.1f} GB/s (other work, "
                        "perhaps on another virtual machine, was using the memory or the CPUs)")
+    if cores is not None and cores.share is not None and cores.share < MIN_CORE_SPEED_SHARE:
+        reasons.append(f"right after measurement the cores ran at {cores.share:.0%} of their best on this host (a "
+                       f"matrix product {cores.matmul_gflop_s:.0f} of {cores.host_matmul_gflop_s:.0f} GFLOP/s, a small "
+                       f"operator {cores.op_us:.2f} us against {cores.host_op_us:.2f}: other work on these cores or "
+                       "their hyperthread siblings, perhaps in another virtual machine, or a lower clock)")
     if cpu is not None and cpu.throttle_events:
         reasons.append(f"the CPUs were thermally throttled {cpu.throttle_events} times during measurement")
     if gpu is not None:
@@ -298,7 +322,7 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
     return Validity(valid=not reasons, reasons=reasons, complete=complete, iterations_measured=len(iterations),
                     iterations_requested=requested_iterations, warmup_iterations=warmup_iterations,
                     tokens_as_requested=tokens_ok, next_token_latency_cv=next_cv, e2e_latency_cv=e2e_cv, cpu=cpu,
-                    gpu=gpu, thresholds=dict(THRESHOLDS), memory=memory)
+                    gpu=gpu, thresholds=dict(THRESHOLDS), memory=memory, cores=cores)
 
 
 def warning_line(reasons: list[str]) -> str:

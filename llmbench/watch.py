@@ -11,12 +11,21 @@ import time
 
 import torch
 
+from llmbench.core_speed import core_share, host_best, measure_core_speed, remember
 from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
 from llmbench.profiling import profile_generation
 from llmbench.roofline import check_cpu_read_bandwidth
-from llmbench.validity import CpuWatch, MemoryFigures, assess, warning_line
+from llmbench.validity import (
+    MAX_OTHER_CPU_SHARE,
+    MAX_STEAL_SHARE,
+    CoreFigures,
+    CpuWatch,
+    MemoryFigures,
+    assess,
+    warning_line,
+)
 
 
 def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
@@ -36,13 +45,15 @@ def job_processes(world) -> tuple[list[int], list[int], list[int] | None]:
 class MeasuredWindow:
     """start() before the first measured iteration, stop() after the last (or when the run fails). `roofline`: the
     record's (on cpu its measured read bandwidth is what a complete single-process run checks the memory against
-    after measurement; a figure set with LLMBENCH_READ_BANDWIDTH_GB_S is not checked)."""
+    after measurement; a figure set with LLMBENCH_READ_BANDWIDTH_GB_S is not checked). The cores' speed is checked
+    after every complete single-process cpu run."""
 
     def __init__(self, device: torch.device, batch_size: int, world=None, roofline: dict | None = None):
         self.device, self.batch_size, self.world = device, batch_size, world
         measured = (roofline or {}).get("source") in ("cache", "measured")
-        self.host_gb_s = roofline["read_bandwidth_gb_s"] if measured and device.type == "cpu" and (
-            world is None or world.size <= 1) else None
+        single_cpu = device.type == "cpu" and (world is None or world.size <= 1)
+        self.host_gb_s = roofline["read_bandwidth_gb_s"] if measured and single_cpu else None
+        self.checks_cores = single_cpu
         own, launchers, cpus = job_processes(world)
         self.cpu = CpuWatch(own, launchers, cpus)
         self.gpu = GpuWatch(device, own) if device.type == "cuda" else None
@@ -50,6 +61,7 @@ class MeasuredWindow:
         self.started = self.stopped = False
         self.cpu_figures = self.gpu_figures = None
         self.memory_figures: MemoryFigures | None = None
+        self.core_figures: CoreFigures | None = None
         self.energy_figures: Energy | None = None
 
     def start(self) -> None:
@@ -89,26 +101,57 @@ class MeasuredWindow:
                 energy.joules_per_token = energy.joules / energy.generated_tokens if energy.generated_tokens else None
                 energy.average_watts = energy.joules / energy.window_s
                 energy.scope = f"{energy.scope}, summed over {len(joules)} ranks"
-        memory = self.memory_figures if complete else None
+        memory, cores = (self.memory_figures, self.core_figures) if complete else (None, None)
         validity = assess(iterations, record["metrics"], record["num_iter"], record["max_new_tokens"],
-                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory)
+                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory, cores)
         return {"valid": validity.valid, "validity": validity.to_record(), "energy": energy.to_record()}
 
-    def check_memory(self) -> None:
-        """Right after the measured iterations (before a --profile generation): the memory's read bandwidth now
-        against the host's figure (llmbench.roofline.check_cpu_read_bandwidth), for the record's validity; nothing
-        where there is no host figure to check against. Ctrl-C during the check ends the check only: the run it
-        follows is complete and must reach the record."""
-        if not self.host_gb_s:
-            return
+    def check_host(self) -> None:
+        """Right after the measured iterations (before a --profile generation), on cpu: the memory's read bandwidth
+        against the host's figure (llmbench.roofline.check_cpu_read_bandwidth; only where there is a measured one),
+        then the cores' speed against their best on this host (llmbench.core_speed), for the record's validity.
+        Ctrl-C during a check ends the checks only: the run they follow is complete and must reach the record."""
+        try:
+            if self.host_gb_s:
+                self._check_memory()
+            if self.checks_cores:
+                self._check_cores()
+        except KeyboardInterrupt:
+            why = "interrupted (Ctrl-C)"
+            if self.host_gb_s and self.memory_figures is None:
+                self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=why)
+            if self.checks_cores and self.core_figures is None:
+                self.core_figures = CoreFigures(None, None, None, None, None, None, error=why)
+
+    def _check_memory(self) -> None:
         try:
             now = check_cpu_read_bandwidth()
-        except (KeyboardInterrupt, RuntimeError, MemoryError) as exc:
-            why = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=why)
+        except (RuntimeError, MemoryError) as exc:
+            self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
             return
         gb_s = now["read_bandwidth_gb_s"]
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
+
+    def _check_cores(self) -> None:
+        try:
+            now = measure_core_speed()
+        except (RuntimeError, MemoryError) as exc:
+            self.core_figures = CoreFigures(None, None, None, None, None, None, error=f"{type(exc).__name__}: {exc}")
+            return
+        best = host_best(now["method"])
+        first = best is None
+        cpu = self.cpu_figures
+        # A figure of a run that shared this machine's CPUs is the others' as much as the host's: never kept.
+        quiet = cpu is not None and cpu.other_share is not None and cpu.other_share <= MAX_OTHER_CPU_SHARE and (
+            cpu.steal_share or 0.0) <= MAX_STEAL_SHARE
+        if quiet:
+            try:
+                best = remember(now, best)
+            except OSError:
+                pass  # an unwritable cache: the check still compares with what it has
+        best = best or now
+        self.core_figures = CoreFigures(now["matmul_gflop_s"], best["matmul_gflop_s"], now["op_us"], best["op_us"],
+                                        core_share(now, best), now["method"], first_on_host=first)
 
 
 def profile_after(backend, inputs, config, device: torch.device, record: dict, world=None) -> tuple[dict, str]:

@@ -1,0 +1,102 @@
+"""The checks of the host right after a cpu run's measured iterations: the memory's read bandwidth against the host's
+figure (llmbench.roofline) and the cores' speed against their best on this host (llmbench.core_speed)."""
+
+import json
+import os
+
+from llmbench.core_speed import best_file, core_speed_method, host_best
+from llmbench.validity import MIN_CORE_SPEED_SHARE, MIN_MEMORY_BANDWIDTH_SHARE, CoreFigures, MemoryFigures
+from tests.test_benchmark import bench_args, only_record
+from tests.test_validity import CORES_REASON, MEMORY_REASON, cpu_figures, verdict
+
+TINY_RUN = ("--greedy", "--dtype", "float32", "--input-tokens", "16", "--max-new-tokens", "6", "--num-iter", "2",
+            "--num-warmup", "1", "--token-latency", "--quiet")
+
+
+def test_memory_bandwidth_below_the_hosts_makes_a_run_invalid():
+    def memory(gb_s):
+        return MemoryFigures(gb_s, 31.2, gb_s / 31.2, "sum of a 1 GiB float32 tensor, 2 threads, best of 3")
+
+    low = verdict(cpu_figures(0.02), memory=memory(21.2))
+    assert not low.valid
+    assert low.reasons == ["right after measurement a read of memory reached 21.2 GB/s, 68% of this host's 31.2 GB/s "
+                           "(other work, perhaps on another virtual machine, was using the memory or the CPUs)"]
+    assert low.to_record()["memory"]["share"] == 21.2 / 31.2
+    assert verdict(cpu_figures(0.02), memory=memory(31.2 * MIN_MEMORY_BANDWIDTH_SHARE + 0.1)).valid
+    failed = MemoryFigures(None, 31.2, None, None, error="MemoryError: no room")
+    assert verdict(cpu_figures(0.02), memory=failed).valid  # a check that could not run says so, and no more
+
+
+def test_memory_slower_than_the_hosts_figure_is_reported(run_main, tmp_path, tiny_llama, monkeypatch):
+    """A host figure far above what the memory gives now (as when another virtual machine takes most of it) makes
+    the run invalid with the figures behind the verdict; a bandwidth set by the user is not checked."""
+    import torch
+
+    from llmbench.roofline import cache_file, cpu_read_method
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    threads = os.cpu_count()
+    host = cache_file(torch.device("cpu"), threads)
+    host.parent.mkdir(parents=True)
+    host.write_text(json.dumps({"bandwidth_gb_s": 1e5, "method": cpu_read_method(threads)}))
+    args = ("--greedy", "--dtype", "float32", "--input-tokens", "16", "--max-new-tokens", "6", "--num-iter", "2",
+            "--num-warmup", "1", "--token-latency", "--quiet")
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *args))
+    assert status == 0, err
+    record = only_record(tmp_path / "slow.jsonl")
+    memory = record["validity"]["memory"]
+    assert record["roofline"]["source"] == "cache" and memory["host_read_bandwidth_gb_s"] == 1e5
+    assert 0 < memory["read_bandwidth_gb_s"] < 1e4 and memory["share"] == memory["read_bandwidth_gb_s"] / 1e5
+    assert memory["method"] == cpu_read_method(threads, repeats=3)
+    assert record["valid"] is False and any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
+    assert f"of this host's {1e5:.1f} GB/s" in err
+    monkeypatch.setenv("LLMBENCH_READ_BANDWIDTH_GB_S", "1e5")
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "set.jsonl", *args))
+    assert status == 0, err
+    assert only_record(tmp_path / "set.jsonl")["validity"]["memory"] is None
+
+
+
+
+def test_cores_slower_than_their_best_make_a_run_invalid():
+    def cores(gflop_s, op_us):
+        share = min(gflop_s / 260.0, 2.9 / op_us)
+        return CoreFigures(gflop_s, 260.0, op_us, 2.9, share, "float32 256x256 matrix product ...")
+
+    slow_math = verdict(cpu_figures(0.02), cores=cores(130.0, 2.9))
+    assert slow_math.reasons == ["right after measurement the cores ran at 50% of their best on this host (a matrix "
+                                 "product 130 of 260 GFLOP/s, a small operator 2.90 us against 2.90: other work on "
+                                 "these cores or their hyperthread siblings, perhaps in another virtual machine, or a "
+                                 "lower clock)"]
+    assert not verdict(cpu_figures(0.02), cores=cores(260.0, 4.0)).valid  # the dispatch alone slowed: 72%
+    assert verdict(cpu_figures(0.02), cores=cores(260.0 * MIN_CORE_SPEED_SHARE + 0.1, 2.9)).valid
+    assert verdict(cpu_figures(0.02), cores=cores(260.0, 2.9)).to_record()["cores"]["share"] == 1.0
+    failed = CoreFigures(None, None, None, None, None, None, error="interrupted (Ctrl-C)")
+    assert verdict(cpu_figures(0.02), cores=failed).valid
+
+
+def test_cores_check_keeps_the_hosts_best(run_main, tmp_path, tiny_llama, monkeypatch):
+    """A host's first run sets its best figures; a best far above what the cores give now (as when another virtual
+    machine shares them) makes a run invalid, with the figures behind it, and stays the best."""
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMBENCH_READ_BANDWIDTH_GB_S", "25")  # the memory is not checked: this test is the cores'
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "first.jsonl", *TINY_RUN))
+    assert status == 0, err
+    record = only_record(tmp_path / "first.jsonl")
+    cores, method = record["validity"]["cores"], core_speed_method(os.cpu_count())
+    assert cores["first_on_host"] is True and cores["share"] == 1.0 and cores["method"] == method
+    if record["validity"]["cpu"]["other_share"] <= 0.25:  # a busy machine's figures are never kept
+        kept = host_best(method)
+        assert kept["matmul_gflop_s"] == cores["matmul_gflop_s"] and kept["op_us"] == cores["op_us"]
+
+    best_file().write_text(json.dumps({"matmul_gflop_s": 1e6, "op_us": 1e-3, "method": method}))
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *TINY_RUN))
+    assert status == 0, err
+    record = only_record(tmp_path / "slow.jsonl")
+    cores = record["validity"]["cores"]
+    assert cores["first_on_host"] is False and cores["host_matmul_gflop_s"] == 1e6 and cores["host_op_us"] == 1e-3
+    assert 0 < cores["matmul_gflop_s"] < 1e5 and cores["op_us"] > 1e-2
+    assert cores["share"] == min(cores["matmul_gflop_s"] / 1e6, 1e-3 / cores["op_us"])
+    assert record["valid"] is False and record["validity"]["reasons"][-1].startswith(CORES_REASON)
+    assert "of their best on this host" in err
+    assert host_best(method)["matmul_gflop_s"] == 1e6 and host_best(method)["op_us"] == 1e-3
