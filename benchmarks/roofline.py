@@ -8,7 +8,9 @@ roofline, with llama.cpp Q4_1 and F16 on the same weights beside them, in one ru
         --max-new-tokens 16 --num-iter 2     # a real-size model's random weights: memory-bound on any CPU cache
 
 The CPU kind heads the table. The read bandwidth is measured again under the lock (llmbench.roofline: a 1 GiB float32
-sum, best of 10) and refreshes this host's cache, so later records use the best figure seen. Every case runs the
+sum, best of 10) and refreshes this host's cache, so later records use the best figure seen; it is measured again
+after the cases, and the cores' speed beside it both times (llmbench.core_speed, as a share of this host's best):
+a table whose figures fell short of either was timed on a busy host. Every case runs the
 run_generation.py pipeline (benchmarks/woq.py's run_one: load, quantize, prepare and compile outside the lock; time
 greedy decoding inside it). Roofline = bytes one decode step reads (weights + KV cache at the mean decode position)
 / read bandwidth; % of roofline = roofline / measured mean next-token latency. llama.cpp (../shared/anchors/
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 
 from woq import LOCK, add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
 
+from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.devices import resolve_device  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
@@ -112,13 +115,16 @@ def main() -> int:
     print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
     def measure_now() -> dict:
         with cpu_lock(not args.no_lock and device.type == "cpu"):
-            return device_bandwidth(device, refresh=True)
+            figures = device_bandwidth(device, refresh=True)
+            if device.type == "cpu":
+                figures["cores"] = measure_core_speed()
+            return figures
 
     bandwidth = measure_now()
     gb_s = bandwidth.get("read_bandwidth_gb_s")
     print(f"read bandwidth: {f'{gb_s:.1f} GB/s' if gb_s else 'unknown'} ({bandwidth.get('source')}: "
           f"{bandwidth.get('method') or bandwidth.get('error')})", flush=True)
-    run_measures = [bandwidth.get("last_measured_gb_s")]
+    run_measures, cores = [bandwidth.get("last_measured_gb_s")], [bandwidth.get("cores")]
     rows = []
     for backend in (args.backends or default_backends()).split(","):
         for scheme in args.schemes.split(","):
@@ -132,12 +138,19 @@ def main() -> int:
         print("llama.cpp rows left out: they run the default model on cpu", file=sys.stderr)
     elif not args.no_anchor:
         rows += anchor_rows(args)
-    run_measures.append(measure_now().get("last_measured_gb_s"))
+    after = measure_now()
+    run_measures.append(after.get("last_measured_gb_s"))
+    cores.append(after.get("cores"))
     run_gb_s = None
     if all(run_measures):
         run_gb_s = sum(run_measures) / len(run_measures)
         print(f"read bandwidth during this run: {run_measures[0]:.1f} GB/s before the cases, {run_measures[1]:.1f} "
               f"after (a shared host lowers it; the roofline uses the best seen, {gb_s:.1f})")
+    best = host_best(cores[0]["method"]) if cores[0] else None
+    if best and all(cores):
+        print(f"cores during this run: {core_share(cores[0], best):.0%} of this host's best before the cases, "
+              f"{core_share(cores[1], best):.0%} after (llmbench.core_speed; the best: a matrix product "
+              f"{best['matmul_gflop_s']:.0f} GFLOP/s, a small operator {best['op_us']:.2f} us)")
     model = next((r["model"] for r in rows if "model" in r), args.model or "the default model")
     print(f"\nmodel {model}, batch 1, greedy, {args.input_tokens} input / {args.max_new_tokens} new "
           f"tokens, {args.num_iter} iterations; timed under {'no lock' if args.no_lock else LOCK}")
