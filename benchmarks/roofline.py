@@ -146,7 +146,7 @@ def main() -> int:
         run_gb_s = sum(run_measures) / len(run_measures)
         print(f"read bandwidth during this run: {run_measures[0]:.1f} GB/s before the cases, {run_measures[1]:.1f} "
               f"after (a shared host lowers it; the roofline uses the best seen, {gb_s:.1f})")
-    best = host_best(cores[0]["method"]) if cores[0] else None
+    best = host_best(cores[0]) if cores[0] else None
     if best and all(cores):
         print(f"cores during this run: {core_share(cores[0], best):.0%} of this host's best before the cases, "
               f"{core_share(cores[1], best):.0%} after (llmbench.core_speed; the best: a matrix product "

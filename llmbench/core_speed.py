@@ -2,10 +2,11 @@
 
 Work on a hyperthread sibling (often another virtual machine's), a lowered clock (power capping, a burstable cloud
 instance out of credits) or a laptop on battery slow a run's cores without showing in any CPU counter of this
-machine (steal included). Two probes, ~0.1 s in all: a 256x256 float32 matrix product repeated with one thread per
-CPU (the cores' vector units and clock: what compiled and quantized kernels need), and an add to 16 values repeated
-in one thread (an operator's dispatch through the framework: what an eager step's time is mostly made of). Each is
-compared with the best this host has given for the same probe and torch build, kept in LLMBENCH_CACHE/host.
+machine (steal included). Two probes, ~0.1 s in all, with the run's own threads: one 256x256 float32 matrix product
+per thread, repeated (the cores' vector units and clock: what compiled and quantized kernels need), and an add to 16
+values repeated in one thread (an operator's dispatch through the framework: what an eager step's time is mostly
+made of). Each is compared with the best this host has given for the same probe, thread count and torch build, kept
+in LLMBENCH_CACHE/host.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from llmbench.roofline import cache_file, host_threads
+from llmbench.roofline import cache_file
 
-MATMUL_SIZE = 256  # 3 x 256 KiB: inside the per-core caches of current CPUs, so memory plays no part
-MATMUL_REPEATS = 20
-OP_REPEATS = 2000
-BEST_OF = 5
+MATMUL_SIZE = 256  # 3 x 256 KiB a thread: inside the per-core caches of current CPUs, so memory plays no part
+MATMUL_REPEATS = 5
+OP_REPEATS = 500
+BEST_OF = 20
 
 
 def core_speed_method(threads: int) -> str:
-    return (f"float32 {MATMUL_SIZE}x{MATMUL_SIZE} matrix product x{MATMUL_REPEATS} with {threads} threads, add to 16 "
-            f"float32 values x{OP_REPEATS}; best of {BEST_OF}; torch {torch.__version__}")
+    return (f"{threads} float32 {MATMUL_SIZE}x{MATMUL_SIZE} matrix products at once x{MATMUL_REPEATS} with {threads} "
+            f"threads, add to 16 float32 values x{OP_REPEATS}; best of {BEST_OF}; torch {torch.__version__}")
 
 
 def _best_seconds(work, repeats: int) -> float:
@@ -42,30 +43,29 @@ def _best_seconds(work, repeats: int) -> float:
 
 
 def measure_core_speed() -> dict:
-    """-> {"matmul_gflop_s", "op_us", "method"}, measured in this process with one thread per CPU of the host."""
-    threads, before = host_threads(), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-        c = torch.empty_like(a)
-        matmul_s = _best_seconds(lambda: torch.mm(a, b, out=c), MATMUL_REPEATS)
-        x, y = torch.ones(16), torch.empty(16)
-        op_s = _best_seconds(lambda: torch.add(x, 1.0, out=y), OP_REPEATS)
-    finally:
-        torch.set_num_threads(before)
-    return {"matmul_gflop_s": 2 * MATMUL_SIZE**3 * MATMUL_REPEATS / matmul_s / 1e9, "op_us": op_s / OP_REPEATS * 1e6,
-            "method": core_speed_method(threads)}
+    """-> {"matmul_gflop_s", "op_us", "threads", "method"}, measured in this process with its torch threads (one
+    matrix product each: a host of many cores keeps every thread busy, not waiting on the others)."""
+    threads = torch.get_num_threads()
+    a, b = torch.randn(threads, MATMUL_SIZE, MATMUL_SIZE), torch.randn(threads, MATMUL_SIZE, MATMUL_SIZE)
+    c = torch.empty_like(a)
+    matmul_s = _best_seconds(lambda: torch.bmm(a, b, out=c), MATMUL_REPEATS)
+    x, y = torch.ones(16), torch.empty(16)
+    op_s = _best_seconds(lambda: torch.add(x, 1.0, out=y), OP_REPEATS)
+    return {"matmul_gflop_s": 2 * MATMUL_SIZE**3 * threads * MATMUL_REPEATS / matmul_s / 1e9,
+            "op_us": op_s / OP_REPEATS * 1e6, "threads": threads, "method": core_speed_method(threads)}
 
 
-def best_file() -> Path:
-    path = cache_file(torch.device("cpu"), host_threads())
+def best_file(threads: int) -> Path:
+    path = cache_file(torch.device("cpu"), threads)
     return path.with_name(f"{path.stem}-cores.json")
 
 
-def host_best(method: str) -> dict | None:
-    """The best figures this host has given for `method`: {"matmul_gflop_s", "op_us", ...}, or None."""
+def host_best(now: dict) -> dict | None:
+    """The best figures this host has given for `now`'s method and threads: {"matmul_gflop_s", "op_us", ...}, or
+    None."""
+    method = now["method"]
     try:
-        best = json.loads(best_file().read_text(encoding="utf-8"))
+        best = json.loads(best_file(now["threads"]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(best, dict) or best.get("method") != method:
@@ -82,7 +82,7 @@ def remember(now: dict, best: dict | None) -> dict:
         "op_us": min(now["op_us"], best["op_us"])}
     if merged != best:
         merged["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        path = best_file()
+        path = best_file(now["threads"])
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(f".tmp{os.getpid()}")
         staging.write_text(json.dumps(merged) + "\n", encoding="utf-8")

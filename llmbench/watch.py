@@ -138,7 +138,7 @@ class MeasuredWindow:
         except (RuntimeError, MemoryError) as exc:
             self.core_figures = CoreFigures(None, None, None, None, None, None, error=f"{type(exc).__name__}: {exc}")
             return
-        best = host_best(now["method"])
+        best = host_best(now)
         first = best is None
         cpu = self.cpu_figures
         # A figure of a run that shared this machine's CPUs is the others' as much as the host's: never kept.

@@ -4,6 +4,8 @@ figure (llmbench.roofline) and the cores' speed against their best on this host 
 import json
 import os
 
+import torch
+
 from llmbench.core_speed import best_file, core_speed_method, host_best
 from llmbench.validity import MIN_CORE_SPEED_SHARE, MIN_MEMORY_BANDWIDTH_SHARE, CoreFigures, MemoryFigures
 from tests.test_benchmark import bench_args, only_record
@@ -83,13 +85,14 @@ def test_cores_check_keeps_the_hosts_best(run_main, tmp_path, tiny_llama, monkey
     status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "first.jsonl", *TINY_RUN))
     assert status == 0, err
     record = only_record(tmp_path / "first.jsonl")
-    cores, method = record["validity"]["cores"], core_speed_method(os.cpu_count())
-    assert cores["first_on_host"] is True and cores["share"] == 1.0 and cores["method"] == method
+    cores = record["validity"]["cores"]
+    probe = {"threads": torch.get_num_threads(), "method": core_speed_method(torch.get_num_threads())}
+    assert cores["first_on_host"] is True and cores["share"] == 1.0 and cores["method"] == probe["method"]
     if record["validity"]["cpu"]["other_share"] <= 0.25:  # a busy machine's figures are never kept
-        kept = host_best(method)
+        kept = host_best(probe)
         assert kept["matmul_gflop_s"] == cores["matmul_gflop_s"] and kept["op_us"] == cores["op_us"]
 
-    best_file().write_text(json.dumps({"matmul_gflop_s": 1e6, "op_us": 1e-3, "method": method}))
+    best_file(probe["threads"]).write_text(json.dumps({"matmul_gflop_s": 1e6, "op_us": 1e-3, **probe}))
     status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *TINY_RUN))
     assert status == 0, err
     record = only_record(tmp_path / "slow.jsonl")
@@ -99,4 +102,4 @@ def test_cores_check_keeps_the_hosts_best(run_main, tmp_path, tiny_llama, monkey
     assert cores["share"] == min(cores["matmul_gflop_s"] / 1e6, 1e-3 / cores["op_us"])
     assert record["valid"] is False and record["validity"]["reasons"][-1].startswith(CORES_REASON)
     assert "of their best on this host" in err
-    assert host_best(method)["matmul_gflop_s"] == 1e6 and host_best(method)["op_us"] == 1e-3
+    assert host_best(probe)["matmul_gflop_s"] == 1e6 and host_best(probe)["op_us"] == 1e-3
