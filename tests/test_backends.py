@@ -60,8 +60,11 @@ def test_compile_greedy_equals_eager_in_fp32(tiny_llama, compile_env):
     assert backend.details["inductor_cache_dir"] == str(compile_env)
     again = backend.generate(inputs, NEW_TOKENS, 1)  # the reused cache is reset between runs
     assert torch.equal(again, eager_ids)
-    # once warmed up, the steps called their compiled graph directly (ids above included)
-    assert backend.details["direct_steps"] == {f"greedy, 2 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
+    # once warmed up, the prompt's pass and the steps called their compiled graphs directly (ids above included)
+    length = INPUT_TOKENS + NEW_TOKENS
+    assert backend.details["prefill"] == "compiled, one graph per prompt length"
+    assert backend.details["direct_steps"] == {f"greedy prompt, 2 rows, cache of {length}": True,
+                                               f"greedy, 2 rows, cache of {length}": True}
 
 
 @pytest.mark.parametrize("cpu_kernels", ["1", "0"])  # the cache reorder by one C++ call, and by aten ops
@@ -81,11 +84,13 @@ def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monke
     backend, compiled_ids = run_backend("compile", loaded.model, inputs, 4)
     hook.remove()
     assert torch.equal(compiled_ids, eager_ids)
-    # the prompt ran once per prompt (1 row), not once per beam, in the warm-up and in the measured generation
-    assert prefill_rows == [(1, INPUT_TOKENS)] * 2
+    # the prompt ran once per prompt (1 row), not once per beam: eagerly into its new cache in the warm-up, then
+    # compiled (the second warm-up generation and the measured one)
+    assert prefill_rows == [(1, INPUT_TOKENS)]
     assert backend.details["beam_prefill"].startswith("one row per prompt")
     assert backend.details["beam_cache_reorder"].startswith("llmbench_cpu" if cpu_kernels == "1" else "index_select")
-    assert backend.details["direct_steps"] == {f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
+    assert backend.details["direct_steps"] == {f"beam prompt, 1 rows, cache of {INPUT_TOKENS}": True,
+                                               f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 
 
 def test_compile_bf16_log_probs_stay_as_close_to_fp32_as_eager_bf16(tiny_llama, compile_env):

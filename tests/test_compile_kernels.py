@@ -76,7 +76,8 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, num_beams)))
     assert prefill_calls > 0
-    assert calls == prefill_calls  # the eager prefill's; none from the NEW_TOKENS - 1 compiled steps
+    # the prompt's (compiled, it may take fewer: a one-row head as a generated reduction); none from the steps
+    assert 0 < calls <= prefill_calls
     assert torch.equal(ids[0], eager_ids)
     kernel = streaming and generated_kernels.attention_kernel(  # AVX-512 CPUs: the kernel, every layer
         head_size(loaded.model.config), cpu_kernels.attention_vectorized())
@@ -100,9 +101,9 @@ def test_generated_kernels_with_beams_call_no_library_kernel_and_equal_eager(tin
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, 4)))
     assert prefill_calls > 0
-    # the eager prefill's library GEMMs and attention; the 8-row steps' attention is generated too (no SDPA, whose
+    # the prompt's library GEMMs and attention at most; the 8-row steps' attention is generated too (no SDPA, whose
     # CPU path copies the repeated keys and values of grouped-query heads)
-    assert calls == prefill_calls
+    assert 0 < calls <= prefill_calls
     assert torch.equal(ids[0], eager_ids)
     # 8 rows a step: the streaming kernels, one call per fused q/k/v and gate/up group (the graph keeps one of the
     # members' identical calls)

@@ -1,4 +1,5 @@
-"""compile: one static KV cache per shape, eager prefill, and the one-token decode step compiled by torch.compile.
+"""compile: one static KV cache per shape, the prompt's pass and the one-token decode step compiled by torch.compile
+(the prompt's pass on cpu; eager elsewhere).
 
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
 own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes) and dynamo's guards
@@ -19,7 +20,6 @@ GEMMs with freezing + max-autotune on cpu).
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import os
 import time
@@ -39,10 +39,12 @@ from llmbench.backends.compile_settings import (
     emulated_gemm,
     inductor_cache_dir,
 )
+from llmbench.backends.compiled_beams import BeamSearch
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import weights_arena
-from llmbench.backends.static_caches import cache_tensors, keeps_every_position, layer_states, new_static_cache
+from llmbench.backends.kernel_linears import prompt_pass
+from llmbench.backends.static_caches import new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
 from llmbench.prompts import PromptInputs
@@ -50,7 +52,7 @@ from llmbench.roofline import head_size
 from llmbench.timing import StepTimer
 
 
-class CompileBackend(Backend):
+class CompileBackend(BeamSearch, Backend):
     name = "compile"
     # lm-eval scores whole sequences of varying length; only the fixed-shape one-token step is compiled, so accuracy
     # runs score the same weights through the plain (eager) module, whose linear layers run the decode step's CPU
@@ -101,6 +103,7 @@ class CompileBackend(Backend):
         self._eos = torch.tensor(eos, dtype=torch.long, device=device)
         self._eos_bias = eos_bias(model, eos, device)
         self._caches: dict[tuple[int, int], StaticCache] = {}
+        self._allocated: set[int] = set()  # caches whose tensors exist (after an eager prompt: _prefill)
         compile_kwargs = {"fullgraph": True, "dynamic": False}
         self._graphs = StepGraphs(self.options) if device.type == "cpu" else None
         if self._graphs is not None:
@@ -119,6 +122,16 @@ class CompileBackend(Backend):
         self._calls_direct = False
         self._greedy_step = torch.compile(self._greedy_scores_argmax, **compile_kwargs)
         self._beam_step = torch.compile(self._beam_log_probs, **compile_kwargs)
+        # cpu: the prompt's pass compiled too, a graph per prompt length (eager, the default model's 32-token prompt
+        # took ~4x a step); LLMBENCH_COMPILE_PREFILL=0 keeps it eager
+        self._compiled_prefill = device.type == "cpu" and os.environ.get("LLMBENCH_COMPILE_PREFILL", "1") != "0"
+        self.details["prefill"] = "compiled, one graph per prompt length" if self._compiled_prefill else "eager"
+        self._greedy_prefill, self._beam_prefill = (
+            (torch.compile(self._prefill_argmax, **compile_kwargs), torch.compile(self._prefill_log_probs,
+                                                                                   **compile_kwargs))
+            if self._compiled_prefill else (self._greedy_scores_argmax, self._beam_log_probs))
+        self._step_names = {id(self._greedy_step): "greedy", id(self._beam_step): "beam",
+                            id(self._greedy_prefill): "greedy prompt", id(self._beam_prefill): "beam prompt"}
 
     def _use_streaming_kernels(self, model: torch.nn.Module) -> None:
         """Linears of steps of up to cpu_kernels.MAX_ROWS rows through the suite's weight-streaming kernels (built
@@ -201,6 +214,24 @@ class CompileBackend(Backend):
         # transformers normalizes first, then masks EOS: the same order keeps the beams identical.
         return self._forbid_eos(torch.log_softmax(self._last_logits(ids, cache, position).float(), dim=-1))
 
+    # The prompt's pass as code of its own, so that dynamo compiles it apart from the one-token steps
+    def _prefill_argmax(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
+        return self._greedy_scores_argmax(ids, cache, position)
+
+    def _prefill_log_probs(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
+        return self._beam_log_probs(ids, cache, position)
+
+    def _prefill(self, step, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
+        """A new cache's first prompt runs eagerly: transformers allocates the cache's tensors at its first update,
+        and a compiled graph that did so would allocate new ones at every call (once its guards are skipped),
+        leaving the decode steps' direct calls on the old ones."""
+        if not self._compiled_prefill or id(cache) not in self._allocated:
+            self._allocated.add(id(cache))
+            return (self._greedy_scores_argmax if step is self._greedy_prefill else self._beam_log_probs)(
+                ids, cache, position)
+        with prompt_pass():  # its linears choose as an eager prompt's do
+            return self._call_step(step, ids, cache, position)
+
     def _cache_for(self, rows: int, max_len: int) -> StaticCache:
         """One cache per shape, allocated once and reset between runs (compiled code keeps its addresses)."""
         key = (rows, max_len)
@@ -245,7 +276,7 @@ class CompileBackend(Backend):
             fed = position if self._position_is_input else None
             direct = DirectStep.of(graph, args, ids, fed) if one_graph else None
             self._direct_calls[key] = direct
-            kind = "greedy" if step is self._greedy_step else "beam"
+            kind = self._step_names.get(id(step), "?")
             length = next((length for (_, length), c in self._caches.items() if c is cache), "?")
             shape = f"{kind}, {ids.shape[0]} rows, cache of {length}"
             self.details.setdefault("direct_steps", {})[shape] = direct is not None
@@ -262,7 +293,8 @@ class CompileBackend(Backend):
         synchronize(self.device)
         start = time.perf_counter()
         try:
-            self.generate(inputs, max_new_tokens, num_beams, None)
+            for _ in range(2 if self._compiled_prefill else 1):  # the first allocates the caches (_prefill)
+                self.generate(inputs, max_new_tokens, num_beams, None)
         except (UserError, MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # the model's code on a static cache, or a torch.compile limitation
@@ -306,7 +338,7 @@ class CompileBackend(Backend):
     def _greedy(self, input_ids: torch.Tensor, max_new_tokens: int, timer: StepTimer | None) -> torch.Tensor:
         batch, length = input_ids.shape
         cache = self._cache_for(batch, length + max_new_tokens)
-        token = self._greedy_scores_argmax(input_ids, cache, self._positions(0, length))  # eager prefill
+        token = self._prefill(self._greedy_prefill, input_ids, cache, self._positions(0, length))
         tokens = [token]
         if timer is not None:
             timer.step()
@@ -316,80 +348,3 @@ class CompileBackend(Backend):
             if timer is not None:
                 timer.step()
         return torch.cat([input_ids, *tokens], dim=1)
-
-    @functools.cached_property
-    def _reorder_op(self) -> bool:
-        """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
-        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step). Decided at the first beam search,
-        so greedy runs never build the kernels for it."""
-        use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
-            cpu_kernels.load() is None
-        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
-            else "index_select and copy_ per cache tensor"
-        return use
-
-    def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
-                       num_beams: int) -> tuple[torch.Tensor, bool]:
-        """The eager prefill of beam search; -> (log-probabilities of every beam's first token (batch x beams rows),
-        whether the prompt's positions of the cache are the same in each of a prompt's beams).
-        A prompt's beams start identical, so where the cache keeps every position, the prompt runs once (batch rows,
-        into a cache of the prompt's length) and its keys and values are copied into each of its beams' rows: the
-        first token costs 1/num_beams of the work (IPEX's beam search does the same). Otherwise every beam's row
-        runs the prompt, as transformers' generate() does."""
-        batch, length = input_ids.shape
-        positions = self._positions(0, length)
-        if not keeps_every_position(cache):
-            self.details["beam_prefill"] = "every beam's row (the cache has sliding-window layers)"
-            return self._beam_log_probs(input_ids.repeat_interleave(num_beams, dim=0), cache, positions), False
-        self.details["beam_prefill"] = "one row per prompt, its keys and values copied into its beams' rows"
-        prompt = self._cache_for(batch, length)
-        log_probs = self._beam_log_probs(input_ids, prompt, positions)
-        for index, (keys, values) in enumerate(layer_states(prompt)):
-            cache.update(keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), index,
-                         {"cache_position": positions})
-        return log_probs.repeat_interleave(num_beams, dim=0), True
-
-    def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
-                     timer: StepTimer | None) -> torch.Tensor:
-        """Beam search as transformers runs it when EOS is forbidden: no beam finishes early, all hypotheses have
-        the same length, so the best is the one with the highest summed log-probability."""
-        batch, length = input_ids.shape
-        rows = batch * num_beams
-        cache = self._cache_for(rows, length + max_new_tokens)
-        sequences = input_ids.repeat_interleave(num_beams, dim=0)
-        log_probs, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)
-        scores = torch.zeros(batch, num_beams, device=self.device)
-        scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
-        row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
-        vocab = log_probs.shape[-1]
-        beam_offset = (torch.arange(num_beams, device=self.device) * vocab).view(1, -1, 1)
-        tensors = cache_tensors(cache)
-        for i in range(max_new_tokens):
-            candidates = log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)
-            # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
-            # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
-            best, index = candidates.topk(num_beams, dim=2)
-            scores, pick = best.view(batch, -1).topk(num_beams, dim=1)
-            flat = (index + beam_offset).view(batch, -1).gather(1, pick)
-            source_rows = (row_offset + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
-            tokens = (flat % vocab).view(-1, 1)
-            sequences = torch.cat([sequences.index_select(0, source_rows), tokens], dim=1)
-            if timer is not None:
-                timer.step()
-            if i == max_new_tokens - 1:
-                break
-            # In place (the compiled step reads these very tensors); where the prompt's positions are the same in
-            # every beam of a prompt (a beam only takes rows of its own prompt), only the generated positions move.
-            start, end = (length, length + i) if shared_prompt else (0, -1)  # end -1: every position
-            if start == end:
-                pass
-            elif self._reorder_op:
-                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end)
-            else:
-                for tensor in tensors:
-                    moving = tensor[:, :, start:end] if shared_prompt else tensor
-                    moving.copy_(moving.index_select(0, source_rows))
-            position = self._positions(length + i, length + i + 1)
-            log_probs = self._call_step(self._beam_step, tokens, cache, position)
-        best = scores.argmax(dim=1) + row_offset.squeeze(1)
-        return sequences.index_select(0, best)

@@ -25,11 +25,18 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llmbench.backends import int4_layout
-from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_large_rows, amx_min_rows_env, emulated_gemm
+from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_min_rows_env
 from llmbench.backends.huge_pages import HugePageArena
+from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_PREFILL_ROWS: part of this module's face
+    QUANTIZED,
+    QUANTIZED_PREFILL_ROWS,
+    KernelCall,
+    KernelLinearForward,
+    kernel_of,
+    score_with_kernels,
+)
 from llmbench.errors import UserError, one_line
 from llmbench.host import cpu_kind
 from llmbench.paths import cache_dir
@@ -170,94 +177,6 @@ SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its l
 # Sibling linears that read the same input (attention's q/k/v, the MLP's gate/up): one kernel call over their
 # concatenated weights serves all of them (fewer calls per step, each with more rows to share out among threads).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
-
-
-# Prompts (tokens x batch) up to which the INT4 and INT8 kernels, MAX_ROWS rows a call, serve the prefill instead of
-# TorchAO's F.linear. On a 2-core AMX Xeon (default model, alternating processes): INT4 first token 65.4 -> 43.7 ms
-# at 32 rows, 362 -> 222 ms at 256; INT8 88.8 -> 64.0 ms at 32 (aten's INT4 kernel is compute-bound).
-QUANTIZED_PREFILL_ROWS = 256
-
-
-class KernelCall:
-    """One op call over the weights of one linear or of a group of `members` siblings: `call(x)` gives the whole
-    output. Inside a compiled step every member calls it with the same input and compile_settings.dedupe_pass keeps
-    one call; outside (`rows_at_once`: prefills, accuracy scoring) the first member's call serves the others, and
-    the output is let go once every member has had it. Calls of up to `large_rows` rows outside decode steps of up
-    to MAX_ROWS (prefills; bf16 on AMX tiles: larger steps too) take the kernel, `chunk` rows at a time, where the
-    input has `dtype` (None: any); with `widen`, larger calls take F.linear in float32."""
-
-    def __init__(self, call, members: int = 1, large_rows: int = 0, chunk: int = MAX_ROWS,
-                 dtype: torch.dtype | None = None, widen: bool = False):
-        self.call, self.members, self.large_rows, self.chunk = call, members, large_rows, chunk
-        self.dtype, self.widen = dtype, widen
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._served = 0
-
-    def large(self, x: torch.Tensor) -> int:
-        return self.large_rows if self.dtype in (None, x.dtype) else 0
-
-    def rows_at_once(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        if self._last is None or self._last[0] is not x:
-            rows = x.numel() // x.shape[-1]
-            flat = x.reshape(rows, x.shape[-1]).contiguous()
-            out = torch.cat([self.call(part) for part in flat.split(chunk)]) if rows > chunk else self.call(flat)
-            self._last, self._served = (x, out.reshape(*x.shape[:-1], out.shape[-1])), 0
-        out = self._last[1]
-        self._served += 1
-        if self._served == self.members:
-            self._last = None
-        return out
-
-
-def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
-    """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
-    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of MAX_ROWS; 16-bit kinds whose GEMM torch emulates here
-    (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
-    if kind in QUANTIZED:
-        return KernelCall(call, members, QUANTIZED_PREFILL_ROWS)
-    tiles = amx_large_rows(kind, weight)
-    if not tiles and emulated_gemm(kind):
-        return KernelCall(call, members, MAX_ROWS, widen=True)
-    return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
-
-
-class KernelLinearForward:
-    """A replacement forward for one nn.Linear: its kernel (its columns `part` of a group's output) for compiled
-    steps of at most `max_rows` rows and for the larger calls the kernel takes (KernelCall.large_rows); while
-    `scoring` (accuracy runs score the decode step's numerics) for everything, in chunks; else the module's own
-    F.linear (library or TorchAO kernel)."""
-
-    def __init__(self, module: torch.nn.Linear, max_rows: int, kernel: KernelCall, one_row=None,
-                 part: tuple[int, int] | None = None):
-        self.module, self.max_rows, self.kernel, self.one_row, self.part = module, max_rows, kernel, one_row, part
-        self.scoring = False
-
-    def _mine(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.part is None else out.narrow(-1, self.part[0], self.part[1])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        large = self.kernel.large(x)
-        if torch.compiler.is_compiling():
-            if rows == 1 and self.one_row is not None:
-                return self.one_row(x, self.module.weight, self.module.bias)
-            if rows <= self.max_rows or rows <= min(large, self.kernel.chunk):  # one kernel call in the graph
-                return self._mine(self.kernel.call(x))
-        elif rows <= large or self.scoring:
-            return self._mine(self.kernel.rows_at_once(x, self.kernel.chunk if large else MAX_ROWS))
-        elif self.kernel.widen:
-            bias = self.module.bias if self.module.bias is None else self.module.bias.float()
-            return F.linear(x.float(), self.module.weight.float(), bias).to(x.dtype)
-        return F.linear(x, self.module.weight, self.module.bias)
-
-
-def score_with_kernels(model: torch.nn.Module) -> bool:
-    """Route every kernel linear of `model` through its kernel outside compiled steps too; -> whether any."""
-    forwards = [m.forward for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
-    for forward in forwards:
-        forward.scoring = True
-    return bool(forwards)
 
 
 def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:

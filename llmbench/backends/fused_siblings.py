@@ -4,7 +4,7 @@ A one-token step of a 7B model on an H200 reads 13 GB in about 3 ms, so each ext
 too small to fill the card shows. The siblings' weights are concatenated once, and each member's weight becomes its
 row slice of the concatenation (no second copy). While torch.compile traces, every member computes the whole
 product and keeps its columns: the members' calls are identical, so the graph's common-subexpression pass keeps
-one. Outside compiled steps (the eager prefill, accuracy scoring) each member runs on its own slice as before.
+one. Outside compiled code (eager prompts, accuracy scoring) each member runs on its own slice as before.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ attention through the aten flash-attention kernel, whose internal transposes and
 as a multiply and a sum over the input features, a linear becomes one fused reduction that inductor vectorizes and
 parallelizes itself; attention over the static cache becomes two such reductions around a softmax.
 
-Both only apply while torch.compile traces (the eager prefill, the accuracy path and any other caller keep the
-library kernels) and only to plain floating-point weights (TorchAO's quantized tensors keep their own kernels).
+Both only apply while torch.compile traces (eager prompts, the accuracy path and any other caller keep the library
+kernels), the attention only to one-token steps, and only to plain floating-point weights (TorchAO's quantized
+tensors keep their own kernels).
 """
 
 from __future__ import annotations

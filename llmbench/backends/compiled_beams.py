@@ -1,0 +1,96 @@
+"""Beam search of the compile backend (llmbench/backends/compiled.py): its loop over the compiled one-token step, the
+prompt's pass shared by a prompt's beams, and the cache's rows reordered in place between steps."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from transformers import StaticCache
+
+from llmbench.backends import cpu_kernels
+from llmbench.backends.static_caches import cache_tensors, keeps_every_position, layer_states
+from llmbench.timing import StepTimer
+
+
+class BeamSearch:
+    """Mixed into CompileBackend, whose prepared state (device, details, caches, compiled steps) it uses."""
+
+    @functools.cached_property
+    def _reorder_op(self) -> bool:
+        """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
+        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step). Decided at the first beam search,
+        so greedy runs never build the kernels for it."""
+        use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
+            cpu_kernels.load() is None
+        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
+            else "index_select and copy_ per cache tensor"
+        return use
+
+    def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
+                       num_beams: int) -> tuple[torch.Tensor, bool]:
+        """The prefill of beam search; -> (log-probabilities of every beam's first token (batch x beams rows),
+        whether the prompt's positions of the cache are the same in each of a prompt's beams).
+        A prompt's beams start identical, so where the cache keeps every position, the prompt runs once (batch rows,
+        into a cache of the prompt's length) and its keys and values are copied into each of its beams' rows: the
+        first token costs 1/num_beams of the work (IPEX's beam search does the same). Otherwise every beam's row
+        runs the prompt, as transformers' generate() does."""
+        batch, length = input_ids.shape
+        positions = self._positions(0, length)
+        if not keeps_every_position(cache):
+            self.details["beam_prefill"] = "every beam's row (the cache has sliding-window layers)"
+            return self._prefill(self._beam_prefill, input_ids.repeat_interleave(num_beams, dim=0), cache,
+                                 positions), False
+        self.details["beam_prefill"] = "one row per prompt, its keys and values copied into its beams' rows"
+        prompt = self._cache_for(batch, length)
+        log_probs = self._prefill(self._beam_prefill, input_ids, prompt, positions)
+        for index, (keys, values) in enumerate(layer_states(prompt)):
+            cache.update(keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), index,
+                         {"cache_position": positions})
+        return log_probs.repeat_interleave(num_beams, dim=0), True
+
+    def _beam_search(self, input_ids: torch.Tensor, max_new_tokens: int, num_beams: int,
+                     timer: StepTimer | None) -> torch.Tensor:
+        """Beam search as transformers runs it when EOS is forbidden: no beam finishes early, all hypotheses have
+        the same length, so the best is the one with the highest summed log-probability."""
+        batch, length = input_ids.shape
+        rows = batch * num_beams
+        cache = self._cache_for(rows, length + max_new_tokens)
+        sequences = input_ids.repeat_interleave(num_beams, dim=0)
+        log_probs, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)
+        scores = torch.zeros(batch, num_beams, device=self.device)
+        scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
+        row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
+        vocab = log_probs.shape[-1]
+        beam_offset = (torch.arange(num_beams, device=self.device) * vocab).view(1, -1, 1)
+        tensors = cache_tensors(cache)
+        for i in range(max_new_tokens):
+            candidates = log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)
+            # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
+            # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
+            best, index = candidates.topk(num_beams, dim=2)
+            scores, pick = best.view(batch, -1).topk(num_beams, dim=1)
+            flat = (index + beam_offset).view(batch, -1).gather(1, pick)
+            source_rows = (row_offset + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
+            tokens = (flat % vocab).view(-1, 1)
+            sequences = torch.cat([sequences.index_select(0, source_rows), tokens], dim=1)
+            if timer is not None:
+                timer.step()
+            if i == max_new_tokens - 1:
+                break
+            # In place (the compiled step reads these very tensors); where the prompt's positions are the same in
+            # every beam of a prompt (a beam only takes rows of its own prompt), only the generated positions move.
+            start, end = (length, length + i) if shared_prompt else (0, -1)  # end -1: every position
+            if start == end:
+                pass
+            elif self._reorder_op:
+                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end)
+            else:
+                for tensor in tensors:
+                    moving = tensor[:, :, start:end] if shared_prompt else tensor
+                    moving.copy_(moving.index_select(0, source_rows))
+            position = self._positions(length + i, length + i + 1)
+            log_probs = self._call_step(self._beam_step, tokens, cache, position)
+        best = scores.argmax(dim=1) + row_offset.squeeze(1)
+        return sequences.index_select(0, best)
