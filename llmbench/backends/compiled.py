@@ -43,13 +43,15 @@ from llmbench.backends.compiled_beams import BeamSearch
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import weights_arena
-from llmbench.backends.kernel_linears import prompt_pass
+from llmbench.backends.kernel_linears import prompt_pass, prompt_rows
 from llmbench.backends.static_caches import new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
 from llmbench.prompts import PromptInputs
 from llmbench.roofline import head_size
 from llmbench.timing import StepTimer
+
+PROMPT_MAX_ROWS = 64  # the longest prompt (tokens x batch) whose pass is compiled (AMX tiles' one call)
 
 
 class CompileBackend(BeamSearch, Backend):
@@ -122,10 +124,12 @@ class CompileBackend(BeamSearch, Backend):
         self._calls_direct = False
         self._greedy_step = torch.compile(self._greedy_scores_argmax, **compile_kwargs)
         self._beam_step = torch.compile(self._beam_log_probs, **compile_kwargs)
-        # cpu: the prompt's pass compiled too, a graph per prompt length (eager, the default model's 32-token prompt
-        # took ~4x a step); LLMBENCH_COMPILE_PREFILL=0 keeps it eager
+        # cpu: the prompt's pass compiled too (prompts of up to _prompt_rows rows), a graph per prompt length (eager,
+        # the default model's 32-token prompt took ~4x a step); LLMBENCH_COMPILE_PREFILL=0 keeps it eager
         self._compiled_prefill = device.type == "cpu" and os.environ.get("LLMBENCH_COMPILE_PREFILL", "1") != "0"
-        self.details["prefill"] = "compiled, one graph per prompt length" if self._compiled_prefill else "eager"
+        self._prompt_rows = prompt_rows(model, PROMPT_MAX_ROWS)
+        self.details["prefill"] = (f"compiled up to {self._prompt_rows} rows (tokens x batch), one graph per prompt "
+                                   "length; longer prompts eager") if self._compiled_prefill else "eager"
         self._greedy_prefill, self._beam_prefill = (
             (torch.compile(self._prefill_argmax, **compile_kwargs), torch.compile(self._prefill_log_probs,
                                                                                    **compile_kwargs))
@@ -222,10 +226,12 @@ class CompileBackend(BeamSearch, Backend):
         return self._beam_log_probs(ids, cache, position)
 
     def _prefill(self, step, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
-        """A new cache's first prompt runs eagerly: transformers allocates the cache's tensors at its first update,
-        and a compiled graph that did so would allocate new ones at every call (once its guards are skipped),
-        leaving the decode steps' direct calls on the old ones."""
-        if not self._compiled_prefill or id(cache) not in self._allocated:
+        """Compiled where the prompt has at most _prompt_rows rows (tokens x batch; kernel_linears.prompt_rows: one
+        kernel call per linear; longer prompts are bound by their arithmetic more than by the eager pass's
+        overhead). A new cache's first prompt runs eagerly: transformers allocates the cache's tensors at its first
+        update, and a compiled graph that did so would allocate new ones at every call (once its guards are
+        skipped), leaving the decode steps' direct calls on the old ones."""
+        if not self._compiled_prefill or id(cache) not in self._allocated or ids.numel() > self._prompt_rows:
             self._allocated.add(id(cache))
             return (self._greedy_scores_argmax if step is self._greedy_prefill else self._beam_log_probs)(
                 ids, cache, position)
@@ -293,7 +299,8 @@ class CompileBackend(BeamSearch, Backend):
         synchronize(self.device)
         start = time.perf_counter()
         try:
-            for _ in range(2 if self._compiled_prefill else 1):  # the first allocates the caches (_prefill)
+            compiled_prompt = self._compiled_prefill and inputs.input_ids.numel() <= self._prompt_rows
+            for _ in range(2 if compiled_prompt else 1):  # the first allocates the caches (_prefill)
                 self.generate(inputs, max_new_tokens, num_beams, None)
         except (UserError, MemoryError, torch.OutOfMemoryError):
             raise

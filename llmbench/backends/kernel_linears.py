@@ -67,9 +67,9 @@ _PROMPT = [False]  # set while a prompt's pass is traced for torch.compile (prom
 
 @contextlib.contextmanager
 def prompt_pass():
-    """Around a compiled prompt's pass: its linears choose as an eager prompt's do (the kernel up to
-    KernelCall.large_rows rows, else F.linear), not as a decode step's. Read while dynamo traces, so each graph keeps
-    the choice it was traced with (and guards on it)."""
+    """Around a compiled prompt's pass (of at most prompt_rows(model) rows): its linears choose as an eager
+    prompt's do (the kernel where it takes the rows in one call, else F.linear), not as a decode step's. Read while
+    dynamo traces, so each graph keeps the choice it was traced with (and guards on it)."""
     _PROMPT[0] = True
     try:
         yield
@@ -101,16 +101,21 @@ class KernelLinearForward:
             if rows <= self.max_rows or rows <= min(large, self.kernel.chunk):  # one kernel call in the graph
                 return self._mine(self.kernel.call(x))
             return F.linear(x, self.module.weight, self.module.bias)
-        if compiling and rows <= large:  # a compiled prompt: as an eager one (pure calls, no output kept for members)
-            flat = x.reshape(rows, x.shape[-1])
-            out = torch.cat([self.kernel.call(part) for part in flat.split(self.kernel.chunk)])
-            return self._mine(out.reshape(*x.shape[:-1], out.shape[-1]))
+        if compiling and rows <= min(large, self.kernel.chunk):  # a compiled prompt, as an eager one: the kernel
+            return self._mine(self.kernel.call(x))  # (the members' identical calls: one kept, as in steps)
         if not compiling and (rows <= large or self.scoring):
             return self._mine(self.kernel.rows_at_once(x, self.kernel.chunk if large else MAX_ROWS))
         if self.kernel.widen:
             bias = self.module.bias if self.module.bias is None else self.module.bias.float()
             return F.linear(x.float(), self.module.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.module.weight, self.module.bias)
+
+
+def prompt_rows(model: torch.nn.Module, most: int) -> int:
+    """The longest prompt (tokens x batch, at most `most`) that each kernel linear of `model` either takes in one
+    call or leaves to F.linear: a compiled prompt's limit (longer ones would split their rows per sibling)."""
+    kernels = [m.forward.kernel for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
+    return min([most] + [k.chunk for k in kernels if k.large_rows])
 
 
 def score_with_kernels(model: torch.nn.Module) -> bool:
