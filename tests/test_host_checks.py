@@ -92,6 +92,7 @@ def test_cores_check_keeps_the_hosts_best(run_main, tmp_path, tiny_llama, monkey
         kept = host_best(probe)
         assert kept["matmul_gflop_s"] == cores["matmul_gflop_s"] and kept["op_us"] == cores["op_us"]
 
+    best_file(probe["threads"]).parent.mkdir(parents=True, exist_ok=True)  # absent where the first run was busy
     best_file(probe["threads"]).write_text(json.dumps({"matmul_gflop_s": 1e6, "op_us": 1e-3, **probe}))
     status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *TINY_RUN))
     assert status == 0, err
