@@ -2,7 +2,7 @@
 
 Work on a hyperthread sibling (often another virtual machine's), a lowered clock (power capping, a burstable cloud
 instance out of credits) or a laptop on battery slow a run's cores without showing in any CPU counter of this
-machine (steal included). Two probes, ~0.1 s in all, with the run's own threads: one 256x256 float32 matrix product
+machine (steal included). Two probes, ~0.06 s in all, with the run's own threads: one 256x256 float32 matrix product
 per thread, repeated (the cores' vector units and clock: what compiled and quantized kernels need), and an add to 16
 values repeated in one thread (an operator's dispatch through the framework: what an eager step's time is mostly
 made of). Each is compared with the best this host has given for the same probe, thread count and torch build, kept
@@ -12,13 +12,12 @@ in LLMBENCH_CACHE/host.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from llmbench.roofline import cache_file
+from llmbench.roofline import cache_file, write_json_atomically
 
 MATMUL_SIZE = 256  # 3 x 256 KiB a thread: inside the per-core caches of current CPUs, so memory plays no part
 MATMUL_REPEATS = 5
@@ -82,11 +81,7 @@ def remember(now: dict, best: dict | None) -> dict:
         "op_us": min(now["op_us"], best["op_us"])}
     if merged != best:
         merged["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        path = best_file(now["threads"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".tmp{os.getpid()}")
-        staging.write_text(json.dumps(merged) + "\n", encoding="utf-8")
-        os.replace(staging, path)
+        write_json_atomically(best_file(now["threads"]), merged)
     return merged
 
 

@@ -175,11 +175,16 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
+    write_json_atomically(path, entry)
+    return {**entry, "source": "measured", "cache_file": str(path)}
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """A host figure's cache file, written whole or not at all: concurrent runs never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".tmp{os.getpid()}")
-    staging.write_text(json.dumps(entry) + "\n", encoding="utf-8")
-    os.replace(staging, path)  # atomic: concurrent runs never read half a file
-    return {**entry, "source": "measured", "cache_file": str(path)}
+    staging.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    os.replace(staging, path)
 
 
 def override_bandwidth() -> float | None:

@@ -111,16 +111,19 @@ class KernelLinearForward:
         return F.linear(x, self.module.weight, self.module.bias)
 
 
+def _kernel_forwards(model: torch.nn.Module) -> list[KernelLinearForward]:
+    return [m.forward for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
+
+
 def prompt_rows(model: torch.nn.Module, most: int) -> int:
     """The longest prompt (tokens x batch, at most `most`) that each kernel linear of `model` either takes in one
     call or leaves to F.linear: a compiled prompt's limit (longer ones would split their rows per sibling)."""
-    kernels = [m.forward.kernel for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
-    return min([most] + [k.chunk for k in kernels if k.large_rows])
+    return min([most] + [f.kernel.chunk for f in _kernel_forwards(model) if f.kernel.large_rows])
 
 
 def score_with_kernels(model: torch.nn.Module) -> bool:
     """Route every kernel linear of `model` through its kernel outside compiled steps too; -> whether any."""
-    forwards = [m.forward for m in model.modules() if isinstance(vars(m).get("forward"), KernelLinearForward)]
+    forwards = _kernel_forwards(model)
     for forward in forwards:
         forward.scoring = True
     return bool(forwards)
