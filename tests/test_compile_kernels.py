@@ -142,10 +142,36 @@ def test_quantized_step_stays_close_to_torchao_eager(tiny_llama, compile_env, mo
 
     backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme)
     assert backend.details["streaming_linears"][scheme] > 0
-    assert backend.details["quantized_prefill"].startswith("prompts of up to 256 rows (tokens x batch) through")
+    assert backend.details["quantized_prefill"] == {
+        "int4": "prompts through the kernels, up to 256 rows a call",
+        "int8": "prompts of up to 64 rows (tokens x batch) through the kernels, up to 256 rows a call; longer ones "
+                "through TorchAO's kernels"}[scheme]
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
     assert backend.details[f"{scheme}_activations"].startswith(expected)
     assert difference.max().item() < 0.05, difference.max().item()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_prompt_of_more_than_8_rows_compiles_with_eager_prompts_ids(tiny_llama, compile_env, monkeypatch,
+                                                                              scheme):
+    """INT4 and INT8 prompts of 9-64 rows compile too (each kernel linear takes them in one call, so the graph keeps
+    one call per fused group): in fp32 the same ids as the prompt run eagerly, and called directly once warmed up."""
+    from llmbench.cli import parse_config
+    from llmbench.quantize import quantize_model
+
+    runs = {}
+    for compiled in ("1", "0"):
+        monkeypatch.setenv("LLMBENCH_COMPILE_PREFILL", compiled)
+        loaded = load_model(str(tiny_llama), CPU, torch.float32)
+        quantize_model(loaded, parse_config(["--woq", scheme, "--quiet"]), CPU, torch.float32)
+        inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 2, CPU)  # 32 rows
+        backend = prepared(loaded.model, "generated", monkeypatch, inputs, 1)
+        runs[compiled] = backend, backend.generate(inputs, NEW_TOKENS, 1)
+    backend, ids = runs["1"]
+    assert torch.equal(ids, runs["0"][1])
+    assert backend.details["prefill"].startswith("compiled up to 64 rows")
+    assert backend.details["direct_steps"][f"greedy prompt, 2 rows, cache of {INPUT_TOKENS + NEW_TOKENS}"] is True
+    assert runs["0"][0].details["prefill"] == "eager"
 
 
 def test_library_kernels_still_equal_eager(tiny_llama, compile_env, monkeypatch):

@@ -70,16 +70,19 @@ def int8_expected(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def check_int8_integer_path(ops) -> None:
-    """The INT8 kernel equals int8_expected, per row or group, for 1 to 8 rows of x and weights -128..127."""
-    for rows, group_size in ((1, None), (3, 32), (8, 64), (5, None)):
+    """The INT8 kernel equals int8_expected, per row or group, for 1 to 8 rows of x (decode steps) and more
+    (prompts), weights -128..127."""
+    for rows, group_size in ((1, None), (3, 32), (8, 64), (5, None), (13, 32), (64, None)):
         torch.manual_seed(rows)
         q = torch.randint(-128, 128, (44, 256), dtype=torch.int8)  # 44 rows: a last block of fewer than four
         scale = torch.rand(44, 256 // group_size if group_size else 1) / 64
         x = torch.randn(rows, 256)
         x[0, :32] = 0  # an all-zero block (d = 0)
         expected = int8_expected(x, q, scale)
-        out = ops.linear_int8(x, q, scale, None).double()
-        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), (rows, group_size)
+        out = ops.linear_int8(x, q, scale, None)
+        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), \
+            (rows, group_size)
+        assert torch.equal(out, torch.cat([ops.linear_int8(row, q, scale, None) for row in x.split(1)]))
 
 
 def test_int8_is_an_integer_dot_product_of_x_quantized_per_32_values(ops):
@@ -134,9 +137,10 @@ def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, i
 
 
 @pytest.mark.parametrize("meta", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("x_rows", [1, 5, 8])
+@pytest.mark.parametrize("x_rows", [1, 5, 8, 13, 64])
 def test_int4_tiles_of_any_rows_of_x(ops, meta, x_rows):
-    """56 outputs: seven tiles of eight rows, shared out among threads in whole tiles."""
+    """56 outputs: seven tiles of eight rows, shared out among threads in whole tiles; more than 8 rows of x
+    (prompts) 8 at a time over each tile, every row as it is alone."""
     torch.manual_seed(x_rows)
     q = torch.randint(0, 16, (56, 192))
     scale, zero = torch.rand(56, 6).to(meta) / 8, torch.randn(56, 6).to(meta) / 4
@@ -148,6 +152,8 @@ def test_int4_tiles_of_any_rows_of_x(ops, meta, x_rows):
     expected = reference(x, weight, None)
     out = ops.linear_int4(x, rows, 32, value_bytes, None)
     assert (out - expected).abs().max().item() <= 0.03 * expected.abs().max().item()
+    alone = torch.cat([ops.linear_int4(row, rows, 32, value_bytes, None) for row in x.split(1)])
+    assert torch.equal(out, alone)
 
 
 def test_int4_layout_takes_whole_tiles_only(ops):
@@ -242,7 +248,7 @@ def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):
 
 def test_bad_calls_are_refused(ops):
     weight = torch.randn(8, 64)
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
+    with pytest.raises(RuntimeError, match="at most 8 rows"):  # (INT4 and INT8 take any number)
         ops.linear_dense(torch.randn(9, 64), weight, None)
     with pytest.raises(RuntimeError, match="input size 32 != weight input size 64"):
         ops.linear_dense(torch.randn(1, 32), weight, None)

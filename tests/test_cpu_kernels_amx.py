@@ -96,9 +96,10 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantized_prefills_run_the_kernels_eight_rows_a_call(ops, scheme):
-    """INT4 and INT8 prompts of up to QUANTIZED_PREFILL_ROWS rows take the kernels outside compiled steps (TorchAO's
-    INT4 kernel is compute-bound), MAX_ROWS rows a call; longer ones keep TorchAO's F.linear."""
+def test_quantized_prefills_run_the_kernels_in_calls_of_many_rows(ops, scheme):
+    """INT4 and INT8 prompts of up to QUANTIZED_PREFILL_ROWS rows (INT4: any) take the kernels outside compiled
+    steps (TorchAO's INT4 kernel is compute-bound), QUANTIZED_CHUNK rows a call, each row as it is alone; longer
+    INT8 ones keep TorchAO's F.linear."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -106,14 +107,16 @@ def test_quantized_prefills_run_the_kernels_eight_rows_a_call(ops, scheme):
     alone = {name: cpu_kernels.kernel_call(module)[0] for name, module in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     op = f"llmbench_cpu::linear_{scheme}"
-    for rows, calls in ((40, 2 * 5), (cpu_kernels.QUANTIZED_PREFILL_ROWS + 1, 0)):
+    chunk = cpu_kernels.QUANTIZED_CHUNK
+    cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (64, 2), (65, 0)]
+    for rows, calls in cases:  # calls: q/k/v as one, o_proj alone, per chunk
         x = torch.randn(rows, 128, dtype=torch.bfloat16)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             outs = {name: getattr(parent, name)(x) for name in alone}
-        assert sum(e.count for e in prof.key_averages() if e.key == op) == calls  # q/k/v as one, o_proj alone
+        assert sum(e.count for e in prof.key_averages() if e.key == op) == calls, rows
         if calls:
             for name, call in alone.items():
-                assert torch.equal(outs[name], torch.cat([call(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)]))
+                assert torch.equal(outs[name], torch.cat([call(row) for row in x.split(1)]))
 
 
 EMULATED_PREFILL = """

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 import time
 
 import torch
@@ -158,9 +159,11 @@ class CompileBackend(BeamSearch, Backend):
                 self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
+                most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]
                 self.details["quantized_prefill"] = (
-                    f"prompts of up to {cpu_kernels.QUANTIZED_PREFILL_ROWS} rows (tokens x batch) through the kernels, "
-                    f"{cpu_kernels.MAX_ROWS} rows a call; longer ones through TorchAO's kernels")
+                    ("prompts" if most == sys.maxsize else f"prompts of up to {most} rows (tokens x batch)")
+                    + f" through the kernels, up to {cpu_kernels.QUANTIZED_CHUNK} rows a call"
+                    + ("" if most == sys.maxsize else "; longer ones through TorchAO's kernels"))
             emulated = [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]
             if emulated:
                 self.details["emulated_prefill"] = (

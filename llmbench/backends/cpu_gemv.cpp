@@ -1,5 +1,6 @@
 // Weight-streaming linear layers for decode steps on CPUs: y = x @ W.T + b for a few rows of x
-// (batch x beams <= 8), reading every weight once from memory. Built at run time for the host's own instruction set
+// (batch x beams <= 8; INT4 and INT8 any number, for prompts: a few at a time over each weight tile or block while
+// it is in cache), reading every weight once from memory. Built at run time for the host's own instruction set
 // (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
 // decode step as torch ops (llmbench_cpu::*).
 //
@@ -38,7 +39,8 @@ typedef int8_t v8i8 __attribute__((vector_size(8)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
 
 constexpr int64_t R = 4;         // weight rows per block
-constexpr int64_t kMaxRows = 8;  // rows of x the kernels are written for (more rows: use a GEMM)
+constexpr int64_t kMaxRows = 8;  // rows of x the dense kernels are written for (more rows: use a GEMM)
+constexpr int64_t kAnyRows = INT64_MAX;  // INT4 and INT8 take any number of rows (prompts: the weights read once)
 #ifndef LLMBENCH_PREFETCH_BLOCKS
 #define LLMBENCH_PREFETCH_BLOCKS 4
 #endif
@@ -145,9 +147,9 @@ int64_t checked_rows(const at::Tensor& x, int64_t K, const char* op, int64_t mos
   return M;
 }
 
-Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* op) {
+Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* op, int64_t most = kMaxRows) {
   const at::Tensor x = input.contiguous();
-  const int64_t M = checked_rows(x, K, op);
+  const int64_t M = checked_rows(x, K, op, most);
   Rows rows{std::vector<float>(M * K), M};
   switch (x.scalar_type()) {
     case at::kFloat: read_rows(x.data_ptr<float>(), M * K, deinterleave, rows.x.data()); break;
@@ -305,9 +307,10 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   const int64_t meta = (2 * groups * value_bytes + 31) / 32 * 32;  // the row's scales and zeros, padded
   TORCH_CHECK(stride == meta + K / 2, "linear_int4: a packed row of ", stride, " bytes is not ", K / 2,
               " weight bytes after ", meta, " bytes of scales and zeros of ", groups, " groups");
-  const Rows rows = rows_of(x, K, false, "linear_int4");
+  const Rows rows = rows_of(x, K, false, "linear_int4", kAnyRows);
   const int64_t M = rows.M;
-  const QuantizedRows xq = quantize_rows(rows.x.data(), M, K, group_size);
+  const int64_t padded = M > kMaxRows ? (M + kMaxRows - 1) / kMaxRows * kMaxRows : 0;  // int4_tiles_of's passes
+  const QuantizedRows xq = quantize_rows(rows.x.data(), M, K, group_size, padded);
   const Int4Args args{rows.x.data(), xq.q.data(), xq.d.data(), xq.sum.data(), M, K, packed.data_ptr<uint8_t>(),
                       stride, __builtin_ctzll(group_size)};
   if (value_bytes == 2)

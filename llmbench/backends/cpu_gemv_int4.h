@@ -37,14 +37,15 @@ inline void quantize_block(const float* x, float* sum, float* d, int8_t* q) {
 
 
 // M rows of x (K values each, a multiple of 32) quantized per 32 values by quantize_block: q (M, K), their scales d
-// (M, K / 32), and the exact sums of x per group of group_size values (M, K / group_size).
+// (M, K / 32), and the exact sums of x per group of group_size values (M, K / group_size); zero rows after them up
+// to `rows` where that is more than M.
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> d, sum;
 };
-inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group_size) {
-  const int64_t blocks = K / 32, groups = K / group_size;
-  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(M * groups, 0.f)};
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t rows = 0) {
+  const int64_t blocks = K / 32, groups = K / group_size, P = std::max(M, rows);
+  QuantizedRows out{std::vector<int8_t>(P * K), std::vector<float>(P * blocks), std::vector<float>(P * groups, 0.f)};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b)
       quantize_block(x + m * K + b * 32, &out.sum[m * groups + (b * 32) / group_size], &out.d[m * blocks + b],
@@ -143,13 +144,21 @@ void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m2
   }
 }
 
+// MR rows of x at a time; with more rows (prompts: the quantized rows padded with zeros to a multiple of MR), each
+// tile once for every MR of them while it is in cache, so the weights are read once per call.
 template <typename T, int MR>
 void int4_tiles_of(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile;
+  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile, blocks = a.K / 32, groups = a.K >> a.shift;
   for (int64_t n = n0; n < n1; n += kTile) {
-    __m256 acc[MR];
-    int4_tile<T, MR>(a, a.w + n * a.stride, n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr, acc);
-    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * (n1 - n0) + (n - n0), acc[m]);
+    const uint8_t* next = n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr;
+    for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
+      Int4Args part = a;
+      part.xq += m0 * a.K, part.xd += m0 * blocks, part.xsum += m0 * groups;
+      __m256 acc[MR];
+      int4_tile<T, MR>(part, a.w + n * a.stride, m0 == 0 ? next : nullptr, acc);
+      for (int m = 0; m < std::min<int64_t>(MR, a.M - m0); ++m)
+        _mm256_storeu_ps(out + (m0 + m) * (n1 - n0) + (n - n0), acc[m]);
+    }
   }
 }
 #endif

@@ -134,7 +134,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
               "linear_int8: scale must be contiguous float32 (N, groups)");
   const int64_t groups = scale.numel() / N;
   TORCH_CHECK(K % groups == 0 && (K / groups) % 8 == 0, "linear_int8: group size must be a multiple of 8");
-  const Rows rows = rows_of(x, K, false, "linear_int8");
+  const Rows rows = rows_of(x, K, false, "linear_int8", kAnyRows);
   const float* xr = rows.x.data();
   const int8_t* w = qdata.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();

@@ -6,8 +6,9 @@ AVX2 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`
 decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from memory per
 step, widened to float32 in registers, with independent accumulators per weight row, so the step streams weights
 near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound. They
-serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts, and on AMX CPUs bf16 prompts
-and steps of up to 64 rows.
+serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (and steps of more rows; the
+weights read once per call, each tile or block taken 8 rows of x at a time while in cache), and on AMX CPUs bf16
+prompts and steps of up to 64 rows.
 
 Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
 them); TorchAO INT8 weight-only (int8 values, float scale per row or group) as stored; TorchAO's CPU INT4
@@ -29,8 +30,9 @@ import torch
 from llmbench.backends import int4_layout
 from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_min_rows_env
 from llmbench.backends.huge_pages import HugePageArena
-from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_PREFILL_ROWS: part of this module's face
+from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_*: part of this module's face
     QUANTIZED,
+    QUANTIZED_CHUNK,
     QUANTIZED_PREFILL_ROWS,
     KernelCall,
     KernelLinearForward,

@@ -4,6 +4,7 @@ suite's CPU kernels and the module's own F.linear: decode steps, prompts (eagerl
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +14,14 @@ from llmbench.backends.compile_settings import amx_large_rows, emulated_gemm
 
 QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
 
-# Prompts (tokens x batch) up to which the INT4 and INT8 kernels, MAX_ROWS rows a call, serve the prefill instead of
-# TorchAO's F.linear. On a 2-core AMX Xeon (default model, alternating processes): INT4 first token 65.4 -> 43.7 ms
-# at 32 rows, 362 -> 222 ms at 256; INT8 88.8 -> 64.0 ms at 32 (aten's INT4 kernel is compute-bound).
-QUANTIZED_PREFILL_ROWS = 256
+# Prompts (tokens x batch) up to which the INT4 and INT8 kernels serve the prefill (and decode steps of more than
+# MAX_ROWS rows) instead of TorchAO's F.linear, QUANTIZED_CHUNK rows a call, each call reading the weights once and
+# taking 8 rows of x per pass over each tile or block while it is in cache. On a 2-core AMX Xeon (default model, bf16,
+# first token, alternating processes, 2026-12-05): INT4 faster at every length tried (aten's INT4 kernel is
+# compute-bound: 512 rows 593 against 994 ms, 1800 rows 2178 against 3323); INT8 up to 64 rows (86-90 against
+# 117-127 ms), TorchAO's beyond (96 rows 145 against 159, 512 rows 372 against 745).
+QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 64}
+QUANTIZED_CHUNK = 256  # rows of x a call (float32 and int8 copies of them held per call)
 
 
 class KernelCall:
@@ -52,10 +57,10 @@ class KernelCall:
 
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
-    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of MAX_ROWS; 16-bit kinds whose GEMM torch emulates here
-    (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
+    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch emulates
+    here (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
     if kind in QUANTIZED:
-        return KernelCall(call, members, QUANTIZED_PREFILL_ROWS)
+        return KernelCall(call, members, QUANTIZED_PREFILL_ROWS[kind], QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
         return KernelCall(call, members, MAX_ROWS, widen=True)
