@@ -84,9 +84,10 @@ def anchor_rows(args) -> list[dict]:
 def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) -> None:
     """`gb_s`: the host's read bandwidth (the best seen), the roofline's; a row's `run_gb_s`: the bandwidth measured
     right after its case (else `run_gb_s`, the mean of this run's measurements before and after the cases), which a
-    shared host lowers: "% of run bw" is the share of that bandwidth a case reached."""
+    shared host lowers: "% of run bw" is the share of that bandwidth a case reached; a row's `cores_share`: the
+    cores' speed right after its case as a share of this host's best (llmbench.core_speed)."""
     print(f"\n{'backend':<10}{'scheme':<7}{'dtype':<10}{'ms/token':>9}{'roofline ms':>12}{'% of roofline':>14}"
-          f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}")
+          f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}{'cores %':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:<10}{r['scheme']:<7}failed: {r['error']}")
@@ -98,8 +99,9 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
         run_share = f"{roofline_ms * gb_s / case_gb_s / r['next_ms'] * 100:.0f}%" if roofline_ms and case_gb_s else "-"
         read_mb = f"{r['bytes_read'] / 1e6:.1f}" if r["bytes_read"] else "-"
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
+        cores = f"{r['cores_share'] * 100:.0f}%" if r.get("cores_share") else "-"
         print(f"{r['backend']:<10}{r['scheme']:<7}{r['dtype']:<10}{r['next_ms']:>9.2f}{roofline:>12}{share:>14}"
-              f"{run_share:>12}{read_mb:>14}{compile_s:>10}")
+              f"{run_share:>12}{read_mb:>14}{compile_s:>10}{cores:>8}")
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
 from llmbench.cli import RunConfig  # noqa: E402
+from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
 from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read, override_bandwidth  # noqa: E402
@@ -78,6 +79,8 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
         # the user set the bandwidth
         checked = run.device.type == "cpu" and override_bandwidth() is None
         run_gb_s = check_cpu_read_bandwidth()["read_bandwidth_gb_s"] if checked else None
+        cores = measure_core_speed() if run.device.type == "cpu" else None  # and the cores' (a busy sibling)
+    best = host_best(cores) if cores else None
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
     read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens,
                              config.max_new_tokens)["bytes_read_per_token"]
@@ -87,7 +90,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
            "first_ms": metrics["first_token_latency_s"] * 1e3, "bytes_read": read, "gb_s": read / next_s / 1e9,
            "tokens": measurement.output_token_ids,
            "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None, "run_gb_s": run_gb_s,
-           "quantization": run.facts.get("quantization")}
+           "cores_share": core_share(cores, best) if best else None, "quantization": run.facts.get("quantization")}
     del run
     gc.collect()
     return row

@@ -216,11 +216,13 @@ def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from roofline import print_table
 
-    row = {"backend": "compile", "scheme": "bf16", "dtype": "bfloat16", "next_ms": 10.0, "bytes_read": 100e6}
+    row = {"backend": "compile", "scheme": "bf16", "dtype": "bfloat16", "next_ms": 10.0, "bytes_read": 100e6,
+           "cores_share": 0.734}
     print_table([row], 20.0, 12.5)
     header, line = capsys.readouterr().out.strip().splitlines()
-    assert "% of run bw" in header
+    assert "% of run bw" in header and header.endswith("cores %")
     assert line.split()[3:7] == ["10.00", "5.00", "50%", "80%"]
+    assert line.split()[-1] == "73%"  # the cores' speed right after the case, against the host's best
 
 
 def test_roofline_script_refuses_unknown_schemes():
