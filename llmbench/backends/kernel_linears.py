@@ -16,10 +16,11 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 
 # Prompts (tokens x batch) up to which the INT4 and INT8 kernels serve the prefill (and decode steps of more than
 # MAX_ROWS rows) instead of TorchAO's F.linear, QUANTIZED_CHUNK rows a call, each call reading the weights once and
-# taking 8 rows of x per pass over each tile or block while it is in cache. On a 2-core AMX Xeon (default model, bf16,
-# first token, alternating processes, 2026-12-05): INT4 faster at every length tried (aten's INT4 kernel is
-# compute-bound: 512 rows 593 against 994 ms, 1800 rows 2178 against 3323); INT8 up to 64 rows (86-90 against
-# 117-127 ms), TorchAO's beyond (96 rows 145 against 159, 512 rows 372 against 745).
+# taking 8 rows of x (INT8: 2-4) per pass over each tile or block while it is in cache. On a 2-core AMX Xeon (default
+# model, bf16, first token, alternating processes, 2026-12-05): INT4 faster at every length tried (aten's INT4 kernel
+# is compute-bound: 512 rows 593 against 994 ms, 1800 rows 2178 against 3323); INT8 up to 64 rows (compiled: 86-90
+# against 117-127 ms), TorchAO faster beyond (96 rows 145 against 159 ms, 512 rows 372 against 745; the same
+# built for AVX2 alone, fp32: 128 rows 304 against 343, 512 rows 974 against 1383).
 QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 64}
 QUANTIZED_CHUNK = 256  # rows of x a call (float32 and int8 copies of them held per call)
 
