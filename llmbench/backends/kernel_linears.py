@@ -22,7 +22,7 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 # against 117-127 ms), TorchAO faster beyond (96 rows 145 against 159 ms, 512 rows 372 against 745; the same
 # built for AVX2 alone, fp32: 128 rows 304 against 343, 512 rows 974 against 1383).
 QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 64}
-QUANTIZED_CHUNK = 256  # rows of x a call (float32 and int8 copies of them held per call)
+QUANTIZED_CHUNK = 256  # rows of x a call (its copies of x held per call; 1024 was no faster at 1024 rows of INT4)
 
 
 class KernelCall:
