@@ -160,10 +160,9 @@ class CompileBackend(BeamSearch, Backend):
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
                 most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]
-                self.details["quantized_prefill"] = (
-                    ("prompts" if most == sys.maxsize else f"prompts of up to {most} rows (tokens x batch)")
-                    + f" through the kernels, up to {cpu_kernels.QUANTIZED_CHUNK} rows a call"
-                    + ("" if most == sys.maxsize else "; longer ones through TorchAO's kernels"))
+                through = f"through the kernels, up to {cpu_kernels.QUANTIZED_CHUNK} rows a call"
+                self.details["quantized_prefill"] = f"prompts {through}" if most == sys.maxsize else \
+                    f"prompts of up to {most} rows (tokens x batch) {through}; longer ones through TorchAO's kernels"
             emulated = [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]
             if emulated:
                 self.details["emulated_prefill"] = (
@@ -228,13 +227,16 @@ class CompileBackend(BeamSearch, Backend):
     def _prefill_log_probs(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
         return self._beam_log_probs(ids, cache, position)
 
+    def _compiles_prompt(self, ids: torch.Tensor) -> bool:
+        return self._compiled_prefill and ids.numel() <= self._prompt_rows
+
     def _prefill(self, step, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
         """Compiled where the prompt has at most _prompt_rows rows (tokens x batch; kernel_linears.prompt_rows: one
         kernel call per linear; longer prompts are bound by their arithmetic more than by the eager pass's
         overhead). A new cache's first prompt runs eagerly: transformers allocates the cache's tensors at its first
         update, and a compiled graph that did so would allocate new ones at every call (once its guards are
         skipped), leaving the decode steps' direct calls on the old ones."""
-        if not self._compiled_prefill or id(cache) not in self._allocated or ids.numel() > self._prompt_rows:
+        if not self._compiles_prompt(ids) or id(cache) not in self._allocated:
             self._allocated.add(id(cache))
             return (self._greedy_scores_argmax if step is self._greedy_prefill else self._beam_log_probs)(
                 ids, cache, position)
@@ -302,8 +304,7 @@ class CompileBackend(BeamSearch, Backend):
         synchronize(self.device)
         start = time.perf_counter()
         try:
-            compiled_prompt = self._compiled_prefill and inputs.input_ids.numel() <= self._prompt_rows
-            for _ in range(2 if compiled_prompt else 1):  # the first allocates the caches (_prefill)
+            for _ in range(2 if self._compiles_prompt(inputs.input_ids) else 1):  # the first allocates the caches
                 self.generate(inputs, max_new_tokens, num_beams, None)
         except (UserError, MemoryError, torch.OutOfMemoryError):
             raise
