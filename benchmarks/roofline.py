@@ -37,7 +37,12 @@ from llmbench.core_speed import core_share, host_best, measure_core_speed  # noq
 from llmbench.devices import resolve_device  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
-from llmbench.roofline import device_bandwidth, kv_cache_bytes_per_position  # noqa: E402
+from llmbench.roofline import (  # noqa: E402
+    OVERRIDE_ENV,
+    device_bandwidth,
+    kv_cache_bytes_per_position,
+    raise_cpu_bandwidth,  # noqa: E402
+)
 
 SCHEMES = ("fp32", "bf16", "int8", "int4")
 ANCHOR_TYPES = ("q4_1", "f16")
@@ -143,6 +148,14 @@ def main() -> int:
     after = measure_now()
     run_measures.append(after.get("last_measured_gb_s"))
     cores.append(after.get("cores"))
+    seen = [m for m in run_measures + [r.get("run_gb_s") for r in rows] if m]
+    if device.type == "cpu" and gb_s and seen and max(seen) > gb_s and bandwidth.get("source") != OVERRIDE_ENV:
+        # a check read more than the host's figure (a shared host's memory gives some moments far more than others):
+        # the best seen is the host's, for this table and later runs
+        print(f"read bandwidth: a check during this run read {max(seen):.1f} GB/s, more than the host's figure "
+              f"{gb_s:.1f}: the roofline uses {max(seen):.1f}")
+        gb_s = max(seen)
+        raise_cpu_bandwidth(gb_s)
     run_gb_s = None
     if all(run_measures):
         run_gb_s = sum(run_measures) / len(run_measures)

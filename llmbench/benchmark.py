@@ -17,7 +17,7 @@ from llmbench.host import last_level_cache_bytes
 from llmbench.pipeline import Pipeline, open_pipeline
 from llmbench.prompts import PromptInputs
 from llmbench.results import append_or_show
-from llmbench.roofline import device_bandwidth, roofline, roofline_line, roofline_metrics
+from llmbench.roofline import device_bandwidth, roofline, roofline_line, roofline_metrics, with_bandwidth
 from llmbench.timing import IterationTiming, StepTimer, summarize
 from llmbench.watch import MeasuredWindow, print_run_notes, profile_after
 
@@ -164,6 +164,9 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 output_text=measurement.output_text,
                 output_token_ids=measurement.output_token_ids,
             )
+            raised = measurement.window.memory_figures
+            if raised is not None and raised.raised_from_gb_s and record.get("roofline"):
+                record["roofline"] = with_bandwidth(record["roofline"], raised.host_read_bandwidth_gb_s)
             record["metrics"].update(roofline_metrics(record.get("roofline"),
                                                       record["metrics"]["next_token_latency_s"]))
             record.update(measurement.window.record_fields(record, measurement.complete))

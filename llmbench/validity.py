@@ -166,6 +166,7 @@ class MemoryFigures:
     share: float | None  # read_bandwidth_gb_s / host_read_bandwidth_gb_s
     method: str | None
     error: str | None = None  # why the check could not run
+    raised_from_gb_s: float | None = None  # the host's figure before this check read more (the roofline now uses it)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
 from llmbench.profiling import profile_generation
-from llmbench.roofline import check_cpu_read_bandwidth
+from llmbench.roofline import check_cpu_read_bandwidth, raise_cpu_bandwidth
 from llmbench.validity import (
     MAX_OTHER_CPU_SHARE,
     MAX_STEAL_SHARE,
@@ -129,8 +129,21 @@ class MeasuredWindow:
         except (RuntimeError, MemoryError) as exc:
             self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
             return
-        gb_s = now["read_bandwidth_gb_s"]
-        self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"])
+        gb_s, before = now["read_bandwidth_gb_s"], None
+        if gb_s > self.host_gb_s and self._quiet():  # the host's figure was too low: raised, for this record too
+            try:
+                raise_cpu_bandwidth(gb_s)
+            except OSError:
+                pass  # an unwritable cache: this record still uses the higher figure
+            before, self.host_gb_s = self.host_gb_s, gb_s
+        self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"],
+                                            raised_from_gb_s=before)
+
+    def _quiet(self) -> bool:
+        """Whether other work left this run's CPUs alone (a figure measured beside others' is never kept)."""
+        cpu = self.cpu_figures
+        return cpu is not None and cpu.other_share is not None and cpu.other_share <= MAX_OTHER_CPU_SHARE and (
+            cpu.steal_share or 0.0) <= MAX_STEAL_SHARE
 
     def _check_cores(self) -> None:
         try:
@@ -140,11 +153,7 @@ class MeasuredWindow:
             return
         best = host_best(now)
         first = best is None
-        cpu = self.cpu_figures
-        # A figure of a run that shared this machine's CPUs is the others' as much as the host's: never kept.
-        quiet = cpu is not None and cpu.other_share is not None and cpu.other_share <= MAX_OTHER_CPU_SHARE and (
-            cpu.steal_share or 0.0) <= MAX_STEAL_SHARE
-        if quiet:
+        if self._quiet():
             try:
                 best = remember(now, best)
             except OSError:

@@ -46,53 +46,6 @@ def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_f
     return linear
 
 
-@pytest.mark.parametrize("group_size", [None, 32])
-def test_int8_equals_torchao(ops, group_size):
-    linear = quantized_linear("int8", group_size)
-    call, kind = cpu_kernels.kernel_call(linear)
-    assert kind == "int8"
-    x = torch.randn(3, 128).to(torch.bfloat16)
-    expected = F.linear(x, linear.weight, linear.bias).float()
-    assert (call(x).float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
-
-
-def int8_expected(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """What the INT8 kernel computes on AVX2 CPUs: x quantized to int8 per 32 values (d = max |x| / 127, q = x / d
-    rounded to nearest even), exact integer dot products per block, then d and the weight's per-group scale."""
-    rows, k = x.shape
-    blocks = x.float().reshape(rows, k // 32, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    xq = torch.round(blocks * torch.where(d > 0, 1 / d, 0)).double()
-    ints = torch.einsum("mbt,nbt->mnb", xq, q.double().reshape(q.shape[0], k // 32, 32))  # exact in float64
-    per_block = ints * d.double().squeeze(-1)[:, None, :]
-    group_blocks = k // 32 // scale.shape[1]
-    return (per_block.reshape(rows, q.shape[0], scale.shape[1], group_blocks).sum(-1) * scale.double()).sum(-1)
-
-
-def check_int8_integer_path(ops) -> None:
-    """The INT8 kernel equals int8_expected, per row or group, for 1 to 8 rows of x (decode steps) and more
-    (prompts), weights -128..127."""
-    for rows, group_size in ((1, None), (3, 32), (8, 64), (5, None), (13, 32), (64, None)):
-        torch.manual_seed(rows)
-        q = torch.randint(-128, 128, (44, 256), dtype=torch.int8)  # 44 rows: a last block of fewer than four
-        scale = torch.rand(44, 256 // group_size if group_size else 1) / 64
-        x = torch.randn(rows, 256)
-        x[0, :32] = 0  # an all-zero block (d = 0)
-        expected = int8_expected(x, q, scale)
-        out = ops.linear_int8(x, q, scale, None)
-        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), \
-            (rows, group_size)
-        assert torch.equal(out, torch.cat([ops.linear_int8(row, q, scale, None) for row in x.split(1)]))
-
-
-def test_int8_is_an_integer_dot_product_of_x_quantized_per_32_values(ops):
-    if "avx2" not in cpu_kernels.cpu_kind().flags:  # the kernel widens weights to float32 instead
-        x, q, scale = torch.randn(3, 256), torch.randint(-128, 128, (44, 256), dtype=torch.int8), torch.rand(44, 1)
-        assert torch.allclose(ops.linear_int8(x, q, scale, None), reference(x, q.float() * scale, None), rtol=1e-4)
-        return
-    check_int8_integer_path(ops)
-
-
 def dequantize_rows(rows, value_bytes, in_features, group_size):
     """The kernel layout's weights in float32: per tile of 8 rows their groups' scales as [group][row], their zeros
     the same way, padding, then per 32 weights four vectors of 32 bytes, whose 4-byte lane r holds row r's weights
@@ -258,6 +211,9 @@ def test_bad_calls_are_refused(ops):
         ops.linear_int4(torch.randn(1, 64), torch.zeros(8, 40, dtype=torch.uint8), 32, 2, None)
     with pytest.raises(RuntimeError, match="not 3 bytes"):
         ops.linear_int4(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 32, 3, None)
+    if ops.int8_tiles_built():
+        with pytest.raises(RuntimeError, match="a packed row of 64 bytes is not 64 weights after 1 float32 scales"):
+            ops.linear_int8_tiles(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 1, None)
 
 
 def test_layers_the_kernels_cannot_take_keep_their_forward():

@@ -106,7 +106,7 @@ def test_quantized_prefills_run_the_kernels_in_calls_of_many_rows(ops, scheme):
     parent = siblings(lambda out_features: quantized_linear(scheme, 32, in_features=128, out_features=out_features))
     alone = {name: cpu_kernels.kernel_call(module)[0] for name, module in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
-    op = f"llmbench_cpu::linear_{scheme}"
+    op = f"llmbench_cpu::linear_{scheme}{'_tiles' if scheme == 'int8' and ops.int8_tiles_built() else ''}"
     chunk = cpu_kernels.QUANTIZED_CHUNK
     cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (64, 2), (65, 0)]
     for rows, calls in cases:  # calls: q/k/v as one, o_proj alone, per chunk

@@ -58,6 +58,31 @@ def test_memory_slower_than_the_hosts_figure_is_reported(run_main, tmp_path, tin
     assert only_record(tmp_path / "set.jsonl")["validity"]["memory"] is None
 
 
+def test_a_quiet_check_above_the_hosts_figure_raises_it(run_main, tmp_path, tiny_llama, monkeypatch):
+    """A host figure below what the memory gives (measured first in a poor moment of a shared host): a quiet run's
+    check raises it, in the cache and in this record's roofline; a run beside other work leaves it."""
+    from llmbench.roofline import cache_file, cpu_read_method
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    threads = os.cpu_count()
+    host = cache_file(torch.device("cpu"), threads)
+    host.parent.mkdir(parents=True)
+    host.write_text(json.dumps({"bandwidth_gb_s": 0.01, "method": cpu_read_method(threads)}))
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "low.jsonl", *TINY_RUN))
+    assert status == 0, err
+    record = only_record(tmp_path / "low.jsonl")
+    memory, roofline = record["validity"]["memory"], record["roofline"]
+    cached = json.loads(host.read_text())
+    if record["validity"]["cpu"]["other_share"] > 0.25:  # others' work: no figure of this run is kept
+        assert memory["raised_from_gb_s"] is None and cached["bandwidth_gb_s"] == 0.01
+        return
+    assert memory["raised_from_gb_s"] == 0.01 and memory["share"] == 1.0
+    assert cached["bandwidth_gb_s"] == memory["read_bandwidth_gb_s"] == roofline["read_bandwidth_gb_s"] > 0.01
+    assert cached["method"] == cpu_read_method(threads) and "memory check" in cached["raised_by"]
+    assert roofline["raised_after_measurement_from_gb_s"] == 0.01
+    assert roofline["roofline_next_token_s"] == roofline["bytes_read_per_token"] / (cached["bandwidth_gb_s"] * 1e9)
+    assert record["metrics"]["roofline_next_token_s"] == roofline["roofline_next_token_s"]
+    assert record["valid"] or not any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
 
 
 def test_cores_slower_than_their_best_make_a_run_invalid():

@@ -22,7 +22,8 @@ def run_in_build(code: str, flags: str, drop: tuple[str, ...] = ()) -> subproces
 def test_int8_and_int4_without_vnni_give_the_same_integers():
     """The AVX2 path of CPUs without VNNI (maddubs), built on this host with LLMBENCH_NO_VNNI: the same checks."""
     code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t; t.check_int8_integer_path(torch.ops.llmbench_cpu); "
+            "from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
+            "t8.check_int8_integer_path(torch.ops.llmbench_cpu); "
             "[t.test_int4_tiles_of_any_rows_of_x(torch.ops.llmbench_cpu, m, r) "
             "for m in (torch.bfloat16, torch.float32) for r in (1, 5, 8)]; print('checked')")
     proc = run_in_build(code, "-DLLMBENCH_NO_VNNI")
@@ -52,7 +53,7 @@ def test_a_build_without_avx2_runs_the_portable_loops():
     and the dense and attention kernels' portable loops give the same results."""
     code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
             "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
-            "assert not ops.attention_vectorized(); "
+            "assert not ops.attention_vectorized() and not ops.int8_tiles_built(); "
             "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
             "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
             "for d in (torch.float32, torch.bfloat16)]; print('checked')")

@@ -319,6 +319,14 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); }, kTile);
 }
 
+bool int8_tiles_built() {
+#ifdef __AVX2__
+  return true;
+#else
+  return false;
+#endif
+}
+
 #include "cpu_gemv_beams.h"
 #include "cpu_gemv_argmax.h"
 
@@ -327,8 +335,10 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
 TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("linear_int8_tiles(Tensor x, Tensor packed, int groups, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
   m.def("amx_rows_from() -> int", &amx_rows_from);
+  m.def("int8_tiles_built() -> bool", &int8_tiles_built);
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
@@ -337,6 +347,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
   m.impl("linear_dense", &linear_dense);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int8_tiles", &linear_int8_tiles);
   m.impl("linear_int4", &linear_int4);
   m.impl("reorder_rows", &reorder_rows);
   m.impl("argmax_rows", &argmax_rows);

@@ -104,6 +104,85 @@ void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t 
   });
 }
 
+// int8 in tiles of eight output rows (N a multiple of 8), each one run of 8 * stride bytes: the float32 scales of
+// its groups as [group][row], then per 32 weights 256 bytes: eight vectors j of 32 bytes whose 32-bit lane r holds
+// row r's weights 4j..4j+3 (as stored, signed). As in INT4's tiles, the eight rows' integer dot products of a block
+// land in the lanes of one vector, which one conversion and one multiply-add by the rows' scales times x's block
+// scale add to the outputs: no per-row conversion, no horizontal sums. Each weight vector is loaded (and made
+// unsigned for VNNI) once for every row of x in the pass.
+struct Int8Tiles {
+  const int8_t* xq; const float* xd; const float* corr;
+  int64_t M, K, groups; const uint8_t* w; int64_t stride;
+};
+
+template <int MR>
+void int8_tile(const Int8Tiles& a, const uint8_t* tile, const uint8_t* next, __m256* acc) {
+  const int64_t K = a.K, blocks = K / 32, per_group = blocks / a.groups;
+  const float* sc = reinterpret_cast<const float*>(tile);
+  const int8_t* q = reinterpret_cast<const int8_t*>(tile + kTile * 4 * a.groups);
+  const int64_t lines = (kTile * a.stride + 63) / 64, per_block = (lines + blocks - 1) / blocks;
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const __m256 scale = _mm256_loadu_ps(sc + g * kTile);
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      if (next) {
+        for (int64_t l = 0; l < per_block; ++l) prefetch_tile(next + (b * per_block + l) * 64);
+      }
+      __m256i s[MR];
+      for (int m = 0; m < MR; ++m) s[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i w = load_bytes(q + b * 256 + j * 32);
+        if constexpr (kVnni) {
+          const __m256i u = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+          for (int m = 0; m < MR; ++m) s[m] = dot_u8_s8(s[m], u, broadcast4(a.xq + m * K + b * 32 + 4 * j));
+        } else {
+          const __m256i magnitude = _mm256_abs_epi8(w);
+          for (int m = 0; m < MR; ++m) {
+            const __m256i x = _mm256_sign_epi8(broadcast4(a.xq + m * K + b * 32 + 4 * j), w);
+            s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), _mm256_set1_epi16(1)));
+          }
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), _mm256_mul_ps(scale, _mm256_set1_ps(a.xd[m * blocks + b])),
+                                 acc[m]);
+    }
+    if constexpr (kVnni) {  // the VNNI sums' 128 * sum(x) per group, taken off
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_fnmadd_ps(scale, _mm256_set1_ps(a.corr[m * a.groups + g]), acc[m]);
+    }
+  }
+}
+
+// MR rows of x at a time, each tile once for every MR of them while it is in cache (x padded to a multiple of MR).
+template <int MR>
+void int8_tiles_of(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile, blocks = a.K / 32;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    const uint8_t* next = n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr;
+    for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
+      Int8Tiles part = a;
+      part.xq += m0 * a.K, part.xd += m0 * blocks, part.corr += m0 * a.groups;
+      __m256 acc[MR];
+      int8_tile<MR>(part, a.w + n * a.stride, m0 == 0 ? next : nullptr, acc);
+      for (int m = 0; m < std::min<int64_t>(MR, a.M - m0); ++m)
+        _mm256_storeu_ps(out + (m0 + m) * (n1 - n0) + (n - n0), acc[m]);
+    }
+  }
+}
+
+void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
+  switch (a.M) {  // the rows of x as a constant: their accumulators stay in registers
+    case 1: return int8_tiles_of<1>(a, out, n0, n1);
+    case 2: return int8_tiles_of<2>(a, out, n0, n1);
+    case 3: return int8_tiles_of<3>(a, out, n0, n1);
+    case 4: return int8_tiles_of<4>(a, out, n0, n1);
+    case 5: return int8_tiles_of<5>(a, out, n0, n1);
+    case 6: return int8_tiles_of<6>(a, out, n0, n1);
+    case 7: return int8_tiles_of<7>(a, out, n0, n1);
+    default: return int8_tiles_of<8>(a, out, n0, n1);
+  }
+}
+
 // Rows of x per pass: as many as the vector registers hold accumulators for (AVX-512 has 32, AVX2 16; groups keep
 // a second set), for R weight rows each.
 void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, int64_t K, const int8_t* w,
@@ -123,6 +202,21 @@ void int8_rows(const int8_t* xq, const float* xd, const float* corr, int64_t M, 
     int8_rows_of<Int8x32, decltype(c)::value>(xq, xd, corr, M, K, w, scale, groups, out, n0, n1);
   });
 }
+
+// Per row of x and weight group, what the VNNI sums hold beyond sum(w * x) (128 * the sum of xd * sum(xq) over the
+// group's blocks, in x's units; zeros without VNNI). Rows of xq beyond M (padding) get none.
+std::vector<float> vnni_corrections(const QuantizedRows& xq, int64_t M, int64_t K, int64_t groups) {
+  const int64_t blocks = K / 32;
+  std::vector<float> corr(std::max<int64_t>(M, xq.d.size() / blocks) * groups, 0.f);
+  for (int64_t m = 0; kVnni && m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t total = 0;
+      for (int t = 0; t < 32; ++t) total += xq.q[m * K + b * 32 + t];
+      corr[m * groups + b * 32 * groups / K] += 128.f * xq.d[m * blocks + b] * static_cast<float>(total);
+    }
+  }
+  return corr;
+}
 #endif
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -141,20 +235,38 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
   const int64_t M = rows.M;
 #ifdef __AVX2__
   if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
-    const int64_t blocks = K / 32;
     const QuantizedRows xq = quantize_rows(xr, M, K, K / groups);
-    std::vector<float> corr(M * groups, 0.f);
-    for (int64_t m = 0; kVnni && m < M; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        int32_t total = 0;
-        for (int t = 0; t < 32; ++t) total += xq.q[m * K + b * 32 + t];
-        corr[m * groups + b * 32 * groups / K] += 128.f * xq.d[m * blocks + b] * static_cast<float>(total);
-      }
-    }
+    const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
       int8_rows(xq.q.data(), xq.d.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
     });
   }
 #endif
   return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
+}
+
+// x against int8 tiles (Int8Tiles' layout, packed (N, 4 * groups + K) bytes, N a multiple of 8, groups of a multiple
+// of 32 weights): the integer dot products of linear_int8, with the tiles' lanes as rows.
+at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t groups,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "linear_int8_tiles: packed weight must be contiguous 2-D uint8");
+  const int64_t N = packed.size(0), K = x.size(-1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 32 == 0,
+              "linear_int8_tiles: groups must be of a multiple of 32 weights");
+  TORCH_CHECK(N % kTile == 0, "linear_int8_tiles: the output size must be a multiple of ", kTile, ", got ", N);
+  TORCH_CHECK(packed.size(1) == 4 * groups + K, "linear_int8_tiles: a packed row of ", packed.size(1),
+              " bytes is not ", K, " weights after ", groups, " float32 scales");
+#ifdef __AVX2__
+  const Rows rows = rows_of(x, K, false, "linear_int8_tiles", kAnyRows);
+  const int64_t M = rows.M;
+  const int64_t padded = M > kMaxRows ? (M + kMaxRows - 1) / kMaxRows * kMaxRows : 0;  // int8_tiles_of's passes
+  const QuantizedRows xq = quantize_rows(rows.x.data(), M, K, K / groups, padded);
+  const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
+  const Int8Tiles args{xq.q.data(), xq.d.data(), corr.data(), M, K, groups, packed.data_ptr<uint8_t>(),
+                       packed.size(1)};
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int8_tiles(args, o, n0, n1); }, kTile);
+#else
+  TORCH_CHECK(false, "linear_int8_tiles: built without AVX2 (use linear_int8)");
+#endif
 }

@@ -147,6 +147,8 @@ def _register_fakes() -> None:
 
     torch.library.register_fake("llmbench_cpu::linear_dense")(lambda x, weight, bias: out_like(x, weight.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
+    torch.library.register_fake("llmbench_cpu::linear_int8_tiles")(
+        lambda x, packed, groups, bias: out_like(x, packed.shape[0]))
     torch.library.register_fake("llmbench_cpu::linear_int4")(
         lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
     torch.library.register_fake("llmbench_cpu::argmax_rows")(
@@ -173,6 +175,27 @@ def _int8_parts(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     if found is None or found[0].shape[1] % found[1].shape[1] or (found[0].shape[1] // found[1].shape[1]) % 8:
         return None
     return found[0].contiguous(), found[1].float().contiguous()
+
+
+def int8_tiles_take(qdata: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether an int8 weight runs as tiles of eight rows (linear_int8_tiles; else as stored, linear_int8): whole
+    tiles, groups of a multiple of 32 weights, a build with AVX2, and LLMBENCH_INT8_TILES not 0. One step's int8
+    linears of the default model, a 2-core AVX-512 EPYC (benchmarks/cpu_kernels.py --int8), tiles against as stored,
+    best ms: 1 row 4.98 / 7.59, 8 rows 7.95 / 14.47, 64 rows 44.8 / 82.7."""
+    return (os.environ.get("LLMBENCH_INT8_TILES") != "0" and qdata.shape[0] % 8 == 0
+            and (qdata.shape[1] // scale.shape[1]) % 32 == 0 and torch.ops.llmbench_cpu.int8_tiles_built())
+
+
+def int8_tiles(qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """TorchAO's int8 weight (N, K) and its float scales (N, groups) as linear_int8_tiles reads them: tiles of eight
+    rows, each the tile's scales as [group][row] (float32), then per 32 weights eight 32-byte vectors whose 4-byte
+    lane r holds four of row r's weights; -> (N, 4 * groups + K) uint8, a tile per eight rows (the same values: a
+    copy beside TorchAO's, which the eager prefill keeps using)."""
+    n, k = qdata.shape
+    groups = scale.shape[1]
+    weights = qdata.reshape(n // 8, 8, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, 8 * k)
+    scales = scale.float().reshape(n // 8, 8, groups).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat([scales.reshape(n // 8, 32 * groups), weights.view(torch.uint8)], dim=1).reshape(n, -1)
 
 
 SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its linears ran these kernels
@@ -205,7 +228,10 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
         return str(weight.dtype).removeprefix("torch."), (weight,), 0
     int8 = _int8_parts(weight)
     if int8 is not None:
-        return "int8", int8, 0
+        qdata, scale = int8
+        if not int8_tiles_take(qdata, scale):
+            return "int8", int8, 0
+        return "int8", (int8_tiles(qdata, scale),), scale.shape[1]
     int4 = int4_layout.int4_from_torchao(weight)
     if int4 is not None:
         packed, layout = int4
@@ -217,6 +243,9 @@ def _op_call(kind: str, tensors: tuple[torch.Tensor, ...], layout, bias: torch.T
     ops = torch.ops.llmbench_cpu
     tensors = tuple(map(_frozen, tensors))
     bias = None if bias is None else _frozen(bias)
+    if kind == "int8" and layout:
+        packed, = tensors
+        return lambda x: ops.linear_int8_tiles(x, packed, layout, bias)
     if kind == "int8":
         qdata, scale = tensors
         return lambda x: ops.linear_int8(x, qdata, scale, bias)
