@@ -6,6 +6,7 @@ measured side by side on this host under the CPU lock.
     python benchmarks/cpu_kernels.py --step       # one-row linears as generated reductions vs the kernels
     python benchmarks/cpu_kernels.py --amx        # bf16 linears of 1-8 rows: AMX tiles vs vdpbf16ps
     python benchmarks/cpu_kernels.py --prefill    # bf16 prefill linears of 16-64 rows: AMX tiles vs oneDNN
+    python benchmarks/cpu_kernels.py --int8       # int8 linears of 1-64 rows: as stored vs tiles of eight rows
 
 --prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
 bf16, one input row), once per build of the kernels (prefetchnta, prefetcht2, prefetcht0, for the weight rows and
@@ -22,7 +23,10 @@ process, alternating for --rounds rounds, and prints the AMX/vdpbf16ps ratio of 
 --prefill (CPUs with AMX_BF16) times one prefill's bf16 linears (every layer's, not the output head) of 16, 32 and
 64 rows (prompt tokens x batch, the AMX kernel's limit) through torch's F.linear (oneDNN) and the AMX kernel,
 alternating in one process.
-The weights of --prefetch, --amx and --prefill lie in huge pages as the compile backend places them
+--int8 times one step's int8 linears (per-row scales) with 1, 2, 4, 8, 16 and 64 rows of x, TorchAO's layout as
+stored (linear_int8) against tiles of eight rows (linear_int8_tiles), alternating in one process for --rounds rounds,
+and prints the tiles/stored ratio of best times.
+The weights of --prefetch, --amx, --prefill and --int8 lie in huge pages as the compile backend places them
 (llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
 how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
 on plain pages, 1.27x in huge pages, as in a compiled step).
@@ -243,12 +247,43 @@ def step(dtype: str, iters: int) -> None:
           f"equal: {same} of 64 ({torch.__version__})")
 
 
+def int8(rounds: int) -> None:
+    import torch
+
+    from llmbench.backends import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why or not torch.ops.llmbench_cpu.int8_tiles_built():
+        raise SystemExit(why or "--int8: the kernels were built without AVX2 (no tiles)")
+    ops, place = torch.ops.llmbench_cpu, placed()[0]
+    torch.manual_seed(0)
+    layers = []
+    for n, k in step_shapes():
+        q, scale = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, 1) / 64
+        layers.append((place(q), place(scale), place(cpu_kernels.int8_tiles(q, scale)), k))
+    print(f"one decode step's int8 linears, default model shapes; {cpu_kind().describe()}; best of {rounds}, "
+          "alternating in one process")
+    for rows in (1, 2, 4, 8, 16, 64):
+        xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for *_, k in layers}
+        forms = {"stored": lambda: [ops.linear_int8(xs[k], q, s, None) for q, s, _, k in layers],
+                 "tiles": lambda: [ops.linear_int8_tiles(xs[k], t, 1, None) for _, _, t, k in layers]}
+        best = dict.fromkeys(forms, float("inf"))
+        for _ in range(rounds):
+            for name, run in forms.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+        print(f"  {rows:2d} rows: as stored {best['stored'] * 1e3:7.2f} ms, tiles {best['tiles'] * 1e3:7.2f} ms, "
+              f"tiles/stored {best['tiles'] / best['stored']:.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--step", action="store_true")
     p.add_argument("--amx", action="store_true")
     p.add_argument("--prefill", action="store_true")
+    p.add_argument("--int8", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
@@ -265,8 +300,8 @@ def main() -> int:
     if args.beyond_cache and not last_level_cache_bytes():
         p.error("--beyond-cache: this CPU's last-level cache size cannot be read (/sys/devices/system/cpu)")
     beyond = ["--beyond-cache"] if args.beyond_cache else []
-    if not (args.prefetch or args.step or args.amx or args.prefill):
-        p.error("choose --prefetch, --step, --amx, --prefill or several")
+    if not (args.prefetch or args.step or args.amx or args.prefill or args.int8):
+        p.error("choose --prefetch, --step, --amx, --prefill, --int8 or several")
     if (args.amx or args.prefill) and "amx_bf16" not in cpu_kind().flags:
         p.error("--amx and --prefill: this CPU has no AMX_BF16")
     if args.prefetch:
@@ -278,6 +313,9 @@ def main() -> int:
     if args.prefill:
         with cpu_lock(True):
             prefill(args.iters)
+    if args.int8:
+        with cpu_lock(True):
+            int8(max(args.rounds, 10))
     if args.step:
         step(args.dtype, args.iters)
     return 0

@@ -144,7 +144,7 @@ def test_quantized_step_stays_close_to_torchao_eager(tiny_llama, compile_env, mo
     assert backend.details["streaming_linears"][scheme] > 0
     assert backend.details["quantized_prefill"] == {
         "int4": "prompts through the kernels, up to 256 rows a call",
-        "int8": "prompts of up to 64 rows (tokens x batch) through the kernels, up to 256 rows a call; longer ones "
+        "int8": "prompts of up to 128 rows (tokens x batch) through the kernels, up to 256 rows a call; longer ones "
                 "through TorchAO's kernels"}[scheme]
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
     assert backend.details[f"{scheme}_activations"].startswith(expected)

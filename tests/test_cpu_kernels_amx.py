@@ -108,7 +108,7 @@ def test_quantized_prefills_run_the_kernels_in_calls_of_many_rows(ops, scheme):
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     op = f"llmbench_cpu::linear_{scheme}{'_tiles' if scheme == 'int8' and ops.int8_tiles_built() else ''}"
     chunk = cpu_kernels.QUANTIZED_CHUNK
-    cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (64, 2), (65, 0)]
+    cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (128, 2), (129, 0)]
     for rows, calls in cases:  # calls: q/k/v as one, o_proj alone, per chunk
         x = torch.randn(rows, 128, dtype=torch.bfloat16)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

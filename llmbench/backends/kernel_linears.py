@@ -16,12 +16,13 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 
 # Prompts (tokens x batch) up to which the INT4 and INT8 kernels serve the prefill (and decode steps of more than
 # MAX_ROWS rows) instead of TorchAO's F.linear, QUANTIZED_CHUNK rows a call, each call reading the weights once and
-# taking 8 rows of x (INT8: 2-4) per pass over each tile or block while it is in cache. On a 2-core AMX Xeon (default
-# model, bf16, first token, alternating processes, 2026-12-05): INT4 faster at every length tried (aten's INT4 kernel
-# is compute-bound: 512 rows 593 against 994 ms, 1800 rows 2178 against 3323); INT8 up to 64 rows (compiled: 86-90
-# against 117-127 ms), TorchAO faster beyond (96 rows 145 against 159 ms, 512 rows 372 against 745; the same
-# built for AVX2 alone, fp32: 128 rows 304 against 343, 512 rows 974 against 1383).
-QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 64}
+# taking 8 rows of x per pass over each tile while it is in cache. On a 2-core AMX Xeon (default model, bf16, first
+# token, alternating processes, 2026-12-05): INT4 faster at every length tried (aten's INT4 kernel is compute-bound:
+# 512 rows 593 against 994 ms, 1800 rows 2178 against 3323). INT8, before its tiles (a pass per block of 4 weight
+# rows), up to 64 rows (TorchAO 145 against 159 ms at 96 rows, 151 against 189 at 128); its tiles took 0.54x that
+# kernel's time at 64 rows (benchmarks/cpu_kernels.py --int8) and, on a 2-core AVX-512 EPYC, 107/112 against
+# TorchAO's 130/130 ms at 128 rows, a tie at 512 (487/604 against 491/483), hence 128.
+QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 128}
 QUANTIZED_CHUNK = 256  # rows of x a call (its copies of x held per call; 1024 was no faster at 1024 rows of INT4)
 
 
