@@ -221,18 +221,20 @@ def test_layers_the_kernels_cannot_take_keep_their_forward():
     assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
 
 
-@pytest.mark.parametrize("model_name, hint", [("AMD EPYC 7B13", "nta"),
-                                              ("Intel(R) Xeon(R) Platinum 8481C", "t0, INT4 tiles t2")])
-def test_prefetch_and_one_row_choice_follow_the_cpu_vendor(monkeypatch, model_name, hint):
+@pytest.mark.parametrize("model_name, flags, hint, build", [
+    ("AMD EPYC 7B13", "avx2 fma", "nta", ["-DLLMBENCH_PREFETCH_LOCALITY=0"]),
+    ("AMD EPYC", "avx2 fma avx512f avx512_bf16", "t2, tiles nta",
+     ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0"]),
+    ("Intel(R) Xeon(R) Platinum 8481C", "avx2 fma", "t0, tiles t2",
+     ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"])])
+def test_prefetch_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, flags, hint, build):
     from llmbench.host import parse_cpuinfo
 
-    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\nflags : avx2 fma"))
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\nflags : {flags}"))
     monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
     assert cpu_kernels.prefetch_hint() == hint
-    flags = ["-DLLMBENCH_PREFETCH_LOCALITY=0"] if hint == "nta" else ["-DLLMBENCH_PREFETCH_LOCALITY=3",
-                                                                       "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]
-    assert cpu_kernels.prefetch_flags() == flags
-    assert cpu_kernels.dense_one_row_kernels() == (hint != "nta")
+    assert cpu_kernels.prefetch_flags() == build
+    assert cpu_kernels.dense_one_row_kernels() == ("AMD" not in model_name)
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "reductions")
     assert not cpu_kernels.dense_one_row_kernels()
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "fast")

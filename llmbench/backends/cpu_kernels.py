@@ -62,14 +62,22 @@ def _amd() -> bool:
 
 
 def prefetch_hint() -> str:
-    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor: "nta"
-    (non-temporal), "t0" (every cache level), or "t0, INT4 tiles t2" (the INT4 tiles' prefetches to the last level).
-    Measured with benchmarks/cpu_kernels.py: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a
-    decode step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
-    (prefetcht0) at 10.0 and 13.5 GB/s; the AVX2 EPYC the kernels were written on streamed at ~85% of its read
-    bandwidth with prefetchnta. The AMX Xeon's INT4 tiles stream from memory faster with prefetcht2: Phi-3-mini's
-    shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token (docs/backends.md)."""
-    return "nta" if _amd() else "t0, INT4 tiles t2"
+    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU kind: "nta"
+    (non-temporal), "t2, tiles nta" (rows to the outer cache levels, the INT4 and INT8 tiles non-temporal), or "t0,
+    tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last level). Measured with
+    benchmarks/cpu_kernels.py --prefetch: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a decode
+    step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
+    (prefetcht0) at 10.0 and 13.5 GB/s; the AMX Xeon's INT4 tiles stream from memory faster with prefetcht2:
+    Phi-3-mini's shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token
+    (docs/backends.md). On AMD CPUs: the AVX2 EPYC the kernels were written on streamed at ~85% of its read
+    bandwidth with prefetchnta; a 2-core AVX-512 EPYC (family 25 model 17), 6 alternating processes per build, best
+    / median ms of one step's linears: bf16 nta 11.79 / 12.64, t2 8.39 / 10.23, t0 11.69 / 12.44; INT4 nta 3.33 /
+    3.78, t2 3.11 / 3.76, t0 3.43 / 3.80. Whole compiled steps there, alternating processes, nta against t2: bf16
+    batch 4 15.33/16.44 -> 11.35/10.71 ms/token, INT8 tiles 5.32/5.27/5.28 -> 5.59/5.52/5.47, INT4 tiles no clear
+    difference (3.93/4.49/4.86 against 3.80/4.46/3.62), hence t2 for the rows and nta for the tiles there."""
+    if _amd():
+        return "t2, tiles nta" if "avx512f" in cpu_kind().flags else "nta"
+    return "t0, tiles t2"
 
 
 def dense_one_row_kernels() -> bool:
@@ -95,7 +103,8 @@ def attention_vectorized() -> bool:
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
 PREFETCH_FLAGS = {"nta": ["-DLLMBENCH_PREFETCH_LOCALITY=0"],
-                  "t0, INT4 tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
+                  "t2, tiles nta": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0"],
+                  "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
 def prefetch_flags() -> list[str]:
