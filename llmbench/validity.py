@@ -291,7 +291,8 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
     if memory is not None and memory.share is not None and memory.share < MIN_MEMORY_BANDWIDTH_SHARE:
         reasons.append(f"right after measurement a read of memory reached {memory.read_bandwidth_gb_s:.1f} GB/s, "
                        f"{memory.share:.0%} of this host's {memory.host_read_bandwidth_gb_s:.1f} GB/s (other work, "
-                       "perhaps on another virtual machine, was using the memory or the CPUs)")
+                       "perhaps on another virtual machine, was using the memory or the CPUs, or the hypervisor had "
+                       "placed this machine's CPUs where they reach less of it)")
     if cores is not None and cores.share is not None and cores.share < MIN_CORE_SPEED_SHARE:
         reasons.append(f"right after measurement the cores ran at {cores.share:.0%} of their best on this host (a "
                        f"matrix product {cores.matmul_gflop_s:.0f} of {cores.host_matmul_gflop_s:.0f} GFLOP/s, a small "

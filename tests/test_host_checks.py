@@ -22,7 +22,8 @@ def test_memory_bandwidth_below_the_hosts_makes_a_run_invalid():
     low = verdict(cpu_figures(0.02), memory=memory(21.2))
     assert not low.valid
     assert low.reasons == ["right after measurement a read of memory reached 21.2 GB/s, 68% of this host's 31.2 GB/s "
-                           "(other work, perhaps on another virtual machine, was using the memory or the CPUs)"]
+                           "(other work, perhaps on another virtual machine, was using the memory or the CPUs, or the "
+                           "hypervisor had placed this machine's CPUs where they reach less of it)"]
     assert low.to_record()["memory"]["share"] == 21.2 / 31.2
     assert verdict(cpu_figures(0.02), memory=memory(31.2 * MIN_MEMORY_BANDWIDTH_SHARE + 0.1)).valid
     failed = MemoryFigures(None, 31.2, None, None, error="MemoryError: no room")

@@ -87,7 +87,9 @@ def dense_one_row_kernels() -> bool:
     (23.6 vs 26.5 ms/token) and 0.98x in fp32; on an AVX2 EPYC they were no faster (bf16 30.0 vs 30.0 and 31 vs 36
     ms/token), so AMD CPUs keep the reductions. That AMD figure is old and came from a noisy host: built for AVX2
     alone on the AMX Xeon (ATEN_CPU_CAPABILITY=avx2, kernels with -mno-avx512f) the kernels took 0.50x the
-    reductions' time in bf16 and 0.94x in fp32 (docs/backends.md); re-measure on an AMD CPU before trusting either.
+    reductions' time in bf16 and 0.94x in fp32 (docs/backends.md). On a 2-core AVX-512 EPYC (2026-12-05), bf16:
+    reductions 9.54 / kernels 13.64 ms/token with prefetchnta, 9.68 / 9.79 once its rows took prefetcht2 (a tie), so
+    AMD CPUs keep the reductions.
     LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
