@@ -1,17 +1,18 @@
 """Weight-streaming linear kernels for decode steps on CPUs (`llmbench/backends/cpu_gemv.cpp`).
 
-Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an
-AVX2 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
-(`torch.ops.llmbench_cpu.linear_dense / linear_int8 / linear_int4`) that torch.compile calls from inside the compiled
-decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from memory per
-step, widened to float32 in registers, with independent accumulators per weight row, so the step streams weights
-near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound. They
-serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (and steps of more rows; the
+Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an AVX2
+EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
+(`torch.ops.llmbench_cpu.linear_dense / linear_int8(_tiles) / linear_int4`) that torch.compile calls from inside the
+compiled decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from
+memory per step, widened to float32 in registers, with independent accumulators per weight row, so the step streams
+weights near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
+They serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (and steps of more rows; the
 weights read once per call, each tile or block taken 8 rows of x at a time while in cache), and on AMX CPUs bf16
 prompts and steps of up to 64 rows.
 
 Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
-them); TorchAO INT8 weight-only (int8 values, float scale per row or group) as stored; TorchAO's CPU INT4
+them); TorchAO INT8 weight-only (int8 values, float scale per row or group) copied once into tiles of eight rows
+(int8_tiles; as stored where the tiles do not fit); TorchAO's CPU INT4
 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into this kernel's layout
 (`int4_layout.py`: tiles of eight rows, their groups' scales and zeros as stored, then two weights per byte,
 interleaved so that the vector lanes are the rows) with exactly the same values.
