@@ -144,21 +144,37 @@ void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m2
   }
 }
 
-// MR rows of x at a time; with more rows (prompts: the quantized rows padded with zeros to a multiple of MR), each
-// tile once for every MR of them while it is in cache, so the weights are read once per call.
-template <typename T, int MR>
-void int4_tiles_of(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile, blocks = a.K / 32, groups = a.K >> a.shift;
+// Whole tiles [n0, n1) of w (stride bytes a row) into out (M, n1 - n0), MR rows of x at a time; with more rows
+// (prompts: the quantized rows padded with zeros to a multiple of MR), each tile once for every MR of them while it
+// is in cache, so the weights are read once per call. tile(m0, tile, next, acc) gives rows m0..m0+MR-1 of x against
+// one tile (next: the tile to prefetch, on the first pass only). Shared by the INT4 and INT8 tiles.
+template <int MR, typename Tile>
+void each_tile(int64_t M, const uint8_t* w, int64_t stride, float* out, int64_t n0, int64_t n1, Tile&& tile) {
+  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile;
   for (int64_t n = n0; n < n1; n += kTile) {
-    const uint8_t* next = n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr;
-    for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
-      Int4Args part = a;
-      part.xq += m0 * a.K, part.xd += m0 * blocks, part.xsum += m0 * groups;
+    const uint8_t* next = n + ahead < n1 ? w + (n + ahead) * stride : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
       __m256 acc[MR];
-      int4_tile<T, MR>(part, a.w + n * a.stride, m0 == 0 ? next : nullptr, acc);
-      for (int m = 0; m < std::min<int64_t>(MR, a.M - m0); ++m)
+      tile(m0, w + n * stride, m0 == 0 ? next : nullptr, acc);
+      for (int m = 0; m < std::min<int64_t>(MR, M - m0); ++m)
         _mm256_storeu_ps(out + (m0 + m) * (n1 - n0) + (n - n0), acc[m]);
     }
+  }
+}
+
+// Calls f(std::integral_constant<int, MR>) with the rows of x as a constant (their accumulators stay in registers):
+// M itself up to 7, else 8 a pass.
+template <typename F>
+void with_tile_rows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
   }
 }
 #endif
@@ -167,16 +183,16 @@ void int4_tiles_of(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 template <typename T>
 void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 #ifdef __AVX2__
-  switch (a.M) {  // the rows of x as a constant: their accumulators stay in registers
-    case 1: return int4_tiles_of<T, 1>(a, out, n0, n1);
-    case 2: return int4_tiles_of<T, 2>(a, out, n0, n1);
-    case 3: return int4_tiles_of<T, 3>(a, out, n0, n1);
-    case 4: return int4_tiles_of<T, 4>(a, out, n0, n1);
-    case 5: return int4_tiles_of<T, 5>(a, out, n0, n1);
-    case 6: return int4_tiles_of<T, 6>(a, out, n0, n1);
-    case 7: return int4_tiles_of<T, 7>(a, out, n0, n1);
-    default: return int4_tiles_of<T, 8>(a, out, n0, n1);
-  }
+  const int64_t blocks = a.K / 32, groups = a.K >> a.shift;
+  return with_tile_rows(a.M, [&](auto c) {
+    constexpr int MR = decltype(c)::value;
+    each_tile<MR>(a.M, a.w, a.stride, out, n0, n1, [&](int64_t m0, const uint8_t* tile, const uint8_t* next,
+                                                       __m256* acc) {
+      Int4Args part = a;
+      part.xq += m0 * a.K, part.xd += m0 * blocks, part.xsum += m0 * groups;
+      int4_tile<T, MR>(part, tile, next, acc);
+    });
+  });
 #else
   const int64_t K = a.K, groups = K >> a.shift;
   for (int64_t n = n0; n < n1; n += kTile) {

@@ -153,34 +153,17 @@ void int8_tile(const Int8Tiles& a, const uint8_t* tile, const uint8_t* next, __m
   }
 }
 
-// MR rows of x at a time, each tile once for every MR of them while it is in cache (x padded to a multiple of MR).
-template <int MR>
-void int8_tiles_of(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t ahead = LLMBENCH_PREFETCH_TILES * kTile, blocks = a.K / 32;
-  for (int64_t n = n0; n < n1; n += kTile) {
-    const uint8_t* next = n + ahead < n1 ? a.w + (n + ahead) * a.stride : nullptr;
-    for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
+void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t blocks = a.K / 32;
+  with_tile_rows(a.M, [&](auto c) {
+    constexpr int MR = decltype(c)::value;
+    each_tile<MR>(a.M, a.w, a.stride, out, n0, n1, [&](int64_t m0, const uint8_t* tile, const uint8_t* next,
+                                                       __m256* acc) {
       Int8Tiles part = a;
       part.xq += m0 * a.K, part.xd += m0 * blocks, part.corr += m0 * a.groups;
-      __m256 acc[MR];
-      int8_tile<MR>(part, a.w + n * a.stride, m0 == 0 ? next : nullptr, acc);
-      for (int m = 0; m < std::min<int64_t>(MR, a.M - m0); ++m)
-        _mm256_storeu_ps(out + (m0 + m) * (n1 - n0) + (n - n0), acc[m]);
-    }
-  }
-}
-
-void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
-  switch (a.M) {  // the rows of x as a constant: their accumulators stay in registers
-    case 1: return int8_tiles_of<1>(a, out, n0, n1);
-    case 2: return int8_tiles_of<2>(a, out, n0, n1);
-    case 3: return int8_tiles_of<3>(a, out, n0, n1);
-    case 4: return int8_tiles_of<4>(a, out, n0, n1);
-    case 5: return int8_tiles_of<5>(a, out, n0, n1);
-    case 6: return int8_tiles_of<6>(a, out, n0, n1);
-    case 7: return int8_tiles_of<7>(a, out, n0, n1);
-    default: return int8_tiles_of<8>(a, out, n0, n1);
-  }
+      int8_tile<MR>(part, tile, next, acc);
+    });
+  });
 }
 
 // Rows of x per pass: as many as the vector registers hold accumulators for (AVX-512 has 32, AVX2 16; groups keep
