@@ -193,7 +193,8 @@ def int8_tiles_take(qdata: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether an int8 weight runs as tiles of eight rows (linear_int8_tiles; else as stored, linear_int8): whole
     tiles, groups of a multiple of 32 weights, a build with AVX2, and LLMBENCH_INT8_TILES not 0. One step's int8
     linears of the default model, a 2-core AVX-512 EPYC (benchmarks/cpu_kernels.py --int8 --rounds 20), tiles against
-    as stored, best ms: 1 row 4.46 / 7.43, 8 rows 7.84 / 14.27, 64 rows 45.2 / 82.1 (0.55-0.61x)."""
+    as stored, best ms, with the rows' prefetcht2 of that CPU kind: 1 row 4.40 / 4.64 (0.95x), 8 rows 7.87 / 12.50,
+    64 rows 45.75 / 80.08 (0.57x); with prefetchnta for the rows, 1 row 4.46 / 7.43, 8 rows 7.84 / 14.27."""
     return (os.environ.get("LLMBENCH_INT8_TILES") != "0" and qdata.shape[0] % 8 == 0
             and (qdata.shape[1] // scale.shape[1]) % 32 == 0 and torch.ops.llmbench_cpu.int8_tiles_built())
 
