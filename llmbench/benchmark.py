@@ -164,9 +164,11 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 output_text=measurement.output_text,
                 output_token_ids=measurement.output_token_ids,
             )
-            raised = measurement.window.memory_figures
-            if raised is not None and raised.raised_from_gb_s and record.get("roofline"):
-                record["roofline"] = with_bandwidth(record["roofline"], raised.host_read_bandwidth_gb_s)
+            memory = measurement.window.memory_figures
+            if memory is not None and memory.read_bandwidth_gb_s and record.get("roofline"):
+                if memory.raised_from_gb_s:
+                    record["roofline"] = with_bandwidth(record["roofline"], memory.host_read_bandwidth_gb_s)
+                record["roofline"]["run_read_bandwidth_gb_s"] = memory.read_bandwidth_gb_s
             record["metrics"].update(roofline_metrics(record.get("roofline"),
                                                       record["metrics"]["next_token_latency_s"]))
             record.update(measurement.window.record_fields(record, measurement.complete))

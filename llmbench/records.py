@@ -75,7 +75,8 @@ class BenchmarkRecord(Record, total=False):
     num_warmup: int
     token_latency: bool
     # metrics: first/next/p50/p90/p99 token latencies (s), e2e_latency_s, throughput_tokens_per_s,
-    # peak_memory_bytes, weight_bandwidth_gb_s, roofline_next_token_s, roofline_fraction, spreads (_stddev_, _cv)
+    # peak_memory_bytes, weight_bandwidth_gb_s, roofline_next_token_s, roofline_fraction,
+    # roofline_fraction_at_run_bandwidth (cpu), spreads (_stddev_, _cv)
     iterations: list[Iteration]
     output_text: str | None
     output_token_ids: list[int]

@@ -4,6 +4,7 @@ figure (llmbench.roofline) and the cores' speed against their best on this host 
 import json
 import os
 
+import pytest
 import torch
 
 from llmbench.core_speed import best_file, core_speed_method, host_best
@@ -44,7 +45,7 @@ def test_memory_slower_than_the_hosts_figure_is_reported(run_main, tmp_path, tin
     host.write_text(json.dumps({"bandwidth_gb_s": 1e5, "method": cpu_read_method(threads)}))
     args = ("--greedy", "--dtype", "float32", "--input-tokens", "16", "--max-new-tokens", "6", "--num-iter", "2",
             "--num-warmup", "1", "--token-latency", "--quiet")
-    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *args))
+    status, out, err = run_main(*bench_args(tiny_llama, tmp_path / "slow.jsonl", *args))
     assert status == 0, err
     record = only_record(tmp_path / "slow.jsonl")
     memory = record["validity"]["memory"]
@@ -53,6 +54,14 @@ def test_memory_slower_than_the_hosts_figure_is_reported(run_main, tmp_path, tin
     assert memory["method"] == cpu_read_method(threads, repeats=3)
     assert record["valid"] is False and any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
     assert f"of this host's {1e5:.1f} GB/s" in err
+    # The roofline drawn at what the memory gave during the run, beside the host's: the steps' share of each
+    roofline, metrics = record["roofline"], record["metrics"]
+    assert roofline["run_read_bandwidth_gb_s"] == memory["read_bandwidth_gb_s"]
+    assert metrics["roofline_fraction_at_run_bandwidth"] == pytest.approx(
+        metrics["roofline_fraction"] * 1e5 / memory["read_bandwidth_gb_s"])
+    line = next(line for line in out.splitlines() if line.startswith("Roofline:"))
+    assert (f"({metrics['roofline_fraction_at_run_bandwidth'] * 100:.0f}% at the "
+            f"{memory['read_bandwidth_gb_s']:.1f} GB/s this run's memory check read)") in line
     monkeypatch.setenv("LLMBENCH_READ_BANDWIDTH_GB_S", "1e5")
     status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "set.jsonl", *args))
     assert status == 0, err
@@ -83,6 +92,8 @@ def test_a_quiet_check_above_the_hosts_figure_raises_it(run_main, tmp_path, tiny
     assert roofline["raised_after_measurement_from_gb_s"] == 0.01
     assert roofline["roofline_next_token_s"] == roofline["bytes_read_per_token"] / (cached["bandwidth_gb_s"] * 1e9)
     assert record["metrics"]["roofline_next_token_s"] == roofline["roofline_next_token_s"]
+    assert record["metrics"]["roofline_fraction_at_run_bandwidth"] == pytest.approx(
+        record["metrics"]["roofline_fraction"])  # the raised figure is the run's own
     assert record["valid"] or not any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
 
 
