@@ -2,7 +2,11 @@
 one-line errors when IPEX is missing, and an opt-in run of IPEX itself (LLMBENCH_IPEX_TESTS=1, see docs/backends.md)."""
 
 import json
+import os
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +177,24 @@ def test_ipex_equals_eager_in_fp32(tiny_llama, num_beams):
     assert len(timer.stop(NEW_TOKENS).token_latencies_s) == NEW_TOKENS
     assert backend.details["ipex_api"] in ("ipex.llm.optimize", "ipex.optimize_transformers")
     assert torch.equal(ipex_ids, eager_ids)
+
+
+def test_the_inductor_cache_is_kept_per_cpu_kind_and_vector_isa(tmp_path):
+    """The suite's inductor cache folder is named by the vector ISA inductor picks and the CPU: graphs cached under
+    another ISA (another machine's CPU, or ATEN_CPU_CAPABILITY) are compiled again for this one, with wrong tokens."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["LLMBENCH_CACHE"] = str(tmp_path)
+    code = ("from torch._inductor.cpu_vec_isa import pick_vec_isa\n"
+            "from llmbench.backends.compile_settings import inductor_cache_dir\n"
+            "print(inductor_cache_dir()); print(pick_vec_isa())")
+
+    def folder(**extra) -> tuple[Path, str]:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
+        return Path(out[0]), out[1]
+
+    native, isa = folder()
+    assert native.parent == tmp_path / "inductor" and native.name.startswith(isa.replace(" ", "+") + "-")
+    avx2, avx2_isa = folder(ATEN_CPU_CAPABILITY="avx2")
+    assert avx2.parent == native.parent and (avx2 == native) == (avx2_isa == isa)  # another ISA: another folder
+    assert folder(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))[0] == tmp_path / "mine"  # the user's own is kept

@@ -4,6 +4,7 @@ one call of each fused group of kernel linears."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -120,7 +121,12 @@ def amx_permitted() -> bool:
 
 def inductor_cache_dir() -> str:
     """Inductor's caches live in a persistent folder, so a second run of the same shape skips most compiling.
-    A TORCHINDUCTOR_CACHE_DIR of the user's own is kept; torch's default (a temporary folder) is replaced."""
+    A TORCHINDUCTOR_CACHE_DIR of the user's own is kept; torch's default (a temporary folder) is replaced by the
+    suite's, one subfolder per CPU kind and vector instruction set (compiled_code_kind): inductor's graph cache keeps
+    C++ written for the instruction set it was generated under and compiles it again for the one the loading process
+    picks, so a cache shared by machines of other CPUs, or by runs with another ATEN_CPU_CAPABILITY, gave wrong
+    tokens (on an AVX-512 EPYC, steps cached under AVX-512 and loaded with ATEN_CPU_CAPABILITY=avx2 produced only
+    token 0; the reverse aborted with "double free or corruption")."""
     from llmbench.paths import cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -131,8 +137,20 @@ def inductor_cache_dir() -> str:
     except ImportError:  # older torch
         torch_default = None
     if current is None or os.path.abspath(current) == torch_default:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(cache_dir() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = str(cache_dir() / "inductor" / compiled_code_kind())
     return current
+
+
+def compiled_code_kind() -> str:
+    """'<the vector ISA inductor picks here>-<hash of the CPU's model and flags>', e.g. 'avx512+avx512_vnni-3f2a...'."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = str(pick_vec_isa()).replace(" ", "+") or "no-vec"
+    except ImportError:  # older torch
+        isa = "unknown-isa"
+    cpu = cpu_kind()
+    return f"{isa}-{hashlib.sha256(f'{cpu.model_name}|{sorted(cpu.flags)}'.encode()).hexdigest()[:10]}"
 
 
 def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
