@@ -49,6 +49,11 @@ class CpuKind:
             return "AVX2"
         return "baseline" if self.flags else "unknown"
 
+    @property
+    def identity(self) -> str:
+        """'<model name>|<every flag, sorted>': what caches of figures and compiled code are kept apart by."""
+        return f"{self.model_name}|{' '.join(sorted(self.flags))}"
+
     def describe(self) -> str:
         """One line for consoles and tables: 'AMD EPYC (AVX2: avx2 fma)'."""
         return f"{self.model_name} ({self.kind}: {' '.join(self.relevant_flags) or 'no listed flags'})"

@@ -111,8 +111,7 @@ def cache_file(device: torch.device, threads: int) -> Path:
     """$LLMBENCH_CACHE/host/<hostname>-<device kind>-<hash>.json: the hash covers what the figure depends on (the
     CPU's model and flags and the thread count, or the GPU's name), so another machine or setting measures anew."""
     if device.type == "cpu":
-        cpu = cpu_kind()
-        identity = f"{cpu.model_name}|{' '.join(sorted(cpu.flags))}|{threads}"
+        identity = f"{cpu_kind().identity}|{threads}"
     else:
         identity = device_name(device)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]

@@ -149,8 +149,7 @@ def compiled_code_kind() -> str:
         isa = str(pick_vec_isa()).replace(" ", "+") or "no-vec"
     except ImportError:  # older torch
         isa = "unknown-isa"
-    cpu = cpu_kind()
-    return f"{isa}-{hashlib.sha256(f'{cpu.model_name}|{sorted(cpu.flags)}'.encode()).hexdigest()[:10]}"
+    return f"{isa}-{hashlib.sha256(cpu_kind().identity.encode()).hexdigest()[:10]}"
 
 
 def choose_kernels(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
