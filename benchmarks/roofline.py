@@ -4,6 +4,7 @@ roofline, with llama.cpp Q4_1 and F16 on the same weights beside them, in one ru
 
     python benchmarks/roofline.py                      # every case (cold compiles take minutes each)
     python benchmarks/roofline.py --schemes bf16 --backends eager --num-iter 1 --no-anchor     # a quick check
+    python benchmarks/roofline.py --schemes bf16,fp16 --backends compile    # fp16 beside bf16 (optional scheme)
     python benchmarks/roofline.py -m microsoft/Phi-3-mini-128k-instruct --dummy-weights --backends compile \
         --max-new-tokens 16 --num-iter 2     # a real-size model's random weights: memory-bound on any CPU cache
 
@@ -44,7 +45,8 @@ from llmbench.roofline import (  # noqa: E402
     raise_cpu_bandwidth,  # noqa: E402
 )
 
-SCHEMES = ("fp32", "bf16", "int8", "int4")
+SCHEMES = ("fp32", "bf16", "int8", "int4")  # the default set
+OPTIONAL_SCHEMES = ("fp16",)
 ANCHOR_TYPES = ("q4_1", "f16")
 ANCHOR_MEAN_CONTEXT = 32 + 64 / 2  # llama-bench tg64 at depth 32
 
@@ -114,9 +116,9 @@ def main() -> int:
     add_case_args(p, schemes=",".join(SCHEMES), backends="")
     p.add_argument("--no-anchor", action="store_true", help="leave out the llama.cpp rows")
     args = p.parse_args()
-    unknown = set(args.schemes.split(",")) - set(SCHEMES)
+    unknown = set(args.schemes.split(",")) - set(SCHEMES + OPTIONAL_SCHEMES)
     if unknown:
-        p.error(f"--schemes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SCHEMES)}")
+        p.error(f"--schemes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SCHEMES + OPTIONAL_SCHEMES)}")
     quiet_libraries(verbose=False, no_progress=True)
     device = resolve_device(args.device)
     print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)

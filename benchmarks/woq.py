@@ -57,7 +57,7 @@ def leading_agreement(tokens: list[int], reference: list[int]) -> int:
     return min(len(tokens), len(reference))
 
 
-SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # unquantized schemes; int8/int4 compute in --dtype
+SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # unquantized; int8/int4 compute in --dtype
 
 
 def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
@@ -117,7 +117,7 @@ def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> No
                    help="-m's real size with random weights (a built-in id or a config.json): timing only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
-    p.add_argument("--schemes", default=schemes, help="comma-separated, of fp32, bf16, int8, int4")
+    p.add_argument("--schemes", default=schemes, help="comma-separated, of fp32, bf16, fp16, int8, int4")
     p.add_argument("--backends", default=backends)
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")
     p.add_argument("--input-tokens", type=int, default=32)

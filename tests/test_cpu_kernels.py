@@ -222,7 +222,8 @@ def test_layers_the_kernels_cannot_take_keep_their_forward():
 
 
 @pytest.mark.parametrize("model_name, flags, hint, build", [
-    ("AMD EPYC 7B13", "avx2 fma", "nta", ["-DLLMBENCH_PREFETCH_LOCALITY=0"]),
+    ("AMD EPYC 7B13", "avx2 fma", "t2, tiles nta",
+     ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0"]),
     ("AMD EPYC", "avx2 fma avx512f avx512_bf16", "t2, tiles nta",
      ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0"]),
     ("Intel(R) Xeon(R) Platinum 8481C", "avx2 fma", "t0, tiles t2",

@@ -185,9 +185,9 @@ def test_bad_override_raises_user_error(monkeypatch):
 def test_roofline_table_script(tmp_path, tiny_llama):
     """benchmarks/roofline.py end to end on a tiny model: the CPU kind on top, one row per case with its roofline."""
     env = {**os.environ, rl.OVERRIDE_ENV: "10"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "-m", str(tiny_llama), "--schemes", "fp32,int8",
-           "--backends", "eager", "--num-iter", "1", "--num-warmup", "0", "--max-new-tokens", "4", "--no-anchor",
-           "--no-lock"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "-m", str(tiny_llama),
+           "--schemes", "fp32,fp16,int8", "--backends", "eager", "--num-iter", "1", "--num-warmup", "0",
+           "--max-new-tokens", "4", "--no-anchor", "--no-lock"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
@@ -196,10 +196,11 @@ def test_roofline_table_script(tmp_path, tiny_llama):
     header = next(i for i, line in enumerate(lines) if line.startswith("backend"))
     end = lines.index("", header) if "" in lines[header:] else len(lines)
     rows = [line.split() for line in lines[header + 1:end]]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "int8", "bfloat16")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "fp16", "float16"),
+                                                  ("eager", "int8", "bfloat16")]
     if last_level_cache_bytes():  # a tiny model's steps fit in it: the note after the table names both rows
         assert lines[-1].endswith("last-level cache holds, so parts may come from cache and beat the roofline drawn "
-                                  "from memory bandwidth: eager fp32, eager int8")
+                                  "from memory bandwidth: eager fp32, eager fp16, eager int8")
     for r in rows:
         ms, roofline_ms, share, run_share, read_mb = float(r[3]), float(r[4]), r[5], r[6], float(r[7])
         assert roofline_ms == pytest.approx(read_mb / 10, rel=0.01, abs=0.01)
@@ -208,7 +209,8 @@ def test_roofline_table_script(tmp_path, tiny_llama):
         high = (roofline_ms + 0.005) / (ms - 0.005) * 100
         assert share.endswith("%") and round(low) <= int(share[:-1]) <= round(high), (share, low, high)
         assert run_share == "-"  # a bandwidth set by the user: nothing measured during the run
-    assert float(rows[1][7]) < float(rows[0][7])  # int8 weights are read in a quarter of fp32's bytes and less
+    fp32_mb, fp16_mb, int8_mb = (float(r[7]) for r in rows)
+    assert int8_mb < fp16_mb < fp32_mb  # fp16 weights in half of fp32's bytes, int8 in a quarter
 
 
 def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run(capsys):
