@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
 
-from woq import LOCK, add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
+from woq import KNOWN_SCHEMES, LOCK, add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
 
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.devices import resolve_device  # noqa: E402
@@ -45,8 +45,7 @@ from llmbench.roofline import (  # noqa: E402
     raise_cpu_bandwidth,  # noqa: E402
 )
 
-SCHEMES = ("fp32", "bf16", "int8", "int4")  # the default set
-OPTIONAL_SCHEMES = ("fp16",)
+SCHEMES = ("fp32", "bf16", "int8", "int4")  # the default set; KNOWN_SCHEMES adds fp16
 ANCHOR_TYPES = ("q4_1", "f16")
 ANCHOR_MEAN_CONTEXT = 32 + 64 / 2  # llama-bench tg64 at depth 32
 
@@ -116,9 +115,9 @@ def main() -> int:
     add_case_args(p, schemes=",".join(SCHEMES), backends="")
     p.add_argument("--no-anchor", action="store_true", help="leave out the llama.cpp rows")
     args = p.parse_args()
-    unknown = set(args.schemes.split(",")) - set(SCHEMES + OPTIONAL_SCHEMES)
+    unknown = set(args.schemes.split(",")) - set(KNOWN_SCHEMES)
     if unknown:
-        p.error(f"--schemes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SCHEMES + OPTIONAL_SCHEMES)}")
+        p.error(f"--schemes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(KNOWN_SCHEMES)}")
     quiet_libraries(verbose=False, no_progress=True)
     device = resolve_device(args.device)
     print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmbench.benchmark import Measurement, measure, metrics_for  # noqa: E402
-from llmbench.cli import RunConfig  # noqa: E402
+from llmbench.cli import WOQ_SCHEMES, RunConfig  # noqa: E402
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
@@ -58,6 +58,7 @@ def leading_agreement(tokens: list[int], reference: list[int]) -> int:
 
 
 SCHEME_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # unquantized; int8/int4 compute in --dtype
+KNOWN_SCHEMES = (*SCHEME_DTYPES, *WOQ_SCHEMES)  # what run_one takes
 
 
 def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
@@ -117,7 +118,7 @@ def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> No
                    help="-m's real size with random weights (a built-in id or a config.json): timing only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
-    p.add_argument("--schemes", default=schemes, help="comma-separated, of fp32, bf16, fp16, int8, int4")
+    p.add_argument("--schemes", default=schemes, help=f"comma-separated, of {', '.join(KNOWN_SCHEMES)}")
     p.add_argument("--backends", default=backends)
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")
     p.add_argument("--input-tokens", type=int, default=32)

@@ -198,7 +198,7 @@ def test_roofline_table_script(tmp_path, tiny_llama):
     rows = [line.split() for line in lines[header + 1:end]]
     assert [(r[0], r[1], r[2]) for r in rows] == [("eager", "fp32", "float32"), ("eager", "fp16", "float16"),
                                                   ("eager", "int8", "bfloat16")]
-    if last_level_cache_bytes():  # a tiny model's steps fit in it: the note after the table names both rows
+    if last_level_cache_bytes():  # a tiny model's steps fit in it: the note after the table names every row
         assert lines[-1].endswith("last-level cache holds, so parts may come from cache and beat the roofline drawn "
                                   "from memory bandwidth: eager fp32, eager fp16, eager int8")
     for r in rows:
