@@ -7,6 +7,7 @@ measured side by side on this host under the CPU lock.
     python benchmarks/cpu_kernels.py --amx        # bf16 linears of 1-8 rows: AMX tiles vs vdpbf16ps
     python benchmarks/cpu_kernels.py --prefill    # bf16 prefill linears of 16-64 rows: AMX tiles vs oneDNN
     python benchmarks/cpu_kernels.py --int8       # int8 linears of 1-64 rows: as stored vs tiles of eight rows
+    python benchmarks/cpu_kernels.py --stream     # one step's plain linears vs the same bytes in large ones vs a sum
 
 --prefetch times every linear layer of the default model's decode step (random weights of its shapes, INT4 g32 and
 bf16, one input row), once per build of the kernels (prefetchnta, prefetcht2, prefetcht0, for the weight rows and
@@ -26,7 +27,11 @@ alternating in one process.
 --int8 times one step's int8 linears (per-row scales) with 1, 2, 4, 8, 16 and 64 rows of x, TorchAO's layout as
 stored (linear_int8) against tiles of eight rows (linear_int8_tiles), alternating in one process for --rounds rounds,
 and prints the tiles/stored ratio of best times.
-The weights of --prefetch, --amx, --prefill and --int8 lie in huge pages as the compile backend places them
+--stream (--dtype) times one step's plain linears (linear_dense, one row), the same number of weights as eight large
+linears (as many rows, the default model's 576 inputs), and a 1 GiB float32 sum, interleaved in one process for
+--iters rounds, and prints GB/s for each (best / median) with their ratios to the sum: what the kernels stream on
+their own, and what a step's many short calls keep of it.
+The weights of --prefetch, --amx, --prefill, --int8 and --stream lie in huge pages as the compile backend places them
 (llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
 how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
 on plain pages, 1.27x in huge pages, as in a compiled step).
@@ -247,6 +252,43 @@ def step(dtype: str, iters: int) -> None:
           f"equal: {same} of 64 ({torch.__version__})")
 
 
+def stream(dtype: str, iters: int) -> None:
+    import torch
+
+    from llmbench.backends import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why:
+        raise SystemExit(why)
+    ops, place, shapes = torch.ops.llmbench_cpu, placed()[0], step_shapes()
+    torch.manual_seed(0)
+    weights = [place(torch.randn(n, k).to(getattr(torch, dtype))) for n, k in shapes]
+    k = shapes[0][1]
+    large = [place(torch.randn(sum(n * kk for n, kk in shapes) // k // 8, k).to(weights[0].dtype)) for _ in range(8)]
+    xs = {kk: torch.randn(1, kk).to(weights[0].dtype) for _, kk in shapes}
+    total = torch.ones(1 << 28)
+    cases = {"step's linears": (lambda: [ops.linear_dense(xs[w.shape[1]], w, None) for w in weights], weights),
+             "8 large linears": (lambda: [ops.linear_dense(xs[k], w, None) for w in large], large),
+             "1 GiB sum": (total.sum, [total])}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for run, _ in cases.values():
+        run()
+    for _ in range(iters):
+        for name, (run, _) in cases.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
+    rates = {}
+    for name, (_, tensors) in cases.items():
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        rates[name] = (nbytes, nbytes / min(times[name]) / 1e9, nbytes / statistics.median(times[name]) / 1e9)
+    _, sum_best, sum_median = rates["1 GiB sum"]
+    for name, (nbytes, best, median) in rates.items():
+        print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
+              f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
+
+
 def int8(rounds: int) -> None:
     import torch
 
@@ -284,6 +326,7 @@ def main() -> int:
     p.add_argument("--amx", action="store_true")
     p.add_argument("--prefill", action="store_true")
     p.add_argument("--int8", action="store_true")
+    p.add_argument("--stream", action="store_true")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
@@ -300,8 +343,8 @@ def main() -> int:
     if args.beyond_cache and not last_level_cache_bytes():
         p.error("--beyond-cache: this CPU's last-level cache size cannot be read (/sys/devices/system/cpu)")
     beyond = ["--beyond-cache"] if args.beyond_cache else []
-    if not (args.prefetch or args.step or args.amx or args.prefill or args.int8):
-        p.error("choose --prefetch, --step, --amx, --prefill, --int8 or several")
+    if not (args.prefetch or args.step or args.amx or args.prefill or args.int8 or args.stream):
+        p.error("choose --prefetch, --step, --amx, --prefill, --int8, --stream or several")
     if (args.amx or args.prefill) and "amx_bf16" not in cpu_kind().flags:
         p.error("--amx and --prefill: this CPU has no AMX_BF16")
     if args.prefetch:
@@ -316,6 +359,9 @@ def main() -> int:
     if args.int8:
         with cpu_lock(True):
             int8(max(args.rounds, 10))
+    if args.stream:
+        with cpu_lock(True):
+            stream(args.dtype, max(args.iters, 20))
     if args.step:
         step(args.dtype, args.iters)
     return 0

@@ -216,6 +216,10 @@ def test_bad_calls_are_refused(ops):
             ops.linear_int8_tiles(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 1, None)
 
 
+def test_the_host_build_says_whether_it_has_the_512_bit_paths(ops):
+    assert cpu_kernels.wide_build() == ("avx512f" in cpu_kernels.cpu_kind().flags)
+
+
 def test_layers_the_kernels_cannot_take_keep_their_forward():
     odd = torch.nn.Linear(30, 8)  # input size not a multiple of 8
     assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
@@ -235,14 +239,20 @@ def test_prefetch_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name
     monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
     assert cpu_kernels.prefetch_hint() == hint
     assert cpu_kernels.prefetch_flags() == build
-    assert cpu_kernels.dense_one_row_kernels() == ("AMD" not in model_name)
+    for wide in (False, True):  # the kernels' build: 256-bit or 512-bit paths
+        monkeypatch.setattr(cpu_kernels, "wide_build", lambda: wide)
+        # Intel CPUs: the kernels; AMD ones: the kernels for 16-bit weights where built without AVX-512
+        for dtype, amd_kernels in ((torch.bfloat16, not wide), (torch.float16, not wide), (torch.float32, False)):
+            assert cpu_kernels.dense_one_row_kernels(dtype) == ("AMD" not in model_name or amd_kernels)
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "reductions")
-    assert not cpu_kernels.dense_one_row_kernels()
+    assert not cpu_kernels.dense_one_row_kernels(torch.bfloat16)
+    monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "kernels")
+    assert cpu_kernels.dense_one_row_kernels(torch.float32)
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "fast")
     from llmbench.errors import UserError
 
     with pytest.raises(UserError, match="use kernels or reductions"):
-        cpu_kernels.dense_one_row_kernels()
+        cpu_kernels.dense_one_row_kernels(torch.float32)
 
 
 def test_reorder_rows_gathers_every_tensor_in_place(ops):

@@ -32,9 +32,13 @@ def test_int8_and_int4_without_vnni_give_the_same_integers():
 
 def test_a_build_without_avx512_promises_no_amx_tiles():
     """Built as for an AVX2 CPU (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f), an AMX host's kernels have no AMX path: no
-    call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why."""
+    call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why. Its
+    dense paths (bf16 and fp16 16 weights a step, the generic loops) equal F.linear as the host's own build does."""
     code = ("import torch; from llmbench.backends import cpu_kernels, compile_settings as c; "
-            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; "
+            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; assert not cpu_kernels.wide_build(); "
+            "from tests.test_cpu_kernels import test_dense_equals_linear as dense; "
+            "[dense(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) for r in (1, 3, 8) "
+            "for k in (64, 72)]; "
             "assert ops.amx_rows_from() == 0 and ops.amx_max_rows() == 0 and c.amx_max_rows() == 0; "
             "w = torch.randn(64, 256, dtype=torch.bfloat16); x = torch.randn(3, 256, dtype=torch.bfloat16); "
             "ref = (x.float() @ w.float().T); assert torch.allclose(ops.linear_dense(x, w, None).float(), ref, "
@@ -53,7 +57,7 @@ def test_a_build_without_avx2_runs_the_portable_loops():
     and the dense and attention kernels' portable loops give the same results."""
     code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
             "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
-            "assert not ops.attention_vectorized() and not ops.int8_tiles_built(); "
+            "assert not ops.attention_vectorized() and not ops.int8_tiles_built() and not ops.wide_dense_built(); "
             "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
             "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
             "for d in (torch.float32, torch.bfloat16)]; print('checked')")

@@ -9,9 +9,9 @@
 // the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
 // two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
 // vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
-// F16C; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h) as stored, integer dot
-// products against x quantized to int8 per 32 values, with a float scale per row or group; int4 (cpu_gemv_int4.h)
-// in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
+// F16C, 16 a step from one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
+// as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
+// int4 (cpu_gemv_int4.h) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
 // scale and zero per group of each row ahead of the tile's weights. Every kernel takes several rows of x per pass
 // over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read once (into a
 // float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor operations.
@@ -278,15 +278,13 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   if (K % 16 == 0 && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
   if (K % 16 == 0 && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
+  auto paired = [&](auto* w) {
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
+  };
   switch (weight.scalar_type()) {
     case at::kFloat: return body(weight.data_ptr<float>());
-    case at::kHalf: return body(weight.data_ptr<at::Half>());
-    case at::kBFloat16:
-      if (pairs) {
-        const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
-        return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_rows(xr, M, K, w, o, n0, n1); });
-      }
-      return body(weight.data_ptr<at::BFloat16>());
+    case at::kHalf: return K % 16 == 0 ? paired(weight.data_ptr<at::Half>()) : body(weight.data_ptr<at::Half>());
+    case at::kBFloat16: return pairs ? paired(weight.data_ptr<at::BFloat16>()) : body(weight.data_ptr<at::BFloat16>());
     default: TORCH_CHECK(false, "linear_dense: weights must be float32, bfloat16 or float16, got ", weight.scalar_type());
   }
 }
@@ -327,6 +325,15 @@ bool int8_tiles_built() {
 #endif
 }
 
+// Whether 16-bit and float32 weights take the 512-bit paths (cpu_gemv_avx512.h) rather than the 256-bit ones.
+bool wide_dense_built() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
 #include "cpu_gemv_beams.h"
 #include "cpu_gemv_argmax.h"
 
@@ -339,6 +346,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
   m.def("amx_rows_from() -> int", &amx_rows_from);
   m.def("int8_tiles_built() -> bool", &int8_tiles_built);
+  m.def("wide_dense_built() -> bool", &wide_dense_built);
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");

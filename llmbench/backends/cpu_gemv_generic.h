@@ -61,18 +61,32 @@ void dense_rows(const float* x, int64_t M, int64_t K, const W* w, const float* s
   });
 }
 
-// bf16, K a multiple of 16: one 32-byte load gives 16 weights as eight 32-bit lanes, each holding an even-indexed
-// weight in its low half and the next (odd) one in its high half: a shift and a mask widen both. x comes
-// deinterleaved per 16 (the 8 even-indexed, then the 8 odd-indexed values).
-template <int C>
-void bf16_rows_of(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
+// 16 weights from one 32-byte load, widened to two vectors of eight: bf16 as eight 32-bit lanes, each holding an
+// even-indexed weight in its low half and the next (odd) one in its high half (a shift and a mask widen both; x comes
+// deinterleaved per 16: the 8 even-indexed, then the 8 odd-indexed values); fp16 as its two halves (F16C), x in order.
+// fp16 through this path rather than 8 a step (dense_rows), one step's linears of the default model, AVX2 code on a
+// 2-core AVX-512 EPYC, alternating processes, GB/s streamed: 1 row 27.0 / 28.2 / 28.6 against 23.7 / 23.3 / 23.8
+// (bf16's rate), 4 rows 19.8 / 20.1 against 17.2 / 16.2.
+inline void widen_pair(const at::BFloat16* p, v8f& first, v8f& second) {
   const v8u high = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
                     0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
-  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+  const v8u l = load_u32(p);
+  first = (v8f)(l << 16);
+  second = (v8f)(l & high);
+}
+inline void widen_pair(const at::Half* p, v8f& first, v8f& second) {
+  first = widen(p);
+  second = widen(p + 8);
+}
+
+// bf16 and fp16 weights, K a multiple of 16, 16 per step of the loop (widen_pair) against C rows of x.
+template <int C, typename W>
+void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
+  each_block<C>(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
                                           float (&sums)[C][R]) {
       const float* xm[C];
-      for (int i = 0; i < C; ++i) xm[i] = xd + std::min<int64_t>(m0 + i, M - 1) * K;
-      constexpr int S = C == 1 ? 2 : 1;  // chains per sum: one row keeps even and odd apart (8 chains, not 4)
+      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
+      constexpr int S = C == 1 ? 2 : 1;  // chains per sum: one row keeps the two halves apart (8 chains, not 4)
       v8f a[C][R][S] = {};
       for (int64_t k = 0; k < K; k += 16) {
         if (ahead && k % 32 == 0) {
@@ -80,12 +94,12 @@ void bf16_rows_of(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, 
         }
 #pragma GCC unroll 4
         for (int64_t r = 0; r < R; ++r) {
-          const v8u l = load_u32(wr[r] + k);
-          const v8f even = (v8f)(l << 16), odd = (v8f)(l & high);
+          v8f first, second;
+          widen_pair(wr[r] + k, first, second);
 #pragma GCC unroll 4
           for (int i = 0; i < C; ++i) {
-            a[i][r][0] += load_f32(xm[i] + k) * even;
-            a[i][r][S - 1] += load_f32(xm[i] + k + 8) * odd;
+            a[i][r][0] += load_f32(xm[i] + k) * first;
+            a[i][r][S - 1] += load_f32(xm[i] + k + 8) * second;
           }
         }
       }
@@ -94,8 +108,9 @@ void bf16_rows_of(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, 
   });
 }
 
-void bf16_rows(const float* xd, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0, int64_t n1) {
-  with_rows_per_pass(M, kGenericRows<at::BFloat16>, [&](auto c) {
-    bf16_rows_of<decltype(c)::value>(xd, M, K, w, out, n0, n1);
+template <typename W>
+void pair_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
+  with_rows_per_pass(M, kGenericRows<W>, [&](auto c) {
+    pair_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
   });
 }

@@ -85,21 +85,30 @@ def prefetch_hint() -> str:
     return "t0, tiles t2"
 
 
-def dense_one_row_kernels() -> bool:
-    """Whether one-row steps of plain floating-point weights run these kernels (else inductor's generated
-    reductions), per CPU vendor as measured with the two forms compiled side by side in one process
-    (benchmarks/cpu_kernels.py --step): on a 2-core AMX Xeon the kernels took 0.89x the reductions' time in bf16
-    (23.6 vs 26.5 ms/token) and 0.98x in fp32; on an AVX2 EPYC they were no faster (bf16 30.0 vs 30.0 and 31 vs 36
-    ms/token), so AMD CPUs keep the reductions. That AMD figure is old and came from a noisy host: built for AVX2
-    alone on the AMX Xeon (ATEN_CPU_CAPABILITY=avx2, kernels with -mno-avx512f) the kernels took 0.50x the
-    reductions' time in bf16 and 0.94x in fp32 (docs/backends.md). On a 2-core AVX-512 EPYC (2026-12-05), bf16:
-    reductions 9.54 / kernels 13.64 ms/token with prefetchnta, 9.68 / 9.79 once its rows took prefetcht2 (a tie), so
-    AMD CPUs keep the reductions.
-    LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides."""
+def dense_one_row_kernels(dtype: torch.dtype) -> bool:
+    """Whether one-row steps of plain `dtype` weights run these kernels (else inductor's generated reductions), per
+    CPU vendor and build as measured with the two forms compiled side by side in one process (benchmarks/
+    cpu_kernels.py --step, kernels/reductions time, best and median of 10-20 alternating generations): on a 2-core
+    AMX Xeon the kernels took 0.89x the reductions' time in bf16 (23.6 vs 26.5 ms/token) and 0.98x in fp32, so
+    Intel CPUs take the kernels. AMD CPUs, a 2-core AVX-512 EPYC (2026-12-05, rows prefetched with prefetcht2): the
+    AVX-512 build bf16 1.06 / 1.06, fp16 1.08 / 1.03, hence the reductions; built as for an AVX2-only CPU
+    (-mno-avx512f, ATEN_CPU_CAPABILITY=avx2) bf16 0.92 / 0.885 (0.93 / 0.885 the day before) and fp16 1.02 /
+    0.91 (16 weights a step, cpu_gemv_generic.h's pair path), float32 1.03 / 1.09: so AMD builds without
+    AVX-512 take the kernels for 16-bit weights and keep the reductions for float32 (the dtype AVX2 CPUs default
+    to). LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides. Needs load() to have succeeded."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
-    return forced == "kernels" if forced else not _amd()
+    if forced:
+        return forced == "kernels"
+    if not _amd():
+        return True
+    return dtype in (torch.bfloat16, torch.float16) and not wide_build()
+
+
+def wide_build() -> bool:
+    """Whether the loaded kernels have the 512-bit paths (built for an AVX-512 CPU)."""
+    return bool(torch.ops.llmbench_cpu.wide_dense_built())
 
 
 def attention_vectorized() -> bool:
@@ -323,16 +332,16 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageAre
     """Give every nn.Linear whose weight the kernels take the kernel forward, siblings (SIBLINGS) fused into one
     call; -> counts per weight kind, of fused groups (`fused groups`), and per reason a layer was left to its own
     forward (`kept: ...`). Quantized weights and steps of 2-8 rows use the kernels; one-row steps of plain
-    floating-point weights too, except where dense_one_row_kernels() says inductor's generated reductions are
+    floating-point weights too, except where dense_one_row_kernels(dtype) says inductor's generated reductions are
     faster. With an arena, every tensor the kernels read moves into it (huge pages)."""
     from llmbench.backends.generated_kernels import _reduction_linear
 
     counts: dict[str, int] = {}
-    one_row_dense = None if dense_one_row_kernels() else _reduction_linear
 
     def give(module: torch.nn.Linear, kind: str, kernel: KernelCall, part=None) -> None:
-        dense = kind not in QUANTIZED
-        module.forward = KernelLinearForward(module, max_rows, kernel, one_row_dense if dense else None, part)
+        reductions = kind not in QUANTIZED and not dense_one_row_kernels(getattr(torch, kind))
+        module.forward = KernelLinearForward(module, max_rows, kernel, _reduction_linear if reductions else None,
+                                             part)
         counts[kind] = counts.get(kind, 0) + 1
 
     done: set[int] = set()
