@@ -111,6 +111,15 @@ def run_anchor(allow_busy: bool, script: Path = ANCHOR, anchor_type: str = "q4_1
     return float(found.group(1)), Path(model.group(1)) if model else None
 
 
+def scheme_list(text: str) -> list[str]:
+    """--schemes' value: comma-separated names, each one of KNOWN_SCHEMES."""
+    schemes = text.split(",")
+    unknown = sorted(set(schemes) - set(KNOWN_SCHEMES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}")
+    return schemes
+
+
 def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> None:
     """The flags that say which cases run and how (shared with benchmarks/roofline.py)."""
     p.add_argument("-m", "--model", default=None, help="default: the built-in SmolLM2-135M-Instruct")
@@ -118,7 +127,8 @@ def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> No
                    help="-m's real size with random weights (a built-in id or a config.json): timing only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
-    p.add_argument("--schemes", default=schemes, help=f"comma-separated, of {', '.join(KNOWN_SCHEMES)}")
+    p.add_argument("--schemes", default=scheme_list(schemes), type=scheme_list,
+                   help=f"comma-separated, of {', '.join(KNOWN_SCHEMES)}")
     p.add_argument("--backends", default=backends)
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")
     p.add_argument("--input-tokens", type=int, default=32)
@@ -140,7 +150,7 @@ def main() -> int:
     quiet_libraries(verbose=False, no_progress=True)
     rows = []
     for backend in args.backends.split(","):
-        for scheme in args.schemes.split(","):
+        for scheme in args.schemes:
             print(f"[{scheme} {backend}] preparing ...", file=sys.stderr, flush=True)
             rows.append(run_one(scheme, backend, args))
     base = {r["backend"]: r["next_ms"] for r in rows if r["scheme"] == "bf16"}

@@ -228,10 +228,11 @@ def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run
     assert line.split()[-1] == "73%"  # the cores' speed right after the case, against the host's best
 
 
-def test_roofline_script_refuses_unknown_schemes():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--schemes", "bf16,int3"],
+@pytest.mark.parametrize("script", ["roofline.py", "woq.py"])
+def test_benchmark_scripts_refuse_unknown_schemes(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--schemes", "bf16,int3"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown int3" in proc.stderr
+    assert proc.returncode == 2 and "unknown int3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_llama_cpp_rows_count_the_gguf_tensor_bytes():
