@@ -11,9 +11,9 @@
 // vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
 // F16C, 16 a step from one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
 // as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
-// int4 (cpu_gemv_int4.h) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized the same way, with a
-// scale and zero per group of each row ahead of the tile's weights. Every kernel takes several rows of x per pass
-// over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read once (into a
+// int4 (cpu_gemv_int4.h) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized
+// the same way, with a scale and zero per group of each row ahead of the tile's weights. Every kernel takes several
+// rows of x per pass over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read once (into a
 // float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -325,7 +325,8 @@ bool int8_tiles_built() {
 #endif
 }
 
-// Whether 16-bit and float32 weights take the 512-bit paths (cpu_gemv_avx512.h) rather than the 256-bit ones.
+// Whether float32 and fp16 weights (bf16 too where the CPU has AVX512_BF16) take the 512-bit paths
+// (cpu_gemv_avx512.h) rather than the 256-bit ones (cpu_gemv_generic.h).
 bool wide_dense_built() {
 #ifdef __AVX512F__
   return true;
