@@ -30,7 +30,7 @@ and prints the tiles/stored ratio of best times.
 --stream (--dtype) times one step's plain linears (linear_dense, one row), the same number of weights as eight large
 linears (as many rows, the default model's 576 inputs), and a 1 GiB float32 sum, interleaved in one process for
 --iters rounds, and prints GB/s for each (best / median) with their ratios to the sum: what the kernels stream on
-their own, and what a step's many short calls keep of it.
+their own, and what a step's many short calls keep of it; then the rate of calls by weight size (N rows).
 The weights of --prefetch, --amx, --prefill, --int8 and --stream lie in huge pages as the compile backend places them
 (llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
 how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
@@ -275,9 +275,7 @@ def stream(dtype: str, iters: int) -> None:
         run()
     for _ in range(iters):
         for name, (run, _) in cases.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(run))
     print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
     rates = {}
     for name, (_, tensors) in cases.items():
@@ -287,6 +285,21 @@ def stream(dtype: str, iters: int) -> None:
     for name, (nbytes, best, median) in rates.items():
         print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
               f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
+    weights.clear(), large.clear()  # their memory, for what follows
+    print(f"  one call per weight of N x {k}, as many weights as make 160 MB, best of 6:")
+    for n in (64, 256, 576, 1024, 3072, 8192, 32768):
+        copies = [place(torch.randn(n, k).to(xs[k].dtype)) for _ in range(max(2, 160_000_000 // (n * k * 2)))]
+        best = min(timed(lambda: [ops.linear_dense(xs[k], w, None) for w in copies]) for _ in range(6))
+        nbytes = copies[0].numel() * copies[0].element_size()
+        print(f"    N {n:6d} {nbytes / 1e3:8.0f} KB  {best / len(copies) * 1e6:8.1f} us a call  "
+              f"{nbytes * len(copies) / best / 1e9:5.1f} GB/s")
+        copies.clear()
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def int8(rounds: int) -> None:
