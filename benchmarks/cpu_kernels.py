@@ -285,7 +285,8 @@ def stream(dtype: str, iters: int) -> None:
     for name, (nbytes, best, median) in rates.items():
         print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
               f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
-    weights.clear(), large.clear()  # their memory, for what follows
+    weights.clear()  # their memory, for what follows
+    large.clear()
     print(f"  one call per weight of N x {k}, as many weights as make 160 MB, best of 6:")
     for n in (64, 256, 576, 1024, 3072, 8192, 32768):
         copies = [place(torch.randn(n, k).to(xs[k].dtype)) for _ in range(max(2, 160_000_000 // (n * k * 2)))]

@@ -127,7 +127,7 @@ def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> No
                    help="-m's real size with random weights (a built-in id or a config.json): timing only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the int8/int4 schemes")
-    p.add_argument("--schemes", default=scheme_list(schemes), type=scheme_list,
+    p.add_argument("--schemes", default=schemes, type=scheme_list,  # argparse applies the type to the default too
                    help=f"comma-separated, of {', '.join(KNOWN_SCHEMES)}")
     p.add_argument("--backends", default=backends)
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default: quantize.py's)")

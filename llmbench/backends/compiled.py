@@ -172,9 +172,11 @@ class CompileBackend(BeamSearch, Backend):
             if amx:
                 self.details["amx_tiles"] = amx
             self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()
-            one_row = {kind: "kernels" if cpu_kernels.dense_one_row_kernels(getattr(torch, kind)) else
-                       "generated reductions" for kind in sorted(set(counts) & {"float32", "bfloat16", "float16"})}
-            self.details["one_row_dense_linears"] = ", ".join(f"{k}: {v}" for k, v in one_row.items()) or None
+            plain = sorted((cpu_kernels.kind_of(d), d) for d in generated_kernels.PLAIN_DTYPES
+                           if cpu_kernels.kind_of(d) in counts)
+            self.details["one_row_dense_linears"] = ", ".join(
+                f"{kind}: {'kernels' if cpu_kernels.dense_one_row_kernels(dtype) else 'generated reductions'}"
+                for kind, dtype in plain) or None
         else:
             self.details["streaming_linears_unavailable"] = why_not
         kernel = generated_kernels.attention_kernel(head_size(model.config), cpu_kernels.attention_vectorized())

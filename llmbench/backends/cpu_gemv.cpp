@@ -265,8 +265,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
-  const bool pairs = weight.scalar_type() == at::kBFloat16 && K % 16 == 0;
-  const Rows rows = rows_of(x, K, pairs, "linear_dense");
+  const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
+  const Rows rows = rows_of(x, K, sixteen && weight.scalar_type() == at::kBFloat16, "linear_dense");
   const float* xr = rows.x.data();
   const int64_t M = rows.M;
   auto body = [&](auto* w) {
@@ -276,16 +276,17 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   auto wide = [&](auto* w) {
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
   };
-  if (K % 16 == 0 && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
-  if (K % 16 == 0 && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
+  if (sixteen && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
+  if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
   auto paired = [&](auto* w) {
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
   };
+  auto sixteen_bit = [&](auto* w) { return sixteen ? paired(w) : body(w); };
   switch (weight.scalar_type()) {
     case at::kFloat: return body(weight.data_ptr<float>());
-    case at::kHalf: return K % 16 == 0 ? paired(weight.data_ptr<at::Half>()) : body(weight.data_ptr<at::Half>());
-    case at::kBFloat16: return pairs ? paired(weight.data_ptr<at::BFloat16>()) : body(weight.data_ptr<at::BFloat16>());
+    case at::kHalf: return sixteen_bit(weight.data_ptr<at::Half>());
+    case at::kBFloat16: return sixteen_bit(weight.data_ptr<at::BFloat16>());
     default: TORCH_CHECK(false, "linear_dense: weights must be float32, bfloat16 or float16, got ", weight.scalar_type());
   }
 }

@@ -30,6 +30,7 @@ import torch
 
 from llmbench.backends import int4_layout
 from llmbench.backends.compile_settings import KERNEL_MAX_ROWS, amx_min_rows_env
+from llmbench.backends.generated_kernels import plain_weight
 from llmbench.backends.huge_pages import HugePageArena
 from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_*: part of this module's face
     QUANTIZED,
@@ -236,6 +237,11 @@ def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
     return tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
 
 
+def kind_of(dtype: torch.dtype) -> str:
+    """The weight kind (use_kernel_linears' counts) of plain weights of this dtype: "bfloat16", ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 class _Refused(Exception):
     """Why the kernels do not take a layer's weight."""
 
@@ -246,11 +252,10 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
     weight = module.weight
     if weight.shape[1] % 8:
         raise _Refused("input size not a multiple of 8")
-    if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in (
-            torch.float32, torch.bfloat16, torch.float16):
+    if plain_weight(weight):
         if not weight.is_contiguous():
             raise _Refused("non-contiguous weight")
-        return str(weight.dtype).removeprefix("torch."), (weight,), 0
+        return kind_of(weight.dtype), (weight,), 0
     int8 = _int8_parts(weight)
     if int8 is not None:
         qdata, scale = int8
@@ -339,7 +344,7 @@ def use_kernel_linears(model: torch.nn.Module, max_rows: int, arena: HugePageAre
     counts: dict[str, int] = {}
 
     def give(module: torch.nn.Linear, kind: str, kernel: KernelCall, part=None) -> None:
-        reductions = kind not in QUANTIZED and not dense_one_row_kernels(getattr(torch, kind))
+        reductions = kind not in QUANTIZED and not dense_one_row_kernels(module.weight.dtype)
         module.forward = KernelLinearForward(module, max_rows, kernel, _reduction_linear if reductions else None,
                                              part)
         counts[kind] = counts.get(kind, 0) + 1

@@ -63,9 +63,11 @@ def _reduction_int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Te
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-def _plain_weight(weight: torch.Tensor) -> bool:
-    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in (
-        torch.float32, torch.bfloat16, torch.float16)
+PLAIN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights as stored, read by reductions and kernels
+
+
+def plain_weight(weight: torch.Tensor) -> bool:
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in PLAIN_DTYPES
 
 
 def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -106,7 +108,7 @@ def use_reduction_linears(model: torch.nn.Module, max_rows: int) -> int:
         if not isinstance(module, torch.nn.Linear) or "forward" in vars(module):  # already given a kernel
             continue
         int8 = _int8_parts(module.weight)
-        if int8 is not None or _plain_weight(module.weight):
+        if int8 is not None or plain_weight(module.weight):
             module.forward = ReductionLinearForward(module, max_rows, int8)
             count += 1
     return count
