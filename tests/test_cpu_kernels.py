@@ -19,14 +19,16 @@ def reference(x, weight, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("in_features", [64, 72])  # 72: not a multiple of 16, the bf16 pair path's condition
-def test_dense_equals_linear(ops, dtype, rows, in_features):
+# 72: not a multiple of 16, the 16-a-step paths' condition; 80: 16 more than whole lines (pair_stream's last step)
+@pytest.mark.parametrize("in_features", [64, 72, 80])
+def test_dense_equals_linear(ops, dtype, rows, in_features, out_features=37):
+    """37 weight rows: a last block of one row; fewer than the threads' blocks: threads with nothing to do."""
     torch.manual_seed(rows)
-    weight = torch.randn(37, in_features).to(dtype)  # 37 rows: a last block of one row
-    bias = torch.randn(37).to(dtype)
+    weight = torch.randn(out_features, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
     x = torch.randn(rows, 1, in_features).to(dtype)
     out = ops.linear_dense(x, weight, bias)
-    assert out.shape == (rows, 1, 37) and out.dtype == dtype
+    assert out.shape == (rows, 1, out_features) and out.dtype == dtype
     expected = reference(x, weight, bias)
     # float32 accumulation in another order, then one rounding to the output dtype
     tolerance = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * expected.abs().max().item()

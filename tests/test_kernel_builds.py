@@ -33,12 +33,14 @@ def test_int8_and_int4_without_vnni_give_the_same_integers():
 def test_a_build_without_avx512_promises_no_amx_tiles():
     """Built as for an AVX2 CPU (LLMBENCH_CPU_KERNEL_FLAGS=-mno-avx512f), an AMX host's kernels have no AMX path: no
     call may be routed to it (a 32-row prefill once reached linear_dense and failed), and the record says why. Its
-    dense paths (bf16 and fp16 16 weights a step, the generic loops) equal F.linear as the host's own build does."""
+    dense paths (bf16 and fp16 16 weights a step, one row as a stream per thread, the generic loops) equal F.linear
+    as the host's own build does, for weights of fewer rows than the threads' share too."""
     code = ("import torch; from llmbench.backends import cpu_kernels, compile_settings as c; "
             "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; assert not cpu_kernels.wide_build(); "
             "from tests.test_cpu_kernels import test_dense_equals_linear as dense; "
             "[dense(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) for r in (1, 3, 8) "
-            "for k in (64, 72)]; "
+            "for k in (64, 72, 80)]; "
+            "[dense(ops, d, 1, 64, n) for d in (torch.bfloat16, torch.float16) for n in (1, 3, 5)]; "
             "assert ops.amx_rows_from() == 0 and ops.amx_max_rows() == 0 and c.amx_max_rows() == 0; "
             "w = torch.randn(64, 256, dtype=torch.bfloat16); x = torch.randn(3, 256, dtype=torch.bfloat16); "
             "ref = (x.float() @ w.float().T); assert torch.allclose(ops.linear_dense(x, w, None).float(), ref, "

@@ -6,7 +6,8 @@
 //
 // Threads claim contiguous chunks of weight rows (guided scheduling, see run) in blocks of four; for every row of x
 // a block keeps one vector accumulator per weight row (four independent chains) and prefetches the rows ahead, so
-// the loop is bound by memory. Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
+// the loop is bound by memory (one row of x against 16-bit weights in 256-bit code: a row at a time, each thread
+// one even share as one stream, cpu_gemv_generic.h's pair_stream). Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
 // two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
 // vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
 // F16C, 16 a step from one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
@@ -194,10 +195,11 @@ void bias_part(const T* b, int64_t n0, int64_t n1, std::vector<float>& part) {
 }
 
 // Runs body(out_chunk, n0, n1) over the weight rows in parallel, in chunks of whole blocks of `unit` rows, and
-// writes y (x's dtype and leading shape, N outputs) with the bias added.
+// writes y (x's dtype and leading shape, N outputs) with the bias added. With `even`, one chunk per thread, of an
+// even share (bodies that read a thread's rows as one stream: pair_stream).
 template <typename F>
 at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body,
-               int64_t unit = R) {
+               int64_t unit = R, bool even = false) {
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
@@ -229,6 +231,13 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   // whose core runs slower (a busy hyperthread sibling on a shared host) takes less. Against an even split fixed in
   // advance, alternating processes on a 2-vCPU AMX Xeon guest took 0.94x the step time, INT4 and bf16 alike.
   const int64_t threads = at::get_num_threads(), least = 32 / unit;
+  if (even) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> part, bf;
+      for (int64_t t = t0; t < t1; ++t) chunk(t * blocks / threads, (t + 1) * blocks / threads, part, bf);
+    });
+    return y;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> part, bf;
@@ -280,7 +289,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
   auto paired = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); }, R,
+               M == 1);
   };
   auto sixteen_bit = [&](auto* w) { return sixteen ? paired(w) : body(w); };
   switch (weight.scalar_type()) {
