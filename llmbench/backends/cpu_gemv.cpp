@@ -271,7 +271,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
 #endif
     const int64_t M = checked_rows(xc, K, "linear_dense");
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); }, R,
+               M == 1);
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
@@ -283,7 +284,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   };
 #if defined(__AVX512F__)
   auto wide = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); }, R,
+               M == 1);
   };
   if (sixteen && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
   if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
