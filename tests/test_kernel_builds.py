@@ -65,3 +65,21 @@ def test_a_build_without_avx2_runs_the_portable_loops():
             "for d in (torch.float32, torch.bfloat16)]; print('checked')")
     proc = run_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+
+
+def test_the_other_vendors_schedule_gives_the_same_results():
+    """Built with the other CPU vendor's schedule (cpu_kernels.schedule: guided chunks, or even shares with one-row
+    streams), the dense, INT4 and INT8 kernels give the same results, so both schedules are checked on any host."""
+    other = "guided" if cpu_kernels.schedule() == "even" else "even"
+    flags = {"guided": "-DLLMBENCH_EVEN_SPLIT_ROWS=0 -DLLMBENCH_ONE_ROW_STREAMS=0",
+             "even": " ".join(cpu_kernels.SCHEDULE_FLAGS["even"])}[other]
+    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+            "from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; ops = torch.ops.llmbench_cpu; "
+            "[t.test_dense_equals_linear(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) "
+            "for r in (1, 3, 8) for k in (64, 72, 80)]; "
+            "[t.test_dense_equals_linear(ops, d, 1, 64, n) for d in (torch.bfloat16, torch.float16) for n in (1, 3)]; "
+            "t8.check_int8_integer_path(ops); "
+            "[t.test_int4_tiles_of_any_rows_of_x(ops, m, r) for m in (torch.bfloat16, torch.float32) for r in (1, 5)]; "
+            "print('checked')")
+    proc = run_in_build(code, flags)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]

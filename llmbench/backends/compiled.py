@@ -172,6 +172,7 @@ class CompileBackend(BeamSearch, Backend):
             if amx:
                 self.details["amx_tiles"] = amx
             self.details["streaming_prefetch"] = cpu_kernels.prefetch_hint()
+            self.details["streaming_schedule"] = cpu_kernels.schedule()
             plain = sorted((cpu_kernels.kind_of(d), d) for d in generated_kernels.PLAIN_DTYPES
                            if cpu_kernels.kind_of(d) in counts)
             self.details["one_row_dense_linears"] = ", ".join(

@@ -4,11 +4,11 @@
 // (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
 // decode step as torch ops (llmbench_cpu::*).
 //
-// Threads claim contiguous chunks of weight rows (guided scheduling, see run) in blocks of four; for every row of x
-// a block keeps one vector accumulator per weight row (four independent chains) and prefetches the rows ahead, so
-// the loop is bound by memory (one row of x against 16-bit weights in 256-bit code: a row at a time, each thread
-// one even share as one stream, cpu_gemv_generic.h's pair_stream). Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16
-// two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
+// Threads claim contiguous chunks of weight rows (guided scheduling, see run; on AMD CPUs decode steps' calls in
+// even shares) in blocks of four; for every row of x a block keeps one vector accumulator per weight row (four
+// independent chains) and prefetches the rows ahead, so the loop is bound by memory (on AMD CPUs one row of x reads
+// the rows one after another instead, each thread's share as one stream: cpu_gemv_generic.h's pair_stream).
+// Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
 // vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
 // F16C, 16 a step from one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
 // as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
@@ -47,6 +47,17 @@ constexpr int64_t kAnyRows = INT64_MAX;  // INT4 and INT8 take any number of row
 #define LLMBENCH_PREFETCH_BLOCKS 4
 #endif
 constexpr int64_t D = LLMBENCH_PREFETCH_BLOCKS;  // blocks ahead whose rows are prefetched
+// How threads share a call and read one row of x's weights, per CPU vendor (cpu_kernels.schedule): calls of up to
+// this many rows of x in even shares, one per thread (else guided chunks, see run); with kOneRowStreams, one row of
+// x against 16-bit or 512-bit-widened weights reads the rows one after another (pair_stream), not four side by side.
+#ifndef LLMBENCH_EVEN_SPLIT_ROWS
+#define LLMBENCH_EVEN_SPLIT_ROWS 0
+#endif
+#ifndef LLMBENCH_ONE_ROW_STREAMS
+#define LLMBENCH_ONE_ROW_STREAMS 0
+#endif
+constexpr int64_t kEvenSplitRows = LLMBENCH_EVEN_SPLIT_ROWS;
+constexpr bool kOneRowStreams = LLMBENCH_ONE_ROW_STREAMS;
 
 inline v8f load_f32(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 inline v8u load_u32(const void* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }
@@ -195,11 +206,11 @@ void bias_part(const T* b, int64_t n0, int64_t n1, std::vector<float>& part) {
 }
 
 // Runs body(out_chunk, n0, n1) over the weight rows in parallel, in chunks of whole blocks of `unit` rows, and
-// writes y (x's dtype and leading shape, N outputs) with the bias added. With `even`, one chunk per thread, of an
-// even share (bodies that read a thread's rows as one stream: pair_stream).
+// writes y (x's dtype and leading shape, N outputs) with the bias added. Calls of up to kEvenSplitRows rows of x:
+// one chunk per thread, an even share (cpu_kernels.schedule).
 template <typename F>
 at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body,
-               int64_t unit = R, bool even = false) {
+               int64_t unit = R) {
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
@@ -231,7 +242,7 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   // whose core runs slower (a busy hyperthread sibling on a shared host) takes less. Against an even split fixed in
   // advance, alternating processes on a 2-vCPU AMX Xeon guest took 0.94x the step time, INT4 and bf16 alike.
   const int64_t threads = at::get_num_threads(), least = 32 / unit;
-  if (even) {
+  if (M <= kEvenSplitRows) {
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> part, bf;
       for (int64_t t = t0; t < t1; ++t) chunk(t * blocks / threads, (t + 1) * blocks / threads, part, bf);
@@ -271,8 +282,7 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
 #endif
     const int64_t M = checked_rows(xc, K, "linear_dense");
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); }, R,
-               M == 1);
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
@@ -284,15 +294,13 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   };
 #if defined(__AVX512F__)
   auto wide = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); }, R,
-               M == 1);
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
   };
   if (sixteen && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
   if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
   auto paired = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); }, R,
-               M == 1);
+    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
   };
   auto sixteen_bit = [&](auto* w) { return sixteen ? paired(w) : body(w); };
   switch (weight.scalar_type()) {

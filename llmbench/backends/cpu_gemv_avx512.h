@@ -54,7 +54,7 @@ inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16
 
 void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                    int64_t n1) {
-  if (M == 1) return bf16_dot_stream(x, K, w, out, n0, n1);
+  if (kOneRowStreams && M == 1) return bf16_dot_stream(x, K, w, out, n0, n1);
   with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
 }
 #endif
@@ -118,7 +118,7 @@ void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
 
 template <typename W>
 void wide_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  if (M == 1) return wide_stream(x, K, w, out, n0, n1);
+  if (kOneRowStreams && M == 1) return wide_stream(x, K, w, out, n0, n1);
   with_rows_per_pass(M, 4, [&](auto c) { wide_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
 }
 #endif

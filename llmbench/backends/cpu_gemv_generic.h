@@ -108,14 +108,14 @@ void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
   });
 }
 
-// One row of x against bf16 or fp16 weights (K a multiple of 16), the weight rows one after another, so that each
-// thread reads its share as one stream (the hardware prefetchers follow it; blocks of four rows read side by side
-// need software prefetch to stream) and prefetches kStreamAhead bytes on in it; linear_dense gives each thread one
-// even share (a chunk per thread, run's `even`). Against four rows side by side with guided chunks (pair_rows_of),
-// AVX2 code on a 2-core AVX-512 EPYC, bf16: one step's linears 98-105% of a 1 GiB sum's rate in the same process
-// against 87-91% (o_proj's 576 x 576 call 24.1-24.6 against 30.8-31.9 us); whole compiled greedy runs, alternating
-// processes, 0.94-0.98x the next-token time (7 pairs, median 0.965x). Without the prefetch the runs were slower
-// (1.05-1.15x); with guided chunks too (1.0-1.05x).
+// One row of x against bf16 or fp16 weights (K a multiple of 16) where kOneRowStreams (AMD CPUs, whose builds also
+// give each thread one even share of a call): the weight rows one after another, so that each thread reads its
+// share as one stream (the hardware prefetchers follow it; four rows read side by side stream only with software
+// prefetch), prefetching kStreamAhead bytes on in it. Against four rows side by side in guided chunks
+// (pair_rows_of), AVX2 code on a 2-core AVX-512 EPYC, bf16 (2026-12-06): one step's linears 98-105% of a 1 GiB
+// sum's rate in the same process against 87-91% (o_proj's 576 x 576 call 24-25 against 31-32 us); whole compiled
+// greedy runs, alternating processes, bf16 0.78-1.02x the next-token time (4 pairs), fp16 0.89-1.00x. Without the
+// prefetch the runs were slower (1.05-1.15x), and with guided chunks no faster (1.0-1.05x).
 #ifndef LLMBENCH_STREAM_AHEAD
 #define LLMBENCH_STREAM_AHEAD 4096
 #endif
@@ -147,7 +147,7 @@ void pair_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
 
 template <typename W>
 void pair_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  if (M == 1) return pair_stream(x, K, w, out, n0, n1);
+  if (kOneRowStreams && M == 1) return pair_stream(x, K, w, out, n0, n1);
   with_rows_per_pass(M, kGenericRows<W>, [&](auto c) {
     pair_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
   });

@@ -95,7 +95,7 @@ void int8_rows_of(const int8_t* xq, const float* xd, const float* corr, int64_t 
           const float s = scale[(n + std::min(r, rows - 1)) * groups + g];
           for (int i = 0; i < C; ++i) {
             a[i][r] = V::fmadd(t[i][r], V::set1(s), a[i][r]);
-            c[i][r] += s * corr[m[i] * groups + g];
+            c[i][r] = std::fma(s, corr[m[i] * groups + g], c[i][r]);  // fused in every instantiation
           }
         }
       }

@@ -91,8 +91,8 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
     CPU vendor and build as measured with the two forms compiled side by side in one process (benchmarks/
     cpu_kernels.py --step, kernels/reductions time, best and median of 10-20 alternating generations): on a 2-core
     AMX Xeon the kernels took 0.89x the reductions' time in bf16 (23.6 vs 26.5 ms/token) and 0.98x in fp32, so
-    Intel CPUs take the kernels (measured before one-row calls read each thread's rows as one stream). AMD CPUs, a
-    2-core AVX-512 EPYC, since the kernels read one-row calls as one stream per thread (2026-12-06): the AVX-512
+    Intel CPUs take the kernels. AMD CPUs, a 2-core AVX-512 EPYC, since their kernels read a one-row call's rows as
+    one stream per thread (schedule(), 2026-12-06): the AVX-512
     build bf16 0.94 / 0.955 (whole runs, alternating processes: 0.86-1.03x, median 0.955x), fp16 1.00 / 1.02 (whole
     runs 0.98-1.24x), float32 1.28 / 1.28; built as for an AVX2-only CPU (-mno-avx512f, ATEN_CPU_CAPABILITY=avx2)
     bf16 0.875 / 0.87, fp16 0.89 / 0.89. So AMD CPUs take the kernels for bf16 weights, for fp16 ones where built
@@ -124,8 +124,23 @@ PREFETCH_FLAGS = {"t2, tiles nta": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENC
                   "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
-def prefetch_flags() -> list[str]:
-    return PREFETCH_FLAGS[prefetch_hint()]
+def schedule() -> str:
+    """How the kernels share a decode step's call between threads, per CPU vendor: "guided" (chunks claimed in turn,
+    each half the claimant's share of what is left; one row of x reads four weight rows side by side) or "even" (calls
+    of up to 8 rows of x in one even share per thread; one row of x reads the rows one after another, each share
+    one stream). On a 2-vCPU AMX Xeon guided chunks took 0.94x an even split's step time (INT4 and bf16). On a 2-core
+    AVX-512 EPYC (2026-12-06, whole compiled greedy runs, alternating processes): INT4 0.81-0.89x the time in even
+    shares (4 pairs), INT8 0.88-0.97x, bf16 batch 4 0.90-0.96x, INT4 beam 4 0.66-1.18x; AVX2 code bf16 one row as
+    streams 0.78-1.02x. So AMD CPUs split evenly, others keep guided chunks."""
+    return "even" if _amd() else "guided"
+
+
+SCHEDULE_FLAGS = {"even": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"], "guided": []}
+
+
+def build_flags() -> list[str]:
+    """The build's -D flags for this CPU kind (prefetch_hint, schedule)."""
+    return [*PREFETCH_FLAGS[prefetch_hint()], *SCHEDULE_FLAGS[schedule()]]
 
 
 def load() -> str | None:
@@ -143,7 +158,7 @@ def _load() -> str | None:
         return f"built only on linux, not {sys.platform}"
     amx_min_rows_env()  # a bad value stops here, in one line
     cpu = cpu_kind()
-    extra = [*prefetch_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
+    extra = [*build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
     sources = [f.read_text() for f in (SOURCE, ATTENTION_SOURCE, *HEADERS)]
     identity = [" ".join(extra), *sources, " ".join(sorted(cpu.flags)), torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode())
