@@ -8,9 +8,10 @@
 // even shares) in blocks of four; for every row of x a block keeps one vector accumulator per weight row (four
 // independent chains) and prefetches the rows ahead, so the loop is bound by memory (on AMD CPUs one row of x reads
 // the rows one after another instead, each thread's share as one stream: cpu_gemv_generic.h's pair_stream).
-// Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane (shift and mask, against x deinterleaved once per call), or multiplied as stored by
-// vdpbf16ps (AVX512_BF16, cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by
-// F16C, 16 a step from one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
+// Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane (shift
+// and mask, against x deinterleaved once per call), or multiplied as stored by vdpbf16ps (AVX512_BF16,
+// cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by F16C, 16 a step from
+// one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
 // as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
 // int4 (cpu_gemv_int4.h) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized
 // the same way, with a scale and zero per group of each row ahead of the tile's weights. Every kernel takes several

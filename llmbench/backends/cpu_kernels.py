@@ -92,12 +92,12 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
     cpu_kernels.py --step, kernels/reductions time, best and median of 10-20 alternating generations): on a 2-core
     AMX Xeon the kernels took 0.89x the reductions' time in bf16 (23.6 vs 26.5 ms/token) and 0.98x in fp32, so
     Intel CPUs take the kernels. AMD CPUs, a 2-core AVX-512 EPYC, since their kernels read a one-row call's rows as
-    one stream per thread (schedule(), 2026-12-06): the AVX-512
-    build bf16 0.94 / 0.955 (whole runs, alternating processes: 0.86-1.03x, median 0.955x), fp16 1.00 / 1.02 (whole
-    runs 0.98-1.24x), float32 1.28 / 1.28; built as for an AVX2-only CPU (-mno-avx512f, ATEN_CPU_CAPABILITY=avx2)
-    bf16 0.875 / 0.87, fp16 0.89 / 0.89. So AMD CPUs take the kernels for bf16 weights, for fp16 ones where built
-    without AVX-512, and keep the reductions for float32 (the dtype AVX2 CPUs default to; 1.03 / 1.09 in AVX2
-    code). LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides. Needs load() to have succeeded."""
+    one stream per thread (schedule(), 2026-12-06): the AVX-512 build bf16 0.94 / 0.955 (whole runs, alternating
+    processes: 0.86-1.03x, median 0.955x), fp16 1.00 / 1.02 (whole runs 0.98-1.24x), float32 1.28 / 1.28; built as
+    for an AVX2-only CPU (-mno-avx512f, ATEN_CPU_CAPABILITY=avx2) bf16 0.875 / 0.87, fp16 0.89 / 0.89. So AMD CPUs
+    take the kernels for bf16 weights, for fp16 ones where built without AVX-512, and keep the reductions for
+    float32 (the dtype AVX2 CPUs default to; 1.03 / 1.09 in AVX2 code). LLMBENCH_ONE_ROW_DENSE=kernels or reductions
+    overrides. Needs load() to have succeeded."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
