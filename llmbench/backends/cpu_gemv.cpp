@@ -239,10 +239,7 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
       default: write_out(part.data(), M, N, n0, n1, bp, y.data_ptr<at::Half>()); break;
     }
   };
-  // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread
-  // whose core runs slower (a busy hyperthread sibling on a shared host) takes less. Against an even split fixed in
-  // advance, alternating processes on a 2-vCPU AMX Xeon guest took 0.94x the step time, INT4 and bf16 alike.
-  const int64_t threads = at::get_num_threads(), least = 32 / unit;
+  const int64_t threads = at::get_num_threads();
   if (M <= kEvenSplitRows) {
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> part, bf;
@@ -250,6 +247,10 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
     });
     return y;
   }
+  // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread
+  // whose core runs slower (a busy hyperthread sibling on a shared host) takes less. Against an even split fixed in
+  // advance, alternating processes on a 2-vCPU AMX Xeon guest took 0.94x the step time, INT4 and bf16 alike.
+  const int64_t least = 32 / unit;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> part, bf;

@@ -38,18 +38,15 @@ void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFl
 // One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
 inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                             int64_t n1) {
-  const char* end = reinterpret_cast<const char*>(w + n1 * K);
-  for (int64_t n = n0; n < n1; ++n) {
-    const at::BFloat16* wr = w + n * K;
+  stream_rows(w, K, out, n0, n1, [&](const at::BFloat16* wr, auto&& ahead) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t k = 0; k < K; k += 32) {
-      const char* ahead = reinterpret_cast<const char*>(wr + k) + kStreamAhead;
-      if (ahead < end) prefetch(ahead);
+      ahead(wr + k);
       acc[(k >> 5) & 1] = _mm512_dpbf16_ps(acc[(k >> 5) & 1], (__m512bh)_mm512_loadu_si512(wr + k),
                                            (__m512bh)_mm512_loadu_si512(x + k));
     }
-    out[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-  }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  });
 }
 
 void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
@@ -101,19 +98,14 @@ void wide_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 // One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
 template <typename W>
 void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  const char* end = reinterpret_cast<const char*>(w + n1 * K);
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = w + n * K;
+  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t k = 0; k < K; k += 16) {
-      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
-        const char* ahead = reinterpret_cast<const char*>(wr + k) + kStreamAhead;
-        if (ahead < end) prefetch(ahead);
-      }
+      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) ahead(wr + k);  // once per cache line
       acc[(k >> 4) & 1] = _mm512_fmadd_ps(widen16(wr + k), _mm512_loadu_ps(x + k), acc[(k >> 4) & 1]);
     }
-    out[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-  }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  });
 }
 
 template <typename W>

@@ -121,16 +121,25 @@ void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 #endif
 constexpr int64_t kStreamAhead = LLMBENCH_STREAM_AHEAD;
 
+// out[n - n0] = row(wr, ahead) for weight rows n0..n1, one after another; ahead(p) prefetches kStreamAhead bytes
+// past p while that stays inside the rows being read.
+template <typename W, typename Row>
+inline void stream_rows(const W* w, int64_t K, float* out, int64_t n0, int64_t n1, Row&& row) {
+  const char* end = reinterpret_cast<const char*>(w + n1 * K);
+  auto ahead = [end](const W* p) {
+    const char* q = reinterpret_cast<const char*>(p) + kStreamAhead;
+    if (q < end) prefetch(q);
+  };
+  for (int64_t n = n0; n < n1; ++n) out[n - n0] = row(w + n * K, ahead);
+}
+
 template <typename W>
 void pair_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  const char* end = reinterpret_cast<const char*>(w + n1 * K);
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = w + n * K;
+  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
     v8f a[4] = {};  // two 16-weight steps a line: four chains
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      const char* ahead = reinterpret_cast<const char*>(wr + k) + kStreamAhead;
-      if (ahead < end) prefetch(ahead);
+      ahead(wr + k);
       v8f f[4];
       widen_pair(wr + k, f[0], f[1]);
       widen_pair(wr + k + 16, f[2], f[3]);
@@ -141,8 +150,8 @@ void pair_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
       widen_pair(wr + k, f[0], f[1]);
       for (int j = 0; j < 2; ++j) a[j] += load_f32(x + k + 8 * j) * f[j];
     }
-    out[n - n0] = hsum((a[0] + a[1]) + (a[2] + a[3]));
-  }
+    return hsum((a[0] + a[1]) + (a[2] + a[3]));
+  });
 }
 
 template <typename W>
