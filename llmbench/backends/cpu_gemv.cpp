@@ -79,8 +79,12 @@ inline void prefetch_tile(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_TIL
 // 8 weights widened to float32 (generic path: fp32, fp16, int8, and bf16 rows whose size is not a multiple of 16)
 inline v8f widen(const float* p) { return load_f32(p); }
 inline v8f widen(const at::BFloat16* p) {
+#ifdef __AVX2__  // one widening move (the generic conversion compiled to two halves and an insert)
+  return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
   v8u16 u; std::memcpy(&u, p, sizeof u);
   return (v8f)(__builtin_convertvector(u, v8u) << 16);
+#endif
 }
 inline v8f widen(const at::Half* p) {
 #ifdef __F16C__

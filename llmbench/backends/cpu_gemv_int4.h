@@ -103,7 +103,9 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// One tile against MR rows of x: acc[m] gets the eight rows' dot products with row m.
+// One tile against MR rows of x: acc[m] gets the eight rows' dot products with row m. The groups' offsets come
+// first, even and odd groups in two accumulators: multiply-adds into one accumulator wait for each other (4
+// cycles apiece), and after the blocks' loop that chain had bounded a tile against one row of x.
 template <typename T, int MR>
 void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m256* acc) {
   const int64_t K = a.K, groups = K >> a.shift, blocks = K / 32;
@@ -112,7 +114,18 @@ void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m2
   const uint8_t* q = tile + kTile * (a.stride - K / 2);
   const int64_t lines = (kTile * a.stride + 63) / 64, per_block = (lines + blocks - 1) / blocks;
   const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256 eight = _mm256_set1_ps(8.f);
+  auto add_offsets = [&](int64_t g, __m256* into) {  // (zero - 8 * scale) * sum(x) of group g
+    const __m256 offset = _mm256_fnmadd_ps(eight, (__m256)widen(sc + g * kTile), (__m256)widen(zr + g * kTile));
+    for (int m = 0; m < MR; ++m) into[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.xsum[m * groups + g]), into[m]);
+  };
+  __m256 odd[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = odd[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 2) {
+    add_offsets(g, acc);
+    if (g + 1 < groups) add_offsets(g + 1, odd);
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_ps(acc[m], odd[m]);
   for (int64_t b = 0; b < blocks; ++b) {
     if (next) {
       for (int64_t l = 0; l < per_block; ++l) prefetch_tile(next + (b * per_block + l) * 64);
@@ -136,11 +149,6 @@ void int4_tile(const Int4Args& a, const uint8_t* tile, const uint8_t* next, __m2
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(a.xd[m * blocks + b])),
                                acc[m]);
     }
-  }
-  const __m256 eight = _mm256_set1_ps(8.f);
-  for (int64_t g = 0; g < groups; ++g) {  // plus (zero - 8 * scale) * sum(x) per group
-    const __m256 offset = _mm256_fnmadd_ps(eight, (__m256)widen(sc + g * kTile), (__m256)widen(zr + g * kTile));
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.xsum[m * groups + g]), acc[m]);
   }
 }
 

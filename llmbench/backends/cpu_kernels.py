@@ -65,24 +65,29 @@ def _amd() -> bool:
 
 def prefetch_hint() -> str:
     """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor: "t2, tiles
-    nta" (rows to the outer cache levels, the INT4 and INT8 tiles non-temporal) or "t0, tiles t2" (rows to every cache
-    level, the INT4 and INT8 tiles to the last level). Measured with benchmarks/cpu_kernels.py --prefetch: on a
-    2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a decode step's worth of INT4 weights streaming at
-    6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels (prefetcht0) at 10.0 and 13.5 GB/s; the AMX
-    Xeon's INT4 tiles stream from memory faster with prefetcht2: Phi-3-mini's shapes, whole compiled steps,
-    alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token (docs/backends.md). On AMD CPUs: the AVX2 EPYC the
-    kernels were written on streamed at ~85% of its read bandwidth with prefetchnta; a 2-core AVX-512 EPYC (family
-    25 model 17), 6 alternating processes per build, best / median ms of one step's linears: bf16 nta 11.79 / 12.64,
-    t2 8.39 / 10.23, t0 11.69 / 12.44; INT4 nta 3.33 / 3.78, t2 3.11 / 3.76, t0 3.43 / 3.80. Whole compiled steps
-    there, alternating processes, nta against t2: bf16 batch 4 15.33/16.44 -> 11.35/10.71 ms/token, INT8 tiles
-    5.32/5.27/5.28 -> 5.59/5.52/5.47, INT4 tiles no clear difference (3.93/4.49/4.86 against 3.80/4.46/3.62), hence
-    t2 for the rows and nta for the tiles there. AVX2-only AMD CPUs take the same: the same EPYC running AVX2 code
-    only (ATEN_CPU_CAPABILITY=avx2, kernels built with -mno-avx512f -mno-avxvnni) took 0.755x the time for one
-    step's bf16 linears with t2 as with nta, INT4 0.935x, and whole compiled runs at batch 4, alternating processes,
-    went bf16 16.86/19.48/16.63 -> 13.25/13.10/14.86 and float32 28.63/29.51/29.14 -> 23.25/23.88/23.81 ms/token
-    (2026-12-05; prefetchnta there had been chosen on an AVX2 EPYC without a comparison)."""
+    nta 1 ahead" (rows to the outer cache levels, the INT4 and INT8 tiles non-temporal, one tile ahead) or "t0,
+    tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last level, two tiles ahead). Measured with
+    benchmarks/cpu_kernels.py --prefetch: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a decode
+    step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
+    (prefetcht0) at 10.0 and 13.5 GB/s; the AMX Xeon's INT4 tiles stream from memory faster with prefetcht2:
+    Phi-3-mini's shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token
+    (docs/backends.md). On AMD CPUs: the AVX2 EPYC the kernels were written on streamed at ~85% of its read
+    bandwidth with prefetchnta; a 2-core AVX-512 EPYC (family 25 model 17), 6 alternating processes per build, best
+    / median ms of one step's linears: bf16 nta 11.79 / 12.64, t2 8.39 / 10.23, t0 11.69 / 12.44; INT4 nta 3.33 /
+    3.78, t2 3.11 / 3.76, t0 3.43 / 3.80. Whole compiled steps there, alternating processes, nta against t2: bf16
+    batch 4 15.33/16.44 -> 11.35/10.71 ms/token, INT8 tiles 5.32/5.27/5.28 -> 5.59/5.52/5.47, INT4 tiles no clear
+    difference (3.93/4.49/4.86 against 3.80/4.46/3.62), hence t2 for the rows and nta for the tiles there. AVX2-only
+    AMD CPUs take the same: the same EPYC running AVX2 code only (ATEN_CPU_CAPABILITY=avx2, kernels built with
+    -mno-avx512f -mno-avxvnni) took 0.755x the time for one step's bf16 linears with t2 as with nta, INT4 0.935x,
+    and whole compiled runs at batch 4, alternating processes, went bf16 16.86/19.48/16.63 -> 13.25/13.10/14.86 and
+    float32 28.63/29.51/29.14 -> 23.25/23.88/23.81 ms/token (2026-12-05; prefetchnta there had been chosen on an
+    AVX2 EPYC without a comparison). The INT4 and INT8 tiles' prefetch runs one tile ahead on AMD CPUs, two on
+    others: on the AVX-512 EPYC, one step's linears in huge pages, two builds alternating in one process (21 rounds,
+    median of the per-round ratios), two tiles ahead took 1.039x the time of one with 1 row of x, 1.079x with 4 and
+    1.011x with 8 for INT4, 1.018x / 1.019x / 1.007x for INT8 (4 and 8 tiles ahead were slower still: INT4 1.04x and
+    1.08x with 1 row)."""
     if _amd():
-        return "t2, tiles nta"
+        return "t2, tiles nta 1 ahead"
     return "t0, tiles t2"
 
 
@@ -120,7 +125,8 @@ def attention_vectorized() -> bool:
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
-PREFETCH_FLAGS = {"t2, tiles nta": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0"],
+PREFETCH_FLAGS = {"t2, tiles nta 1 ahead": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
+                                           "-DLLMBENCH_PREFETCH_TILES=1"],
                   "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
