@@ -83,3 +83,18 @@ def test_the_other_vendors_schedule_gives_the_same_results():
             "print('checked')")
     proc = run_in_build(code, flags)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+
+
+def test_two_builds_side_by_side_in_one_process(cli):
+    """benchmarks/kernel_builds.py loads the host's build and another (INT4 and INT8 tiles prefetched three tiles
+    ahead) as two op namespaces in one process and times them round by round: one line per kind and rows of x, the
+    two builds' outputs agreeing; bad input is refused in one line."""
+    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3", "--kinds", "int4,bf16", "--rows", "1,2", "--rounds", "2",
+               script="benchmarks/kernel_builds.py", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "other/host" in line]
+    assert [line.split()[:2] for line in lines] == [["int4", "1"], ["int4", "2"], ["bf16", "1"], ["bf16", "2"]]
+    assert not any("DIFFER" in line for line in lines), lines
+    bad = cli("--rows", "9", script="benchmarks/kernel_builds.py")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("1 to 8 rows each (a decode step's); "
+                                                                              "--rounds: at least 1")

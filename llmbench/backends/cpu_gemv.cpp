@@ -368,7 +368,15 @@ bool wide_dense_built() {
 
 }  // namespace
 
-TORCH_LIBRARY(llmbench_cpu, m) {
+// The ops' namespace: llmbench_cpu, another where benchmarks/kernel_builds.py loads a second build beside the host's
+// (the indirections expand LLMBENCH_OPS before TORCH_LIBRARY pastes it into names)
+#ifndef LLMBENCH_OPS
+#define LLMBENCH_OPS llmbench_cpu
+#endif
+#define LLMBENCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LLMBENCH_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
+LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
   m.def("linear_int8_tiles(Tensor x, Tensor packed, int groups, Tensor? bias) -> Tensor");
@@ -381,7 +389,7 @@ TORCH_LIBRARY(llmbench_cpu, m) {
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) {
+LLMBENCH_LIBRARY_IMPL(LLMBENCH_OPS, m) {
   m.impl("linear_dense", &linear_dense);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int8_tiles", &linear_int8_tiles);

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Two builds of the CPU decode kernels (llmbench/backends/cpu_gemv.cpp) side by side in one process, under the CPU
+lock: the host's own build, and the same source (or --source, a changed copy of its folder) built with --flags on top
+of the host's, its ops loaded as another namespace.
+
+    python benchmarks/kernel_builds.py --flags=-DLLMBENCH_PREFETCH_TILES=2
+    python benchmarks/kernel_builds.py --flags="-DLLMBENCH_EVEN_SPLIT_ROWS=8 -DLLMBENCH_ONE_ROW_STREAMS=1"
+    python benchmarks/kernel_builds.py --source /tmp/changed/llmbench/backends --kinds int4 --rows 1,4
+
+Times one decode step's linears of the default model's shapes (random weights in huge pages, as the compile backend
+places them; its output head too) for each kind (int4: g32 tiles, int8: tiles, bf16: plain weights) and number of rows
+of x (batch x beams), the two builds alternating round by round, and prints each build's best and median ms, the
+host build's GB/s, and the median of the per-round time ratios (other / host's), with whether their outputs agree.
+Where memory and cores change speed from one minute to the next (a shared cloud host), two processes run one after
+the other can differ by more than what is compared; two builds that share every round do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpu_kernels import placed, step_shapes  # noqa: E402
+from woq import cpu_lock  # noqa: E402
+
+from llmbench.host import cpu_kind  # noqa: E402
+
+OTHER = "llmbench_other"  # the second build's ops' namespace (cpu_gemv.cpp's LLMBENCH_OPS)
+
+
+def load_other(source: Path, flags: list[str]) -> None:
+    """Build (once per source and flags) and load `source`'s cpu_gemv.cpp with the host's flags, then `flags`."""
+    from torch.utils import cpp_extension
+
+    from llmbench.backends import cpu_kernels
+
+    files = [source / "cpu_gemv.cpp", *sorted(source.glob("cpu_gemv_*.h"))]
+    if not files[0].exists():
+        raise SystemExit(f"--source {source}: no cpu_gemv.cpp there (give the folder of a copy of the kernels)")
+    extra = [*cpu_kernels.build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split(), *flags,
+             f"-DLLMBENCH_OPS={OTHER}"]
+    key = hashlib.sha256("\n".join([" ".join(extra), *(f.read_text() for f in files)]).encode()).hexdigest()[:12]
+    name = f"llmbench_other_{key}"
+    folder = cpu_kernels.build_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{name}.so").exists():
+        print(f"building the other kernels ({' '.join(flags) or 'no extra flags'})", file=sys.stderr)
+    cpp_extension.load(name=name, sources=[str(files[0])], build_directory=str(folder), is_python_module=False,
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"])
+
+
+def cases(kinds: list[str]):
+    """-> {kind: (weights, call(ops, x, weight), bytes)} for one step's linears of the default model's shapes."""
+    import torch
+
+    from llmbench.backends import cpu_kernels, int4_layout
+
+    torch.manual_seed(0)
+    place, shapes = placed()[0], step_shapes()
+    out = {}
+    if "int4" in kinds:
+        scales = [torch.rand(n, k // 32, dtype=torch.bfloat16) / 64 for n, k in shapes]  # bfloat16: 2 bytes each
+        packed = [place(int4_layout.int4_rows(torch.randint(0, 16, s.shape[:1] + (k,)), s, s)[0])
+                  for s, (_, k) in zip(scales, shapes)]
+        out["int4"] = (packed, lambda ops, x, w: ops.linear_int4(x, w, 32, 2, None))
+    if "int8" in kinds and torch.ops.llmbench_cpu.int8_tiles_built():
+        tiles = [place(cpu_kernels.int8_tiles(torch.randint(-128, 128, (n, k), dtype=torch.int8),
+                                              torch.rand(n, 1) / 64)) for n, k in shapes]
+        out["int8"] = (tiles, lambda ops, x, w: ops.linear_int8_tiles(x, w, 1, None))
+    if "bf16" in kinds:
+        dense = [place(torch.randn(n, k, dtype=torch.bfloat16) / 32) for n, k in shapes]
+        out["bf16"] = (dense, lambda ops, x, w: ops.linear_dense(x, w, None))
+    return {kind: (weights, call, sum(w.numel() * w.element_size() for w in weights), [k for _, k in shapes])
+            for kind, (weights, call) in out.items()}
+
+
+def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
+    import torch
+
+    host, other = torch.ops.llmbench_cpu, getattr(torch.ops, OTHER)
+    for kind, (weights, call, nbytes, ins) in cases(kinds).items():
+        for m in rows:
+            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in set(ins)}
+
+            def step(ops):
+                return [call(ops, xs[k], w) for w, k in zip(weights, ins)]
+
+            agree = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+                        for a, b in zip(step(host), step(other)))
+            times: dict[str, list[float]] = {"host": [], "other": []}
+            for r in range(rounds):
+                for name, ops in ((("host", host), ("other", other)) if r % 2 == 0 else
+                                  (("other", other), ("host", host))):
+                    start = time.perf_counter()
+                    step(ops)
+                    times[name].append(time.perf_counter() - start)
+            a, b = times["host"], times["other"]
+            ratio = statistics.median(y / x for x, y in zip(a, b))
+            print(f"  {kind} {m} rows: host's {min(a) * 1e3:6.2f} / {statistics.median(a) * 1e3:6.2f} ms "
+                  f"({nbytes / min(a) / 1e9:5.1f} GB/s), other {min(b) * 1e3:6.2f} / {statistics.median(b) * 1e3:6.2f} "
+                  f"ms, other/host {ratio:.3f} (median of rounds){'' if agree else ', OUTPUTS DIFFER'}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flags", default="", help="-D or -m flags for the other build, after the host's own "
+                                                "(written --flags=-D...)")
+    p.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent / "llmbench" / "backends",
+                   help="the folder of the other build's cpu_gemv.cpp and headers (default: this checkout's)")
+    p.add_argument("--kinds", default="int4,int8,bf16")
+    p.add_argument("--rows", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=21)
+    args = p.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - {"int4", "int8", "bf16"}:
+        p.error("--kinds: a comma-separated choice of int4, int8, bf16")
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error("--rows: comma-separated numbers of rows of x, e.g. 1,4,8")
+    if not rows or min(rows) < 1 or max(rows) > 8 or args.rounds < 1:
+        p.error("--rows: 1 to 8 rows each (a decode step's); --rounds: at least 1")
+    from llmbench.backends import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why:
+        raise SystemExit(why)
+    load_other(args.source, args.flags.split())
+    print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; host's build "
+          f"({' '.join(cpu_kernels.build_flags())}) against other ({args.flags or 'no extra flags'}"
+          f"{'' if args.source == p.get_default('source') else ', ' + str(args.source)}), {args.rounds} rounds "
+          "alternating in one process; best / median ms")
+    with cpu_lock(True):
+        compare(kinds, rows, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
