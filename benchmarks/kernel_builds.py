@@ -134,8 +134,9 @@ def main() -> int:
     if why:
         raise SystemExit(why)
     load_other(args.source, args.flags.split())
+    host_flags = [*cpu_kernels.build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
     print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; host's build "
-          f"({' '.join(cpu_kernels.build_flags())}) against other ({args.flags or 'no extra flags'}"
+          f"({' '.join(host_flags)}) against other ({args.flags or 'no extra flags'}"
           f"{'' if args.source == p.get_default('source') else ', ' + str(args.source)}), {args.rounds} rounds "
           "alternating in one process; best / median ms")
     with cpu_lock(True):
