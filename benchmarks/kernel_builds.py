@@ -58,7 +58,7 @@ def load_other(source: Path, flags: list[str]) -> None:
 
 
 def cases(kinds: list[str]):
-    """-> {kind: (weights, call(ops, x, weight), bytes)} for one step's linears of the default model's shapes."""
+    """-> {kind: (weights, call(ops, x, weight), their bytes, their in_features)}: one step's linears, default model."""
     import torch
 
     from llmbench.backends import cpu_kernels, int4_layout
