@@ -18,8 +18,6 @@ the other can differ by more than what is compared; two builds that share every 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import statistics
 import sys
 import time
@@ -38,23 +36,16 @@ OTHER = "llmbench_other"  # the second build's ops' namespace (cpu_gemv.cpp's LL
 
 def load_other(source: Path, flags: list[str]) -> None:
     """Build (once per source and flags) and load `source`'s cpu_gemv.cpp with the host's flags, then `flags`."""
-    from torch.utils import cpp_extension
-
     from llmbench.backends import cpu_kernels
+    from llmbench.backends.ops_build import build
 
-    files = [source / "cpu_gemv.cpp", *sorted(source.glob("cpu_gemv_*.h"))]
-    if not files[0].exists():
+    if not (source / "cpu_gemv.cpp").exists():
         raise SystemExit(f"--source {source}: no cpu_gemv.cpp there (give the folder of a copy of the kernels)")
-    extra = [*cpu_kernels.build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split(), *flags,
-             f"-DLLMBENCH_OPS={OTHER}"]
-    key = hashlib.sha256("\n".join([" ".join(extra), *(f.read_text() for f in files)]).encode()).hexdigest()[:12]
-    name = f"llmbench_other_{key}"
-    folder = cpu_kernels.build_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / f"{name}.so").exists():
-        print(f"building the other kernels ({' '.join(flags) or 'no extra flags'})", file=sys.stderr)
-    cpp_extension.load(name=name, sources=[str(files[0])], build_directory=str(folder), is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"])
+    why = build("llmbench_other", [source / "cpu_gemv.cpp"],
+                [*cpu_kernels.host_flags(), *flags, f"-DLLMBENCH_OPS={OTHER}"],
+                f"the other kernels ({' '.join(flags) or 'no extra flags'})")
+    if why:
+        raise SystemExit(f"the other kernels could not be built ({why})")
 
 
 def cases(kinds: list[str]):
@@ -134,9 +125,8 @@ def main() -> int:
     if why:
         raise SystemExit(why)
     load_other(args.source, args.flags.split())
-    host_flags = [*cpu_kernels.build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
     print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; host's build "
-          f"({' '.join(host_flags)}) against other ({args.flags or 'no extra flags'}"
+          f"({' '.join(cpu_kernels.host_flags())}) against other ({args.flags or 'no extra flags'}"
           f"{'' if args.source == p.get_default('source') else ', ' + str(args.source)}), {args.rounds} rounds "
           "alternating in one process; best / median ms")
     with cpu_lock(True):

@@ -20,7 +20,6 @@ interleaved so that the vector lanes are the rows) with exactly the same values.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import threading
@@ -41,21 +40,15 @@ from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_*: part
     kernel_of,
     score_with_kernels,
 )
-from llmbench.errors import UserError, one_line
+from llmbench.backends.ops_build import build
+from llmbench.errors import UserError
 from llmbench.host import cpu_kind
-from llmbench.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 ATTENTION_SOURCE = SOURCE.with_name("cpu_attention.cpp")  # decode attention, built into the same library
-# included by SOURCE: part of the build's identity (every one of them, so that a new header cannot be left out)
-HEADERS = tuple(sorted(SOURCE.parent.glob("cpu_gemv_*.h")))
 MAX_ROWS = KERNEL_MAX_ROWS  # the C++ kernels' limit (kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def build_dir() -> Path:
-    return cache_dir() / "kernels"
 
 
 def _amd() -> bool:
@@ -163,28 +156,17 @@ def _load() -> str | None:
     if sys.platform != "linux":
         return f"built only on linux, not {sys.platform}"
     amx_min_rows_env()  # a bad value stops here, in one line
-    cpu = cpu_kind()
-    extra = [*build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
-    sources = [f.read_text() for f in (SOURCE, ATTENTION_SOURCE, *HEADERS)]
-    identity = [" ".join(extra), *sources, " ".join(sorted(cpu.flags)), torch.__version__]
-    key = hashlib.sha256("\n".join(identity).encode())
-    name = f"llmbench_cpu_gemv_{key.hexdigest()[:12]}"
-    folder = build_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        from torch.utils import cpp_extension
-
-        if not (folder / f"{name}.so").exists():
-            print(f"building the CPU decode kernels for {cpu.describe()} (once per host, about a minute)",
-                  file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(SOURCE), str(ATTENTION_SOURCE)], build_directory=str(folder),
-                           is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
-                           verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
-    except Exception as exc:  # a missing compiler or ninja, a build error: the caller falls back and records why
-        return f"the CPU decode kernels could not be built ({one_line(exc)})"
+    why = build("llmbench_cpu_gemv", [SOURCE, ATTENTION_SOURCE], host_flags(),
+                f"the CPU decode kernels for {cpu_kind().describe()}")
+    if why:  # a missing compiler or ninja, a build error: the caller falls back and records why
+        return f"the CPU decode kernels could not be built ({why})"
     _register_fakes()
     return None
+
+
+def host_flags() -> list[str]:
+    """The flags of this host's build: build_flags(), then LLMBENCH_CPU_KERNEL_FLAGS."""
+    return [*build_flags(), *os.environ.get("LLMBENCH_CPU_KERNEL_FLAGS", "").split()]
 
 
 def _register_fakes() -> None:

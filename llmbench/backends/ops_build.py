@@ -1,0 +1,44 @@
+"""Building the CPU decode kernels (cpu_kernels.py) and any second build of them (benchmarks/kernel_builds.py):
+compiled once per host, flags and source text into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from llmbench.errors import one_line
+from llmbench.host import cpu_kind
+from llmbench.paths import cache_dir
+
+
+def build_dir() -> Path:
+    return cache_dir() / "kernels"
+
+
+def build(stem: str, sources: list[Path], extra: list[str], what: str) -> str | None:
+    """Compile `sources` with `extra` flags, once per host, flags and text (every cpu_gemv_*.h beside them is part of
+    that, so that a new header cannot be left out), as the ops library `stem`_<hash>, and load it; -> None, or why it
+    failed (a missing compiler or ninja, a build error). `what` names it while it builds."""
+    files = [*sources, *sorted(sources[0].parent.glob("cpu_gemv_*.h"))]
+    identity = [" ".join(extra), *(f.read_text() for f in files), " ".join(sorted(cpu_kind().flags)),
+                torch.__version__]
+    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
+    name = f"{stem}_{key}"
+    folder = build_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils import cpp_extension
+
+        if not (folder / f"{name}.so").exists():
+            print(f"building {what} (once per host, about a minute)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(folder),
+                           is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", *extra], extra_ldflags=["-fopenmp"],
+                           verbose=bool(os.environ.get("LLMBENCH_DEBUG")))
+    except Exception as exc:
+        return one_line(exc)
+    return None
