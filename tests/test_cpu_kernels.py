@@ -118,6 +118,29 @@ def test_int4_layout_takes_whole_tiles_only(ops):
         ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), 32, 2, None)
 
 
+def test_linear_work_switch_zeros_every_kernel_linear_until_switched_back(ops):
+    """benchmarks/step_split.py's switch: off, every kernel linear returns zeros of its output's shape and dtype
+    without reading its weights; on again, the same outputs as before; the switch returns its previous state."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    dense = torch.randn(40, 64, dtype=torch.bfloat16)
+    int4, value_bytes = int4_layout.int4_rows(torch.randint(0, 16, (40, 64)), torch.rand(40, 2), torch.rand(40, 2))
+    int8 = quantized_linear("int8", None, in_features=64)
+    calls = [lambda: ops.linear_dense(x, dense, None), lambda: ops.linear_int4(x, int4, 32, value_bytes, None),
+             lambda: int8(x)]
+    cpu_kernels.use_kernel_linears(int8, cpu_kernels.MAX_ROWS)
+    before = [call() for call in calls]
+    assert all(out.abs().sum() > 0 for out in before)
+    try:
+        assert ops.set_linear_work(False) is True
+        for call, out in zip(calls, before):
+            off = call()
+            assert off.shape == out.shape and off.dtype == out.dtype and not off.any()
+    finally:
+        assert ops.set_linear_work(True) is False
+    assert all(torch.equal(call(), out) for call, out in zip(calls, before))
+
+
 def siblings(make) -> torch.nn.Module:
     parent = torch.nn.Module()
     for name, out_features in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32), ("o_proj", 128)):

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Where a compiled cpu decode step's time goes: its linears' weight reads against everything else, in one process.
+
+    python benchmarks/step_split.py                       # bf16, greedy, default model, 32 in / 64 new
+    python benchmarks/step_split.py --woq int4 --input-tokens 1024
+
+Compiles the default model's greedy decode step (--backend compile) and alternates whole generations with the
+weight-streaming kernels' work on and off (llmbench_cpu.set_linear_work: off, every linear returns zeros without
+reading its weights; x is still read, quantized where the kernel quantizes it, and the output allocated), with a 1 GiB
+sum after each pair, under the CPU lock. Prints the median next-token time of both, their difference (the time the
+linears spend reading weights) as GB/s of the weight bytes a step reads, beside the sum's rate, and what the step
+would take if the linears read at the sum's rate. The step without the weights' reads is a lower bound on the rest's
+cost in a real step, where streaming the weights evicts from the caches what the rest uses. Only the kernels' linears
+are switched: a record's `one_row_dense_linears` that says "generated reductions" leaves those in the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from woq import cpu_lock  # noqa: E402
+
+from llmbench.host import cpu_kind  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--woq", choices=("int4", "int8"))
+    p.add_argument("--input-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=12)
+    args = p.parse_args()
+    if args.rounds < 1 or args.input_tokens < 1 or args.max_new_tokens < 2:
+        p.error("--rounds and --input-tokens must be at least 1, --max-new-tokens at least 2")
+
+    import torch
+
+    from llmbench.cli import RunConfig
+    from llmbench.pipeline import open_pipeline, quiet_libraries
+    from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read
+    from llmbench.timing import StepTimer
+
+    quiet_libraries(verbose=False, no_progress=True)
+    config = RunConfig(device="cpu", dtype=args.dtype, woq=args.woq, backend="compile", num_beams=1, quiet=True,
+                       input_tokens=args.input_tokens, max_new_tokens=args.max_new_tokens)
+    run = open_pipeline(config)
+    backend, inputs, new = run.backend, run.inputs(), args.max_new_tokens
+    if "streaming_linears" not in backend.details:
+        raise SystemExit(f"the kernels did not load: {backend.details.get('streaming_linears_unavailable')}")
+    if not args.woq and "generated reductions" in (backend.details.get("one_row_dense_linears") or ""):
+        raise SystemExit(f"{args.dtype}'s one-row linears run as generated reductions on this CPU, which the switch "
+                         "does not reach: LLMBENCH_ONE_ROW_DENSE=kernels runs them through the kernels")
+    read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens, new)
+    switch = torch.ops.llmbench_cpu.set_linear_work
+    backend.warm_up_shapes(inputs, new, 1)
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    sums = []
+    with cpu_lock(True):
+        try:
+            for r in range(args.rounds + 1):
+                for work in ((True, False) if r % 2 == 0 else (False, True)):
+                    switch(work)
+                    timer = StepTimer(torch.device("cpu"))
+                    timer.start()
+                    backend.generate(inputs, new, 1, timer)
+                    if r:  # the first round warms both up
+                        steps[work].append(statistics.median(timer.stop(new).token_latencies_s[1:]))
+                if r:
+                    sums.append(check_cpu_read_bandwidth(repeats=3)["read_bandwidth_gb_s"])
+        finally:
+            switch(True)
+    full, rest = statistics.median(steps[True]), statistics.median(steps[False])
+    weights, sum_gb_s = read["weight_bytes_read_per_token"], statistics.median(sums)
+    print(f"compiled greedy decode step, default model, {args.dtype}{' ' + args.woq if args.woq else ''}, "
+          f"{inputs.num_tokens} in / {new} new, {args.rounds} alternating rounds (medians); {cpu_kind().describe()}; "
+          f"{torch.get_num_threads()} threads")
+    print(f"  one-row linears: {backend.details.get('one_row_dense_linears') or 'kernels'}")
+    print(f"  whole step                       {full * 1e3:7.2f} ms")
+    print(f"  without the weights' reads       {rest * 1e3:7.2f} ms ({rest / full:.0%} of the step)")
+    print(f"  the weights' reads               {(full - rest) * 1e3:7.2f} ms: {weights / 1e6:.1f} MB at "
+          f"{weights / max(full - rest, 1e-9) / 1e9:.1f} GB/s; a 1 GiB sum read {sum_gb_s:.1f} GB/s "
+          f"(range {min(sums):.1f}-{max(sums):.1f})")
+    print(f"  at the sum's rate the step would take {(weights / (sum_gb_s * 1e9) + rest) * 1e3:.2f} ms; the KV cache "
+          f"({read['kv_cache_bytes_read_per_token'] / 1e6:.1f} MB a step) counts as the rest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
