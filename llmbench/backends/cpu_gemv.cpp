@@ -4,10 +4,11 @@
 // (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
 // decode step as torch ops (llmbench_cpu::*).
 //
-// Threads claim contiguous chunks of weight rows (guided scheduling, see run; on AMD CPUs decode steps' calls in
-// even shares) in blocks of four; for every row of x a block keeps one vector accumulator per weight row (four
-// independent chains) and prefetches the rows ahead, so the loop is bound by memory (on AMD CPUs one row of x reads
-// the rows one after another instead, each thread's share as one stream: cpu_gemv_generic.h's pair_stream).
+// Threads claim contiguous chunks of weight rows (guided scheduling, cpu_gemv_run.h's run; on AMD CPUs decode
+// steps' calls in even shares) in blocks of four; for every row of x a block keeps one vector accumulator per
+// weight row (four independent chains) and prefetches the rows ahead, so the loop is bound by memory (on AMD CPUs
+// one row of x reads the rows one after another instead, each thread's share as one stream: cpu_gemv_generic.h's
+// pair_stream).
 // Weights are widened to float32 in registers without shuffles: fp32 as stored; bf16 two per 32-bit lane (shift
 // and mask, against x deinterleaved once per call), or multiplied as stored by vdpbf16ps (AVX512_BF16,
 // cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by F16C, 16 a step from
@@ -141,7 +142,6 @@ inline void with_rows_per_pass(int64_t M, int most, F&& f) {
 #include "cpu_gemv_avx512.h"
 #include "cpu_gemv_int4.h"
 #include "cpu_gemv_amx.h"
-int64_t g_steal = 0;  // EXPERIMENT
 
 // x as float32 rows (M, K), read once; with `deinterleave`, each 16 values as their 8 even-, then 8 odd-indexed.
 template <typename T>
@@ -300,7 +300,6 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
-  m.def("set_steal(int v) -> int", [](int64_t v) { int64_t o = g_steal; g_steal = v; return o; });  // EXPERIMENT
 }
 
 LLMBENCH_LIBRARY_IMPL(LLMBENCH_OPS, m) {
