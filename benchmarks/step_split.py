@@ -30,6 +30,15 @@ from llmbench.host import cpu_kind  # noqa: E402
 
 
 def main() -> int:
+    from llmbench.errors import UserError, one_line
+
+    try:
+        return split()
+    except UserError as exc:  # bad input or an unmet requirement: one line, as run_generation.py says it
+        raise SystemExit(f"error: {one_line(exc)}") from None
+
+
+def split() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--woq", choices=("int4", "int8"))
