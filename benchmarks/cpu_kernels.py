@@ -107,7 +107,8 @@ def time_linears(rounds: int, rows: int = 1, kinds: str = "int4,bf16", from_memo
     bf16_shapes = (beyond_cache(shapes, 2) if from_memory else shapes) if "bf16" in kinds else []
     place, _ = placed()
     int4 = [place(int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // gs, dtype=torch.bfloat16),
-                                        torch.rand(n, k // gs, dtype=torch.bfloat16))[0]) for n, k in int4_shapes]
+                                        torch.rand(n, k // gs, dtype=torch.bfloat16), ops.int4_tile_rows())[0])
+            for n, k in int4_shapes]
     bf16 = [place(torch.randn(n, k, dtype=torch.bfloat16)) for n, k in bf16_shapes]
     xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
     cases = {

@@ -57,11 +57,12 @@ def cases(kinds: list[str]):
     torch.manual_seed(0)
     place, shapes = placed()[0], step_shapes()
     out = {}
-    if "int4" in kinds:
+    if "int4" in kinds:  # packed for each build's tiles (16 rows where AVX-512 VNNI is built in, else 8)
         scales = [torch.rand(n, k // 32, dtype=torch.bfloat16) / 64 for n, k in shapes]  # bfloat16: 2 bytes each
-        packed = [place(int4_layout.int4_rows(torch.randint(0, 16, s.shape[:1] + (k,)), s, s)[0])
-                  for s, (_, k) in zip(scales, shapes)]
-        out["int4"] = (packed, lambda ops, x, w: ops.linear_int4(x, w, 32, 2, None))
+        q = [torch.randint(0, 16, s.shape[:1] + (k,)) for s, (_, k) in zip(scales, shapes)]
+        builds = {tile_rows(torch.ops.llmbench_cpu), tile_rows(getattr(torch.ops, OTHER))}
+        packed = [{t: place(int4_layout.int4_rows(qi, s, s, t)[0]) for t in builds} for qi, s in zip(q, scales)]
+        out["int4"] = (packed, lambda ops, x, w: ops.linear_int4(x, w[tile_rows(ops)], 32, 2, None))
     if "int8" in kinds and torch.ops.llmbench_cpu.int8_tiles_built():
         tiles = [place(cpu_kernels.int8_tiles(torch.randint(-128, 128, (n, k), dtype=torch.int8),
                                               torch.rand(n, 1) / 64)) for n, k in shapes]
@@ -69,8 +70,16 @@ def cases(kinds: list[str]):
     if "bf16" in kinds:
         dense = [place(torch.randn(n, k, dtype=torch.bfloat16) / 32) for n, k in shapes]
         out["bf16"] = (dense, lambda ops, x, w: ops.linear_dense(x, w, None))
-    return {kind: (weights, call, sum(w.numel() * w.element_size() for w in weights), [k for _, k in shapes])
-            for kind, (weights, call) in out.items()}
+    def nbytes(weights) -> int:  # INT4's: one build's packing (the same bytes in either)
+        return sum(w.numel() * w.element_size() for w in
+                   (w if isinstance(w, torch.Tensor) else next(iter(w.values())) for w in weights))
+
+    return {kind: (weights, call, nbytes(weights), [k for _, k in shapes]) for kind, (weights, call) in out.items()}
+
+
+def tile_rows(ops) -> int:
+    """Rows per INT4 tile in a build's layout (8 in sources from before its 16-row tiles)."""
+    return ops.int4_tile_rows() if hasattr(ops, "int4_tile_rows") else 8
 
 
 def compare(kinds: list[str], rows: list[int], rounds: int) -> None:

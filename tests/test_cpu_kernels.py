@@ -48,17 +48,25 @@ def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_f
     return linear
 
 
-def dequantize_rows(rows, value_bytes, in_features, group_size):
-    """The kernel layout's weights in float32: per tile of 8 rows their groups' scales as [group][row], their zeros
-    the same way, padding, then per 32 weights four vectors of 32 bytes, whose 4-byte lane r holds row r's weights
-    8j..8j+3 (low nibbles) and 8j+4..8j+7 (high nibbles) of vector j; w = (q - 8) * scale + zero."""
+def dequantize_rows(rows, value_bytes, in_features, group_size, tile_rows):
+    """The kernel layout's weights in float32: per tile of t rows (tile_rows, the last 8 where the rows are not a
+    multiple of tile_rows) their groups' scales as [group][row], their zeros the same way, padding, then per 32
+    weights four vectors of 4 t bytes, whose 4-byte lane r holds row r's weights 8j..8j+3 (low nibbles) and
+    8j+4..8j+7 (high nibbles) of vector j; w = (q - 8) * scale + zero."""
+    wide = rows.shape[0] - rows.shape[0] % tile_rows
+    parts = [(rows[:wide], tile_rows), (rows[wide:], 8)]
+    return torch.cat([dequantize_tiles(part, t, value_bytes, in_features, group_size)
+                      for part, t in parts if len(part)])
+
+
+def dequantize_tiles(rows, t, value_bytes, in_features, group_size):
     n, groups = rows.shape[0], in_features // group_size
     dtype = {2: torch.bfloat16, 4: torch.float32}[value_bytes]
-    tiles = rows.reshape(n // 8, -1)
-    size = 8 * groups * value_bytes
-    scale = tiles[:, :size].contiguous().view(dtype).float().reshape(n // 8, groups, 8).transpose(1, 2)
-    zero = tiles[:, size:2 * size].contiguous().view(dtype).float().reshape(n // 8, groups, 8).transpose(1, 2)
-    vectors = tiles[:, -in_features * 4:].reshape(n // 8, in_features // 32, 4, 8, 4)  # tile, block, j, row, byte
+    tiles = rows.reshape(n // t, -1)
+    size = t * groups * value_bytes
+    scale = tiles[:, :size].contiguous().view(dtype).float().reshape(n // t, groups, t).transpose(1, 2)
+    zero = tiles[:, size:2 * size].contiguous().view(dtype).float().reshape(n // t, groups, t).transpose(1, 2)
+    vectors = tiles[:, -in_features * t // 2:].reshape(n // t, in_features // 32, 4, t, 4)  # tile, block, j, row, byte
     q = torch.cat([vectors & 15, vectors >> 4], dim=-1)  # tile, block, j, row, 8 weights
     q = q.permute(0, 3, 1, 2, 4).reshape(n, groups, group_size).float()
     scale, zero = scale.reshape(n, groups), zero.reshape(n, groups)
@@ -72,7 +80,7 @@ def dequantize_rows(rows, value_bytes, in_features, group_size):
     (32, 320, torch.float32), (128, 256, torch.float32)])
 def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, in_features, dtype):
     linear = quantized_linear("int4", group_size, in_features=in_features, out_features=48, dtype=dtype)
-    rows, (size, value_bytes) = int4_layout.int4_from_torchao(linear.weight)
+    rows, (size, value_bytes) = int4_layout.int4_from_torchao(linear.weight, ops.int4_tile_rows())
     assert size == group_size and value_bytes == dtype.itemsize and rows.dtype == torch.uint8
     meta_bytes = 2 * (in_features // group_size) * value_bytes
     assert rows.shape == (48, in_features // 2 + meta_bytes + -meta_bytes % 32) and rows.shape[1] % 32 == 0
@@ -80,8 +88,8 @@ def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, i
     # (up to float32 rounding in another order of operations)
     torchao_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
         torch.eye(in_features), linear.weight.qdata, group_size, linear.weight.scale_and_zero.float()).t()
-    assert torch.allclose(dequantize_rows(rows, value_bytes, in_features, group_size), torchao_weight, rtol=1e-6,
-                          atol=1e-7)
+    assert torch.allclose(dequantize_rows(rows, value_bytes, in_features, group_size, ops.int4_tile_rows()),
+                          torchao_weight, rtol=1e-6, atol=1e-7)
     call, kind = cpu_kernels.kernel_call(linear)
     assert kind == "int4"
     x = torch.randn(3, in_features).to(dtype)
@@ -94,13 +102,14 @@ def test_int4_repacks_torchao_exactly_and_computes_its_linear(ops, group_size, i
 @pytest.mark.parametrize("meta", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_rows", [1, 5, 8, 13, 64])
 def test_int4_tiles_of_any_rows_of_x(ops, meta, x_rows):
-    """56 outputs: seven tiles of eight rows, shared out among threads in whole tiles; more than 8 rows of x
-    (prompts) 8 at a time over each tile, every row as it is alone."""
+    """56 outputs: seven tiles of eight rows (or, where the build's tiles have 16, three of 16 and one of 8), shared
+    out among threads in whole tiles; more than 8 rows of x (prompts) 8 at a time over each tile, every row as it is
+    alone."""
     torch.manual_seed(x_rows)
     q = torch.randint(0, 16, (56, 192))
     scale, zero = torch.rand(56, 6).to(meta) / 8, torch.randn(56, 6).to(meta) / 4
-    rows, value_bytes = int4_layout.int4_rows(q, scale, zero)
-    weight = dequantize_rows(rows, value_bytes, 192, 32)
+    rows, value_bytes = int4_layout.int4_rows(q, scale, zero, ops.int4_tile_rows())
+    weight = dequantize_rows(rows, value_bytes, 192, 32, ops.int4_tile_rows())
     expected_weight = (q.view(56, 6, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
     assert torch.equal(weight, expected_weight.view(56, 192))
     x = torch.randn(x_rows, 192)
@@ -113,7 +122,9 @@ def test_int4_tiles_of_any_rows_of_x(ops, meta, x_rows):
 
 def test_int4_layout_takes_whole_tiles_only(ops):
     with pytest.raises(ValueError, match="8 rows of a multiple of 32 weights, not 47 rows of 192"):
-        int4_layout.int4_rows(torch.zeros(47, 192, dtype=torch.long), torch.ones(47, 6), torch.zeros(47, 6))
+        int4_layout.int4_rows(torch.zeros(47, 192, dtype=torch.long), torch.ones(47, 6), torch.zeros(47, 6), 16)
+    with pytest.raises(ValueError, match="INT4 tiles have 8 or 16 rows, not 12"):
+        int4_layout.int4_rows(torch.zeros(48, 192, dtype=torch.long), torch.ones(48, 6), torch.zeros(48, 6), 12)
     with pytest.raises(RuntimeError, match="output size must be a multiple of 8, got 4"):
         ops.linear_int4(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), 32, 2, None)
 
@@ -124,7 +135,8 @@ def test_linear_work_switch_zeros_every_kernel_linear_until_switched_back(ops):
     torch.manual_seed(0)
     x = torch.randn(3, 1, 64, dtype=torch.bfloat16)
     dense = torch.randn(40, 64, dtype=torch.bfloat16)
-    int4, value_bytes = int4_layout.int4_rows(torch.randint(0, 16, (40, 64)), torch.rand(40, 2), torch.rand(40, 2))
+    int4, value_bytes = int4_layout.int4_rows(torch.randint(0, 16, (40, 64)), torch.rand(40, 2), torch.rand(40, 2),
+                                              ops.int4_tile_rows())
     int8 = quantized_linear("int8", None, in_features=64)
     calls = [lambda: ops.linear_dense(x, dense, None), lambda: ops.linear_int4(x, int4, 32, value_bytes, None),
              lambda: int8(x)]
@@ -250,8 +262,9 @@ def test_layers_the_kernels_cannot_take_keep_their_forward():
     assert cpu_kernels.kernel_call(odd) == (None, "input size not a multiple of 8")
 
 
-AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0", "-DLLMBENCH_PREFETCH_TILES=1",
-             "-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"]
+AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
+             "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1", "-DLLMBENCH_EVEN_SPLIT_ROWS=8",
+             "-DLLMBENCH_ONE_ROW_STREAMS=1"]
 
 
 @pytest.mark.parametrize("model_name, flags, hint, build", [

@@ -2,21 +2,29 @@
 process of its own: the paths of CPUs without VNNI, without AVX-512 and without AVX2 give the same results, and a
 build promises only the paths it has."""
 
+import io
 import os
 import subprocess
 import sys
+
+import torch
 
 from llmbench.backends import cpu_kernels
 from tests.conftest import ROOT
 
 
-def run_in_build(code: str, flags: str, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`python -c code` with the kernels built with `flags` (environment variables in `drop` unset)."""
+def run_in_build(code: str, flags: str, drop: tuple[str, ...] = (),
+                 binary: bool = False) -> subprocess.CompletedProcess:
+    """`python -c code` with the kernels built with `flags` (environment variables in `drop` unset); binary: its
+    stdout as bytes (stderr decoded all the same)."""
     env = {**os.environ, "LLMBENCH_CPU_KERNEL_FLAGS": flags}
     for name in drop:
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=not binary,
                           check=False)
+    if binary:
+        proc.stderr = proc.stderr.decode(errors="replace")
+    return proc
 
 
 def test_int8_and_int4_without_vnni_give_the_same_integers():
@@ -85,12 +93,34 @@ def test_the_other_vendors_schedule_gives_the_same_results():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
 
 
+def test_int4_tiles_of_16_rows_give_exactly_the_outputs_of_tiles_of_8():
+    """AVX-512 VNNI builds pack INT4 weights in tiles of 16 rows (int4_tile_rows); a build without them
+    (LLMBENCH_NO_WIDE_TILES) takes tiles of 8. The same weights, each packed for its build, give the same outputs
+    bit for bit (every output lane sums the same products in the same order), 1 to 13 rows of x, 56 rows of
+    weights (a last tile of 8 in the 16-row layout), bfloat16 and float32 scales."""
+    code = ("import torch, sys; from llmbench.backends import cpu_kernels, int4_layout; "
+            "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; torch.manual_seed(0); "
+            "q = torch.randint(0, 16, (56, 192)); s = torch.rand(56, 6) / 8; z = torch.randn(56, 6) / 4; "
+            "x = [torch.randn(r, 192) for r in (1, 4, 8, 13)]; out = []; "
+            "[out.append(ops.linear_int4(xi, int4_layout.int4_rows(q, s.to(m), z.to(m), ops.int4_tile_rows())[0], "
+            "32, m.itemsize, None)) for m in (torch.bfloat16, torch.float32) for xi in x]; "
+            "torch.save((ops.int4_tile_rows(), out), sys.stdout.buffer)")
+    host = run_in_build(code, "", binary=True)
+    eight = run_in_build(code, "-DLLMBENCH_NO_WIDE_TILES", binary=True)
+    assert host.returncode == 0 and eight.returncode == 0, (host.stderr + eight.stderr)[-3000:]
+    (host_rows, host_out), (eight_rows, eight_out) = (torch.load(io.BytesIO(p.stdout)) for p in (host, eight))
+    assert host_rows == (16 if {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_kernels.cpu_kind().flags) else 8)
+    assert eight_rows == 8
+    assert all(torch.equal(a, b) for a, b in zip(host_out, eight_out, strict=True))
+
+
 def test_two_builds_side_by_side_in_one_process(cli):
     """benchmarks/kernel_builds.py loads the host's build and another (INT4 and INT8 tiles prefetched three tiles
-    ahead) as two op namespaces in one process and times them round by round: one line per kind and rows of x, the
-    two builds' outputs agreeing; bad input is refused in one line."""
-    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3", "--kinds", "int4,bf16", "--rows", "1,2", "--rounds", "2",
-               script="benchmarks/kernel_builds.py", timeout=900)
+    ahead, INT4 tiles of 8 rows) as two op namespaces in one process and times them round by round, each build's
+    INT4 weights packed for its tiles: one line per kind and rows of x, the two builds' outputs agreeing; bad input
+    is refused in one line."""
+    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3 -DLLMBENCH_NO_WIDE_TILES", "--kinds", "int4,bf16", "--rows", "1,2",
+               "--rounds", "2", script="benchmarks/kernel_builds.py", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "other/host" in line]
     assert [line.split()[:2] for line in lines] == [["int4", "1"], ["int4", "2"], ["bf16", "1"], ["bf16", "2"]]

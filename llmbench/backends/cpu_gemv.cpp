@@ -253,8 +253,14 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
                       stride, __builtin_ctzll(group_size)};
   if (value_bytes == 2)
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
-               kTile);
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); }, kTile);
+               kWideTile);
+  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); },
+             kWideTile);
+}
+
+// Rows per INT4 tile in this build's layout (int4_layout.int4_rows' tile_rows): 16 on AVX-512 VNNI, else 8.
+int64_t int4_tile_rows() {
+  return kWideTile;
 }
 
 bool int8_tiles_built() {
@@ -294,6 +300,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("linear_int8_tiles(Tensor x, Tensor packed, int groups, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
   m.def("amx_rows_from() -> int", &amx_rows_from);
+  m.def("int4_tile_rows() -> int", &int4_tile_rows);
   m.def("int8_tiles_built() -> bool", &int8_tiles_built);
   m.def("wide_dense_built() -> bool", &wide_dense_built);
   m.def("amx_max_rows() -> int", &amx_max_rows);

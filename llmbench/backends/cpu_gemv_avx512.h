@@ -61,6 +61,10 @@ inline __m512 widen16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 
 // fp16 and float32 weights, K a multiple of 16, on AVX-512 CPUs: 16 weights per 512-bit register (fp16 by one
 // vcvtph2ps; the generic path's 256-bit form takes 8), multiplied against float32 x; C rows of x per pass over the

@@ -157,8 +157,8 @@ void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
   const int64_t blocks = a.K / 32;
   with_tile_rows(a.M, [&](auto c) {
     constexpr int MR = decltype(c)::value;
-    each_tile<MR>(a.M, a.w, a.stride, out, n0, n1, [&](int64_t m0, const uint8_t* tile, const uint8_t* next,
-                                                       __m256* acc) {
+    each_tile<MR>(a.M, a.w, a.stride, out, n1 - n0, n0, n1, [&](int64_t m0, const uint8_t* tile,
+                                                                const uint8_t* next, __m256* acc) {
       Int8Tiles part = a;
       part.xq += m0 * a.K, part.xd += m0 * blocks, part.corr += m0 * a.groups;
       int8_tile<MR>(part, tile, next, acc);

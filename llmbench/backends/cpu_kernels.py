@@ -78,7 +78,8 @@ def prefetch_hint() -> str:
     others: on the AVX-512 EPYC, one step's linears in huge pages, two builds alternating in one process (21 rounds,
     median of the per-round ratios), two tiles ahead took 1.039x the time of one with 1 row of x, 1.079x with 4 and
     1.011x with 8 for INT4, 1.018x / 1.019x / 1.007x for INT8 (4 and 8 tiles ahead were slower still: INT4 1.04x and
-    1.08x with 1 row)."""
+    1.08x with 1 row). INT4's 16-row tiles (AVX-512 VNNI builds) take t2 on AMD CPUs too: with nta one step's
+    linears there took 1.12-1.28x the time of 8-row tiles with nta (1 row of x), with t2 or t1 0.96-0.98x."""
     if _amd():
         return "t2, tiles nta 1 ahead"
     return "t0, tiles t2"
@@ -119,7 +120,7 @@ def attention_vectorized() -> bool:
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
 PREFETCH_FLAGS = {"t2, tiles nta 1 ahead": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
-                                           "-DLLMBENCH_PREFETCH_TILES=1"],
+                                           "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1"],
                   "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
@@ -266,7 +267,7 @@ def kernel_parts(module: torch.nn.Linear) -> tuple[str, tuple[torch.Tensor, ...]
         if not int8_tiles_take(qdata, scale):
             return "int8", int8, 0
         return "int8", (int8_tiles(qdata, scale),), scale.shape[1]
-    int4 = int4_layout.int4_from_torchao(weight)
+    int4 = int4_layout.int4_from_torchao(weight, torch.ops.llmbench_cpu.int4_tile_rows())
     if int4 is not None:
         packed, layout = int4
         return "int4", (packed,), layout
