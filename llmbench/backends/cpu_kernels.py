@@ -14,8 +14,8 @@ Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on 
 them); TorchAO INT8 weight-only (int8 values, float scale per row or group) copied once into tiles of eight rows
 (int8_tiles; as stored where the tiles do not fit); TorchAO's CPU INT4
 (`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into this kernel's layout
-(`int4_layout.py`: tiles of eight rows, their groups' scales and zeros as stored, then two weights per byte,
-interleaved so that the vector lanes are the rows) with exactly the same values.
+(`int4_layout.py`: tiles of eight rows, 16 on AVX-512 VNNI builds, their groups' scales and zeros as stored, then
+two weights per byte, interleaved so that the vector lanes are the rows) with exactly the same values.
 """
 
 from __future__ import annotations
