@@ -71,7 +71,7 @@ def test_compile_greedy_equals_eager_in_fp32(tiny_llama, compile_env):
                                                f"greedy, 2 rows, cache of {length}": True}
 
 
-@pytest.mark.parametrize("cpu_kernels", ["1", "0"])  # the cache reorder by one C++ call, and by aten ops
+@pytest.mark.parametrize("cpu_kernels", ["1", "0"])  # the cache reorder and beams' pick by C++ ops, and by aten ops
 def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monkeypatch, cpu_kernels):
     monkeypatch.setenv("LLMBENCH_COMPILE_MODE", "default")  # the loop is under test here; compile it quickly
     monkeypatch.setenv("LLMBENCH_CPU_KERNELS", cpu_kernels)
@@ -93,6 +93,7 @@ def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monke
     assert prefill_rows == [(1, INPUT_TOKENS)]
     assert backend.details["beam_prefill"].startswith("one row per prompt")
     assert backend.details["beam_cache_reorder"].startswith("llmbench_cpu" if cpu_kernels == "1" else "index_select")
+    assert backend.details["beam_candidates"] == ("llmbench_cpu.topk_rows" if cpu_kernels == "1" else "torch.topk")
     assert backend.details["direct_steps"] == {f"beam prompt, 1 rows, cache of {INPUT_TOKENS}": True,
                                                f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}
 

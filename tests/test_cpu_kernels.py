@@ -296,66 +296,6 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
         cpu_kernels.dense_one_row_kernels(torch.float32)
 
 
-def test_reorder_rows_gathers_every_tensor_in_place(ops):
-    """Beam search's cache reorder: row i of each tensor becomes its row source[i], as index_select gives."""
-    torch.manual_seed(0)
-    tensors = [torch.randn(4, 3, 5, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
-    tensors.append(torch.randn(4, 7))
-    for source in ([0, 0, 2, 1], [3, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1]):
-        source = torch.tensor(source)
-        expected = [t.index_select(0, source) for t in tensors]
-        addresses = [t.data_ptr() for t in tensors]
-        ops.reorder_rows(tensors, source)
-        assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
-        assert [t.data_ptr() for t in tensors] == addresses  # in place: compiled steps keep reading these
-    with pytest.raises(RuntimeError, match="source row 4 out of 4"):
-        ops.reorder_rows(tensors, torch.tensor([0, 1, 2, 4]))
-    # positions [start, end) of dim 2 only (beam search's generated positions): the others stay as they were
-    caches = [torch.randn(4, 3, 10, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16)]
-    source = torch.tensor([1, 1, 3, 2])
-    expected = [c.clone() for c in caches]
-    for e in expected:
-        e[:, :, 6:9] = e[:, :, 6:9].index_select(0, source)
-    ops.reorder_rows(caches, source, 6, 9)
-    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
-    with pytest.raises(RuntimeError, match=r"positions \[6, 11\) need 4-D tensors that hold them"):
-        ops.reorder_rows(caches, source, 6, 11)
-    with pytest.raises(RuntimeError, match="need 4-D tensors"):
-        ops.reorder_rows([torch.randn(4, 7)], source, 0, 2)
-    with pytest.raises(RuntimeError, match="contiguous on cpu with 4 rows"):
-        ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, vocab", [(1, 40000), (8, 49152), (3, 37)])
-def test_argmax_rows_picks_as_torch_argmax(ops, dtype, rows, vocab):
-    """Greedy steps' pick: argmax of float32(logits) + bias per row, the first of equal values, the first NaN."""
-    torch.manual_seed(0)
-    for case in ("random", "ties", "nan", "all -inf", "rounded", "bias"):
-        x = torch.randn(rows, vocab).to(dtype)
-        if case == "ties":
-            x[:, vocab // 2] = x[:, -1] = 100
-        elif case == "nan":
-            x[:, -3] = x[:, 7] = float("nan")
-        elif case == "all -inf":
-            x.fill_(float("-inf"))
-        elif case == "rounded":  # many equal values across the threads' parts
-            x = x.round()
-        bias = None
-        if case == "bias":  # the best of every row forbidden, as EOS is
-            bias = torch.zeros(vocab)
-            bias[x.float().argmax(-1)] = float("-inf")
-        expected = (x.float() + (0 if bias is None else bias)).argmax(-1, keepdim=True)
-        assert torch.equal(ops.argmax_rows(x, bias), expected), case
-    prefill = torch.randn(rows, 3, vocab).to(dtype)  # a prefill's last position: rows apart
-    assert torch.equal(ops.argmax_rows(prefill[:, -1, :], None), prefill[:, -1, :].float().argmax(-1, keepdim=True))
-    # leading dimensions are rows (torch 2.8 hands over an all-reduce's (rows, 1, vocab) buffer, not its view)
-    assert torch.equal(ops.argmax_rows(prefill[:, -1:, :].contiguous(), None),
-                       prefill[:, -1, :].float().argmax(-1, keepdim=True))
-    with pytest.raises(RuntimeError, match="one value per column"):
-        ops.argmax_rows(x, torch.zeros(vocab + 1))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])

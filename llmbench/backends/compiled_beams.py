@@ -18,14 +18,17 @@ class BeamSearch:
     """Mixed into CompileBackend, whose prepared state (device, details, caches, compiled steps) it uses."""
 
     @functools.cached_property
-    def _reorder_op(self) -> bool:
+    def _beam_ops(self) -> bool:
         """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
-        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step). Decided at the first beam search,
-        so greedy runs never build the kernels for it."""
+        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step) and picks each beam's best
+        candidates by llmbench_cpu.topk_rows (aten's add and topk over the default model's 4 x 49152 took ~200 us of
+        every beam-4 step on 2 cores, the op ~30 us). Decided at the first beam search, so greedy runs never build
+        the kernels for it."""
         use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
             cpu_kernels.load() is None
         self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
             else "index_select and copy_ per cache tensor"
+        self.details["beam_candidates"] = "llmbench_cpu.topk_rows" if use else "torch.topk"
         return use
 
     def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
@@ -66,10 +69,14 @@ class BeamSearch:
         beam_offset = (torch.arange(num_beams, device=self.device) * vocab).view(1, -1, 1)
         tensors = cache_tensors(cache)
         for i in range(max_new_tokens):
-            candidates = log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)
             # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
             # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
-            best, index = candidates.topk(num_beams, dim=2)
+            if self._beam_ops:
+                best, index = torch.ops.llmbench_cpu.topk_rows(log_probs.reshape(rows, vocab), scores.reshape(-1),
+                                                               num_beams)
+            else:
+                best, index = (log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)).topk(num_beams, dim=2)
+            best, index = best.view(batch, num_beams, num_beams), index.view(batch, num_beams, num_beams)
             scores, pick = best.view(batch, -1).topk(num_beams, dim=1)
             flat = (index + beam_offset).view(batch, -1).gather(1, pick)
             source_rows = (row_offset + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
@@ -84,7 +91,7 @@ class BeamSearch:
             start, end = (length, length + i) if shared_prompt else (0, -1)  # end -1: every position
             if start == end:
                 pass
-            elif self._reorder_op:
+            elif self._beam_ops:
                 torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end)
             else:
                 for tensor in tensors:

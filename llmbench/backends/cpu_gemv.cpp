@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -281,8 +282,8 @@ bool wide_dense_built() {
 #endif
 }
 
-#include "cpu_gemv_beams.h"
 #include "cpu_gemv_argmax.h"
+#include "cpu_gemv_beams.h"
 
 }  // namespace
 
@@ -306,6 +307,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
+  m.def("topk_rows(Tensor scores, Tensor offset, int k) -> (Tensor, Tensor)");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
 }
 
@@ -316,4 +318,5 @@ LLMBENCH_LIBRARY_IMPL(LLMBENCH_OPS, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("reorder_rows", &reorder_rows);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("topk_rows", &topk_rows);
 }

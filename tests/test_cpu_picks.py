@@ -1,0 +1,104 @@
+"""Beam search's and greedy search's ops among the CPU kernels (llmbench/backends/cpu_gemv_beams.h, cpu_gemv_argmax.h):
+the cache's rows reordered in place, each beam's best candidates, the greedy pick, against torch's own."""
+
+import pytest
+import torch
+
+
+def test_reorder_rows_gathers_every_tensor_in_place(ops):
+    """Beam search's cache reorder: row i of each tensor becomes its row source[i], as index_select gives."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, 5, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    tensors.append(torch.randn(4, 7))
+    for source in ([0, 0, 2, 1], [3, 2, 1, 0], [0, 1, 2, 3], [1, 1, 1, 1]):
+        source = torch.tensor(source)
+        expected = [t.index_select(0, source) for t in tensors]
+        addresses = [t.data_ptr() for t in tensors]
+        ops.reorder_rows(tensors, source)
+        assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+        assert [t.data_ptr() for t in tensors] == addresses  # in place: compiled steps keep reading these
+    with pytest.raises(RuntimeError, match="source row 4 out of 4"):
+        ops.reorder_rows(tensors, torch.tensor([0, 1, 2, 4]))
+    # positions [start, end) of dim 2 only (beam search's generated positions): the others stay as they were
+    caches = [torch.randn(4, 3, 10, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    source = torch.tensor([1, 1, 3, 2])
+    expected = [c.clone() for c in caches]
+    for e in expected:
+        e[:, :, 6:9] = e[:, :, 6:9].index_select(0, source)
+    ops.reorder_rows(caches, source, 6, 9)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+    with pytest.raises(RuntimeError, match=r"positions \[6, 11\) need 4-D tensors that hold them"):
+        ops.reorder_rows(caches, source, 6, 11)
+    with pytest.raises(RuntimeError, match="need 4-D tensors"):
+        ops.reorder_rows([torch.randn(4, 7)], source, 0, 2)
+    with pytest.raises(RuntimeError, match="contiguous on cpu with 4 rows"):
+        ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, vocab", [(1, 40000), (8, 49152), (3, 37)])
+def test_argmax_rows_picks_as_torch_argmax(ops, dtype, rows, vocab):
+    """Greedy steps' pick: argmax of float32(logits) + bias per row, the first of equal values, the first NaN."""
+    torch.manual_seed(0)
+    for case in ("random", "ties", "nan", "all -inf", "rounded", "bias"):
+        x = torch.randn(rows, vocab).to(dtype)
+        if case == "ties":
+            x[:, vocab // 2] = x[:, -1] = 100
+        elif case == "nan":
+            x[:, -3] = x[:, 7] = float("nan")
+        elif case == "all -inf":
+            x.fill_(float("-inf"))
+        elif case == "rounded":  # many equal values across the threads' parts
+            x = x.round()
+        bias = None
+        if case == "bias":  # the best of every row forbidden, as EOS is
+            bias = torch.zeros(vocab)
+            bias[x.float().argmax(-1)] = float("-inf")
+        expected = (x.float() + (0 if bias is None else bias)).argmax(-1, keepdim=True)
+        assert torch.equal(ops.argmax_rows(x, bias), expected), case
+    prefill = torch.randn(rows, 3, vocab).to(dtype)  # a prefill's last position: rows apart
+    assert torch.equal(ops.argmax_rows(prefill[:, -1, :], None), prefill[:, -1, :].float().argmax(-1, keepdim=True))
+    # leading dimensions are rows (torch 2.8 hands over an all-reduce's (rows, 1, vocab) buffer, not its view)
+    assert torch.equal(ops.argmax_rows(prefill[:, -1:, :].contiguous(), None),
+                       prefill[:, -1, :].float().argmax(-1, keepdim=True))
+    with pytest.raises(RuntimeError, match="one value per column"):
+        ops.argmax_rows(x, torch.zeros(vocab + 1))
+
+
+@pytest.mark.parametrize("rows, vocab, k", [(4, 49152, 4), (8, 49152, 8), (3, 37, 5), (1, 7, 7), (2, 40000, 64)])
+def test_topk_rows_picks_each_beams_best_candidates_as_torch_topk(ops, rows, vocab, k):
+    """Beam search's first choice: the k largest of log-probabilities plus the beam's score per row, largest first,
+    as torch.topk gives them; equal sums in column order (threads' parts included); NaN as torch.topk treats it."""
+    torch.manual_seed(rows + k)
+    for case in ("random", "ties", "all -inf", "nan"):
+        x = torch.randn(rows, vocab).log_softmax(-1)
+        if case == "ties":  # equal sums across the threads' parts: the lower column first
+            x = x.round()
+        elif case == "all -inf":
+            x.fill_(float("-inf"))
+        elif case == "nan":
+            x[:, vocab // 3] = float("nan")
+        offset = torch.randn(rows) * 3
+        values, indices = ops.topk_rows(x, offset, k)
+        sums = x + offset[:, None]
+        expected_values, expected_indices = torch.topk(sums, k, dim=1)
+        assert torch.equal(values, expected_values) or (case == "nan" and torch.equal(values.isnan(),
+                                                                                   expected_values.isnan())), case
+        if case in ("ties", "all -inf"):  # torch.topk leaves the order of equal values open: the lowest columns
+            order = torch.sort(-sums, dim=1, stable=True).indices[:, :k]
+            assert torch.equal(indices, order), case
+        else:
+            assert torch.equal(indices, expected_indices), case
+        assert torch.equal(sums.gather(1, indices), values) or case == "nan", case
+    padded = torch.randn(rows, vocab + 5)[:, :vocab]  # rows apart, as a view of a wider tensor
+    assert torch.equal(ops.topk_rows(padded, torch.zeros(rows), k)[1], padded.topk(k, dim=1).indices)
+
+
+def test_topk_rows_refuses_bad_calls(ops):
+    x = torch.randn(2, 100)
+    with pytest.raises(RuntimeError, match="k must be 1 to 64, got 65"):
+        ops.topk_rows(x, torch.zeros(2), 65)
+    with pytest.raises(RuntimeError, match="offset must be float32 with one value per row"):
+        ops.topk_rows(x, torch.zeros(3), 4)
+    with pytest.raises(RuntimeError, match="scores must be float32"):
+        ops.topk_rows(x.bfloat16(), torch.zeros(2), 4)
