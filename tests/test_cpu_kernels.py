@@ -183,6 +183,30 @@ def test_siblings_share_one_kernel_call_with_the_same_outputs(ops, scheme):
         assert torch.equal(getattr(parent, name)(x), expected[name]), name
 
 
+@pytest.mark.parametrize("sizes", [(64, 32, 40), (64, 40, 40)])
+def test_int4_siblings_fuse_where_only_the_last_ends_in_a_short_tile(ops, monkeypatch, sizes):
+    """With 16-row INT4 tiles a member of 40 rows ends in a tile of 8, which the kernel takes only at the end of a
+    call's rows: q/k/v fuse where only v_proj does (every build), stay three calls where k_proj does (8-row builds
+    fuse them); the outputs are each member's alone either way. (TorchAO packs only multiples of 16 rows, so the
+    members' INT4 weights are packed here directly.)"""
+    torch.manual_seed(0)
+    parent, packed = torch.nn.Module(), {}
+    for name, out_features in zip(("q_proj", "k_proj", "v_proj"), sizes):
+        setattr(parent, name, torch.nn.Linear(128, out_features, bias=False).to(torch.bfloat16))
+        scale = torch.rand(out_features, 4, dtype=torch.bfloat16) / 8
+        packed[out_features, name] = int4_layout.int4_rows(torch.randint(0, 16, (out_features, 128)), scale, scale,
+                                                           ops.int4_tile_rows())[0]
+    monkeypatch.setattr(cpu_kernels, "kernel_parts", lambda m: ("int4", (packed[m.out_features, next(
+        n for n, c in parent.named_children() if c is m)],), (32, 2)))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    expected = {name: ops.linear_int4(x, packed[n, name], 32, 2, None) for (n, name) in packed}
+    counts = cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    fused = sizes[1] % ops.int4_tile_rows() == 0
+    assert counts == {"int4": 3, **({"fused groups": 1} if fused else {})}
+    for name in expected:
+        assert torch.equal(getattr(parent, name)(x), expected[name]), name
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int8", "bfloat16"])
 def test_kernel_weights_move_into_huge_page_slabs_with_the_same_outputs(ops, scheme):
     def make(out_features):

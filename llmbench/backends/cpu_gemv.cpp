@@ -14,8 +14,8 @@
 // cpu_gemv_avx512.h), or, for 3 rows of x or more, by AMX tiles (cpu_gemv_amx.h); fp16 by F16C, 16 a step from
 // one 32-byte load as bf16; on AVX-512 fp16 and float32 16 at a time. int8 (cpu_gemv_int8.h)
 // as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
-// int4 (cpu_gemv_int4.h) in tiles of eight rows whose lanes are the rows, integer dot products against x quantized
-// the same way, with a scale and zero per group of each row ahead of the tile's weights. Every kernel takes several
+// int4 (cpu_gemv_int4.h) in tiles of eight rows (16 on AVX-512 VNNI) whose lanes are the rows, integer dot products
+// against x quantized the same way, with a scale and zero per group of each row ahead of the tile's weights. Every kernel takes several
 // rows of x per pass over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read
 // once (into a float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor
 // operations.

@@ -184,7 +184,7 @@ void each_tile(int64_t M, const uint8_t* w, int64_t stride, float* out, int64_t 
 // tiles of 8 (hot in cache 0.67-0.84x the time of 8-row tiles; from memory, one decode step's linears, 0.96-0.98x
 // with one row of x, 0.76-0.89x with 4, 0.73-0.79x with 8, on a 2-core AVX-512 EPYC). Where N is an odd multiple of
 // 8, its last tile has 8 rows. They stream from memory best prefetched into L2 (on that EPYC prefetchnta, the 8-row
-// tiles' best, made them 1.14-1.28x slower than 8-row tiles).
+// tiles' best, made them 1.12-1.28x slower than 8-row tiles).
 constexpr int64_t kWideTile = 16;
 #ifndef LLMBENCH_WIDE_TILE_PREFETCH_LOCALITY
 #define LLMBENCH_WIDE_TILE_PREFETCH_LOCALITY LLMBENCH_TILE_PREFETCH_LOCALITY

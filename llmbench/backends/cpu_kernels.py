@@ -314,8 +314,9 @@ def kernel_call(module: torch.nn.Linear, arena: HugePageArena | None = None):
 def _fuse(members: list[torch.nn.Linear],
           arena: HugePageArena | None = None) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
     """One kernel call over sibling linears of the same kind, or None where they differ (kind, input size, int4
-    group size, int8 groups, bias or no bias). Plain weights are rebound as row slices of their concatenation (no
-    second copy); quantized ones are concatenated from the kernels' own copies."""
+    group size, int8 groups, bias or no bias) or where an INT4 member but the last ends in a short tile (16-row
+    tiles: an odd multiple of 8 rows). Plain weights are rebound as row slices of their concatenation (no second
+    copy); quantized ones are concatenated from the kernels' own copies."""
     try:
         parts = [kernel_parts(m) for m in members]
     except _Refused:
@@ -324,6 +325,8 @@ def _fuse(members: list[torch.nn.Linear],
     biases = [m.bias for m in members]
     if len(kinds) != 1 or len({b is None for b in biases}) != 1:
         return None
+    if parts[0][0] == "int4" and any(m.out_features % torch.ops.llmbench_cpu.int4_tile_rows() for m in members[:-1]):
+        return None  # the kernel takes a short tile only at the end of its rows
     kind, _, layout = parts[0]
     tensors = tuple(_into(arena, torch.cat([t.detach() for t in column])) for column in zip(*(t for _, t, _ in parts)))
     bias = None if biases[0] is None else _into(arena, torch.cat([b.detach() for b in biases]))
