@@ -13,6 +13,8 @@ from llmbench.backends import cpu_kernels
 from llmbench.backends.static_caches import cache_tensors, keeps_every_position, layer_states
 from llmbench.timing import StepTimer
 
+TOPK_ROWS_MOST = 64  # the most candidates per row llmbench_cpu.topk_rows keeps (cpu_gemv_beams.h's kMaxTop)
+
 
 class BeamSearch:
     """Mixed into CompileBackend, whose prepared state (device, details, caches, compiled steps) it uses."""
@@ -28,7 +30,8 @@ class BeamSearch:
             cpu_kernels.load() is None
         self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
             else "index_select and copy_ per cache tensor"
-        self.details["beam_candidates"] = "llmbench_cpu.topk_rows" if use else "torch.topk"
+        self.details["beam_candidates"] = f"llmbench_cpu.topk_rows (up to {TOPK_ROWS_MOST} beams; torch.topk for " \
+            "more)" if use else "torch.topk"
         return use
 
     def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
@@ -71,7 +74,7 @@ class BeamSearch:
         for i in range(max_new_tokens):
             # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
             # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
-            if self._beam_ops:
+            if self._beam_ops and num_beams <= TOPK_ROWS_MOST:
                 best, index = torch.ops.llmbench_cpu.topk_rows(log_probs.reshape(rows, vocab), scores.reshape(-1),
                                                                num_beams)
             else:
