@@ -75,6 +75,22 @@ Pick pick_in(const T* x, const float* bias, int64_t j0, int64_t j1) {
 
 constexpr int64_t kPickPart = 16384;  // the fewest values a thread takes of a row
 
+// How many parts a row of V values splits into between the threads (each at least kPickPart values).
+inline int64_t row_parts(int64_t V) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / kPickPart));
+}
+
+// f(t, m, j0, j1) for part t = m * parts + p of every row m of M (values j0..j1-1 of V), the parts in parallel.
+template <typename F>
+void each_row_part(int64_t M, int64_t V, int64_t parts, F&& f) {
+  at::parallel_for(0, M * parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m = t / parts, p = t % parts;
+      f(t, m, V * p / parts, V * (p + 1) / parts);
+    }
+  });
+}
+
 at::Tensor argmax_rows(const at::Tensor& scores, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(scores.dim() >= 2 && scores.size(-1) > 0, "argmax_rows: scores must be (rows, vocabulary), got ",
               scores.sizes());
@@ -93,17 +109,14 @@ at::Tensor argmax_rows(const at::Tensor& scores, const c10::optional<at::Tensor>
                 "per column (", V, "), got ", bc.scalar_type(), " with ", bc.numel());
     b = bc.data_ptr<float>();
   }
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / kPickPart));
+  const int64_t parts = row_parts(V);
   std::vector<Pick> picks(M * parts);
-  at::parallel_for(0, M * parts, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m = t / parts, p = t % parts, j0 = V * p / parts, j1 = V * (p + 1) / parts;
-      switch (s.scalar_type()) {
-        case at::kFloat: picks[t] = pick_in(s.data_ptr<float>() + m * stride, b, j0, j1); break;
-        case at::kBFloat16: picks[t] = pick_in(s.data_ptr<at::BFloat16>() + m * stride, b, j0, j1); break;
-        case at::kHalf: picks[t] = pick_in(s.data_ptr<at::Half>() + m * stride, b, j0, j1); break;
-        default: break;  // refused above
-      }
+  each_row_part(M, V, parts, [&](int64_t t, int64_t m, int64_t j0, int64_t j1) {
+    switch (s.scalar_type()) {
+      case at::kFloat: picks[t] = pick_in(s.data_ptr<float>() + m * stride, b, j0, j1); break;
+      case at::kBFloat16: picks[t] = pick_in(s.data_ptr<at::BFloat16>() + m * stride, b, j0, j1); break;
+      case at::kHalf: picks[t] = pick_in(s.data_ptr<at::Half>() + m * stride, b, j0, j1); break;
+      default: break;  // refused above
     }
   });
   at::Tensor out = at::empty({M, 1}, s.options().dtype(at::kLong));

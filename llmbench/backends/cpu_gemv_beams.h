@@ -106,14 +106,11 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, const at:
               "per row (", M, "), got ", off.scalar_type(), " with ", off.numel());
   const float* x = scores.data_ptr<float>();
   const float* o = off.data_ptr<float>();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / kPickPart));
+  const int64_t parts = row_parts(V);
   std::vector<Top> tops(M * parts * k);
   std::vector<int64_t> counts(M * parts);
-  at::parallel_for(0, M * parts, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m = t / parts, p = t % parts;
-      counts[t] = top_in(x + m * stride, o[m], V * p / parts, V * (p + 1) / parts, k, &tops[t * k]);
-    }
+  each_row_part(M, V, parts, [&](int64_t t, int64_t m, int64_t j0, int64_t j1) {
+    counts[t] = top_in(x + m * stride, o[m], j0, j1, k, &tops[t * k]);
   });
   if (std::any_of(counts.begin(), counts.end(), [](int64_t c) { return c < 0; })) {
     auto [values, indices] = at::topk(scores + off.unsqueeze(1), k, 1);

@@ -268,7 +268,6 @@ template <typename T>
 void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 #ifdef __AVX2__
   const int64_t blocks = a.K / 32, groups = a.K >> a.shift, ld = n1 - n0;
-  const int64_t wide_end = n0 + (n1 - n0) / kWideTile * kWideTile;
   return with_tile_rows(a.M, [&](auto c) {
     constexpr int MR = decltype(c)::value;
     auto rows_from = [&](int64_t m0) {
@@ -276,13 +275,14 @@ void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
       part.xq += m0 * a.K, part.xd += m0 * blocks, part.xsum += m0 * groups;
       return part;
     };
+    int64_t n = n0;  // where the 8-row tiles start: at once, or after the 16-row ones
 #ifdef LLMBENCH_WIDE_TILES
-    each_tile<MR, kWideTile, __m512>(a.M, a.w, a.stride, out, ld, n0, wide_end, [&](int64_t m0, const uint8_t* tile,
-                                                                                   const uint8_t* next, __m512* acc) {
+    n = n0 + (n1 - n0) / kWideTile * kWideTile;
+    each_tile<MR, kWideTile, __m512>(a.M, a.w, a.stride, out, ld, n0, n, [&](int64_t m0, const uint8_t* tile,
+                                                                            const uint8_t* next, __m512* acc) {
       int4_wide_tile<T, MR>(rows_from(m0), tile, next, acc);
     });
 #endif
-    const int64_t n = kWideTile == kTile ? n0 : wide_end;
     each_tile<MR>(a.M, a.w, a.stride, out + (n - n0), ld, n, n1, [&](int64_t m0, const uint8_t* tile,
                                                                      const uint8_t* next, __m256* acc) {
       int4_tile<T, MR>(rows_from(m0), tile, next, acc);
