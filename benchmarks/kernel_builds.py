@@ -8,9 +8,10 @@ of the host's, its ops loaded as another namespace.
     python benchmarks/kernel_builds.py --source /tmp/changed/llmbench/backends --kinds int4 --rows 1,4
 
 Times one decode step's linears of the default model's shapes (random weights in huge pages, as the compile backend
-places them; its output head too) for each kind (int4: g32 tiles, int8: tiles, bf16: plain weights) and number of rows
-of x (batch x beams), the two builds alternating round by round, and prints each build's best and median ms, the
-host build's GB/s, and the median of the per-round time ratios (other / host's), with whether their outputs agree.
+places them; its output head too) for each kind (int4: g32 tiles, int8: tiles, bf16 / fp16 / fp32: plain weights)
+and number of rows of x (batch x beams), the two builds alternating round by round, and prints each build's best and
+median ms, the host build's GB/s, and the median of the per-round time ratios (other / host's), with whether their
+outputs agree.
 Where memory and cores change speed from one minute to the next (a shared cloud host), two processes run one after
 the other can differ by more than what is compared; two builds that share every round do not.
 """
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpu_kernels import placed, step_shapes  # noqa: E402
 from woq import cpu_lock  # noqa: E402
+
+DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plain weights, by kind
 
 from llmbench.host import cpu_kind  # noqa: E402
 
@@ -67,9 +70,10 @@ def cases(kinds: list[str]):
         tiles = [place(cpu_kernels.int8_tiles(torch.randint(-128, 128, (n, k), dtype=torch.int8),
                                               torch.rand(n, 1) / 64)) for n, k in shapes]
         out["int8"] = (tiles, lambda ops, x, w: ops.linear_int8_tiles(x, w, 1, None))
-    if "bf16" in kinds:
-        dense = [place(torch.randn(n, k, dtype=torch.bfloat16) / 32) for n, k in shapes]
-        out["bf16"] = (dense, lambda ops, x, w: ops.linear_dense(x, w, None))
+    for kind, dtype in DENSE.items():
+        if kind in kinds:
+            dense = [place(torch.randn(n, k, dtype=getattr(torch, dtype)) / 32) for n, k in shapes]
+            out[kind] = (dense, lambda ops, x, w: ops.linear_dense(x, w, None))
     def nbytes(weights) -> int:  # INT4's: one build's packing (the same bytes in either)
         return sum(w.numel() * w.element_size() for w in
                    (w if isinstance(w, torch.Tensor) else next(iter(w.values())) for w in weights))
@@ -120,8 +124,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=21)
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
-    if not kinds or set(kinds) - {"int4", "int8", "bf16"}:
-        p.error("--kinds: a comma-separated choice of int4, int8, bf16")
+    if not kinds or set(kinds) - {"int4", "int8", *DENSE}:
+        p.error(f"--kinds: a comma-separated choice of int4, int8, {', '.join(DENSE)}")
     try:
         rows = [int(r) for r in args.rows.split(",")]
     except ValueError:

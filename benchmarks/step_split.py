@@ -3,8 +3,9 @@
 
     python benchmarks/step_split.py                       # bf16, greedy, default model, 32 in / 64 new
     python benchmarks/step_split.py --woq int4 --input-tokens 1024
+    python benchmarks/step_split.py --batch-size 8             # or --num-beams 4: several rows of x a step
 
-Compiles the default model's greedy decode step (--backend compile) and alternates whole generations with the
+Compiles the default model's decode step (--backend compile; greedy unless --num-beams) and alternates runs with the
 weight-streaming kernels' work on and off (llmbench_cpu.set_linear_work: off, every linear returns zeros without
 reading its weights; x is still read, quantized where the kernel quantizes it, and the output allocated), with a 1 GiB
 sum after each pair, under the CPU lock. Prints the median next-token time of both, their difference (the time the
@@ -44,10 +45,13 @@ def split() -> int:
     p.add_argument("--woq", choices=("int4", "int8"))
     p.add_argument("--input-tokens", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--rounds", type=int, default=12)
     args = p.parse_args()
-    if args.rounds < 1 or args.input_tokens < 1 or args.max_new_tokens < 2:
-        p.error("--rounds and --input-tokens must be at least 1, --max-new-tokens at least 2")
+    if min(args.rounds, args.input_tokens, args.batch_size, args.num_beams) < 1 or args.max_new_tokens < 2:
+        p.error("--rounds, --input-tokens, --batch-size and --num-beams must be at least 1, --max-new-tokens at "
+                "least 2")
 
     import torch
 
@@ -57,18 +61,19 @@ def split() -> int:
     from llmbench.timing import StepTimer
 
     quiet_libraries(verbose=False, no_progress=True)
-    config = RunConfig(device="cpu", dtype=args.dtype, woq=args.woq, backend="compile", num_beams=1, quiet=True,
-                       input_tokens=args.input_tokens, max_new_tokens=args.max_new_tokens)
+    config = RunConfig(device="cpu", dtype=args.dtype, woq=args.woq, backend="compile", num_beams=args.num_beams,
+                       batch_size=args.batch_size, quiet=True, input_tokens=args.input_tokens,
+                       max_new_tokens=args.max_new_tokens)
     run = open_pipeline(config)
-    backend, inputs, new = run.backend, run.inputs(), args.max_new_tokens
+    backend, inputs, new, beams = run.backend, run.inputs(), args.max_new_tokens, args.num_beams
     if "streaming_linears" not in backend.details:
         raise SystemExit(f"the kernels did not load: {backend.details.get('streaming_linears_unavailable')}")
     if not args.woq and "generated reductions" in (backend.details.get("one_row_dense_linears") or ""):
         raise SystemExit(f"{args.dtype}'s one-row linears run as generated reductions on this CPU, which the switch "
                          "does not reach: LLMBENCH_ONE_ROW_DENSE=kernels runs them through the kernels")
-    read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens, new)
+    read = decode_bytes_read(run.loaded.model, run.dtype, args.batch_size * beams, inputs.num_tokens, new)
     switch = torch.ops.llmbench_cpu.set_linear_work
-    backend.warm_up_shapes(inputs, new, 1)
+    backend.warm_up_shapes(inputs, new, beams)
     steps: dict[bool, list[float]] = {True: [], False: []}
     sums = []
     with cpu_lock(True):
@@ -78,7 +83,7 @@ def split() -> int:
                     switch(work)
                     timer = StepTimer(torch.device("cpu"))
                     timer.start()
-                    backend.generate(inputs, new, 1, timer)
+                    backend.generate(inputs, new, beams, timer)
                     if r:  # the first round warms both up
                         steps[work].append(statistics.median(timer.stop(new).token_latencies_s[1:]))
                 if r:
@@ -87,7 +92,9 @@ def split() -> int:
             switch(True)
     full, rest = statistics.median(steps[True]), statistics.median(steps[False])
     weights, sum_gb_s = read["weight_bytes_read_per_token"], statistics.median(sums)
-    print(f"compiled greedy decode step, default model, {args.dtype}{' ' + args.woq if args.woq else ''}, "
+    search = "greedy" if beams == 1 else f"beam-{beams}"
+    print(f"compiled {search} decode step, default model, {args.dtype}{' ' + args.woq if args.woq else ''}, "
+          f"batch {args.batch_size}, "
           f"{inputs.num_tokens} in / {new} new, {args.rounds} alternating rounds (medians); {cpu_kind().describe()}; "
           f"{torch.get_num_threads()} threads")
     print(f"  one-row linears: {backend.details.get('one_row_dense_linears') or 'kernels'}")

@@ -18,7 +18,7 @@ def reference(x, weight, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
 # 72: not a multiple of 16, the 16-a-step paths' condition; 80: 16 more than whole lines (pair_stream's last step)
 @pytest.mark.parametrize("in_features", [64, 72, 80])
 def test_dense_equals_linear(ops, dtype, rows, in_features, out_features=37):

@@ -131,11 +131,15 @@ inline void each_block(const W* w, int64_t stride, int64_t M, int64_t n0, int64_
 }
 
 // Calls f(std::integral_constant<int, C>) with C the rows of x per pass for M rows: 1 for one row, else the
-// smallest power of two up to `most` (as many accumulators as the registers hold) that covers M.
-template <typename F>
+// smallest power of two up to `most` (as many accumulators as the registers hold) that covers M; 8 only where the
+// kernel is written for it (Most).
+template <int Most = 4, typename F>
 inline void with_rows_per_pass(int64_t M, int most, F&& f) {
   if (M == 1 || most == 1) return f(std::integral_constant<int, 1>{});
   if (M == 2 || most == 2) return f(std::integral_constant<int, 2>{});
+  if constexpr (Most >= 8) {
+    if (M > 4 && most >= 8) return f(std::integral_constant<int, 8>{});
+  }
   return f(std::integral_constant<int, 4>{});
 }
 

@@ -3,35 +3,41 @@
 #pragma once
 
 #if defined(__AVX512BF16__)
+#ifndef LLMBENCH_BF16_ROWS_PER_PASS
+#define LLMBENCH_BF16_ROWS_PER_PASS 8
+#endif
 // bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
 // x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
 // the instructions of widening the weights first.
 template <int C>
 void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                       int64_t n1) {
+  constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k: C x H accumulators, 16 at most
   each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
                                           float (&sums)[C][R]) {
       const at::BFloat16* xm[C];
       for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
-      __m512 acc[C][R];
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        if (ahead) {
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+      for (int64_t h = 0; h < R; h += H) {
+        __m512 acc[C][H];
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          if (ahead) {
+            for (int64_t r = h; r < h + H; ++r) prefetch(wr[r] + D * R * K + k);
+          }
+          __m512bh wv[H];
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < H; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[h + r] + k);
+#pragma GCC unroll 8
+          for (int i = 0; i < C; ++i) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+          }
         }
-        __m512bh wv[R];
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < C; ++i) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
-        }
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < H; ++r) sums[i][h + r] = _mm512_reduce_add_ps(acc[i][r]);
       }
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
   });
 }
 
@@ -52,11 +58,16 @@ inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16
 void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                    int64_t n1) {
   if (kOneRowStreams && M == 1) return bf16_dot_stream(x, K, w, out, n0, n1);
-  with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
+  with_rows_per_pass<8>(M, LLMBENCH_BF16_ROWS_PER_PASS, [&](auto c) {
+    bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
+  });
 }
 #endif
 
 #if defined(__AVX512F__)
+#ifndef LLMBENCH_WIDE_ROWS_PER_PASS
+#define LLMBENCH_WIDE_ROWS_PER_PASS 8
+#endif
 inline __m512 widen16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -73,29 +84,32 @@ inline __m512 widen16(const at::BFloat16* p) {
 // 512-bit 22.05 / 23.82 / 29.23 and 22.15 / 26.33 / 30.38 (one row streams from memory either way).
 template <int C, typename W>
 void wide_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
+  constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k: C x H accumulators, 16 at most
   each_block<C>(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
                                           float (&sums)[C][R]) {
       const float* xm[C];
       for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
-      __m512 acc[C][R];
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) {
-        if (ahead && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
-          for (int64_t r = 0; r < R; ++r) prefetch(wr[r] + D * R * K + k);
+      for (int64_t h = 0; h < R; h += H) {
+        __m512 acc[C][H];
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          if (ahead && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
+            for (int64_t r = h; r < h + H; ++r) prefetch(wr[r] + D * R * K + k);
+          }
+          __m512 wv[H];
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < H; ++r) wv[r] = widen16(wr[h + r] + k);
+#pragma GCC unroll 8
+          for (int i = 0; i < C; ++i) {
+            const __m512 xv = _mm512_loadu_ps(xm[i] + k);
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+          }
         }
-        __m512 wv[R];
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < R; ++r) wv[r] = widen16(wr[r] + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < C; ++i) {
-          const __m512 xv = _mm512_loadu_ps(xm[i] + k);
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-        }
+        for (int i = 0; i < C; ++i)
+          for (int64_t r = 0; r < H; ++r) sums[i][h + r] = _mm512_reduce_add_ps(acc[i][r]);
       }
-      for (int i = 0; i < C; ++i)
-        for (int64_t r = 0; r < R; ++r) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
   });
 }
 
@@ -115,6 +129,8 @@ void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
 template <typename W>
 void wide_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   if (kOneRowStreams && M == 1) return wide_stream(x, K, w, out, n0, n1);
-  with_rows_per_pass(M, 4, [&](auto c) { wide_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1); });
+  with_rows_per_pass<8>(M, LLMBENCH_WIDE_ROWS_PER_PASS, [&](auto c) {
+    wide_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
+  });
 }
 #endif
