@@ -2,13 +2,46 @@
 // weights), included inside its anonymous namespace.
 #pragma once
 
+#ifndef LLMBENCH_STREAM_ROWS  // up to this many rows of x as streams too (stream_rows_of); 0: none
+#define LLMBENCH_STREAM_ROWS (LLMBENCH_ONE_ROW_STREAMS ? 4 : 0)
+#endif
+constexpr int64_t kStreamRows = LLMBENCH_STREAM_ROWS;
+
+#if defined(__AVX512F__)
+// C rows of x (M of them real) against the weight rows read one after another, each thread's share one stream as
+// for one row: each weight vector of S values loaded once and multiplied into every row's chain by
+// step(acc, wr + k, xm, k). Against four weight rows side by side (each_block), on the 2-core AVX-512 EPYC, one step's
+// linears (benchmarks/kernel_builds.py, medians of 11 rounds' ratios) took 0.93-0.94x the time at 2 rows (bf16,
+// fp16; fp32 0.99x), 0.94-0.95x at 4 (fp32 0.98x), but 1.02 / 1.06 / 1.10x at 8 (bf16 / fp16 / fp32: a weight
+// vector's loads of x outnumber its multiplies there): kStreamRows rows at most.
+template <int C, int S, typename W, typename X, typename Step>
+void stream_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1, Step&& step) {
+  const X* xm[C];
+  for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(i, M - 1) * K;
+  const int64_t width = n1 - n0, real = std::min<int64_t>(C, M);
+  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
+    __m512 acc[C];
+    for (int i = 0; i < C; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += S) {
+      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) ahead(wr + k);  // once per cache line
+      step(acc, wr + k, xm, k);
+    }
+    const int64_t at = (wr - w) / K - n0;
+    for (int64_t i = 1; i < real; ++i) out[i * width + at] = _mm512_reduce_add_ps(acc[i]);
+    return _mm512_reduce_add_ps(acc[0]);
+  });
+}
+#endif
+
 #if defined(__AVX512BF16__)
 #ifndef LLMBENCH_BF16_ROWS_PER_PASS
 #define LLMBENCH_BF16_ROWS_PER_PASS 8
 #endif
 // bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
 // x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
-// the instructions of widening the weights first.
+// the instructions of widening the weights first. Five to eight rows of x take one pass over the weights, two weight
+// rows at a time against all eight (LLMBENCH_BF16_ROWS_PER_PASS=4: two passes of four, the second with no reads from
+// memory to hide its multiplies): one step's linears at 8 rows 0.91-0.93x the time on the AVX-512 EPYC.
 template <int C>
 void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                       int64_t n1) {
@@ -55,9 +88,22 @@ inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16
   });
 }
 
+template <int C>
+void bf16_dot_stream_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                          int64_t n1) {
+  stream_rows_of<C, 32>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const at::BFloat16* wp,
+                                                    const at::BFloat16* const(&xm)[C], int64_t k) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
+#pragma GCC unroll 8
+    for (int i = 0; i < C; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_loadu_si512(xm[i] + k));
+  });
+}
+
 void bf16_dot_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                    int64_t n1) {
   if (kOneRowStreams && M == 1) return bf16_dot_stream(x, K, w, out, n0, n1);
+  if (M <= kStreamRows)
+    return with_rows_per_pass(M, 4, [&](auto c) { bf16_dot_stream_rows<decltype(c)::value>(x, M, K, w, out, n0, n1); });
   with_rows_per_pass<8>(M, LLMBENCH_BF16_ROWS_PER_PASS, [&](auto c) {
     bf16_dot_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
   });
@@ -81,7 +127,9 @@ inline __m512 widen16(const at::BFloat16* p) {
 // vcvtph2ps; the generic path's 256-bit form takes 8), multiplied against float32 x; C rows of x per pass over the
 // weights. One step's float32 linears of the default model on a 2-core AMX Xeon, best ms at 1 / 4 / 8 rows,
 // alternating processes, 2 rounds: 256-bit (cpu_gemv_generic.h) 21.74 / 27.43 / 35.14 and 23.39 / 28.69 / 35.86,
-// 512-bit 22.05 / 23.82 / 29.23 and 22.15 / 26.33 / 30.38 (one row streams from memory either way).
+// 512-bit 22.05 / 23.82 / 29.23 and 22.15 / 26.33 / 30.38 (one row streams from memory either way). Five to eight
+// rows in one pass as bf16_dot_rows_of (LLMBENCH_WIDE_ROWS_PER_PASS=4: two passes): at 8 rows on the AVX-512 EPYC
+// float32 0.89x the time, fp16 0.98x (bound by its multiplies).
 template <int C, typename W>
 void wide_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k: C x H accumulators, 16 at most
@@ -126,9 +174,21 @@ void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
   });
 }
 
+template <int C, typename W>
+void wide_stream_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
+  stream_rows_of<C, 16>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const W* wp, const float* const(&xm)[C],
+                                                    int64_t k) {
+    const __m512 wv = widen16(wp);
+#pragma GCC unroll 8
+    for (int i = 0; i < C; ++i) acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xm[i] + k), acc[i]);
+  });
+}
+
 template <typename W>
 void wide_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   if (kOneRowStreams && M == 1) return wide_stream(x, K, w, out, n0, n1);
+  if (M <= kStreamRows)
+    return with_rows_per_pass(M, 4, [&](auto c) { wide_stream_rows<decltype(c)::value>(x, M, K, w, out, n0, n1); });
   with_rows_per_pass<8>(M, LLMBENCH_WIDE_ROWS_PER_PASS, [&](auto c) {
     wide_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
   });
