@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpu_kernels import placed, step_shapes  # noqa: E402
 from woq import cpu_lock  # noqa: E402
 
-DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plain weights, by kind
-
 from llmbench.host import cpu_kind  # noqa: E402
 
 OTHER = "llmbench_other"  # the second build's ops' namespace (cpu_gemv.cpp's LLMBENCH_OPS)
+DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plain weights, by kind
 
 
 def load_other(source: Path, flags: list[str]) -> None:
