@@ -61,6 +61,10 @@ constexpr int64_t D = LLMBENCH_PREFETCH_BLOCKS;  // blocks ahead whose rows are 
 #endif
 constexpr int64_t kEvenSplitRows = LLMBENCH_EVEN_SPLIT_ROWS;
 constexpr bool kOneRowStreams = LLMBENCH_ONE_ROW_STREAMS;
+#ifndef LLMBENCH_STREAM_ROWS  // up to this many rows of x as streams too (stream_rows_of); 0: none
+#define LLMBENCH_STREAM_ROWS (LLMBENCH_ONE_ROW_STREAMS ? 4 : 0)
+#endif
+constexpr int64_t kStreamRows = LLMBENCH_STREAM_ROWS;
 
 inline v8f load_f32(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 inline v8u load_u32(const void* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }

@@ -2,37 +2,6 @@
 // weights), included inside its anonymous namespace.
 #pragma once
 
-#ifndef LLMBENCH_STREAM_ROWS  // up to this many rows of x as streams too (stream_rows_of); 0: none
-#define LLMBENCH_STREAM_ROWS (LLMBENCH_ONE_ROW_STREAMS ? 4 : 0)
-#endif
-constexpr int64_t kStreamRows = LLMBENCH_STREAM_ROWS;
-
-#if defined(__AVX512F__)
-// C rows of x (M of them real) against the weight rows read one after another, each thread's share one stream as
-// for one row: each weight vector of S values loaded once and multiplied into every row's chain by
-// step(acc, wr + k, xm, k). Against four weight rows side by side (each_block), on the 2-core AVX-512 EPYC, one step's
-// linears (benchmarks/kernel_builds.py, medians of 11 rounds' ratios) took 0.93-0.94x the time at 2 rows (bf16,
-// fp16; fp32 0.99x), 0.94-0.95x at 4 (fp32 0.98x), but 1.02 / 1.06 / 1.10x at 8 (bf16 / fp16 / fp32: a weight
-// vector's loads of x outnumber its multiplies there): kStreamRows rows at most.
-template <int C, int S, typename W, typename X, typename Step>
-void stream_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1, Step&& step) {
-  const X* xm[C];
-  for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(i, M - 1) * K;
-  const int64_t width = n1 - n0, real = std::min<int64_t>(C, M);
-  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
-    __m512 acc[C];
-    for (int i = 0; i < C; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += S) {
-      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) ahead(wr + k);  // once per cache line
-      step(acc, wr + k, xm, k);
-    }
-    const int64_t at = (wr - w) / K - n0;
-    for (int64_t i = 1; i < real; ++i) out[i * width + at] = _mm512_reduce_add_ps(acc[i]);
-    return _mm512_reduce_add_ps(acc[0]);
-  });
-}
-#endif
-
 #if defined(__AVX512BF16__)
 #ifndef LLMBENCH_BF16_ROWS_PER_PASS
 #define LLMBENCH_BF16_ROWS_PER_PASS 8
@@ -91,7 +60,7 @@ inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16
 template <int C>
 void bf16_dot_stream_rows(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                           int64_t n1) {
-  stream_rows_of<C, 32>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const at::BFloat16* wp,
+  stream_rows_of<C, 32, __m512>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const at::BFloat16* wp,
                                                     const at::BFloat16* const(&xm)[C], int64_t k) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
 #pragma GCC unroll 8
@@ -176,7 +145,7 @@ void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
 
 template <int C, typename W>
 void wide_stream_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  stream_rows_of<C, 16>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const W* wp, const float* const(&xm)[C],
+  stream_rows_of<C, 16, __m512>(x, M, K, w, out, n0, n1, [](__m512(&acc)[C], const W* wp, const float* const(&xm)[C],
                                                     int64_t k) {
     const __m512 wv = widen16(wp);
 #pragma GCC unroll 8

@@ -143,6 +143,53 @@ inline void stream_rows(const W* w, int64_t K, float* out, int64_t n0, int64_t n
   for (int64_t n = n0; n < n1; ++n) out[n - n0] = row(w + n * K, ahead);
 }
 
+struct PairSums {  // two chains per row of x: 16 weights a step in 8-wide vectors
+  v8f first, second;
+};
+inline float total(const PairSums& s) { return hsum(s.first + s.second); }
+#if defined(__AVX512F__)
+inline float total(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
+
+// C rows of x (M of them real) against the weight rows read one after another, each thread's share one stream as
+// for one row: each weight vector of S values loaded once and multiplied into every row's sums (A: one accumulator
+// per row of x, total() its sum) by step(acc, wr + k, xm, k). Against four weight rows side by side (each_block), on
+// the 2-core AVX-512 EPYC, one step's linears in 512-bit code (benchmarks/kernel_builds.py, medians of 11 rounds'
+// ratios) took 0.93-0.94x the time at 2 rows (bf16, fp16; float32 0.99x), 0.92-0.95x at 3-4 (float32 0.98x), but
+// 1.02 / 1.06 / 1.10x at 8 (bf16 / fp16 / float32: a weight vector's loads of x outnumber its multiplies there):
+// kStreamRows rows at most.
+template <int C, int S, typename A, typename W, typename X, typename Step>
+void stream_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1, Step&& step) {
+  const X* xm[C];
+  for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(i, M - 1) * K;
+  const int64_t width = n1 - n0, real = std::min<int64_t>(C, M);
+  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
+    A acc[C] = {};
+    for (int64_t k = 0; k < K; k += S) {
+      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) ahead(wr + k);  // once per cache line
+      step(acc, wr + k, xm, k);
+    }
+    const int64_t at = (wr - w) / K - n0;
+    for (int64_t i = 1; i < real; ++i) out[i * width + at] = total(acc[i]);
+    return total(acc[0]);
+  });
+}
+
+// 2-4 rows of x against bf16 or fp16 weights (K a multiple of 16) as streams (stream_rows_of), 16 weights a step.
+template <int C, typename W>
+void pair_stream_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
+  stream_rows_of<C, 16, PairSums>(x, M, K, w, out, n0, n1, [](PairSums (&acc)[C], const W* wp,
+                                                              const float* const (&xm)[C], int64_t k) {
+    v8f first, second;
+    widen_pair(wp, first, second);
+#pragma GCC unroll 4
+    for (int i = 0; i < C; ++i) {
+      acc[i].first += load_f32(xm[i] + k) * first;
+      acc[i].second += load_f32(xm[i] + k + 8) * second;
+    }
+  });
+}
+
 template <typename W>
 void pair_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
@@ -167,6 +214,8 @@ void pair_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, 
 template <typename W>
 void pair_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   if (kOneRowStreams && M == 1) return pair_stream(x, K, w, out, n0, n1);
+  if (M <= kStreamRows)
+    return with_rows_per_pass(M, 4, [&](auto c) { pair_stream_rows<decltype(c)::value>(x, M, K, w, out, n0, n1); });
   with_rows_per_pass(M, kGenericRows<W>, [&](auto c) {
     pair_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);
   });
