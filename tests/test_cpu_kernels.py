@@ -321,7 +321,8 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2)])
+# (16, 12, 2): six query heads a cached head, more than one pass of the values' loop takes at head size 64
+@pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2), (16, 12, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops
 def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim):
