@@ -321,7 +321,7 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# (16, 12, 2): six query heads a cached head, more than one pass of the values' loop takes at head size 64
+# (16, 12, 2): six query heads a cached head, and enough rows that each thread takes whole cached heads
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2), (16, 12, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops
