@@ -2,45 +2,58 @@
 // weights), included inside its anonymous namespace.
 #pragma once
 
-#if defined(__AVX512BF16__)
-#ifndef LLMBENCH_BF16_ROWS_PER_PASS
-#define LLMBENCH_BF16_ROWS_PER_PASS 8
-#endif
-// bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
-// x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
-// the instructions of widening the weights first. Five to eight rows of x take one pass over the weights, two weight
-// rows at a time against all eight (LLMBENCH_BF16_ROWS_PER_PASS=4: two passes of four, the second with no reads from
-// memory to hide its multiplies): one step's linears at 8 rows 0.91-0.93x the time on the AVX-512 EPYC.
-template <int C>
-void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
-                      int64_t n1) {
-  constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k: C x H accumulators, 16 at most
-  each_block<C>(w, K, M, n0, n1, out, [&](const at::BFloat16* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
+#if defined(__AVX512F__)
+// C rows of x against blocks of R weight rows (each_block), S weights a step: load(p) reads a vector of weights or of
+// x, dot(acc, w, x) adds their products into acc. Five to eight rows of x take one pass over the weights, two weight
+// rows at a time against all eight (C x H accumulators, 16 at most), not two passes of four: the second pass would
+// read nothing from memory to hide its multiplies (measured below, per kernel).
+template <int C, int S, typename W, typename X, typename Load, typename Dot>
+void block_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1, Load&& load,
+                   Dot&& dot) {
+  constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k
+  each_block<C>(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
                                           float (&sums)[C][R]) {
-      const at::BFloat16* xm[C];
+      const X* xm[C];
       for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
       for (int64_t h = 0; h < R; h += H) {
         __m512 acc[C][H];
         for (int i = 0; i < C; ++i)
           for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          if (ahead) {
+        for (int64_t k = 0; k < K; k += S) {
+          if (ahead && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
             for (int64_t r = h; r < h + H; ++r) prefetch(wr[r] + D * R * K + k);
           }
-          __m512bh wv[H];
+          decltype(load(w)) wv[H];
 #pragma GCC unroll 4
-          for (int64_t r = 0; r < H; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[h + r] + k);
+          for (int64_t r = 0; r < H; ++r) wv[r] = load(wr[h + r] + k);
 #pragma GCC unroll 8
           for (int i = 0; i < C; ++i) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm[i] + k);
+            const auto xv = load(xm[i] + k);
 #pragma GCC unroll 4
-            for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+            for (int64_t r = 0; r < H; ++r) acc[i][r] = dot(acc[i][r], wv[r], xv);
           }
         }
         for (int i = 0; i < C; ++i)
           for (int64_t r = 0; r < H; ++r) sums[i][h + r] = _mm512_reduce_add_ps(acc[i][r]);
       }
   });
+}
+#endif
+
+#if defined(__AVX512BF16__)
+#ifndef LLMBENCH_BF16_ROWS_PER_PASS
+#define LLMBENCH_BF16_ROWS_PER_PASS 8
+#endif
+// bf16 weights and bf16 x, K a multiple of 32, on CPUs with AVX512_BF16: one vdpbf16ps multiplies 32 weights by 32
+// x values as they are stored (each product exact in float32) and adds the pairs to 16 float32 sums, a quarter of
+// the instructions of widening the weights first. Five to eight rows of x in one pass (block_rows_of;
+// LLMBENCH_BF16_ROWS_PER_PASS=4: two passes of four): one step's linears at 8 rows 0.91-0.93x the time on the
+// AVX-512 EPYC.
+template <int C>
+void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
+                      int64_t n1) {
+  block_rows_of<C, 32>(x, M, K, w, out, n0, n1, [](const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); },
+                       [](__m512 acc, __m512bh wv, __m512bh xv) { return _mm512_dpbf16_ps(acc, wv, xv); });
 }
 
 // One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
@@ -97,37 +110,12 @@ inline __m512 widen16(const at::BFloat16* p) {
 // weights. One step's float32 linears of the default model on a 2-core AMX Xeon, best ms at 1 / 4 / 8 rows,
 // alternating processes, 2 rounds: 256-bit (cpu_gemv_generic.h) 21.74 / 27.43 / 35.14 and 23.39 / 28.69 / 35.86,
 // 512-bit 22.05 / 23.82 / 29.23 and 22.15 / 26.33 / 30.38 (one row streams from memory either way). Five to eight
-// rows in one pass as bf16_dot_rows_of (LLMBENCH_WIDE_ROWS_PER_PASS=4: two passes): at 8 rows on the AVX-512 EPYC
+// rows in one pass (block_rows_of; LLMBENCH_WIDE_ROWS_PER_PASS=4: two passes): at 8 rows on the AVX-512 EPYC
 // float32 0.89x the time, fp16 0.98x (bound by its multiplies).
 template <int C, typename W>
 void wide_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  constexpr int64_t H = C > 4 ? 2 : R;  // weight rows per loop over k: C x H accumulators, 16 at most
-  each_block<C>(w, K, M, n0, n1, out, [&](const W* (&wr)[R], int64_t, int64_t, bool ahead, int64_t m0,
-                                          float (&sums)[C][R]) {
-      const float* xm[C];
-      for (int i = 0; i < C; ++i) xm[i] = x + std::min<int64_t>(m0 + i, M - 1) * K;
-      for (int64_t h = 0; h < R; h += H) {
-        __m512 acc[C][H];
-        for (int i = 0; i < C; ++i)
-          for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-          if (ahead && (k * static_cast<int64_t>(sizeof(W))) % 64 == 0) {  // once per cache line
-            for (int64_t r = h; r < h + H; ++r) prefetch(wr[r] + D * R * K + k);
-          }
-          __m512 wv[H];
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < H; ++r) wv[r] = widen16(wr[h + r] + k);
-#pragma GCC unroll 8
-          for (int i = 0; i < C; ++i) {
-            const __m512 xv = _mm512_loadu_ps(xm[i] + k);
-#pragma GCC unroll 4
-            for (int64_t r = 0; r < H; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-          }
-        }
-        for (int i = 0; i < C; ++i)
-          for (int64_t r = 0; r < H; ++r) sums[i][h + r] = _mm512_reduce_add_ps(acc[i][r]);
-      }
-  });
+  block_rows_of<C, 16>(x, M, K, w, out, n0, n1, [](const auto* p) { return widen16(p); },
+                       [](__m512 acc, __m512 wv, __m512 xv) { return _mm512_fmadd_ps(wv, xv, acc); });
 }
 
 // One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
