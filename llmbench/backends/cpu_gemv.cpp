@@ -16,9 +16,9 @@
 // as stored, integer dot products against x quantized to int8 per 32 values, with a float scale per row or group;
 // int4 (cpu_gemv_int4.h) in tiles of eight rows (16 on AVX-512 VNNI) whose lanes are the rows, integer dot products
 // against x quantized the same way, with a scale and zero per group of each row ahead of the tile's weights. Every
-// kernel takes several rows of x per pass over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is in float32; x is read
-// once (into a float32 buffer where the kernel widens) and the output is written in x's dtype, with no other tensor
-// operations.
+// kernel takes several rows of x per pass over the weights (cpu_gemv_generic.h: the widening ones). Accumulation is
+// in float32; x is read once (into a float32 buffer where the kernel widens) and the output is written in x's dtype,
+// with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
