@@ -90,10 +90,12 @@ def test_generated_step_calls_no_library_kernel_and_equals_eager(tiny_llama, com
     assert picks == (NEW_TOKENS if streaming else 0)  # the eager prefill's and every compiled step's
 
 
-def test_generated_kernels_with_beams_call_no_library_kernel_and_equal_eager(tiny_llama, compile_env, monkeypatch):
+@pytest.mark.parametrize("batch", [2, 3])  # beam 4: 8 rows a step, and 12 (passes of 8 over each weight block)
+def test_generated_kernels_with_beams_call_no_library_kernel_and_equal_eager(tiny_llama, compile_env, monkeypatch,
+                                                                              batch):
     python_wrapper(monkeypatch)
     loaded = load_model(str(tiny_llama), CPU, torch.float32)
-    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, 2, CPU)
+    inputs = cut_prompt(loaded.tokenizer, INPUT_TOKENS, batch, CPU)
     eager_ids = eager_generate(loaded.model, inputs, 4)
     with torch.inference_mode():
         prefill_calls = library_calls(lambda: loaded.model(input_ids=inputs.input_ids.repeat_interleave(4, 0)))
@@ -101,12 +103,12 @@ def test_generated_kernels_with_beams_call_no_library_kernel_and_equal_eager(tin
     ids = []
     calls = library_calls(lambda: ids.append(backend.generate(inputs, NEW_TOKENS, 4)))
     assert prefill_calls > 0
-    # the prompt's library GEMMs and attention at most; the 8-row steps' attention is generated too (no SDPA, whose
-    # CPU path copies the repeated keys and values of grouped-query heads)
+    # the prompt's library GEMMs and attention at most; the steps' attention is generated too, or the decode kernel
+    # (no SDPA, whose CPU path copies the repeated keys and values of grouped-query heads)
     assert 0 < calls <= prefill_calls
     assert torch.equal(ids[0], eager_ids)
-    # 8 rows a step: the streaming kernels, one call per fused q/k/v and gate/up group (the graph keeps one of the
-    # members' identical calls)
+    # the streaming kernels, one call per fused q/k/v and gate/up group (the graph keeps one of the members'
+    # identical calls)
     layers = loaded.model.config.num_hidden_layers
     linears = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
     assert backend.details["streaming_linears"]["fused groups"] == 2 * layers

@@ -18,7 +18,7 @@ def reference(x, weight, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 19])  # 19: passes of 8 over each block (a decode step's batch x beams)
 # 72: not a multiple of 16, the 16-a-step paths' condition; 80: 16 more than whole lines (pair_stream's last step)
 @pytest.mark.parametrize("in_features", [64, 72, 80])
 def test_dense_equals_linear(ops, dtype, rows, in_features, out_features=37):
@@ -262,8 +262,8 @@ def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):
 
 def test_bad_calls_are_refused(ops):
     weight = torch.randn(8, 64)
-    with pytest.raises(RuntimeError, match="at most 8 rows"):  # (INT4 and INT8 take any number)
-        ops.linear_dense(torch.randn(9, 64), weight, None)
+    with pytest.raises(RuntimeError, match="at most 32 rows"):  # (INT4 and INT8 take any number)
+        ops.linear_dense(torch.randn(33, 64), weight, None)
     with pytest.raises(RuntimeError, match="input size 32 != weight input size 64"):
         ops.linear_dense(torch.randn(1, 32), weight, None)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):

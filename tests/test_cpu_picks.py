@@ -100,5 +100,33 @@ def test_topk_rows_refuses_bad_calls(ops):
         ops.topk_rows(x, torch.zeros(2), 65)
     with pytest.raises(RuntimeError, match="offset must be float32 with one value per row"):
         ops.topk_rows(x, torch.zeros(3), 4)
-    with pytest.raises(RuntimeError, match="scores must be float32"):
-        ops.topk_rows(x.bfloat16(), torch.zeros(2), 4)
+    with pytest.raises(RuntimeError, match="scores must be float32, bfloat16 or float16"):
+        ops.topk_rows(x.to(torch.int32), torch.zeros(2), 4)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of one value per column"):
+        ops.topk_rows(x, torch.zeros(2), 4, torch.zeros(99))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, vocab, k", [(4, 49152, 4), (3, 37, 5), (2, 40000, 64)])
+def test_topk_rows_normalizes_logits_as_log_softmax(ops, dtype, rows, vocab, k):
+    """normalize: the head's logits in their own dtype, taken to float32 log-probabilities first (EOS forbidden by the
+    bias), as beam search asks: the same picks as torch's log_softmax, add and topk, the sums within float32 rounding
+    of the exponentials; a row holding NaN or +inf gets torch's answer."""
+    torch.manual_seed(rows + k)
+    logits = (torch.randn(rows, vocab) * 4).to(dtype)
+    bias = torch.zeros(vocab)
+    bias[[1, vocab // 2]] = float("-inf")
+    offset = torch.randn(rows) * 3
+    for b in (None, bias):
+        values, indices = ops.topk_rows(logits, offset, k, b, True)
+        sums = logits.float().log_softmax(-1) + (0 if b is None else b) + offset[:, None]
+        expected_values = sums.topk(k, dim=1).values  # equal 16-bit logits: lower columns first
+        assert torch.equal(indices, torch.sort(-sums, dim=1, stable=True).indices[:, :k])
+        torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-5)
+        assert b is None or not set(indices.flatten().tolist()) & {1, vocab // 2}
+    for bad in (float("nan"), float("inf")):
+        odd = logits.clone()
+        odd[0, vocab // 3] = bad
+        values, indices = ops.topk_rows(odd, offset, k, None, True)
+        expected = (odd.float().log_softmax(-1) + offset[:, None]).topk(k, dim=1)
+        assert torch.equal(values.isnan(), expected.values.isnan()) and torch.equal(indices[1:], expected.indices[1:])

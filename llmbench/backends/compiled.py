@@ -32,6 +32,7 @@ from llmbench.backends import cpu_kernels, generated_kernels
 from llmbench.backends.base import Backend, eos_bias, generation_config
 from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
+    STEP_MAX_ROWS,
     amx_description,
     choose_kernels,
     compile_guards,
@@ -139,7 +140,7 @@ class CompileBackend(BeamSearch, Backend):
                             id(self._greedy_prefill): "greedy prompt", id(self._beam_prefill): "beam prompt"}
 
     def _use_streaming_kernels(self, model: torch.nn.Module) -> None:
-        """Linears of steps of up to cpu_kernels.MAX_ROWS rows through the suite's weight-streaming kernels (built
+        """Linears of steps of up to STEP_MAX_ROWS rows through the suite's weight-streaming kernels (built
         for this host), except, on CPUs where the generated reductions were faster (cpu_kernels.
         dense_one_row_kernels), one-row steps of plain floating-point weights; layers the kernels do not take, or
         every layer where they cannot be built, through the generated reductions (one-row steps only); attention of
@@ -151,7 +152,7 @@ class CompileBackend(BeamSearch, Backend):
             self.details["greedy_pick"] = "llmbench_cpu.argmax_rows"
             arena = weights_arena()
             self.details["streaming_linears"] = counts = cpu_kernels.use_kernel_linears(
-                model, cpu_kernels.MAX_ROWS, arena)
+                model, STEP_MAX_ROWS, arena)
             self.details["streaming_weights_memory"] = arena.describe() if arena else \
                 "as loaded (LLMBENCH_HUGE_PAGES=0)"
             dedupe = dedupe_pass()
@@ -221,8 +222,14 @@ class CompileBackend(BeamSearch, Backend):
         return self._forbid_eos(logits.float()).argmax(dim=-1, keepdim=True)
 
     def _beam_log_probs(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:
+        """The step's log-probabilities, or, where beam search's pick normalizes them itself (_beam_ops: the CPU
+        kernels' topk_rows), the logits as the head wrote them."""
+        logits = self._last_logits(ids, cache, position)
+        return logits if self._beam_ops else self._log_probs(logits)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         # transformers normalizes first, then masks EOS: the same order keeps the beams identical.
-        return self._forbid_eos(torch.log_softmax(self._last_logits(ids, cache, position).float(), dim=-1))
+        return self._forbid_eos(torch.log_softmax(logits.float(), dim=-1))
 
     # The prompt's pass as code of its own, so that dynamo compiles it apart from the one-token steps
     def _prefill_argmax(self, ids: torch.Tensor, cache: StaticCache, position: torch.Tensor) -> torch.Tensor:

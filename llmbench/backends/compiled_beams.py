@@ -23,20 +23,30 @@ class BeamSearch:
     def _beam_ops(self) -> bool:
         """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
         tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step) and picks each beam's best
-        candidates by llmbench_cpu.topk_rows (aten's add and topk over the default model's 4 x 49152 took ~200 us of
-        every beam-4 step on 2 cores, the op ~30 us). Decided at the first beam search, so greedy runs never build
-        the kernels for it."""
+        candidates from the step's logits by llmbench_cpu.topk_rows, which takes their log-softmax itself (aten's
+        add and topk over the default model's 4 x 49152 took ~200 us of every beam-4 step on 2 cores, the compiled
+        step's log-softmax ~180 us more). Decided at the first beam search, before its steps are compiled (they
+        return logits where it holds), so greedy runs never build the kernels for it."""
         use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
             cpu_kernels.load() is None
         self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
             else "index_select and copy_ per cache tensor"
-        self.details["beam_candidates"] = f"llmbench_cpu.topk_rows (up to {TOPK_ROWS_MOST} beams; torch.topk for " \
-            "more)" if use else "torch.topk"
+        self.details["beam_candidates"] = f"llmbench_cpu.topk_rows over the logits' log-softmax (up to " \
+            f"{TOPK_ROWS_MOST} beams; torch.topk for more)" if use else "torch.topk"
         return use
+
+    def _eos_columns(self, vocab: int) -> torch.Tensor | None:
+        """float32, -inf for the EOS tokens and 0 elsewhere, for topk_rows (None: no EOS)."""
+        if not self._eos.numel():
+            return None
+        if self._eos_bias is not None and self._eos_bias.shape[0] == vocab:
+            return self._eos_bias
+        return torch.zeros(vocab, device=self.device).index_fill_(0, self._eos, float("-inf"))
 
     def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
                        num_beams: int) -> tuple[torch.Tensor, bool]:
-        """The prefill of beam search; -> (log-probabilities of every beam's first token (batch x beams rows),
+        """The prefill of beam search; -> (every beam's first step output (batch x beams rows: logits where
+        _beam_ops, else log-probabilities),
         whether the prompt's positions of the cache are the same in each of a prompt's beams).
         A prompt's beams start identical, so where the cache keeps every position, the prompt runs once (batch rows,
         into a cache of the prompt's length) and its keys and values are copied into each of its beams' rows: the
@@ -62,22 +72,25 @@ class BeamSearch:
         the same length, so the best is the one with the highest summed log-probability."""
         batch, length = input_ids.shape
         rows = batch * num_beams
+        normalize = self._beam_ops  # decided before the steps compile: they return logits where it holds
         cache = self._cache_for(rows, length + max_new_tokens)
         sequences = input_ids.repeat_interleave(num_beams, dim=0)
-        log_probs, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)
+        out, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)  # logits where `normalize`
         scores = torch.zeros(batch, num_beams, device=self.device)
         scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
         row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
-        vocab = log_probs.shape[-1]
+        vocab = out.shape[-1]
+        eos = self._eos_columns(vocab) if normalize else None
         beam_offset = (torch.arange(num_beams, device=self.device) * vocab).view(1, -1, 1)
         tensors = cache_tensors(cache)
         for i in range(max_new_tokens):
             # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
             # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
-            if self._beam_ops and num_beams <= TOPK_ROWS_MOST:
-                best, index = torch.ops.llmbench_cpu.topk_rows(log_probs.reshape(rows, vocab), scores.reshape(-1),
-                                                               num_beams)
+            if normalize and num_beams <= TOPK_ROWS_MOST:
+                best, index = torch.ops.llmbench_cpu.topk_rows(out.reshape(rows, vocab), scores.reshape(-1),
+                                                               num_beams, eos, True)
             else:
+                log_probs = self._log_probs(out) if normalize else out
                 best, index = (log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)).topk(num_beams, dim=2)
             best, index = best.view(batch, num_beams, num_beams), index.view(batch, num_beams, num_beams)
             scores, pick = best.view(batch, -1).topk(num_beams, dim=1)
@@ -101,6 +114,6 @@ class BeamSearch:
                     moving = tensor[:, :, start:end] if shared_prompt else tensor
                     moving.copy_(moving.index_select(0, source_rows))
             position = self._positions(length + i, length + i + 1)
-            log_probs = self._call_step(self._beam_step, tokens, cache, position)
+            out = self._call_step(self._beam_step, tokens, cache, position)
         best = scores.argmax(dim=1) + row_offset.squeeze(1)
         return sequences.index_select(0, best)

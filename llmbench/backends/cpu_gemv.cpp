@@ -44,7 +44,8 @@ typedef int8_t v8i8 __attribute__((vector_size(8)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
 
 constexpr int64_t R = 4;         // weight rows per block
-constexpr int64_t kMaxRows = 8;  // rows of x the dense kernels are written for (more rows: use a GEMM)
+constexpr int64_t kMaxRows = 8;  // rows of x the dense kernels take in one pass over a block of weight rows
+constexpr int64_t kStepMaxRows = 32;  // rows of a decode step's dense calls: passes of kMaxRows (more: use a GEMM)
 constexpr int64_t kAnyRows = INT64_MAX;  // INT4 and INT8 take any number of rows (prompts: the weights read once)
 #ifndef LLMBENCH_PREFETCH_BLOCKS
 #define LLMBENCH_PREFETCH_BLOCKS 4
@@ -207,17 +208,18 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
                  kAmxRows);
     }
 #endif
-    const int64_t M = checked_rows(xc, K, "linear_dense");
+    const int64_t M = checked_rows(xc, K, "linear_dense", kStepMaxRows);
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
-  const Rows rows = rows_of(x, K, sixteen && weight.scalar_type() == at::kBFloat16, "linear_dense");
+  const Rows rows = rows_of(x, K, sixteen && weight.scalar_type() == at::kBFloat16, "linear_dense", kStepMaxRows);
   const float* xr = rows.x.data();
   const int64_t M = rows.M;
   auto body = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
+    return run(x, M, N, bias,
+               [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
   };
 #if defined(__AVX512F__)
   auto wide = [&](auto* w) {
@@ -234,7 +236,8 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
     case at::kFloat: return body(weight.data_ptr<float>());
     case at::kHalf: return sixteen_bit(weight.data_ptr<at::Half>());
     case at::kBFloat16: return sixteen_bit(weight.data_ptr<at::BFloat16>());
-    default: TORCH_CHECK(false, "linear_dense: weights must be float32, bfloat16 or float16, got ", weight.scalar_type());
+    default:
+      TORCH_CHECK(false, "linear_dense: weights must be float32, bfloat16 or float16, got ", weight.scalar_type());
   }
 }
 
@@ -291,6 +294,7 @@ bool wide_dense_built() {
 }
 
 #include "cpu_gemv_argmax.h"
+#include "cpu_gemv_vec.h"
 #include "cpu_gemv_beams.h"
 
 }  // namespace
@@ -315,7 +319,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
-  m.def("topk_rows(Tensor scores, Tensor offset, int k) -> (Tensor, Tensor)");
+  m.def("topk_rows(Tensor scores, Tensor offset, int k, Tensor? bias=None, bool normalize=False) -> (Tensor, Tensor)");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
 }
 

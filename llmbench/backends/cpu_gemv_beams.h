@@ -47,11 +47,15 @@ void reorder_rows(at::TensorList tensors, const at::Tensor& source, int64_t star
   });
 }
 
-// Beam search's first choice (llmbench_cpu::topk_rows): for each row m of scores (M x V, float32) plus offset[m]
-// (its beam's score so far), the k largest sums, largest first, and their columns, the lower column first among
-// equal sums (the order torch.topk leaves unspecified). A row is split between the threads as argmax_rows' rows
-// are, each part scanned 8 values at a time against its k-th best so far. aten's topk over the default model's 4
-// rows of 49152 took ~150-180 us of every beam-4 step on 2 cores. A row holding NaN gets at::topk's answer instead.
+// Beam search's first choice (llmbench_cpu::topk_rows): for each row m of scores (M x V: float32, bfloat16 or
+// float16; with `normalize`, the head's logits, taken to their log-softmax in float32 first), plus bias (float32, V
+// values, -inf for the tokens forbidden, or none) and offset[m] (its beam's score so far), the k largest sums,
+// largest first, and their columns, the lower column first among equal sums (the order torch.topk leaves
+// unspecified). A row is split between the threads as argmax_rows' rows are, each part scanned 8 values at a time
+// against its k-th best so far (with `normalize`, after a pass for each part's largest logit and sum of
+// exponentials). aten's topk over the default model's 4 rows of 49152 took ~150-180 us of every beam-4 step on 2
+// cores, the compiled step's log-softmax over them (float32, read again by the pick) ~180 us. A row whose sums hold
+// NaN gets at::topk's answer (over at::log_softmax's) instead.
 constexpr int64_t kMaxTop = 64;  // the most sums a row's pick keeps (beam search asks for its number of beams)
 
 struct Top {
@@ -60,8 +64,9 @@ struct Top {
 };
 
 // Part j0..j1-1 of a row: its k best sums (fewer where the part is shorter) into top, largest first, equal ones in
-// column order; -> how many, or -1 where a sum is NaN.
-inline int64_t top_in(const float* x, float offset, int64_t j0, int64_t j1, int64_t k, Top* top) {
+// column order; -> how many, or -1 where a sum is NaN. sum(j) gives sum j, sums(j) sums j..j+7 (v8f).
+template <typename Sum, typename Sums>
+inline int64_t top_in(int64_t j0, int64_t j1, int64_t k, Top* top, Sum&& sum, Sums&& sums) {
   int64_t n = 0;
   float floor = -std::numeric_limits<float>::infinity();  // the k-th best, once there are k
   auto keep = [&](float v, int64_t j) {
@@ -70,53 +75,104 @@ inline int64_t top_in(const float* x, float offset, int64_t j0, int64_t j1, int6
     top[p] = {v, j};
     if (n == k) floor = top[k - 1].value;
   };
-  bool any_nan = false;
+  v8i nan = {};
   int64_t j = j0;
-#ifdef __AVX2__
-  const __m256 shift = _mm256_set1_ps(offset);
-  __m256 nan = _mm256_setzero_ps();
   for (; j + 8 <= j1; j += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + j), shift);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    if (n < k || _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(floor), _CMP_GT_OQ))) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, v);
+    const v8f v = sums(j);
+    nan |= v != v;
+    const v8i above = v > floor;
+    if (n < k || any_lane(above))
       for (int i = 0; i < 8; ++i)
-        if (n < k || lanes[i] > floor) keep(lanes[i], j + i);
-    }
+        if (n < k || v[i] > floor) keep(v[i], j + i);
   }
-  any_nan = _mm256_movemask_ps(nan) != 0;
-#endif
+  bool any_nan = any_lane(nan);
   for (; j < j1; ++j) {
-    const float v = x[j] + offset;
+    const float v = sum(j);
     any_nan |= v != v;
     if (n < k || v > floor) keep(v, j);
   }
   return any_nan ? -1 : n;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, const at::Tensor& offset, int64_t k) {
-  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat && scores.stride(1) == 1,
-              "topk_rows: scores must be float32 (rows, columns) with contiguous rows, got ", scores.scalar_type(),
-              " ", scores.sizes());
+// A row's log-softmax: x - top - log(total) for its largest value top and total = sum of e^(x - top).
+struct Softmax {
+  float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+};
+
+// Part j0..j1-1 of a row: its largest value and the sum of e^(x - that), Vec::W at a time where vectors are built.
+template <typename T>
+Softmax softmax_part(const T* x, int64_t j0, int64_t j1) {
+  Softmax s;
+  int64_t j = j0;
+#if defined(LLMBENCH_VEC)
+  constexpr int W = Vec::W;
+  Vec::R top = Vec::set1(s.top);
+  for (; j + W <= j1; j += W) top = Vec::max(top, Vec::widen(x + j));
+  alignas(64) float lanes[W];
+  Vec::store(lanes, top);
+  for (int i = 0; i < W; ++i) s.top = std::max(s.top, lanes[i]);
+  for (int64_t i = j; i < j1; ++i) s.top = std::max(s.top, static_cast<float>(x[i]));
+  if (std::isinf(s.top)) return s;  // all -inf (or +inf: the sums turn NaN, and at::topk answers)
+  Vec::R total = Vec::zero();
+  int64_t i = j0;
+  for (; i + W <= j1; i += W) total = Vec::add(total, vexp(Vec::sub(Vec::widen(x + i), Vec::set1(s.top))));
+  s.total = Vec::sum(total);
+  j = i;
+#else
+  for (int64_t i = j0; i < j1; ++i) s.top = std::max(s.top, static_cast<float>(x[i]));
+  if (std::isinf(s.top)) return s;
+#endif
+  for (; j < j1; ++j) s.total += std::exp(static_cast<float>(x[j]) - s.top);
+  return s;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> topk_rows_of(const at::Tensor& scores, const at::Tensor& offset, int64_t k,
+                                                const float* bias, bool normalize) {
   const int64_t M = scores.size(0), V = scores.size(1), stride = scores.stride(0);
-  TORCH_CHECK(k >= 1 && k <= std::min(V, kMaxTop), "topk_rows: k must be 1 to ", std::min(V, kMaxTop), ", got ", k);
-  const at::Tensor off = offset.contiguous();
-  TORCH_CHECK(off.scalar_type() == at::kFloat && off.numel() == M, "topk_rows: offset must be float32 with one value "
-              "per row (", M, "), got ", off.scalar_type(), " with ", off.numel());
-  const float* x = scores.data_ptr<float>();
-  const float* o = off.data_ptr<float>();
+  const T* x = scores.data_ptr<T>();
+  const float* o = offset.data_ptr<float>();
   const int64_t parts = row_parts(V);
+  std::vector<float> shift(M, 0.f), scale(M, 0.f);  // sum j of row m: ((x - shift) - scale) + bias + offset
+  if (normalize) {
+    std::vector<Softmax> soft(M * parts);
+    each_row_part(M, V, parts, [&](int64_t t, int64_t m, int64_t j0, int64_t j1) {
+      soft[t] = softmax_part(x + m * stride, j0, j1);
+    });
+    for (int64_t m = 0; m < M; ++m) {
+      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+      const Softmax* part = &soft[m * parts];
+      for (int64_t p = 0; p < parts; ++p) top = std::max(top, part[p].top);
+      for (int64_t p = 0; p < parts; ++p)
+        if (part[p].total > 0.f) total += part[p].total * std::exp(part[p].top - top);
+      shift[m] = top, scale[m] = std::log(total);
+    }
+  }
   std::vector<Top> tops(M * parts * k);
   std::vector<int64_t> counts(M * parts);
   each_row_part(M, V, parts, [&](int64_t t, int64_t m, int64_t j0, int64_t j1) {
-    counts[t] = top_in(x + m * stride, o[m], j0, j1, k, &tops[t * k]);
+    const T* row = x + m * stride;
+    const float off = o[m], sh = shift[m], sc = scale[m];
+    auto sum = [&](int64_t j) {
+      float v = normalize ? (static_cast<float>(row[j]) - sh) - sc : static_cast<float>(row[j]);
+      if (bias) v += bias[j];
+      return v + off;
+    };
+    auto sums = [&](int64_t j) {
+      v8f v = widen(row + j);
+      if (normalize) v = (v - sh) - sc;
+      if (bias) v += load_f32(bias + j);
+      return v + off;
+    };
+    counts[t] = top_in(j0, j1, k, &tops[t * k], sum, sums);
   });
   if (std::any_of(counts.begin(), counts.end(), [](int64_t c) { return c < 0; })) {
-    auto [values, indices] = at::topk(scores + off.unsqueeze(1), k, 1);
+    at::Tensor sums = normalize ? at::log_softmax(scores.to(at::kFloat), 1) : scores.to(at::kFloat);
+    if (bias) sums = sums + at::from_blob(const_cast<float*>(bias), {V}, scores.options().dtype(at::kFloat));
+    auto [values, indices] = at::topk(sums + offset.unsqueeze(1), k, 1);
     return {values, indices};
   }
-  at::Tensor values = at::empty({M, k}, scores.options());
+  at::Tensor values = at::empty({M, k}, scores.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({M, k}, scores.options().dtype(at::kLong));
   float* vo = values.data_ptr<float>();
   int64_t* io = indices.data_ptr<int64_t>();
@@ -129,4 +185,27 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, const at:
     for (int64_t i = 0; i < k; ++i) vo[m * k + i] = row[i].value, io[m * k + i] = row[i].index;
   }
   return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, const at::Tensor& offset, int64_t k,
+                                             const c10::optional<at::Tensor>& bias, bool normalize) {
+  TORCH_CHECK(scores.dim() == 2 && scores.stride(1) == 1 &&
+                  (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kBFloat16 ||
+                   scores.scalar_type() == at::kHalf),
+              "topk_rows: scores must be float32, bfloat16 or float16 (rows, columns) with contiguous rows, got ",
+              scores.scalar_type(), " ", scores.sizes());
+  const int64_t M = scores.size(0), V = scores.size(1);
+  TORCH_CHECK(k >= 1 && k <= std::min(V, kMaxTop), "topk_rows: k must be 1 to ", std::min(V, kMaxTop), ", got ", k);
+  const at::Tensor off = offset.contiguous();
+  TORCH_CHECK(off.scalar_type() == at::kFloat && off.numel() == M, "topk_rows: offset must be float32 with one value "
+              "per row (", M, "), got ", off.scalar_type(), " with ", off.numel());
+  const bool biased = bias.has_value() && bias->defined();
+  TORCH_CHECK(!biased || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == V),
+              "topk_rows: bias must be a contiguous float32 vector of one value per column (", V, ")");
+  const float* b = biased ? bias->data_ptr<float>() : nullptr;
+  switch (scores.scalar_type()) {
+    case at::kBFloat16: return topk_rows_of<at::BFloat16>(scores, off, k, b, normalize);
+    case at::kHalf: return topk_rows_of<at::Half>(scores, off, k, b, normalize);
+    default: return topk_rows_of<float>(scores, off, k, b, normalize);
+  }
 }

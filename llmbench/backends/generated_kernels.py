@@ -18,10 +18,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+from llmbench.backends.compile_settings import STEP_MAX_ROWS
+
 ATTENTION_NAME = "llmbench_generated"
 KERNEL_ATTENTION_NAME = "llmbench_generated_cpu_kernel"  # the same, decode steps through llmbench_cpu.decode_attention
-# Rows of a step whose attention is generated (the decode kernels' limit): SDPA's CPU path repeats the keys and values
-# of grouped-query heads into copies of the whole cache per layer and step.
+# Rows of a step whose attention is generated, or with llmbench_cpu.decode_attention up to compile_settings'
+# STEP_MAX_ROWS: SDPA's CPU path repeats the keys and values of grouped-query heads into copies of the whole cache
+# per layer and step (16 rows of the default model: 23 ms a step on a 2-core AVX-512 EPYC).
 MAX_ATTENTION_ROWS = 8
 
 
@@ -137,21 +140,23 @@ def generated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         decode_kernel: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: one query position of each of up to MAX_ATTENTION_ROWS rows (batch x
-    beams) against the whole static cache, as plain tensor ops (grouped-query heads by a view, no repeated keys);
-    anything else goes to SDPA as before.
+    beams; STEP_MAX_ROWS with the decode kernel) against the whole static cache, as plain tensor ops (grouped-query
+    heads by a view, no repeated keys); anything else goes to SDPA as before.
     query (batch, heads, q_len, head_dim); key/value (batch, kv_heads, kv_len, head_dim); -> (batch, q_len, heads,
     head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
-    if (not torch.compiler.is_compiling() or q_len != 1 or batch > MAX_ATTENTION_ROWS or attention_mask is None
+    kernel = decode_kernel and query.device.type == "cpu"  # one C++ call per layer (cpu_attention.cpp)
+    if (not torch.compiler.is_compiling() or q_len != 1 or batch > (STEP_MAX_ROWS if kernel else MAX_ATTENTION_ROWS)
+            or attention_mask is None
             or attention_mask.shape[1] != 1
             or dropout or heads % kv_heads):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = head_dim ** -0.5 if scaling is None else scaling
-    if decode_kernel and query.device.type == "cpu":  # one C++ call per layer (cpu_attention.cpp)
+    if kernel:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.float()
         return torch.ops.llmbench_cpu.decode_attention(query, key, value, mask, scale), None
     # The query arrives as an unrealized pointwise result (RoPE, whose cos/sin inductor would otherwise recompute
