@@ -3,7 +3,8 @@
 Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an AVX2
 EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
 (`torch.ops.llmbench_cpu.linear_dense / linear_int8(_tiles) / linear_int4`) that torch.compile calls from inside the
-compiled decode step. They serve steps of at most MAX_ROWS rows (batch x beams): every weight is read once from
+compiled decode step. They serve steps of at most compile_settings.STEP_MAX_ROWS rows (batch x beams; MAX_ROWS of
+them per pass over a block of weights, while it is in cache): every weight is read once from
 memory per step, widened to float32 in registers, with independent accumulators per weight row, so the step streams
 weights near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
 They serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (and steps of more rows; the
@@ -46,7 +47,7 @@ from llmbench.host import cpu_kind
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 ATTENTION_SOURCE = SOURCE.with_name("cpu_attention.cpp")  # decode attention, built into the same library
-MAX_ROWS = KERNEL_MAX_ROWS  # the C++ kernels' limit (kMaxRows)
+MAX_ROWS = KERNEL_MAX_ROWS  # rows of x a pass (cpu_gemv.cpp's kMaxRows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
