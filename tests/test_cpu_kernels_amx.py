@@ -90,7 +90,7 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     assert parent.q_proj.forward.kernel._last is None  # all three members served: nothing held
     parent.q_proj(x)
     assert (parent.q_proj.forward.kernel._last is not None) == bool(tiles)  # k and v have not had theirs yet
-    most = 64 if amx_expected() else cpu_kernels.MAX_ROWS  # the op's own limit
+    most = 64 if amx_expected() else compile_settings.STEP_MAX_ROWS  # the op's own limit (decode steps' rows)
     with pytest.raises(RuntimeError, match=f"at most {most} rows"):
         ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
 
