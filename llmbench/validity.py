@@ -154,6 +154,12 @@ class CpuFigures:
     throttle_events: int | None
     unreadable: str | None = None  # why the CPU share could not be measured
 
+    def quiet(self) -> bool:
+        """Whether other work left these CPUs alone: others' processes and the hypervisor's steal within their
+        limits (a figure measured beside others' work is never kept as the host's)."""
+        return self.other_share is not None and self.other_share <= MAX_OTHER_CPU_SHARE and (
+            self.steal_share or 0.0) <= MAX_STEAL_SHARE
+
 
 @dataclass
 class MemoryFigures:

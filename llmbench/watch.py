@@ -18,8 +18,6 @@ from llmbench.gpu_watch import GpuWatch
 from llmbench.profiling import profile_generation
 from llmbench.roofline import check_cpu_read_bandwidth, raise_cpu_bandwidth
 from llmbench.validity import (
-    MAX_OTHER_CPU_SHARE,
-    MAX_STEAL_SHARE,
     CoreFigures,
     CpuWatch,
     MemoryFigures,
@@ -141,9 +139,7 @@ class MeasuredWindow:
 
     def _quiet(self) -> bool:
         """Whether other work left this run's CPUs alone (a figure measured beside others' is never kept)."""
-        cpu = self.cpu_figures
-        return cpu is not None and cpu.other_share is not None and cpu.other_share <= MAX_OTHER_CPU_SHARE and (
-            cpu.steal_share or 0.0) <= MAX_STEAL_SHARE
+        return self.cpu_figures is not None and self.cpu_figures.quiet()
 
     def _check_cores(self) -> None:
         try:
