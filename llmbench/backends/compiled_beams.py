@@ -36,12 +36,9 @@ class BeamSearch:
         return use
 
     def _eos_columns(self, vocab: int) -> torch.Tensor | None:
-        """float32, -inf for the EOS tokens and 0 elsewhere, for topk_rows (None: no EOS)."""
-        if not self._eos.numel():
-            return None
-        if self._eos_bias is not None and self._eos_bias.shape[0] == vocab:
-            return self._eos_bias
-        return torch.zeros(vocab, device=self.device).index_fill_(0, self._eos, float("-inf"))
+        """float32, -inf for the EOS tokens and 0 elsewhere (zeros with EOS forbidden), for topk_rows (None: no
+        EOS)."""
+        return self._forbid_eos(torch.zeros(vocab, device=self.device)) if self._eos.numel() else None
 
     def _prefill_beams(self, input_ids: torch.Tensor, cache: StaticCache,
                        num_beams: int) -> tuple[torch.Tensor, bool]:
