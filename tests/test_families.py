@@ -14,7 +14,7 @@ from llmbench.prompts import DEFAULT_PROMPT_FILE, cut_prompt, load_prompt_text
 from tests.conftest import run_cli
 from tests.tiny import FAMILIES, save_tiny_family, save_tiny_model, tiny_llama_config, train_tokenizer
 
-INPUT_TOKENS, NEW_TOKENS, BATCH = 8, 4, 2
+INPUT_TOKENS, NEW_TOKENS, BATCH = 8, 4, 3
 
 
 @pytest.fixture(scope="module")
