@@ -19,8 +19,9 @@ def reference(x, weight, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 19])  # 19: passes of 8 over each block (a decode step's batch x beams)
-# 72: not a multiple of 16, the 16-a-step paths' condition; 80: 16 more than whole lines (pair_stream's last step)
-@pytest.mark.parametrize("in_features", [64, 72, 80])
+# 72: not a multiple of 16, the 16-a-step paths' condition; 80: 16 more than whole lines (pair_stream's last step);
+# 96: three steps of 32 bf16 values (two_chains' last step in one chain)
+@pytest.mark.parametrize("in_features", [64, 72, 80, 96])
 def test_dense_equals_linear(ops, dtype, rows, in_features, out_features=37):
     """37 weight rows: a last block of one row; fewer than the threads' blocks: threads with nothing to do."""
     torch.manual_seed(rows)

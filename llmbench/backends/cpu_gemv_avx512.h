@@ -3,6 +3,28 @@
 #pragma once
 
 #if defined(__AVX512F__)
+// A weight row's sum in two chains that take turns every S values: step(acc, k) adds values k..k+S-1 into acc. Two
+// named registers, not an array indexed by k, which GCC kept in memory (a load and a store around every multiply):
+// hot in L2, one row of x against 1024 x 576 bf16 weights took 42.5 us a call on one core of the AVX-512 EPYC so,
+// 18.8 us now (weights at 68 GB/s a core, 2.4x the rate).
+template <int S, typename Step>
+inline __m512 two_chains(int64_t K, Step&& step) {
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 * S <= K; k += 2 * S) {
+    even = step(even, k);
+    odd = step(odd, k + S);
+  }
+  if (k < K) even = step(even, k);
+  return _mm512_add_ps(even, odd);
+}
+
+// How far ahead the one-row streams (bf16_dot_stream, wide_stream) prefetch: not at all (see bf16_dot_stream).
+#ifndef LLMBENCH_WIDE_ONE_ROW_AHEAD
+#define LLMBENCH_WIDE_ONE_ROW_AHEAD 0
+#endif
+constexpr int64_t kWideOneRowAhead = LLMBENCH_WIDE_ONE_ROW_AHEAD;
+
 // C rows of x against blocks of R weight rows (each_block), S weights a step: load(p) reads a vector of weights or of
 // x, dot(acc, w, x) adds their products into acc. Five to eight rows of x take one pass over the weights, two weight
 // rows at a time against all eight (C x H accumulators, 16 at most), not two passes of four: the second pass would
@@ -56,17 +78,21 @@ void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFl
                        [](__m512 acc, __m512bh wv, __m512bh xv) { return _mm512_dpbf16_ps(acc, wv, xv); });
 }
 
-// One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
+// One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form), with no
+// software prefetch (kWideOneRowAhead): the hardware prefetchers alone keep up with the two chains. On the 2-core
+// AVX-512 EPYC, one step's one-row linears against the previous kernels (an indexed pair of accumulators, prefetch
+// 8 KB ahead; benchmarks/kernel_builds.py's builds, rounds tagged by the memory mode of a 1 GiB sum before each,
+// medians of the per-round ratios): bf16 0.94 / 0.95x the time (low / high memory mode), fp16 0.91 / 0.85x, float32
+// 0.93 / 0.91x. The two chains with the 8 KB prefetch were slower than before in the high mode (bf16 1.14x, float32
+// 1.16x the time); 2 KB ahead, or none, took bf16 0.815x and 0.813x the time of 8 KB there. Several rows of x
+// (stream_rows_of) keep the prefetch: without it 2 rows of fp16 and 4 rows of every kind took 1.2-1.6x the time.
 inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
                             int64_t n1) {
-  stream_rows(w, K, out, n0, n1, [&](const at::BFloat16* wr, auto&& ahead) {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < K; k += 32) {
+  stream_rows<kWideOneRowAhead>(w, K, out, n0, n1, [&](const at::BFloat16* wr, auto&& ahead) {
+    return _mm512_reduce_add_ps(two_chains<32>(K, [&](__m512 acc, int64_t k) {
       ahead(wr + k);
-      acc[(k >> 5) & 1] = _mm512_dpbf16_ps(acc[(k >> 5) & 1], (__m512bh)_mm512_loadu_si512(wr + k),
-                                           (__m512bh)_mm512_loadu_si512(x + k));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+      return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(x + k));
+    }));
   });
 }
 
@@ -121,13 +147,11 @@ void wide_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 // One row of x: the weight rows one after another, each thread's share as one stream (pair_stream's form).
 template <typename W>
 void wide_stream(const float* x, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
-  stream_rows(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < K; k += 16) {
+  stream_rows<kWideOneRowAhead>(w, K, out, n0, n1, [&](const W* wr, auto&& ahead) {
+    return _mm512_reduce_add_ps(two_chains<16>(K, [&](__m512 acc, int64_t k) {
       if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0) ahead(wr + k);  // once per cache line
-      acc[(k >> 4) & 1] = _mm512_fmadd_ps(widen16(wr + k), _mm512_loadu_ps(x + k), acc[(k >> 4) & 1]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+      return _mm512_fmadd_ps(widen16(wr + k), _mm512_loadu_ps(x + k), acc);
+    }));
   });
 }
 

@@ -116,7 +116,8 @@ void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 // sum's rate in the same process against 87-91% (o_proj's 576 x 576 call 24-25 against 31-32 us); whole compiled
 // greedy runs, alternating processes, bf16 0.78-1.02x the next-token time (4 pairs), fp16 0.89-1.00x. Without the
 // prefetch the runs were slower (1.05-1.15x), and with guided chunks no faster (1.0-1.05x).
-// 8 KB ahead in 512-bit builds, 4 KB in others. On that EPYC, 8 KB against 4 KB: one step's bf16 linears
+// 8 KB ahead in 512-bit builds (whose one-row kernels now prefetch nothing: cpu_gemv_avx512.h's kWideOneRowAhead),
+// 4 KB in others. On that EPYC, 8 KB against 4 KB: one step's bf16 linears
 // (vdpbf16ps) in one process (benchmarks/kernel_builds.py, median of 21-31 rounds' ratios) 0.871 / 0.867 / 0.862 the
 // time (6 KB 0.85 / 0.95, 12 KB 1.01 / 1.00, 16 KB 0.89, 2 KB 1.25); whole compiled greedy bf16 steps, the distance
 // switched between generations of one process (16 rounds), 0.887 (6 KB against 8 KB 0.993, 16 KB 1.028). AVX2 code
@@ -131,14 +132,14 @@ void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 #endif
 constexpr int64_t kStreamAhead = LLMBENCH_STREAM_AHEAD;
 
-// out[n - n0] = row(wr, ahead) for weight rows n0..n1, one after another; ahead(p) prefetches kStreamAhead bytes
-// past p while that stays inside the rows being read.
-template <typename W, typename Row>
+// out[n - n0] = row(wr, ahead) for weight rows n0..n1, one after another; ahead(p) prefetches Ahead bytes past p
+// while that stays inside the rows being read (none where Ahead is 0).
+template <int64_t Ahead = kStreamAhead, typename W, typename Row>
 inline void stream_rows(const W* w, int64_t K, float* out, int64_t n0, int64_t n1, Row&& row) {
   const char* end = reinterpret_cast<const char*>(w + n1 * K);
   auto ahead = [end](const W* p) {
-    const char* q = reinterpret_cast<const char*>(p) + kStreamAhead;
-    if (q < end) prefetch(q);
+    const char* q = reinterpret_cast<const char*>(p) + Ahead;
+    if (Ahead > 0 && q < end) prefetch(q);
   };
   for (int64_t n = n0; n < n1; ++n) out[n - n0] = row(w + n * K, ahead);
 }

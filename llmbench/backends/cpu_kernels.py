@@ -96,8 +96,10 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
     processes: 0.86-1.03x, median 0.955x), fp16 1.00 / 1.02 (whole runs 0.98-1.24x), float32 1.28 / 1.28; built as
     for an AVX2-only CPU (-mno-avx512f, ATEN_CPU_CAPABILITY=avx2) bf16 0.875 / 0.87, fp16 0.89 / 0.89. So AMD CPUs
     take the kernels for bf16 weights, for fp16 ones where built without AVX-512, and keep the reductions for
-    float32 (the dtype AVX2 CPUs default to; 1.03 / 1.09 in AVX2 code). LLMBENCH_ONE_ROW_DENSE=kernels or reductions
-    overrides. Needs load() to have succeeded."""
+    float32 (the dtype AVX2 CPUs default to; 1.03 / 1.09 in AVX2 code). Once the 512-bit one-row kernels kept their
+    two accumulators in registers (cpu_gemv_avx512.h's two_chains): bf16 0.929 / 0.906, fp16 0.996 / 0.965 and
+    1.044 / 1.038 (a tie), float32 1.012 / 1.014 (a tie), so the choices stand. LLMBENCH_ONE_ROW_DENSE=kernels or
+    reductions overrides. Needs load() to have succeeded."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
