@@ -82,8 +82,8 @@ void bf16_dot_rows_of(const at::BFloat16* x, int64_t M, int64_t K, const at::BFl
 // software prefetch (kWideOneRowAhead): the hardware prefetchers alone keep up with the two chains. On the 2-core
 // AVX-512 EPYC, one step's one-row linears against the previous kernels (an indexed pair of accumulators, prefetch
 // 8 KB ahead; benchmarks/kernel_builds.py's builds, rounds tagged by the memory mode of a 1 GiB sum before each,
-// medians of the per-round ratios): bf16 0.94 / 0.95x the time (low / high memory mode), fp16 0.91 / 0.85x, float32
-// 0.93 / 0.91x. The two chains with the 8 KB prefetch were slower than before in the high mode (bf16 1.14x, float32
+// medians of the per-round ratios): bf16 0.97 / 0.96x the time (low / high memory mode), fp16 1.00 / 0.89x, float32
+// 0.94 / 0.91x. The two chains with the 8 KB prefetch were slower than before in the high mode (bf16 1.14x, float32
 // 1.16x the time); 2 KB ahead, or none, took bf16 0.815x and 0.813x the time of 8 KB there. Several rows of x
 // (stream_rows_of) keep the prefetch: without it 2 rows of fp16 and 4 rows of every kind took 1.2-1.6x the time.
 inline void bf16_dot_stream(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* out, int64_t n0,
