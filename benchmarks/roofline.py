@@ -38,6 +38,7 @@ from llmbench.core_speed import core_share, host_best, measure_core_speed  # noq
 from llmbench.devices import resolve_device  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
+from llmbench.placement import measure_placement  # noqa: E402
 from llmbench.roofline import (  # noqa: E402
     OVERRIDE_ENV,
     device_bandwidth,
@@ -91,9 +92,11 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
     """`gb_s`: the host's read bandwidth (the best seen), the roofline's; a row's `run_gb_s`: the bandwidth measured
     right after its case (else `run_gb_s`, the mean of this run's measurements before and after the cases), which a
     shared host lowers: "% of run bw" is the share of that bandwidth a case reached; a row's `cores_share`: the
-    cores' speed right after its case as a share of this host's best (llmbench.core_speed)."""
+    cores' speed right after its case as a share of this host's best (llmbench.core_speed); its `placement_ns`: a
+    cache line's round trip between two CPUs before and after its case (llmbench.placement: where a hypervisor
+    moved them, the two differ, and so do the memory bandwidth and the cost of every hand-over between threads)."""
     print(f"\n{'backend':<10}{'scheme':<7}{'dtype':<10}{'ms/token':>9}{'roofline ms':>12}{'% of roofline':>14}"
-          f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}{'cores %':>8}")
+          f"{'% of run bw':>12}{'MB read/token':>14}{'compile s':>10}{'cores %':>8}{'CPUs ns':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:<10}{r['scheme']:<7}failed: {r['error']}")
@@ -106,8 +109,9 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
         read_mb = f"{r['bytes_read'] / 1e6:.1f}" if r["bytes_read"] else "-"
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"
         cores = f"{r['cores_share'] * 100:.0f}%" if r.get("cores_share") else "-"
+        placement = "/".join(f"{ns:.0f}" if ns else "-" for ns in r.get("placement_ns") or [None])
         print(f"{r['backend']:<10}{r['scheme']:<7}{r['dtype']:<10}{r['next_ms']:>9.2f}{roofline:>12}{share:>14}"
-              f"{run_share:>12}{read_mb:>14}{compile_s:>10}{cores:>8}")
+              f"{run_share:>12}{read_mb:>14}{compile_s:>10}{cores:>8}{placement:>10}")
 
 
 def main() -> int:
@@ -123,6 +127,7 @@ def main() -> int:
             figures = device_bandwidth(device, refresh=True)
             if device.type == "cpu":
                 figures["cores"] = measure_core_speed()
+                figures["placement_ns"] = measure_placement().get("round_trip_ns")
             return figures
 
     bandwidth = measure_now()
@@ -130,6 +135,7 @@ def main() -> int:
     print(f"read bandwidth: {f'{gb_s:.1f} GB/s' if gb_s else 'unknown'} ({bandwidth.get('source')}: "
           f"{bandwidth.get('method') or bandwidth.get('error')})", flush=True)
     run_measures, cores = [bandwidth.get("last_measured_gb_s")], [bandwidth.get("cores")]
+    placements = [bandwidth.get("placement_ns")]
     rows = []
     for backend in (args.backends or default_backends()).split(","):
         for scheme in args.schemes:
@@ -146,19 +152,28 @@ def main() -> int:
     after = measure_now()
     run_measures.append(after.get("last_measured_gb_s"))
     cores.append(after.get("cores"))
-    seen = [m for m in run_measures + [r.get("run_gb_s") for r in rows] if m]
+    placements.append(after.get("placement_ns"))
+    # each bandwidth check with where the CPUs sat when it ran
+    checks = list(zip(run_measures, placements)) + [(r.get("run_gb_s"), (r.get("placement_ns") or [None])[-1])
+                                                     for r in rows]
+    seen = [m for m, _ in checks if m]
     if device.type == "cpu" and gb_s and seen and max(seen) > gb_s and bandwidth.get("source") != OVERRIDE_ENV:
         # a check read more than the host's figure (a shared host's memory gives some moments far more than others):
         # the best seen is the host's, for this table and later runs
         print(f"read bandwidth: a check during this run read {max(seen):.1f} GB/s, more than the host's figure "
               f"{gb_s:.1f}: the roofline uses {max(seen):.1f}")
         gb_s = max(seen)
-        raise_cpu_bandwidth(gb_s)
+        raise_cpu_bandwidth(gb_s, next(ns for m, ns in checks if m == gb_s))
     run_gb_s = None
     if all(run_measures):
         run_gb_s = sum(run_measures) / len(run_measures)
         print(f"read bandwidth during this run: {run_measures[0]:.1f} GB/s before the cases, {run_measures[1]:.1f} "
               f"after (a shared host lowers it; the roofline uses the best seen, {gb_s:.1f})")
+    if all(placements):
+        host_ns = bandwidth.get("placement_round_trip_ns")
+        print(f"CPU placement during this run: a cache line's round trip between two CPUs {placements[0]:.0f} ns "
+              f"before the cases, {placements[1]:.0f} after (llmbench.placement; where the host's figure was read: "
+              f"{f'{host_ns:.0f} ns' if host_ns else 'not recorded'})")
     best = host_best(cores[0]) if cores[0] else None
     if best and all(cores):
         print(f"cores during this run: {core_share(cores[0], best):.0%} of this host's best before the cases, "

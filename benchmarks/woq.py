@@ -30,6 +30,7 @@ from llmbench.cli import WOQ_SCHEMES, RunConfig  # noqa: E402
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
+from llmbench.placement import measure_placement  # noqa: E402
 from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read, override_bandwidth  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
@@ -75,7 +76,10 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     run.backend.warm_up_shapes(inputs, config.max_new_tokens, config.num_beams)  # compiles outside the lock
     measurement = Measurement()
     with cpu_lock(not args.no_lock and run.device.type == "cpu"):
+        # where the CPUs sat before and after (llmbench.placement: a hypervisor that moves them changes the figures)
+        placement = [measure_placement().get("round_trip_ns")] if run.device.type == "cpu" else [None]
         measure(run.backend, inputs, config, run.device, None, measurement)
+        placement.append(measure_placement().get("round_trip_ns") if run.device.type == "cpu" else None)
         # the memory's bandwidth right after, as a record's validity checks it (a shared host lowers it), unless
         # the user set the bandwidth
         checked = run.device.type == "cpu" and override_bandwidth() is None
@@ -91,7 +95,8 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
            "first_ms": metrics["first_token_latency_s"] * 1e3, "bytes_read": read, "gb_s": read / next_s / 1e9,
            "tokens": measurement.output_token_ids,
            "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None, "run_gb_s": run_gb_s,
-           "cores_share": core_share(cores, best) if best else None, "quantization": run.facts.get("quantization")}
+           "cores_share": core_share(cores, best) if best else None, "quantization": run.facts.get("quantization"),
+           "placement_ns": placement}
     del run
     gc.collect()
     return row

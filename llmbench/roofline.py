@@ -24,6 +24,7 @@ from llmbench.errors import UserError
 from llmbench.host import cpu_kind
 from llmbench.models import _tensor_bytes, weight_bytes
 from llmbench.paths import PROJECT_ROOT, cache_dir
+from llmbench.placement import measure_placement
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
@@ -171,6 +172,10 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
              "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "cpu_busy_before": busy}
+    if device.type == "cpu":  # where the CPUs sat when the best figure was read (llmbench.placement)
+        placement = measure_placement().get("round_trip_ns") if cached is None or now > cached["bandwidth_gb_s"] \
+            else cached.get("placement_round_trip_ns")
+        entry["placement_round_trip_ns"] = placement
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
@@ -178,10 +183,11 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     return {**entry, "source": "measured", "cache_file": str(path)}
 
 
-def raise_cpu_bandwidth(gb_s: float) -> bool:
+def raise_cpu_bandwidth(gb_s: float, placement_ns: float | None = None) -> bool:
     """A quiet run's check (check_cpu_read_bandwidth) read `gb_s`, more than the host's cached figure: it becomes the
     host's (the best figure seen is the host's; a shared host's memory gives some moments far more than others, so a
-    first measurement in a poor moment would otherwise stand for every later run). -> whether the cache changed."""
+    first measurement in a poor moment would otherwise stand for every later run), with `placement_ns`, the CPUs'
+    placement then (llmbench.placement). -> whether the cache changed."""
     threads = host_threads()
     path = cache_file(torch.device("cpu"), threads)
     try:
@@ -194,7 +200,8 @@ def raise_cpu_bandwidth(gb_s: float) -> bool:
     check = cpu_read_method(threads, repeats=CHECK_REPEATS)
     write_json_atomically(path, {**cached, "bandwidth_gb_s": gb_s, "last_measured_gb_s": gb_s,
                                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "raised_by": f"a run's memory check ({check})"})
+                                 "raised_by": f"a run's memory check ({check})",
+                                 "placement_round_trip_ns": placement_ns})
     return True
 
 

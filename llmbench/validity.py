@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from llmbench.gpu_watch import GPU_SLOWDOWN_REASONS, GpuFigures
+from llmbench.placement import moved
 
 # Thresholds (docs/validity.md says why these values).
 MAX_OTHER_CPU_SHARE = 0.25  # quiet 2-core runs show a few %; two busy loops beside a 2-thread decode ~50%
@@ -176,6 +177,26 @@ class MemoryFigures:
 
 
 @dataclass
+class PlacementFigures:
+    """cpu: how this machine's CPUs sat relative to each other (llmbench.placement: the slowest round trip of a cache
+    line between two of them) before and after the measured iterations, and when the host's read-bandwidth figure was
+    measured. A hypervisor that moves them changes the memory bandwidth they reach and every hand-over between
+    threads, without showing in any CPU counter of this machine."""
+
+    before_ns: float | None
+    after_ns: float | None
+    host_figure_ns: float | None  # when the host's bandwidth figure was measured (None: not recorded then)
+    method: str | None
+    error: str | None = None  # why it could not be measured
+
+    def moved_during(self) -> bool:
+        return moved(self.before_ns, self.after_ns)
+
+    def differs_from_host_figure(self) -> bool:
+        return moved(self.after_ns, self.host_figure_ns)
+
+
+@dataclass
 class CoreFigures:
     """cpu: the cores' speed measured right after the measured iterations against the best this host has given
     (llmbench.core_speed): a matrix product's GFLOP/s and one small operator's time. Busy hyperthread siblings
@@ -267,6 +288,7 @@ class Validity:
     thresholds: dict
     memory: MemoryFigures | None = None
     cores: CoreFigures | None = None
+    placement: PlacementFigures | None = None
 
     def to_record(self) -> dict:
         out = asdict(self)
@@ -284,7 +306,7 @@ THRESHOLDS = {"max_other_cpu_share": MAX_OTHER_CPU_SHARE, "max_steal_share": MAX
 def assess(iterations: list[dict], metrics: dict, requested_iterations: int, requested_tokens: int,
            warmup_iterations: int, complete: bool, cpu: CpuFigures | None = None,
            gpu: GpuFigures | None = None, memory: MemoryFigures | None = None,
-           cores: CoreFigures | None = None) -> Validity:
+           cores: CoreFigures | None = None, placement: PlacementFigures | None = None) -> Validity:
     """The verdict: `iterations` are the record's (generated_tokens, token_latencies_s), `metrics` its metrics."""
     reasons = []
     if cpu is not None and cpu.other_share is not None:
@@ -294,11 +316,20 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
         if (cpu.steal_share or 0.0) - (cpu.other_share_resolution or 0.0) > MAX_STEAL_SHARE:
             reasons.append(f"the hypervisor gave {cpu.steal_share:.0%} of this machine's CPU time to others "
                            "during measurement (steal)")
+    if placement is not None and placement.moved_during():
+        reasons.append(f"the hypervisor moved this machine's CPUs during measurement (a cache line's round trip "
+                       f"between two of them took {placement.before_ns:.0f} ns before, {placement.after_ns:.0f} ns "
+                       "after): the figures mix two placements, whose memory bandwidth and thread hand-overs differ")
     if memory is not None and memory.share is not None and memory.share < MIN_MEMORY_BANDWIDTH_SHARE:
+        if placement is not None and placement.differs_from_host_figure():
+            why = (f"this machine's CPUs sat otherwise than when the host's figure was measured: a cache line's round "
+                   f"trip between two of them took {placement.after_ns:.0f} ns, {placement.host_figure_ns:.0f} ns "
+                   "then; the hypervisor places them, and the bandwidth they reach comes with the place")
+        else:
+            why = ("other work, perhaps on another virtual machine, was using the memory or the CPUs, or the "
+                   "hypervisor had placed this machine's CPUs where they reach less of it")
         reasons.append(f"right after measurement a read of memory reached {memory.read_bandwidth_gb_s:.1f} GB/s, "
-                       f"{memory.share:.0%} of this host's {memory.host_read_bandwidth_gb_s:.1f} GB/s (other work, "
-                       "perhaps on another virtual machine, was using the memory or the CPUs, or the hypervisor had "
-                       "placed this machine's CPUs where they reach less of it)")
+                       f"{memory.share:.0%} of this host's {memory.host_read_bandwidth_gb_s:.1f} GB/s ({why})")
     if cores is not None and cores.share is not None and cores.share < MIN_CORE_SPEED_SHARE:
         reasons.append(f"right after measurement the cores ran at {cores.share:.0%} of their best on this host (a "
                        f"matrix product {cores.matmul_gflop_s:.0f} of {cores.host_matmul_gflop_s:.0f} GFLOP/s, a small "
@@ -330,7 +361,8 @@ def assess(iterations: list[dict], metrics: dict, requested_iterations: int, req
     return Validity(valid=not reasons, reasons=reasons, complete=complete, iterations_measured=len(iterations),
                     iterations_requested=requested_iterations, warmup_iterations=warmup_iterations,
                     tokens_as_requested=tokens_ok, next_token_latency_cv=next_cv, e2e_latency_cv=e2e_cv, cpu=cpu,
-                    gpu=gpu, thresholds=dict(THRESHOLDS), memory=memory, cores=cores)
+                    gpu=gpu, thresholds=dict(THRESHOLDS), memory=memory, cores=cores,
+                    placement=placement)
 
 
 def warning_line(reasons: list[str]) -> str:

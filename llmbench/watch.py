@@ -15,12 +15,14 @@ from llmbench.core_speed import core_share, host_best, measure_core_speed, remem
 from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
+from llmbench.placement import measure_placement
 from llmbench.profiling import profile_generation
 from llmbench.roofline import check_cpu_read_bandwidth, raise_cpu_bandwidth
 from llmbench.validity import (
     CoreFigures,
     CpuWatch,
     MemoryFigures,
+    PlacementFigures,
     assess,
     warning_line,
 )
@@ -51,7 +53,9 @@ class MeasuredWindow:
         measured = (roofline or {}).get("source") in ("cache", "measured")
         single_cpu = device.type == "cpu" and (world is None or world.size <= 1)
         self.host_gb_s = roofline["read_bandwidth_gb_s"] if measured and single_cpu else None
+        self.host_placement_ns = roofline.get("placement_round_trip_ns") if self.host_gb_s else None
         self.checks_cores = single_cpu
+        self.placement_before: dict | None = None
         own, launchers, cpus = job_processes(world)
         self.cpu = CpuWatch(own, launchers, cpus)
         self.gpu = GpuWatch(device, own) if device.type == "cuda" else None
@@ -60,9 +64,12 @@ class MeasuredWindow:
         self.cpu_figures = self.gpu_figures = None
         self.memory_figures: MemoryFigures | None = None
         self.core_figures: CoreFigures | None = None
+        self.placement_figures: PlacementFigures | None = None
         self.energy_figures: Energy | None = None
 
     def start(self) -> None:
+        if self.checks_cores:  # where the CPUs sit (llmbench.placement: ~20 ms), against where they sit after
+            self.placement_before = measure_placement()
         self.cpu.start()
         if self.gpu is not None:
             self.gpu.start()
@@ -99,9 +106,10 @@ class MeasuredWindow:
                 energy.joules_per_token = energy.joules / energy.generated_tokens if energy.generated_tokens else None
                 energy.average_watts = energy.joules / energy.window_s
                 energy.scope = f"{energy.scope}, summed over {len(joules)} ranks"
-        memory, cores = (self.memory_figures, self.core_figures) if complete else (None, None)
+        memory, cores, placement = (self.memory_figures, self.core_figures, self.placement_figures) if complete \
+            else (None, None, None)
         validity = assess(iterations, record["metrics"], record["num_iter"], record["max_new_tokens"],
-                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory, cores)
+                          record["num_warmup"], complete, self.cpu_figures, self.gpu_figures, memory, cores, placement)
         return {"valid": validity.valid, "validity": validity.to_record(), "energy": energy.to_record()}
 
     def check_host(self) -> None:
@@ -110,6 +118,12 @@ class MeasuredWindow:
         then the cores' speed against their best on this host (llmbench.core_speed), for the record's validity.
         Ctrl-C during a check ends the checks only: the run they follow is complete and must reach the record."""
         try:
+            if self.checks_cores:
+                after = measure_placement()
+                self.placement_figures = PlacementFigures(
+                    (self.placement_before or {}).get("round_trip_ns"), after.get("round_trip_ns"),
+                    self.host_placement_ns, after.get("method"),
+                    error=after.get("error") or (self.placement_before or {}).get("error"))
             if self.host_gb_s:
                 self._check_memory()
             if self.checks_cores:
@@ -130,10 +144,12 @@ class MeasuredWindow:
         gb_s, before = now["read_bandwidth_gb_s"], None
         if gb_s > self.host_gb_s and self._quiet():  # the host's figure was too low: raised, for this record too
             try:
-                raise_cpu_bandwidth(gb_s)
+                raise_cpu_bandwidth(gb_s, self.placement_figures.after_ns if self.placement_figures else None)
             except OSError:
                 pass  # an unwritable cache: this record still uses the higher figure
             before, self.host_gb_s = self.host_gb_s, gb_s
+            if self.placement_figures is not None:
+                self.placement_figures.host_figure_ns = self.placement_figures.after_ns
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"],
                                             raised_from_gb_s=before)
 

@@ -54,6 +54,9 @@ def test_memory_slower_than_the_hosts_figure_is_reported(run_main, tmp_path, tin
     assert memory["method"] == cpu_read_method(threads, repeats=3)
     assert record["valid"] is False and any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
     assert f"of this host's {1e5:.1f} GB/s" in err
+    # where the CPUs sat before and after (llmbench.placement); the host's figure here was written without it
+    placement = record["validity"]["placement"]
+    assert placement["before_ns"] > 0 and placement["after_ns"] > 0 and placement["host_figure_ns"] is None
     # The roofline drawn at what the memory gave during the run, beside the host's: the steps' share of each
     roofline, metrics = record["roofline"], record["metrics"]
     assert roofline["run_read_bandwidth_gb_s"] == memory["read_bandwidth_gb_s"]
@@ -89,6 +92,9 @@ def test_a_quiet_check_above_the_hosts_figure_raises_it(run_main, tmp_path, tiny
     assert memory["raised_from_gb_s"] == 0.01 and memory["share"] == 1.0
     assert cached["bandwidth_gb_s"] == memory["read_bandwidth_gb_s"] == roofline["read_bandwidth_gb_s"] > 0.01
     assert cached["method"] == cpu_read_method(threads) and "memory check" in cached["raised_by"]
+    # with where the CPUs sat when it was read: this run's placement after its measurement
+    assert cached["placement_round_trip_ns"] == record["validity"]["placement"]["after_ns"] > 0
+    assert record["validity"]["placement"]["host_figure_ns"] == cached["placement_round_trip_ns"]
     assert roofline["raised_after_measurement_from_gb_s"] == 0.01
     assert roofline["roofline_next_token_s"] == roofline["bytes_read_per_token"] / (cached["bandwidth_gb_s"] * 1e9)
     assert record["metrics"]["roofline_next_token_s"] == roofline["roofline_next_token_s"]

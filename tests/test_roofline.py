@@ -109,6 +109,7 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     first = rl.device_bandwidth(CPU)
     assert first["source"] == "measured" and first["read_bandwidth_gb_s"] > 0.1
     assert first["method"] == f"sum of a 1 GiB float32 tensor, {os.cpu_count()} threads, best of 10"
+    assert first["placement_round_trip_ns"] > 0  # where the CPUs sat when it was read (llmbench.placement)
     (path,) = (tmp_path / "host").glob("*.json")
     assert path.name.startswith(socket.gethostname() + "-cpu-")
     second = rl.device_bandwidth(CPU)
@@ -118,6 +119,10 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     path.write_text(json.dumps({**entry, "bandwidth_gb_s": 0.001}))
     refreshed = rl.measured_bandwidth(CPU, refresh=True)
     assert refreshed["bandwidth_gb_s"] == refreshed["last_measured_gb_s"] > 0.1
+    assert refreshed["placement_round_trip_ns"] > 0
+    path.write_text(json.dumps({**entry, "bandwidth_gb_s": 1e6, "placement_round_trip_ns": 123.0}))
+    kept = rl.measured_bandwidth(CPU, refresh=True)  # a lower reading keeps the best figure with its placement
+    assert kept["bandwidth_gb_s"] == 1e6 and kept["placement_round_trip_ns"] == 123.0
     path.write_text(json.dumps({**entry, "bandwidth_gb_s": 1e6}))
     assert rl.device_bandwidth(CPU)["read_bandwidth_gb_s"] == 1e6  # the cache, not a new measurement
     # A cache entry of another method (another thread count, a changed procedure) is not used.
@@ -220,12 +225,13 @@ def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run
     from roofline import print_table
 
     row = {"backend": "compile", "scheme": "bf16", "dtype": "bfloat16", "next_ms": 10.0, "bytes_read": 100e6,
-           "cores_share": 0.734}
+           "cores_share": 0.734, "placement_ns": [61.4, 304.6]}
     print_table([row], 20.0, 12.5)
     header, line = capsys.readouterr().out.strip().splitlines()
-    assert "% of run bw" in header and header.endswith("cores %")
+    assert "% of run bw" in header and header.endswith("cores %   CPUs ns")
     assert line.split()[3:7] == ["10.00", "5.00", "50%", "80%"]
-    assert line.split()[-1] == "73%"  # the cores' speed right after the case, against the host's best
+    assert line.split()[-2] == "73%"  # the cores' speed right after the case, against the host's best
+    assert line.split()[-1] == "61/305"  # a cache line's round trip between two CPUs before / after the case
 
 
 @pytest.mark.parametrize("script", ["roofline.py", "woq.py"])

@@ -41,10 +41,10 @@ def iterations(n: int = N_ITER, tokens: int = N_NEW) -> list[dict]:
 
 
 def verdict(cpu=None, gpu=None, next_cv=0.12, e2e_cv=0.03, its=None, warmup=1, complete=True, memory=None,
-            cores=None):
+            cores=None, placement=None):
     its = iterations() if its is None else its
     return assess(its, {"next_token_latency_cv": next_cv, "e2e_latency_cv": e2e_cv}, N_ITER, N_NEW, warmup,
-                  complete, cpu, gpu, memory, cores)
+                  complete, cpu, gpu, memory, cores, placement)
 
 
 MEMORY_REASON = "right after measurement a read of memory reached"
