@@ -77,14 +77,16 @@ def anchor_rows(args) -> list[dict]:
     for anchor_type in ANCHOR_TYPES:
         print(f"[llama.cpp {anchor_type}] running ...", file=sys.stderr, flush=True)
         with cpu_lock(not args.no_lock):
+            placement = [measure_placement().get("round_trip_ns")]  # where the CPUs sat, as for every case
             found = run_anchor(args.anchor_allow_busy, args.anchor_script, anchor_type)
+            placement.append(measure_placement().get("round_trip_ns"))
         if found is None:
             rows.append({"backend": "llama.cpp", "scheme": anchor_type, "error": "did not run (see above)"})
             continue
         ms, gguf = found
         read = gguf_bytes_read(gguf) + int(kv * ANCHOR_MEAN_CONTEXT) if gguf else None
         rows.append({"backend": "llama.cpp", "scheme": anchor_type.upper(), "dtype": "gguf", "next_ms": ms,
-                     "bytes_read": read, "compile_s": None})
+                     "bytes_read": read, "compile_s": None, "placement_ns": placement})
     return rows
 
 
