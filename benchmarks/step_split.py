@@ -13,6 +13,9 @@ linears spend reading weights) as GB/s of the weight bytes a step reads, beside 
 would take if the linears read at the sum's rate. The step without the weights' reads is a lower bound on the rest's
 cost in a real step, where streaming the weights evicts from the caches what the rest uses. Only the kernels' linears
 are switched: a record's `one_row_dense_linears` that says "generated reductions" leaves those in the figures.
+Each generation and each sum is tagged by where the CPUs sat (llmbench.placement: a hypervisor that moves a guest's
+CPUs changes the memory bandwidth and the cost of the threads' hand-overs); where the rounds ran in several
+placements, the figures follow for each placement apart.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
+from llmbench.placement import MOVED_RATIO, measure_placement, moved  # noqa: E402
 
 
 def main() -> int:
@@ -74,38 +78,79 @@ def split() -> int:
     read = decode_bytes_read(run.loaded.model, run.dtype, args.batch_size * beams, inputs.num_tokens, new)
     switch = torch.ops.llmbench_cpu.set_linear_work
     backend.warm_up_shapes(inputs, new, beams)
-    steps: dict[bool, list[float]] = {True: [], False: []}
-    sums = []
+    steps: list[tuple[bool, float, float | None]] = []  # (work, median step, where the CPUs sat), each generation
+    sums: list[tuple[float, float | None]] = []  # (GB/s, where the CPUs sat)
+
+    def placed() -> float | None:
+        return measure_placement().get("round_trip_ns")
+
     with cpu_lock(True):
         try:
             for r in range(args.rounds + 1):
                 for work in ((True, False) if r % 2 == 0 else (False, True)):
                     switch(work)
                     timer = StepTimer(torch.device("cpu"))
+                    before = placed()
                     timer.start()
                     backend.generate(inputs, new, beams, timer)
+                    step = statistics.median(timer.stop(new).token_latencies_s[1:])
                     if r:  # the first round warms both up
-                        steps[work].append(statistics.median(timer.stop(new).token_latencies_s[1:]))
+                        steps.append((work, step, before if not moved(before, placed()) else None))
                 if r:
-                    sums.append(check_cpu_read_bandwidth(repeats=3)["read_bandwidth_gb_s"])
+                    before = placed()
+                    gb_s = check_cpu_read_bandwidth(repeats=3)["read_bandwidth_gb_s"]
+                    sums.append((gb_s, before if not moved(before, placed()) else None))
         finally:
             switch(True)
-    full, rest = statistics.median(steps[True]), statistics.median(steps[False])
-    weights, sum_gb_s = read["weight_bytes_read_per_token"], statistics.median(sums)
     search = "greedy" if beams == 1 else f"beam-{beams}"
     print(f"compiled {search} decode step, default model, {args.dtype}{' ' + args.woq if args.woq else ''}, "
           f"batch {args.batch_size}, "
           f"{inputs.num_tokens} in / {new} new, {args.rounds} alternating rounds (medians); {cpu_kind().describe()}; "
           f"{torch.get_num_threads()} threads")
     print(f"  one-row linears: {backend.details.get('one_row_dense_linears') or 'kernels'}")
-    print(f"  whole step                       {full * 1e3:7.2f} ms")
-    print(f"  without the weights' reads       {rest * 1e3:7.2f} ms ({rest / full:.0%} of the step)")
-    print(f"  the weights' reads               {(full - rest) * 1e3:7.2f} ms: {weights / 1e6:.1f} MB at "
-          f"{weights / max(full - rest, 1e-9) / 1e9:.1f} GB/s; a 1 GiB sum read {sum_gb_s:.1f} GB/s "
-          f"(range {min(sums):.1f}-{max(sums):.1f})")
-    print(f"  at the sum's rate the step would take {(weights / (sum_gb_s * 1e9) + rest) * 1e3:.2f} ms; the KV cache "
-          f"({read['kv_cache_bytes_read_per_token'] / 1e6:.1f} MB a step) counts as the rest")
+    report(steps, sums, read, "all rounds")
+    # A hypervisor that moves the CPUs changes the memory bandwidth and the threads' hand-overs (llmbench.placement):
+    # where the rounds ran in several placements, each apart (generations whose CPUs moved during them left out)
+    groups = placement_groups([ns for _, _, ns in steps + [(None, None, ns) for _, ns in sums] if ns])
+    for low, high in groups if len(groups) > 1 else []:
+        def inside(ns):
+            return ns is not None and low <= ns <= high
+
+        report([s for s in steps if inside(s[2])], [s for s in sums if inside(s[1])], read,
+               f"the CPUs {low:.0f}-{high:.0f} ns apart (a cache line's round trip)")
     return 0
+
+
+def placement_groups(round_trips: list[float]) -> list[tuple[float, float]]:
+    """The ranges of round trips that come from one placement: sorted, split where one is MOVED_RATIO times the
+    previous."""
+    groups: list[list[float]] = []
+    for ns in sorted(round_trips):
+        if groups and ns <= groups[-1][0] * MOVED_RATIO:
+            groups[-1].append(ns)
+        else:
+            groups.append([ns])
+    return [(g[0], g[-1]) for g in groups]
+
+
+def report(steps: list[tuple[bool, float, float | None]], sums: list[tuple[float, float | None]], read: dict,
+           title: str) -> None:
+    full = [s for work, s, _ in steps if work]
+    rest = [s for work, s, _ in steps if not work]
+    if not (full and rest and sums):
+        print(f"  {title}: too few rounds ({len(full)} with the reads, {len(rest)} without, {len(sums)} sums)")
+        return
+    full, rest = statistics.median(full), statistics.median(rest)
+    gb_s = [g for g, _ in sums]
+    weights, sum_gb_s = read["weight_bytes_read_per_token"], statistics.median(gb_s)
+    print(f"  {title}:")
+    print(f"    whole step                       {full * 1e3:7.2f} ms")
+    print(f"    without the weights' reads       {rest * 1e3:7.2f} ms ({rest / full:.0%} of the step)")
+    print(f"    the weights' reads               {(full - rest) * 1e3:7.2f} ms: {weights / 1e6:.1f} MB at "
+          f"{weights / max(full - rest, 1e-9) / 1e9:.1f} GB/s; a 1 GiB sum read {sum_gb_s:.1f} GB/s "
+          f"(range {min(gb_s):.1f}-{max(gb_s):.1f})")
+    print(f"    at the sum's rate the step would take {(weights / (sum_gb_s * 1e9) + rest) * 1e3:.2f} ms; the KV "
+          f"cache ({read['kv_cache_bytes_read_per_token'] / 1e6:.1f} MB a step) counts as the rest")
 
 
 if __name__ == "__main__":

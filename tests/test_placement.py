@@ -63,3 +63,15 @@ def test_low_memory_in_another_placement_names_it():
                              "reach comes with the place)"]
     same = verdict(cpu_figures(0.02), memory=low, placement=figures(60.0, 62.0, host=64.0))
     assert len(same.reasons) == 1 and "other work, perhaps on another virtual machine" in same.reasons[0]
+
+
+def test_step_split_groups_rounds_by_placement():
+    import sys
+
+    from llmbench.paths import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from step_split import placement_groups
+
+    assert placement_groups([61.0, 305.0, 58.0, 66.0, 320.0]) == [(58.0, 66.0), (305.0, 320.0)]
+    assert placement_groups([61.0, 64.0]) == [(61.0, 64.0)] and placement_groups([]) == []
