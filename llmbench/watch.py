@@ -17,7 +17,7 @@ from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
 from llmbench.placement import measure_placement
 from llmbench.profiling import profile_generation
-from llmbench.roofline import check_cpu_read_bandwidth, raise_cpu_bandwidth
+from llmbench.roofline import check_cpu_read_bandwidth, note_cpu_placement, raise_cpu_bandwidth
 from llmbench.validity import (
     CoreFigures,
     CpuWatch,
@@ -150,6 +150,12 @@ class MeasuredWindow:
             before, self.host_gb_s = self.host_gb_s, gb_s
             if self.placement_figures is not None:
                 self.placement_figures.host_figure_ns = self.placement_figures.after_ns
+        elif self._quiet() and self.placement_figures is not None and self.placement_figures.host_figure_ns is None:
+            try:  # a figure cached before placements were recorded: a reading this close names its placement
+                if note_cpu_placement(gb_s, self.placement_figures.after_ns):
+                    self.placement_figures.host_figure_ns = self.placement_figures.after_ns
+            except OSError:
+                pass  # an unwritable cache: nothing to note
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"],
                                             raised_from_gb_s=before)
 

@@ -75,3 +75,22 @@ def test_step_split_groups_rounds_by_placement():
 
     assert placement_groups([61.0, 305.0, 58.0, 66.0, 320.0]) == [(58.0, 66.0), (305.0, 320.0)]
     assert placement_groups([61.0, 64.0]) == [(61.0, 64.0)] and placement_groups([]) == []
+
+
+def test_a_close_reading_names_the_placement_of_an_older_host_figure(tmp_path, monkeypatch):
+    """A host figure cached before placements were recorded gets the placement of the first quiet check that reads
+    at least 80% of it, once; readings further off (another placement, or other work) leave it unnamed."""
+    import json
+
+    import torch
+
+    from llmbench.roofline import cache_file, cpu_read_method, host_threads, note_cpu_placement
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
+    path = cache_file(torch.device("cpu"), host_threads())
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"bandwidth_gb_s": 60.0, "method": cpu_read_method(host_threads())}))
+    assert not note_cpu_placement(33.0, 61.0) and "placement_round_trip_ns" not in json.loads(path.read_text())
+    assert note_cpu_placement(49.0, 305.0) and json.loads(path.read_text())["placement_round_trip_ns"] == 305.0
+    assert not note_cpu_placement(58.0, 61.0) and json.loads(path.read_text())["placement_round_trip_ns"] == 305.0
+    assert json.loads(path.read_text())["bandwidth_gb_s"] == 60.0
