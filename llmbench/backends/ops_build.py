@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from llmbench.errors import one_line
 from llmbench.host import cpu_kind
 from llmbench.paths import cache_dir
+
+STALE_LOCK_S = 15 * 60  # a build takes about a minute on 2 cores: a lock this old was left by a killed one
 
 
 def build_dir() -> Path:
@@ -30,10 +33,27 @@ def build(stem: str, sources: list[Path], extra: list[str], what: str) -> str | 
     name = f"{stem}_{key}"
     folder = build_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
+    built = folder / f"{name}.so"
+    if built.exists():
+        # The name holds the hash of everything the library is built from, so a library of that name is this one:
+        # loaded as it is (torch's loader would rebuild it for another checkout's source paths)
+        try:
+            torch.ops.load_library(str(built))
+            return None
+        except OSError:
+            pass  # cut short while it was written: built again below
+    stale = folder / "lock"  # torch's build lock, left behind by a build that was killed: later builds wait forever
+    try:
+        if time.time() - stale.stat().st_mtime > STALE_LOCK_S:
+            print(f"removing a build lock over {STALE_LOCK_S // 60} minutes old ({stale}): its build was cut short",
+                  file=sys.stderr)
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass  # no lock
     try:
         from torch.utils import cpp_extension
 
-        if not (folder / f"{name}.so").exists():
+        if not built.exists():
             print(f"building {what} (once per host, about a minute)", file=sys.stderr)
         cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(folder),
                            is_python_module=False,
