@@ -113,9 +113,10 @@ class MeasuredWindow:
         return {"valid": validity.valid, "validity": validity.to_record(), "energy": energy.to_record()}
 
     def check_host(self) -> None:
-        """Right after the measured iterations (before a --profile generation), on cpu: the memory's read bandwidth
-        against the host's figure (llmbench.roofline.check_cpu_read_bandwidth; only where there is a measured one),
-        then the cores' speed against their best on this host (llmbench.core_speed), for the record's validity.
+        """Right after the measured iterations (before a --profile generation), on cpu: where the CPUs sit against
+        where they sat before (llmbench.placement), the memory's read bandwidth against the host's figure
+        (llmbench.roofline.check_cpu_read_bandwidth; only where there is a measured one), then the cores' speed
+        against their best on this host (llmbench.core_speed), for the record's validity.
         Ctrl-C during a check ends the checks only: the run they follow is complete and must reach the record."""
         try:
             if self.checks_cores:
