@@ -327,16 +327,17 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2), (16, 12, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops
-def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim):
-    """One query position per row against a cache of 40 positions, of which each row sees its own first few (the
-    rest is the static cache's unused tail, or left padding in row 0); grouped-query heads share a cached head."""
+# 40 positions: on one thread (llmbench_cpu's serial_work); 300: rows' positions in parts on several, merged
+@pytest.mark.parametrize("length", [40, 300])
+def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim, length):
+    """One query position per row against a static cache, of which each row sees its own first positions (the rest
+    is the cache's unused tail, or left padding in row 0); grouped-query heads share a cached head."""
     torch.manual_seed(rows + heads)
-    length = 40
     query = torch.randn(rows, 1, heads, dim).to(dtype).transpose(1, 2)  # (rows, heads, 1, dim) as a strided view
     key, value = (torch.randn(rows, kv_heads, length, dim).to(dtype) for _ in range(2))
     keep = torch.zeros(rows, 1, 1, length + 3, dtype=torch.bool)  # longer than the cache, as transformers' may be
     for r in range(rows):
-        keep[r, ..., 2 * (r == 0): 20 + r] = True
+        keep[r, ..., 2 * (r == 0): length // 2 + r] = True
     mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
     out = ops.decode_attention(query, key, value, mask, 0.125)
     group = heads // kv_heads

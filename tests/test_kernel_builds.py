@@ -69,8 +69,8 @@ def test_a_build_without_avx2_runs_the_portable_loops():
             "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
             "assert not ops.attention_vectorized() and not ops.int8_tiles_built() and not ops.wide_dense_built(); "
             "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
-            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64) "
-            "for d in (torch.float32, torch.bfloat16)]; print('checked')")
+            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64, n) "
+            "for d in (torch.float32, torch.bfloat16) for n in (40, 300)]; print('checked')")
     proc = run_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
 

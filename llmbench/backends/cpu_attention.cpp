@@ -4,10 +4,11 @@
 // One query position of each row (batch x beams) against the whole static KV cache, in one call per layer: inductor
 // turns the same computation written as tensor ops (generated_kernels.generated_attention) into a reduction per score
 // with a horizontal sum over the head dimension, a softmax and a second reduction, which took ~90 us a layer for 8
-// rows of the default model on a 2-core AMX Xeon. Here each thread takes whole cached heads of a row with their
-// grouped query heads: the queries widened to float32 once, each cached key widened once and dotted with every query
-// of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed with the
-// weights, all within the head's few KB of cache. The vector path (AVX-512, or AVX2 with FMA and F16C) keeps a head of
+// rows of the default model on a 2-core AMX Xeon. Here each task takes a cached head of a row with its grouped query
+// heads (or, where rows x cached heads are fewer than twice the threads, a part of its positions, the parts merged
+// after as in flash-decoding): the queries widened to float32 once, each cached key widened once and dotted with
+// every query of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed
+// with the weights, all within the head's few KB of cache; small calls run on the calling thread alone. The vector path (AVX-512, or AVX2 with FMA and F16C) keeps a head of
 // 16-128 values in registers; other CPUs and head sizes get portable loops (generated_kernels.attention_kernel decides
 // whether the op or inductor's generated form runs).
 #include <ATen/ATen.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -58,15 +60,17 @@ struct MaskRow {
 
 #include "cpu_gemv_vec.h"  // Vec (the vector path's registers) and vexp
 
-// One cached head (b, kvh) for its `group` query heads (qf: group x D, scaled, float32): scores of the positions the
-// mask keeps, softmax, weighted values into out (group x D, float32). scores: group x L scratch.
+constexpr int64_t kMinPart = 32;       // positions at least in a part of a row's (see attend_heads)
+constexpr int64_t kMaxParts = 64;      // parts of a row at most
+constexpr int64_t kSerialWork = 1024;  // see serial_work()
+
+// One cached head (b, kvh) for its `group` query heads (qf: group x D, scaled, float32) over the kept positions
+// kept[0..n) (a part of a row's, or all of them): each key widened once for the whole group. Into part, group x
+// (D + 2) floats: per query head its largest score, the sum of exp(score - largest) and the values summed with those
+// weights (not yet divided by the sum), which merge() combines over a row's parts. scores: group x n scratch.
 template <typename T, int CH>
-void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int64_t ks, int64_t vs, int64_t L,
-                  int64_t D, const MaskRow& row, float* scores, float* out, std::vector<int64_t>& kept) {
-  kept.clear();
-  for (int64_t j = 0; j < L; ++j)
-    if (!row.masked(j)) kept.push_back(j);
-  const int64_t n = static_cast<int64_t>(kept.size());
+void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int64_t ks, int64_t vs,
+                  const int64_t* kept, int64_t n, int64_t D, const MaskRow& row, float* scores, float* part) {
 #if defined(LLMBENCH_VEC)
   if constexpr (CH > 0) {
     constexpr int W = Vec::W;
@@ -80,11 +84,11 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
       for (int64_t g = 0; g < group; ++g) {
         Vec::R acc = Vec::mul(Vec::load(qf + g * D), k[0]);
         for (int c = 1; c < CH; ++c) acc = Vec::fmadd(Vec::load(qf + g * D + W * c), k[c], acc);
-        scores[g * L + i] = Vec::sum(acc) + add;
+        scores[g * n + i] = Vec::sum(acc) + add;
       }
     }
     for (int64_t g = 0; g < group; ++g) {
-      float* s = scores + g * L;
+      float* s = scores + g * n;
       float top = -INFINITY;
       for (int64_t i = 0; i < n; ++i) top = std::max(top, s[i]);
       Vec::R sum = Vec::zero();
@@ -103,8 +107,9 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
         const T* v = vh + kept[i2] * vs;
         for (int c = 0; c < CH; ++c) acc[c] = Vec::fmadd(p, Vec::widen(v + W * c), acc[c]);
       }
-      const Vec::R inv = Vec::set1(1.f / total);
-      for (int c = 0; c < CH; ++c) Vec::store(out + g * D + W * c, Vec::mul(acc[c], inv));
+      float* o = part + g * (D + 2);
+      o[0] = top, o[1] = total;
+      for (int c = 0; c < CH; ++c) Vec::store(o + 2 + W * c, acc[c]);
     }
     return;
   }
@@ -116,24 +121,34 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += qf[g * D + d] * kf[d];
-      scores[g * L + i] = dot + row.bias(kept[i]);
+      scores[g * n + i] = dot + row.bias(kept[i]);
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * L;
-    float* o = out + g * D;
-    const float top = *std::max_element(s, s + std::max<int64_t>(n, 1));
+    float* s = scores + g * n;
+    float* o = part + g * (D + 2);
+    const float top = n ? *std::max_element(s, s + n) : -INFINITY;
     float total = 0.f;
-    std::fill(o, o + D, 0.f);
+    std::fill(o + 2, o + 2 + D, 0.f);
     for (int64_t i = 0; i < n; ++i) {
       const float p = std::exp(s[i] - top);
       total += p;
       widen(vh + kept[i] * vs, kf.data(), D);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += p * kf[d];
+      for (int64_t d = 0; d < D; ++d) o[2 + d] += p * kf[d];
     }
-    for (int64_t d = 0; d < D; ++d) o[d] /= total;
+    o[0] = top, o[1] = total;
   }
+}
+
+// Query-head-positions (rows x heads x kept positions) below which a call runs on the calling thread alone: a
+// parallel region and the hand-over of its results cost more than they save there (LLMBENCH_ATTENTION_SERIAL_WORK).
+inline int64_t serial_work() {
+  static const int64_t work = [] {
+    const char* set = std::getenv("LLMBENCH_ATTENTION_SERIAL_WORK");
+    return set ? std::atoll(set) : int64_t{kSerialWork};
+  }();
+  return work;
 }
 
 template <typename T, int CH>
@@ -151,31 +166,74 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
   T* op = out.data_ptr<T>();  // (B, 1, H, D) contiguous
   const bool is_bool = mask.scalar_type() == at::kBool;
   const char* mp = static_cast<const char*>(mask.data_ptr()) + (mask.size(2) - 1) * ms[2] * mask.element_size();
-  // One task per cached head of a row; with fewer tasks than threads (one row, few cached heads) each query head
-  // is a task of its own (its cached head then read once per query head).
-  const bool per_query_head = B * KVH < at::get_num_threads() * 2 && group > 1;
-  const int64_t tasks = per_query_head ? B * H : B * KVH, heads = per_query_head ? 1 : group;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(heads * D), scores(heads * L), o(heads * D);
-    std::vector<int64_t> kept;
-    kept.reserve(L);
+  auto row_of = [&](int64_t b) {
+    MaskRow row;
+    const char* at = mp + (mask.size(0) == 1 ? 0 : b) * ms[0] * mask.element_size();
+    row.stride = ms[3];
+    if (is_bool) row.keep = reinterpret_cast<const bool*>(at);
+    else row.add = reinterpret_cast<const float*>(at);
+    return row;
+  };
+  // Scratch kept between calls (a decode step calls once per layer; this thread's, so the parallel work below reads
+  // it through pointers): each row's attended positions, found once, and the tasks' results.
+  thread_local std::vector<int64_t> kept_rows, counts;
+  thread_local std::vector<float> partials;
+  kept_rows.resize(B * L), counts.resize(B);
+  int64_t* kept = kept_rows.data();
+  int64_t* count = counts.data();
+  int64_t fewest = L, total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const MaskRow row = row_of(b);
+    int64_t n = 0;
+    for (int64_t j = 0; j < L; ++j)
+      if (!row.masked(j)) kept[b * L + n++] = j;
+    count[b] = n, fewest = std::min(fewest, n), total += n;
+  }
+  // One task per cached head of a row with its query heads (each key read and widened once for them); with fewer
+  // such tasks than twice the threads, each takes a part of the row's positions (kMinPart at least), and the parts'
+  // results are merged after: one row's few cached heads still keep every thread busy.
+  const int64_t threads = at::get_num_threads(), heads = B * KVH;
+  const bool serial = total * H < serial_work() || threads == 1;
+  const int64_t parts = serial || heads >= 2 * threads ? 1
+      : std::max<int64_t>(1, std::min({(2 * threads + heads - 1) / heads, fewest / kMinPart, kMaxParts}));
+  const int64_t tasks = heads * parts, stride = group * (D + 2);
+  partials.resize(tasks * stride);
+  float* partial = partials.data();
+  at::parallel_for(0, tasks, serial ? tasks : 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> qf, scores;
+    qf.resize(group * D);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = per_query_head ? t / H : t / KVH;
-      const int64_t h0 = per_query_head ? t % H : t % KVH * group, kvh = h0 / group;
-      for (int64_t g = 0; g < heads; ++g)
+      const int64_t b = t / (KVH * parts), kvh = t / parts % KVH, p = t % parts;
+      const int64_t i0 = count[b] * p / parts, i1 = count[b] * (p + 1) / parts;
+      for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = static_cast<float>(qp[b * qs[0] + (h0 + g) * qs[1] + d * qs[3]]) * static_cast<float>(scale);
-      MaskRow row;
-      const int64_t moff = (mask.size(0) == 1 ? 0 : b) * ms[0] * mask.element_size();
-      row.stride = ms[3];
-      if (is_bool) row.keep = reinterpret_cast<const bool*>(mp + moff);
-      else row.add = reinterpret_cast<const float*>(mp + moff);
-      attend_group<T, CH>(qf.data(), heads, kp + b * ks[0] + kvh * ks[1], vp + b * vs[0] + kvh * vs[1], ks[2], vs[2],
-                          L, D, row, scores.data(), o.data(), kept);
-      T* dst = op + (b * H + h0) * D;
-      for (int64_t i = 0; i < heads * D; ++i) dst[i] = static_cast<T>(o[i]);
+          qf[g * D + d] = static_cast<float>(qp[b * qs[0] + (kvh * group + g) * qs[1] + d * qs[3]]) *
+                          static_cast<float>(scale);
+      scores.resize(group * std::max<int64_t>(i1 - i0, 1));
+      attend_group<T, CH>(qf.data(), group, kp + b * ks[0] + kvh * ks[1], vp + b * vs[0] + kvh * vs[1], ks[2],
+                          vs[2], kept + b * L + i0, i1 - i0, D, row_of(b), scores.data(), partial + t * stride);
     }
   });
+  // merge: per query head, the parts' sums rescaled to the row's largest score
+  for (int64_t bh = 0; bh < heads; ++bh) {
+    const float* parts_of = partial + bh * parts * stride;
+    for (int64_t g = 0; g < group; ++g) {
+      float top = -INFINITY, sum = 0.f;
+      for (int64_t p = 0; p < parts; ++p) top = std::max(top, parts_of[p * stride + g * (D + 2)]);
+      float w[kMaxParts];
+      for (int64_t p = 0; p < parts; ++p) {
+        const float* o = parts_of + p * stride + g * (D + 2);
+        w[p] = parts == 1 ? 1.f : std::exp(o[0] - top);
+        sum += w[p] * o[1];
+      }
+      T* dst = op + (bh * group + g) * D;  // (b, kvh) -> heads b * H + kvh * group + g
+      for (int64_t d = 0; d < D; ++d) {
+        float v = 0.f;
+        for (int64_t p = 0; p < parts; ++p) v += w[p] * parts_of[p * stride + g * (D + 2) + 2 + d];
+        dst[d] = static_cast<T>(v / sum);
+      }
+    }
+  }
 }
 
 template <typename T>
