@@ -174,11 +174,10 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
              "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "cpu_busy_before": busy}
     if device.type == "cpu":  # where the CPUs sat when the best figure was read (llmbench.placement)
-        placement = cached.get("placement_round_trip_ns") if cached else None
-        if cached is None or now > cached["bandwidth_gb_s"] or \
-                (placement is None and now >= SAME_PLACEMENT_SHARE * cached["bandwidth_gb_s"]):
-            placement = measure_placement().get("round_trip_ns")
-        entry["placement_round_trip_ns"] = placement
+        best = cached["bandwidth_gb_s"] if cached else 0
+        known = cached.get("placement_round_trip_ns") if cached else None
+        entry["placement_round_trip_ns"] = measure_placement().get("round_trip_ns") if now > best or \
+            (known is None and now >= SAME_PLACEMENT_SHARE * best) else known
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
@@ -186,21 +185,26 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     return {**entry, "source": "measured", "cache_file": str(path)}
 
 
-def raise_cpu_bandwidth(gb_s: float, placement_ns: float | None = None) -> bool:
-    """A quiet run's check (check_cpu_read_bandwidth) read `gb_s`, more than the host's cached figure: it becomes the
-    host's (the best figure seen is the host's; a shared host's memory gives some moments far more than others, so a
-    first measurement in a poor moment would otherwise stand for every later run), with `placement_ns`, the CPUs'
-    placement then (llmbench.placement). -> whether the cache changed."""
+def _cached_cpu_figure() -> tuple[Path, dict | None]:
+    """This host's cache file of the cpu read bandwidth, and its entry where it holds one of the current method."""
     threads = host_threads()
     path = cache_file(torch.device("cpu"), threads)
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return path, None
+    return path, cached if isinstance(cached, dict) and cached.get("method") == cpu_read_method(threads) else None
+
+
+def raise_cpu_bandwidth(gb_s: float, placement_ns: float | None = None) -> bool:
+    """A quiet run's check (check_cpu_read_bandwidth) read `gb_s`, more than the host's cached figure: it becomes the
+    host's (the best figure seen is the host's; a shared host's memory gives some moments far more than others, so a
+    first measurement in a poor moment would otherwise stand for every later run), with `placement_ns` (where the
+    CPUs sat, llmbench.placement). -> whether the cache changed."""
+    path, cached = _cached_cpu_figure()
+    if cached is None or not gb_s > cached.get("bandwidth_gb_s", 0):
         return False
-    if not isinstance(cached, dict) or cached.get("method") != cpu_read_method(threads) or \
-            not gb_s > cached.get("bandwidth_gb_s", 0):
-        return False
-    check = cpu_read_method(threads, repeats=CHECK_REPEATS)
+    check = cpu_read_method(host_threads(), repeats=CHECK_REPEATS)
     write_json_atomically(path, {**cached, "bandwidth_gb_s": gb_s, "last_measured_gb_s": gb_s,
                                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  "raised_by": f"a run's memory check ({check})",
@@ -209,17 +213,11 @@ def raise_cpu_bandwidth(gb_s: float, placement_ns: float | None = None) -> bool:
 
 
 def note_cpu_placement(gb_s: float, placement_ns: float | None) -> bool:
-    """The host's figure was cached before its CPUs' placement was recorded with it (llmbench.placement): a quiet
-    check that read `gb_s`, at least SAME_PLACEMENT_SHARE of it, with the CPUs at `placement_ns`, names it (on the
-    guest measured, the other placement read 0.43-0.57x). -> whether the cache changed."""
-    threads = host_threads()
-    path = cache_file(torch.device("cpu"), threads)
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not placement_ns or not isinstance(cached, dict) or cached.get("method") != cpu_read_method(threads) or \
-            cached.get("placement_round_trip_ns") or not gb_s >= SAME_PLACEMENT_SHARE * cached.get("bandwidth_gb_s", 0):
+    """A host figure cached without its CPUs' placement (llmbench.placement) takes `placement_ns` from a quiet check
+    that read `gb_s`, at least SAME_PLACEMENT_SHARE of it (the other placement read 0.43-0.57x). -> changed?"""
+    path, cached = _cached_cpu_figure()
+    if cached is None or not placement_ns or cached.get("placement_round_trip_ns") or \
+            not gb_s >= SAME_PLACEMENT_SHARE * cached.get("bandwidth_gb_s", 0):
         return False
     write_json_atomically(path, {**cached, "placement_round_trip_ns": placement_ns})
     return True
