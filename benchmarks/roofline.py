@@ -38,7 +38,7 @@ from llmbench.core_speed import core_share, host_best, measure_core_speed  # noq
 from llmbench.devices import resolve_device  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
-from llmbench.placement import measure_placement  # noqa: E402
+from llmbench.placement import round_trip_ns  # noqa: E402
 from llmbench.roofline import (  # noqa: E402
     OVERRIDE_ENV,
     device_bandwidth,
@@ -77,9 +77,9 @@ def anchor_rows(args) -> list[dict]:
     for anchor_type in ANCHOR_TYPES:
         print(f"[llama.cpp {anchor_type}] running ...", file=sys.stderr, flush=True)
         with cpu_lock(not args.no_lock):
-            placement = [measure_placement().get("round_trip_ns")]  # where the CPUs sat, as for every case
+            placement = [round_trip_ns()]  # where the CPUs sat, as for every case
             found = run_anchor(args.anchor_allow_busy, args.anchor_script, anchor_type)
-            placement.append(measure_placement().get("round_trip_ns"))
+            placement.append(round_trip_ns())
         if found is None:
             rows.append({"backend": "llama.cpp", "scheme": anchor_type, "error": "did not run (see above)"})
             continue
@@ -129,7 +129,7 @@ def main() -> int:
             figures = device_bandwidth(device, refresh=True)
             if device.type == "cpu":
                 figures["cores"] = measure_core_speed()
-                figures["placement_ns"] = measure_placement().get("round_trip_ns")
+                figures["placement_ns"] = round_trip_ns()
             return figures
 
     bandwidth = measure_now()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
-from llmbench.placement import MOVED_RATIO, measure_placement, moved  # noqa: E402
+from llmbench.placement import MOVED_RATIO, moved, round_trip_ns  # noqa: E402
 
 
 def main() -> int:
@@ -80,26 +80,22 @@ def split() -> int:
     backend.warm_up_shapes(inputs, new, beams)
     steps: list[tuple[bool, float, float | None]] = []  # (work, median step, where the CPUs sat), each generation
     sums: list[tuple[float, float | None]] = []  # (GB/s, where the CPUs sat)
-
-    def placed() -> float | None:
-        return measure_placement().get("round_trip_ns")
-
     with cpu_lock(True):
         try:
             for r in range(args.rounds + 1):
                 for work in ((True, False) if r % 2 == 0 else (False, True)):
                     switch(work)
                     timer = StepTimer(torch.device("cpu"))
-                    before = placed()
+                    before = round_trip_ns()
                     timer.start()
                     backend.generate(inputs, new, beams, timer)
                     step = statistics.median(timer.stop(new).token_latencies_s[1:])
                     if r:  # the first round warms both up
-                        steps.append((work, step, before if not moved(before, placed()) else None))
+                        steps.append((work, step, before if not moved(before, round_trip_ns()) else None))
                 if r:
-                    before = placed()
+                    before = round_trip_ns()
                     gb_s = check_cpu_read_bandwidth(repeats=3)["read_bandwidth_gb_s"]
-                    sums.append((gb_s, before if not moved(before, placed()) else None))
+                    sums.append((gb_s, before if not moved(before, round_trip_ns()) else None))
         finally:
             switch(True)
     search = "greedy" if beams == 1 else f"beam-{beams}"
@@ -111,7 +107,7 @@ def split() -> int:
     report(steps, sums, read, "all rounds")
     # A hypervisor that moves the CPUs changes the memory bandwidth and the threads' hand-overs (llmbench.placement):
     # where the rounds ran in several placements, each apart (generations whose CPUs moved during them left out)
-    groups = placement_groups([ns for _, _, ns in steps + [(None, None, ns) for _, ns in sums] if ns])
+    groups = placement_groups([s[-1] for s in steps + sums if s[-1]])
     for low, high in groups if len(groups) > 1 else []:
         def inside(ns):
             return ns is not None and low <= ns <= high

@@ -30,7 +30,7 @@ from llmbench.cli import WOQ_SCHEMES, RunConfig  # noqa: E402
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.models import weight_bytes  # noqa: E402
 from llmbench.pipeline import open_pipeline, quiet_libraries  # noqa: E402
-from llmbench.placement import measure_placement  # noqa: E402
+from llmbench.placement import round_trip_ns  # noqa: E402
 from llmbench.roofline import check_cpu_read_bandwidth, decode_bytes_read, override_bandwidth  # noqa: E402
 
 LOCK = Path("/tmp/llmbench-cpu.lock")
@@ -77,9 +77,9 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     measurement = Measurement()
     with cpu_lock(not args.no_lock and run.device.type == "cpu"):
         # where the CPUs sat before and after (llmbench.placement: a hypervisor that moves them changes the figures)
-        placement = [measure_placement().get("round_trip_ns")] if run.device.type == "cpu" else [None]
+        placement = [round_trip_ns() if run.device.type == "cpu" else None]
         measure(run.backend, inputs, config, run.device, None, measurement)
-        placement.append(measure_placement().get("round_trip_ns") if run.device.type == "cpu" else None)
+        placement.append(round_trip_ns() if run.device.type == "cpu" else None)
         # the memory's bandwidth right after, as a record's validity checks it (a shared host lowers it), unless
         # the user set the bandwidth
         checked = run.device.type == "cpu" and override_bandwidth() is None

@@ -89,6 +89,11 @@ def measure_placement(cpus: list[int] | None = None) -> dict:
     return {"round_trip_ns": max(p[2] for p in pairs), "pairs": pairs, "method": METHOD}
 
 
+def round_trip_ns() -> float | None:
+    """measure_placement's slowest round trip now, or None where it could not be measured."""
+    return measure_placement().get("round_trip_ns")
+
+
 def moved(a_ns: float | None, b_ns: float | None) -> bool:
     """Whether two round trips (measure_placement's) come from different placements of the CPUs."""
     return bool(a_ns and b_ns) and max(a_ns, b_ns) / min(a_ns, b_ns) > MOVED_RATIO

@@ -24,7 +24,7 @@ from llmbench.errors import UserError
 from llmbench.host import cpu_kind
 from llmbench.models import _tensor_bytes, weight_bytes
 from llmbench.paths import PROJECT_ROOT, cache_dir
-from llmbench.placement import measure_placement
+from llmbench.placement import round_trip_ns
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
@@ -176,7 +176,7 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     if device.type == "cpu":  # where the CPUs sat when the best figure was read (llmbench.placement)
         best = cached["bandwidth_gb_s"] if cached else 0
         known = cached.get("placement_round_trip_ns") if cached else None
-        entry["placement_round_trip_ns"] = measure_placement().get("round_trip_ns") if now > best or \
+        entry["placement_round_trip_ns"] = round_trip_ns() if now > best or \
             (known is None and now >= SAME_PLACEMENT_SHARE * best) else known
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
