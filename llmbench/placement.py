@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from llmbench.paths import cache_dir
 SOURCE = Path(__file__).with_name("placement.c")
 TRIPS, BATCHES, LIMIT_S = 500, 5, 0.5  # ~1-2 ms a pair on the machines measured
 MAX_PAIRS = 7
+MAX_PLACEMENTS = 8  # per host cache: the placements seen, each with the best bandwidth read there
 MOVED_RATIO = 1.8  # round trips this far apart: another placement (measured ones: 2.7-4.5x apart, within 1.4x)
 METHOD = (f"round trip of a cache line between two pinned threads, best of {BATCHES} x {TRIPS}, the first allowed "
           f"CPU against up to {MAX_PAIRS} others; the slowest pair")
@@ -97,6 +99,34 @@ def round_trip_ns() -> float | None:
 def moved(a_ns: float | None, b_ns: float | None) -> bool:
     """Whether two round trips (measure_placement's) come from different placements of the CPUs."""
     return bool(a_ns and b_ns) and max(a_ns, b_ns) / min(a_ns, b_ns) > MOVED_RATIO
+
+
+def placement_of(placements: list[dict], ns: float | None) -> dict | None:
+    """The entry of `placements` ({"round_trip_ns", "bandwidth_gb_s"}: the placements a host has been seen in, each
+    with the best memory read there) for CPUs whose round trip is `ns`: the nearest not moved from it, else None."""
+    near = [p for p in placements if ns and p.get("round_trip_ns") and not moved(ns, p["round_trip_ns"])]
+    return min(near, key=lambda p: abs(math.log(ns / p["round_trip_ns"])), default=None)
+
+
+def with_reading(placements: list[dict], gb_s: float, ns: float | None) -> list[dict] | None:
+    """`placements` after a quiet read of memory at `gb_s` with the CPUs at round trip `ns`: its placement's best
+    raised, or the placement added. -> the new list, or None where nothing changed (no `ns`, or not higher)."""
+    if not ns or not gb_s > 0:
+        return None
+    entry = placement_of(placements, ns)
+    if entry is not None and gb_s <= entry.get("bandwidth_gb_s", 0):
+        return None
+    if entry is None:
+        return (placements + [{"round_trip_ns": ns, "bandwidth_gb_s": gb_s}])[-MAX_PLACEMENTS:]
+    return [{**p, "bandwidth_gb_s": gb_s} if p is entry else p for p in placements]
+
+
+def host_placements(cached: dict | None) -> list[dict]:
+    """The placements a host's cached bandwidth figure (llmbench.roofline) has seen, each with its best read; the
+    host's figure counts for its own placement where it names one (figures cached before placements were kept)."""
+    placements = list(cached.get("placements") or []) if cached else []
+    ns = cached.get("placement_round_trip_ns") if cached else None
+    return with_reading(placements, cached.get("bandwidth_gb_s", 0), ns) or placements if ns else placements
 
 
 if __name__ == "__main__":

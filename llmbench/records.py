@@ -76,7 +76,8 @@ class BenchmarkRecord(Record, total=False):
     token_latency: bool
     # metrics: first/next/p50/p90/p99 token latencies (s), e2e_latency_s, throughput_tokens_per_s,
     # peak_memory_bytes, weight_bandwidth_gb_s, roofline_next_token_s, roofline_fraction,
-    # roofline_fraction_at_run_bandwidth (cpu), spreads (_stddev_, _cv)
+    # roofline_fraction_at_run_bandwidth (cpu), roofline_fraction_at_placement_bandwidth (cpu, where the CPUs sat
+    # where the host reads less at best), spreads (_stddev_, _cv)
     iterations: list[Iteration]
     output_text: str | None
     output_token_ids: list[int]

@@ -24,7 +24,7 @@ from llmbench.errors import UserError
 from llmbench.host import cpu_kind
 from llmbench.models import _tensor_bytes, weight_bytes
 from llmbench.paths import PROJECT_ROOT, cache_dir
-from llmbench.placement import round_trip_ns
+from llmbench.placement import host_placements, round_trip_ns, with_reading
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
@@ -173,54 +173,18 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
              "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "cpu_busy_before": busy}
-    if device.type == "cpu":  # where the CPUs sat when the best figure was read (llmbench.placement)
-        best = cached["bandwidth_gb_s"] if cached else 0
+    if device.type == "cpu":  # where the CPUs sat when the best figure was read, and each placement's best
+        best, ns = (cached["bandwidth_gb_s"] if cached else 0), round_trip_ns()
         known = cached.get("placement_round_trip_ns") if cached else None
-        entry["placement_round_trip_ns"] = round_trip_ns() if now > best or \
+        entry["placement_round_trip_ns"] = ns if now > best or \
             (known is None and now >= SAME_PLACEMENT_SHARE * best) else known
+        seen = host_placements(cached)
+        entry["placements"] = (with_reading(seen, now, ns) if (busy or 0) <= BUSY_LIMIT else None) or seen
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
     write_json_atomically(path, entry)
     return {**entry, "source": "measured", "cache_file": str(path)}
-
-
-def _cached_cpu_figure() -> tuple[Path, dict | None]:
-    """This host's cache file of the cpu read bandwidth, and its entry where it holds one of the current method."""
-    threads = host_threads()
-    path = cache_file(torch.device("cpu"), threads)
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return path, None
-    return path, cached if isinstance(cached, dict) and cached.get("method") == cpu_read_method(threads) else None
-
-
-def raise_cpu_bandwidth(gb_s: float, placement_ns: float | None = None) -> bool:
-    """A quiet run's check (check_cpu_read_bandwidth) read `gb_s`, more than the host's cached figure: it becomes the
-    host's (the best figure seen is the host's; a shared host's memory gives some moments far more than others, so a
-    first measurement in a poor moment would otherwise stand for every later run), with `placement_ns` (where the
-    CPUs sat, llmbench.placement). -> whether the cache changed."""
-    path, cached = _cached_cpu_figure()
-    if cached is None or not gb_s > cached.get("bandwidth_gb_s", 0):
-        return False
-    check = cpu_read_method(host_threads(), repeats=CHECK_REPEATS)
-    write_json_atomically(path, {**cached, "bandwidth_gb_s": gb_s, "last_measured_gb_s": gb_s,
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "raised_by": f"a run's memory check ({check})",
-                                 "placement_round_trip_ns": placement_ns})
-    return True
-
-
-def note_cpu_placement(gb_s: float, placement_ns: float | None) -> bool:
-    """A host figure cached without its CPUs' placement (llmbench.placement) takes `placement_ns` from a quiet check
-    that read `gb_s`, at least SAME_PLACEMENT_SHARE of it (the other placement read 0.43-0.57x). -> changed?"""
-    path, cached = _cached_cpu_figure()
-    if cached is None or not placement_ns or cached.get("placement_round_trip_ns") or \
-            not gb_s >= SAME_PLACEMENT_SHARE * cached.get("bandwidth_gb_s", 0):
-        return False
-    write_json_atomically(path, {**cached, "placement_round_trip_ns": placement_ns})
-    return True
 
 
 def with_bandwidth(roofline_info: dict, gb_s: float) -> dict:
@@ -343,14 +307,19 @@ def roofline_metrics(roofline_info: dict | None, next_token_latency_s: float | N
     metrics (fraction: roofline / measured mean next-token latency; 1.0 would be a step at the bandwidth limit). The
     last draws the roofline at the bandwidth this run's memory check read right after the measured iterations
     (`run_read_bandwidth_gb_s`, cpu): how close the steps came to what the memory gave during the run, where a
-    shared host gave less than its best (None without a check)."""
+    shared host gave less than its best (None without a check). Where the CPUs sat where this host reads less at
+    best than its figure (`placement_read_bandwidth_gb_s`, llmbench.placement), "roofline_fraction_at_placement_
+    bandwidth" draws it at that best."""
     info = roofline_info or {}
     roofline_s = info.get("roofline_next_token_s")
     fraction = roofline_s / next_token_latency_s if roofline_s and next_token_latency_s else None
     host, run = info.get("read_bandwidth_gb_s"), info.get("run_read_bandwidth_gb_s")
-    at_run = fraction * host / run if fraction and host and run else None
-    return {"roofline_next_token_s": roofline_s, "roofline_fraction": fraction,
-            "roofline_fraction_at_run_bandwidth": at_run}
+    place = info.get("placement_read_bandwidth_gb_s")
+    out = {"roofline_next_token_s": roofline_s, "roofline_fraction": fraction,
+           "roofline_fraction_at_run_bandwidth": fraction * host / run if fraction and host and run else None}
+    if place:
+        out["roofline_fraction_at_placement_bandwidth"] = fraction * host / place if fraction and host else None
+    return out
 
 
 def roofline_line(metrics: dict, roofline_info: dict | None) -> str | None:
@@ -365,6 +334,10 @@ def roofline_line(metrics: dict, roofline_info: dict | None) -> str | None:
     if metrics.get("roofline_fraction_at_run_bandwidth") is not None:
         line += (f" ({metrics['roofline_fraction_at_run_bandwidth'] * 100:.0f}% at the "
                  f"{roofline_info['run_read_bandwidth_gb_s']:.1f} GB/s this run's memory check read)")
+    if metrics.get("roofline_fraction_at_placement_bandwidth") is not None:
+        line += (f"; {metrics['roofline_fraction_at_placement_bandwidth'] * 100:.0f}% at the "
+                 f"{roofline_info['placement_read_bandwidth_gb_s']:.1f} GB/s this host reads at best with its CPUs "
+                 "placed as in this run")
     return line + (cache_note(roofline_info) or "")
 
 

@@ -11,13 +11,14 @@ import time
 
 import torch
 
+from llmbench.bandwidth_cache import note_cpu_reading
 from llmbench.core_speed import core_share, host_best, measure_core_speed, remember
 from llmbench.distributed import gather
 from llmbench.energy import Energy, EnergyMeter, unavailable
 from llmbench.gpu_watch import GpuWatch
 from llmbench.placement import measure_placement
 from llmbench.profiling import profile_generation
-from llmbench.roofline import check_cpu_read_bandwidth, note_cpu_placement, raise_cpu_bandwidth
+from llmbench.roofline import check_cpu_read_bandwidth
 from llmbench.validity import (
     CoreFigures,
     CpuWatch,
@@ -143,22 +144,20 @@ class MeasuredWindow:
             self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
             return
         gb_s, before = now["read_bandwidth_gb_s"], None
-        if gb_s > self.host_gb_s and self._quiet():  # the host's figure was too low: raised, for this record too
-            try:
-                raise_cpu_bandwidth(gb_s, self.placement_figures.after_ns if self.placement_figures else None)
-            except OSError:
-                pass  # an unwritable cache: this record still uses the higher figure
+        placement = self.placement_figures
+        noted = note_cpu_reading(gb_s, placement.after_ns if placement else None, keep=self._quiet())
+        if noted["raised"]:  # the host's figure was too low: raised, for this record too
             before, self.host_gb_s = self.host_gb_s, gb_s
-            if self.placement_figures is not None:
-                self.placement_figures.host_figure_ns = self.placement_figures.after_ns
-        elif self._quiet() and self.placement_figures is not None and self.placement_figures.host_figure_ns is None:
-            try:  # a figure cached before placements were recorded: a reading this close names its placement
-                if note_cpu_placement(gb_s, self.placement_figures.after_ns):
-                    self.placement_figures.host_figure_ns = self.placement_figures.after_ns
-            except OSError:
-                pass  # an unwritable cache: nothing to note
+        if placement is not None and (noted["raised"] or placement.host_figure_ns is None):
+            placement.host_figure_ns = noted["host_figure_ns"]
+        # the best this placement of the CPUs has read on this host, this check included where it was kept
+        best = noted["placement_gb_s"]
+        if self._quiet() and placement is not None and placement.after_ns:
+            best = max(best or 0, gb_s)
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"],
-                                            raised_from_gb_s=before)
+                                            raised_from_gb_s=before, placement_read_bandwidth_gb_s=best,
+                                            placement_share=gb_s / best if best else None,
+                                            first_in_placement=bool(best) and noted["placement_gb_s"] is None)
 
     def _quiet(self) -> bool:
         """Whether other work left this run's CPUs alone (a figure measured beside others' is never kept)."""

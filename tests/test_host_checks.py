@@ -103,6 +103,50 @@ def test_a_quiet_check_above_the_hosts_figure_raises_it(run_main, tmp_path, tiny
     assert record["valid"] or not any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
 
 
+def test_a_run_in_another_placement_is_judged_by_that_placements_best(run_main, tmp_path, tiny_llama, monkeypatch):
+    """A host figure read where the CPUs sat otherwise (here a made-up round trip of 1 ms) does not make a quiet run
+    invalid for reading less: its check becomes the best of the placement the CPUs sat in, the record draws the
+    roofline at that best too, and a second run is judged against it."""
+    from llmbench.placement import moved, placement_of
+    from llmbench.roofline import cache_file, cpu_read_method
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    threads = os.cpu_count()
+    host = cache_file(torch.device("cpu"), threads)
+    host.parent.mkdir(parents=True)
+    host.write_text(json.dumps({"bandwidth_gb_s": 1e5, "method": cpu_read_method(threads),
+                                "placement_round_trip_ns": 1e6}))
+    status, out, err = run_main(*bench_args(tiny_llama, tmp_path / "first.jsonl", *TINY_RUN))
+    assert status == 0, err
+    record = only_record(tmp_path / "first.jsonl")
+    memory, placement = record["validity"]["memory"], record["validity"]["placement"]
+    if placement["after_ns"] is None or record["validity"]["cpu"]["other_share"] > 0.25:
+        # no placement to judge by (one CPU, no C compiler) or others' work (nothing kept): the host's figure stands
+        assert any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
+        assert "placements" not in json.loads(host.read_text())
+        return
+    assert placement["host_figure_ns"] == 1e6 and memory["share"] < 0.8
+    assert memory["first_in_placement"] and memory["placement_share"] == 1.0
+    assert memory["placement_read_bandwidth_gb_s"] == memory["read_bandwidth_gb_s"]
+    assert not any(r.startswith(MEMORY_REASON) for r in record["validity"]["reasons"])
+    assert record["roofline"]["placement_read_bandwidth_gb_s"] == memory["read_bandwidth_gb_s"]
+    fraction = record["metrics"]["roofline_fraction_at_placement_bandwidth"]
+    assert fraction == pytest.approx(record["metrics"]["roofline_fraction"] * 1e5 / memory["read_bandwidth_gb_s"])
+    line = next(line for line in out.splitlines() if line.startswith("Roofline:"))
+    assert (f"; {fraction * 100:.0f}% at the {memory['read_bandwidth_gb_s']:.1f} GB/s this host reads at best with "
+            "its CPUs placed as in this run") in line
+    cached = json.loads(host.read_text())
+    assert cached["bandwidth_gb_s"] == 1e5 and cached["placement_round_trip_ns"] == 1e6
+    assert placement_of(cached["placements"], placement["after_ns"])["bandwidth_gb_s"] == memory[
+        "read_bandwidth_gb_s"]
+    status, _, err = run_main(*bench_args(tiny_llama, tmp_path / "second.jsonl", *TINY_RUN))
+    assert status == 0, err
+    second = only_record(tmp_path / "second.jsonl")["validity"]
+    if not moved(second["placement"]["after_ns"], placement["after_ns"]):  # the same placement: its best so far
+        assert not second["memory"]["first_in_placement"]
+        assert second["memory"]["placement_read_bandwidth_gb_s"] >= memory["read_bandwidth_gb_s"]
+
+
 def test_cores_slower_than_their_best_make_a_run_invalid():
     def cores(gflop_s, op_us):
         share = min(gflop_s / 260.0, 2.9 / op_us)

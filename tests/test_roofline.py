@@ -110,6 +110,8 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert first["source"] == "measured" and first["read_bandwidth_gb_s"] > 0.1
     assert first["method"] == f"sum of a 1 GiB float32 tensor, {os.cpu_count()} threads, best of 10"
     assert first["placement_round_trip_ns"] > 0  # where the CPUs sat when it was read (llmbench.placement)
+    assert first["placements"] == [{"round_trip_ns": first["placement_round_trip_ns"],
+                                    "bandwidth_gb_s": first["read_bandwidth_gb_s"]}]  # each placement's best
     (path,) = (tmp_path / "host").glob("*.json")
     assert path.name.startswith(socket.gethostname() + "-cpu-")
     second = rl.device_bandwidth(CPU)
@@ -207,29 +209,30 @@ def test_roofline_table_script(tmp_path, tiny_llama):
         assert lines[-1].endswith("last-level cache holds, so parts may come from cache and beat the roofline drawn "
                                   "from memory bandwidth: eager fp32, eager fp16, eager int8")
     for r in rows:
-        ms, roofline_ms, share, run_share, read_mb = float(r[3]), float(r[4]), r[5], r[6], float(r[7])
+        ms, roofline_ms, share, run_share, place_share = float(r[3]), float(r[4]), r[5], r[6], r[7]
+        read_mb = float(r[8])
         assert roofline_ms == pytest.approx(read_mb / 10, rel=0.01, abs=0.01)
         # both figures are printed to 0.01 ms, so the share is checked against the interval their rounding allows
         low = (roofline_ms - 0.005) / (ms + 0.005) * 100
         high = (roofline_ms + 0.005) / (ms - 0.005) * 100
         assert share.endswith("%") and round(low) <= int(share[:-1]) <= round(high), (share, low, high)
-        assert run_share == "-"  # a bandwidth set by the user: nothing measured during the run
-    fp32_mb, fp16_mb, int8_mb = (float(r[7]) for r in rows)
+        assert run_share == place_share == "-"  # a bandwidth set by the user: nothing measured during the run
+    fp32_mb, fp16_mb, int8_mb = (float(r[8]) for r in rows)
     assert int8_mb < fp16_mb < fp32_mb  # fp16 weights in half of fp32's bytes, int8 in a quarter
 
 
 def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run(capsys):
     """Against the best bandwidth seen (20 GB/s) a 10 ms step reading 100 MB is at 50%; against the 12.5 GB/s a shared
-    host gave during the run, at 80%."""
+    host gave during the run, at 80%; against the best read with the CPUs placed as after the case (11 GB/s), 91%."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from roofline import print_table
 
     row = {"backend": "compile", "scheme": "bf16", "dtype": "bfloat16", "next_ms": 10.0, "bytes_read": 100e6,
-           "cores_share": 0.734, "placement_ns": [61.4, 304.6]}
+           "cores_share": 0.734, "placement_ns": [61.4, 304.6], "place_gb_s": 11.0}
     print_table([row], 20.0, 12.5)
     header, line = capsys.readouterr().out.strip().splitlines()
-    assert "% of run bw" in header and header.endswith("cores %   CPUs ns")
-    assert line.split()[3:7] == ["10.00", "5.00", "50%", "80%"]
+    assert "% of run bw % of place bw" in header and header.endswith("cores %   CPUs ns")
+    assert line.split()[3:8] == ["10.00", "5.00", "50%", "80%", "91%"]
     assert line.split()[-2] == "73%"  # the cores' speed right after the case, against the host's best
     assert line.split()[-1] == "61/305"  # a cache line's round trip between two CPUs before / after the case
 
