@@ -39,7 +39,7 @@ from llmbench.core_speed import core_share, host_best, measure_core_speed  # noq
 from llmbench.devices import resolve_device  # noqa: E402
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
-from llmbench.placement import host_placements, placement_of, round_trip_ns  # noqa: E402
+from llmbench.placement import host_placements, moved, placement_of, round_trip_ns  # noqa: E402
 from llmbench.roofline import OVERRIDE_ENV, device_bandwidth, kv_cache_bytes_per_position  # noqa: E402
 
 SCHEMES = ("fp32", "bf16", "int8", "int4")  # the default set; woq.KNOWN_SCHEMES adds fp16
@@ -116,6 +116,40 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
               f"{run_share:>12}{place_share:>14}{read_mb:>14}{compile_s:>10}{cores:>8}{placement:>10}")
 
 
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """Ours against llama.cpp and INT8 against 16 bits, each as a ratio of ms/token ("0.85x the time": faster), with
+    where the CPUs sat for each (llmbench.placement): a hypervisor that moved them between two rows changed the
+    machine, so the ratio is also given with each row's time scaled by its placement's best bandwidth."""
+    done = [r for r in rows if "error" not in r]
+
+    def best(backend_is_ours: bool, schemes: tuple[str, ...]) -> dict | None:
+        found = [r for r in done if (r["backend"] != "llama.cpp") == backend_is_ours and r["scheme"] in schemes]
+        return min(found, key=lambda r: r["next_ms"], default=None)
+
+    ours16 = best(True, ("bf16", "fp16"))
+    pairs = ((ours16, best(False, ("F16",))), (best(True, ("int4",)), best(False, ("Q4_1",))),
+             (best(True, ("int8",)), ours16))
+    lines = []
+    for a, b in pairs:
+        if a is None or b is None:
+            continue
+        line = (f"{a['backend']} {a['scheme']} {a['next_ms']:.2f} ms / {b['backend']} {b['scheme']} "
+                f"{b['next_ms']:.2f} ms = {a['next_ms'] / b['next_ms']:.2f}x the time")
+        a_ns, b_ns = ((r.get("placement_ns") or [None])[-1] for r in (a, b))
+        if a_ns and b_ns and not any(moved(x, y) for x in a["placement_ns"] + b["placement_ns"]
+                                     for y in a["placement_ns"] + b["placement_ns"]):
+            line += f" (the CPUs placed alike for both: {a_ns:.0f} / {b_ns:.0f} ns)"
+        elif a_ns and b_ns:
+            line += f" (the CPUs placed otherwise for the two, {'/'.join(f'{n:.0f}' for n in a['placement_ns'])} " \
+                    f"against {'/'.join(f'{n:.0f}' for n in b['placement_ns'])} ns"
+            if a.get("place_gb_s") and b.get("place_gb_s"):
+                line += (f"; at each placement's best bandwidth, {a['place_gb_s']:.1f} and {b['place_gb_s']:.1f} "
+                         f"GB/s: {a['next_ms'] * a['place_gb_s'] / (b['next_ms'] * b['place_gb_s']):.2f}x")
+            line += ")"
+        lines.append(line)
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(p, schemes=",".join(SCHEMES), backends="")
@@ -189,6 +223,9 @@ def main() -> int:
     print(f"\nmodel {model}, batch 1, greedy, {args.input_tokens} input / {args.max_new_tokens} new "
           f"tokens, {args.num_iter} iterations; timed under {'no lock' if args.no_lock else LOCK}")
     print_table(rows, gb_s, run_gb_s)
+    ratios = ratio_lines(rows)
+    if ratios:
+        print("\n" + "\n".join(ratios))
     llc = last_level_cache_bytes() if device.type == "cpu" else None
     fits = [f"{r['backend']} {r['scheme']}" for r in rows if llc and r.get("bytes_read") and r["bytes_read"] <= llc]
     if fits:

@@ -237,6 +237,26 @@ def test_roofline_table_shows_the_share_of_the_bandwidth_measured_during_the_run
     assert line.split()[-1] == "61/305"  # a cache line's round trip between two CPUs before / after the case
 
 
+def test_roofline_table_prints_ratios_with_where_the_cpus_sat():
+    """Ours against llama.cpp (the best 16-bit row against F16, INT4 against Q4_1) and INT8 against 16 bits; rows
+    timed in another placement of the CPUs say so, with the ratio at each placement's best bandwidth."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline import ratio_lines
+
+    def row(backend, scheme, ms, ns, gb_s):
+        return {"backend": backend, "scheme": scheme, "next_ms": ms, "placement_ns": ns, "place_gb_s": gb_s}
+
+    rows = [row("compile", "bf16", 9.0, [60.0, 62.0], 33.0), row("compile", "fp16", 9.5, [61.0, 60.0], 33.0),
+            row("compile", "int8", 6.0, [300.0, 310.0], 60.0), row("compile", "int4", 4.0, [60.0, 58.0], 33.0),
+            {"backend": "llama.cpp", "scheme": "Q4_1", "error": "did not run (see above)"},
+            row("llama.cpp", "F16", 10.0, [58.0, 64.0], 33.0)]
+    assert ratio_lines(rows) == [
+        "compile bf16 9.00 ms / llama.cpp F16 10.00 ms = 0.90x the time (the CPUs placed alike for both: 62 / 64 ns)",
+        "compile int8 6.00 ms / compile bf16 9.00 ms = 0.67x the time (the CPUs placed otherwise for the two, 300/310 "
+        "against 60/62 ns; at each placement's best bandwidth, 60.0 and 33.0 GB/s: 1.21x)"]
+    assert ratio_lines([rows[0]]) == []
+
+
 @pytest.mark.parametrize("script", ["roofline.py", "woq.py"])
 def test_benchmark_scripts_refuse_unknown_schemes(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--schemes", "bf16,int3"],
