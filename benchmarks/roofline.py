@@ -116,6 +116,12 @@ def print_table(rows: list[dict], gb_s: float, run_gb_s: float | None = None) ->
               f"{run_share:>12}{place_share:>14}{read_mb:>14}{compile_s:>10}{cores:>8}{placement:>10}")
 
 
+def straddles(row: dict) -> bool:
+    """Whether the CPUs moved (llmbench.placement) between the round trips before and after a row's case."""
+    ns = row.get("placement_ns") or [None]
+    return moved(ns[0], ns[-1])
+
+
 def ratio_lines(rows: list[dict]) -> list[str]:
     """Ours against llama.cpp and INT8 against 16 bits, each as a ratio of ms/token ("0.85x the time": faster), with
     where the CPUs sat for each (llmbench.placement): a hypervisor that moved them between two rows changed the
@@ -136,7 +142,11 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         line = (f"{a['backend']} {a['scheme']} {a['next_ms']:.2f} ms / {b['backend']} {b['scheme']} "
                 f"{b['next_ms']:.2f} ms = {a['next_ms'] / b['next_ms']:.2f}x the time")
         a_ns, b_ns = ((r.get("placement_ns") or [None])[-1] for r in (a, b))
-        if a_ns and b_ns and not any(moved(x, y) for x in a["placement_ns"] + b["placement_ns"]
+        straddled = [f"{r['backend']} {r['scheme']}" for r in (a, b) if straddles(r)]
+        if straddled:
+            line += (f" (the CPUs moved during {' and '.join(straddled)}: its time mixes two placements, rerun for a "
+                     "ratio in one)")
+        elif a_ns and b_ns and not any(moved(x, y) for x in a["placement_ns"] + b["placement_ns"]
                                      for y in a["placement_ns"] + b["placement_ns"]):
             line += f" (the CPUs placed alike for both: {a_ns:.0f} / {b_ns:.0f} ns)"
         elif a_ns and b_ns:
@@ -202,8 +212,10 @@ def main() -> int:
                   f"{gb_s:.1f}: the roofline uses {max(seen):.1f}")
             gb_s = max(seen)
         places = host_placements(cached_cpu_figure()[1])
-        for r in rows:  # the best read where the CPUs sat after the case
-            r["place_gb_s"] = (placement_of(places, (r.get("placement_ns") or [None])[-1]) or {}).get("bandwidth_gb_s")
+        for r in rows:  # the best read where the CPUs sat during the case (none where they moved during it)
+            if not straddles(r):
+                r["place_gb_s"] = (placement_of(places, (r.get("placement_ns") or [None])[-1]) or {}).get(
+                    "bandwidth_gb_s")
     run_gb_s = None
     if all(run_measures):
         run_gb_s = sum(run_measures) / len(run_measures)

@@ -255,6 +255,9 @@ def test_roofline_table_prints_ratios_with_where_the_cpus_sat():
         "compile int8 6.00 ms / compile bf16 9.00 ms = 0.67x the time (the CPUs placed otherwise for the two, 300/310 "
         "against 60/62 ns; at each placement's best bandwidth, 60.0 and 33.0 GB/s: 1.21x)"]
     assert ratio_lines([rows[0]]) == []
+    rows[-1]["placement_ns"] = [58.0, 313.0]
+    assert ratio_lines(rows)[0] == ("compile bf16 9.00 ms / llama.cpp F16 10.00 ms = 0.90x the time (the CPUs moved "
+                                    "during llama.cpp F16: its time mixes two placements, rerun for a ratio in one)")
 
 
 @pytest.mark.parametrize("script", ["roofline.py", "woq.py"])
