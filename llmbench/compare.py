@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from llmbench.errors import UserError
+from llmbench.placement import moved
 from llmbench.printers import markdown_table
 from llmbench.records import read_records
 from llmbench.rows import CASE_PARAMETERS, PARAMETERS, complete_records, to_row, varying
@@ -41,9 +42,14 @@ def metric_columns(rows: list[dict]) -> list[str]:
 
 
 def not_valid(ra: dict, rb: dict) -> str | None:
-    """'A', 'B' or 'A, B': the sides of a pair whose record is not valid (unknown validity is not 'not valid')."""
+    """'A', 'B' or 'A, B': the sides of a pair whose record is not valid (unknown validity is not 'not valid'); or
+    'CPUs placed otherwise (A 62 ns, B 305 ns)' where the two were measured with the CPUs placed otherwise
+    (llmbench.placement: a hypervisor that moves a guest's CPUs makes two machines of it)."""
     sides = [side for side, r in (("A", ra), ("B", rb)) if r.get("valid") is False]
-    return ", ".join(sides) or None
+    if sides:
+        return f"{', '.join(sides)} not valid"
+    a_ns, b_ns = ra.get("cpu_placement_ns"), rb.get("cpu_placement_ns")
+    return f"CPUs placed otherwise (A {a_ns:.0f} ns, B {b_ns:.0f} ns)" if moved(a_ns, b_ns) else None
 
 
 def compare(a: list[dict], b: list[dict], by: list[str] | None = None,
@@ -79,13 +85,14 @@ def compare(a: list[dict], b: list[dict], by: list[str] | None = None,
         if bad:
             flagged += 1
             refused += int(valid_only)
-            row["validity"] = f"{'refused: ' if valid_only else ''}{bad} not valid"
+            row["validity"] = f"{'refused: ' if valid_only else ''}{bad}"
         rows.append(row)
     if flagged:
         columns.append("validity")
     if valid_only and refused == len(pairs):
         raise UserError(f"--valid-only: each of the {len(pairs)} matching cases involves a record that is not valid "
-                        "(see the records' validity.reasons): rerun them on a quiet machine")
+                        "(see the records' validity.reasons) or two placements of the CPUs: rerun them on a quiet "
+                        "machine")
     geomean = {shown_keys[0]: "geomean"}
     for m in metrics:
         ratios = [r[f"{m} B/A"] for r in rows if r[f"{m} B/A"] and r[f"{m} B/A"] > 0]
@@ -113,9 +120,11 @@ def describe(rows: list[dict], by: list[str]) -> str:
 def validity_note(facts: dict) -> str:
     notes = []
     if facts["refused"]:
-        notes.append(f"{facts['refused']} cases refused (--valid-only): a record of theirs is not valid")
+        notes.append(f"{facts['refused']} cases refused (--valid-only): a record of theirs is not valid, or the two "
+                     "were measured with the CPUs placed otherwise")
     elif facts["not_valid"]:
-        notes.append(f"{facts['not_valid']} cases involve a record that is not valid (column validity): their ratios "
+        notes.append(f"{facts['not_valid']} cases involve a record that is not valid, or two records measured with "
+                     "the CPUs placed otherwise by the hypervisor (column validity; docs/validity.md): their ratios "
                      "are unreliable; --valid-only refuses them")
     if facts["unknown_validity"]:
         notes.append(f"{facts['unknown_validity']} cases involve records of unknown validity (recorded before "

@@ -25,7 +25,7 @@ BENCH_METRICS = (
 BENCH_SOURCE_KEYS = {key for _, key, _, _ in BENCH_METRICS} | {"p50_next_token_latency_s", "p99_next_token_latency_s"}
 SPREAD_SUFFIXES = ("_stddev_s", "_stddev_tokens_per_s", "_cv")  # in the records, not in the tables
 DIGITS = {col: d for col, _, _, d in BENCH_METRICS}
-NOT_SHOWN = ("precision", "validity_reasons")  # row keys for plots and notes, not table columns
+NOT_SHOWN = ("precision", "validity_reasons", "cpu_placement_ns")  # row keys for plots and notes, not table columns
 
 
 def validity_of(record: dict) -> bool | None:
@@ -91,6 +91,9 @@ def to_row(record: dict) -> dict:
         row["batch_size"] = None  # lm-eval's batch size: it does not change the scores (no generation field is set)
     row["valid"] = validity_of(record)
     row["validity_reasons"] = (record.get("validity") or {}).get("reasons") if row["valid"] is False else None
+    # where the CPUs sat after the measured iterations (llmbench.placement): records from two placements of a guest's
+    # CPUs come from two machines
+    row["cpu_placement_ns"] = ((record.get("validity") or {}).get("placement") or {}).get("after_ns")
     metrics = record.get("metrics") or {}
     for col, key, scale, _ in BENCH_METRICS:
         value = metrics.get(key)

@@ -69,6 +69,30 @@ def test_compare_flags_and_refuses_invalid_records(tmp_path):
     assert "1 cases refused (--valid-only)" in md
 
 
+def test_compare_flags_records_from_two_placements_of_the_cpus(tmp_path):
+    """Two valid records measured with the CPUs placed otherwise by the hypervisor (round trips more than 1.8x
+    apart, llmbench.placement) come from two machines: their pair is flagged, and refused with --valid-only."""
+    def placed(src: Path, dst: Path, ns_by_input: dict) -> list[dict]:
+        with_validity(src, dst, {32: True, 128: True})
+        records = [json.loads(line) for line in dst.read_text().splitlines()]
+        for r in records:
+            if r["input_tokens"] in ns_by_input:
+                r["validity"]["placement"] = {"before_ns": ns_by_input[r["input_tokens"]],
+                                              "after_ns": ns_by_input[r["input_tokens"]]}
+        dst.write_text("\n".join(map(json.dumps, records)) + "\n")
+        return set_rows(dst)
+
+    a = placed(FIXTURES / "compare_a.jsonl", tmp_path / "a.jsonl", {32: 61.0, 128: 61.0})
+    b = placed(FIXTURES / "compare_b.jsonl", tmp_path / "b.jsonl", {32: 305.0, 128: 64.0})
+    rows, columns, facts = compare(a, b)
+    cases = {r["input_tokens"]: r for r in rows}
+    assert cases[32]["validity"] == "CPUs placed otherwise (A 61 ns, B 305 ns)" and "validity" not in cases[128]
+    assert facts["not_valid"] == 1 and cases[32]["next_token_ms B/A"] == pytest.approx(0.5)
+    rows, _, facts = compare(a, b, valid_only=True)
+    assert {r["input_tokens"]: r["next_token_ms B/A"] for r in rows}[32] is None and facts["refused"] == 1
+    assert "placed otherwise by the hypervisor" in render(tmp_path / "a.jsonl", tmp_path / "b.jsonl", None)
+
+
 def test_compare_valid_only_with_nothing_valid_is_an_error(tmp_path):
     with_validity(FIXTURES / "compare_a.jsonl", tmp_path / "a.jsonl", {32: False, 128: False})
     a, b = set_rows(tmp_path / "a.jsonl"), set_rows(FIXTURES / "compare_b.jsonl")
