@@ -27,10 +27,12 @@ alternating in one process.
 --int8 times one step's int8 linears (per-row scales) with 1, 2, 4, 8, 16 and 64 rows of x, TorchAO's layout as
 stored (linear_int8) against tiles of eight rows (linear_int8_tiles), alternating in one process for --rounds rounds,
 and prints the tiles/stored ratio of best times.
---stream (--dtype) times one step's plain linears (linear_dense, one row), the same number of weights as eight large
-linears (as many rows, the default model's 576 inputs), and a 1 GiB float32 sum, interleaved in one process for
---iters rounds, and prints GB/s for each (best / median) with their ratios to the sum: what the kernels stream on
-their own, and what a step's many short calls keep of it; then the rate of calls by weight size (N rows).
+--stream (--dtype) times one step's plain linears (linear_dense, one row), its INT4 g32 linears (linear_int4), the
+same number of weights as eight large linears (as many rows, the default model's 576 inputs), and a 1 GiB float32
+sum, interleaved in one process for --iters rounds, and prints GB/s for each (best / median) with their ratios to
+the sum: what the kernels stream on their own, and what a step's many short calls keep of it, per placement of the
+CPUs (llmbench.placement: each round tagged by the round trip before and after it, those that straddle a move left
+out); then the rate of calls by weight size (N rows).
 The weights of --prefetch, --amx, --prefill, --int8 and --stream lie in huge pages as the compile backend places them
 (llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
 how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
@@ -256,7 +258,8 @@ def step(dtype: str, iters: int) -> None:
 def stream(dtype: str, iters: int) -> None:
     import torch
 
-    from llmbench.backends import cpu_kernels
+    from llmbench.backends import cpu_kernels, int4_layout
+    from llmbench.placement import moved, round_trip_ns
 
     why = cpu_kernels.load()
     if why:
@@ -264,30 +267,50 @@ def stream(dtype: str, iters: int) -> None:
     ops, place, shapes = torch.ops.llmbench_cpu, placed()[0], step_shapes()
     torch.manual_seed(0)
     weights = [place(torch.randn(n, k).to(getattr(torch, dtype))) for n, k in shapes]
+    int4 = [place(int4_layout.int4_rows(torch.randint(0, 16, (n, k)), torch.rand(n, k // 32, dtype=torch.bfloat16),
+                                        torch.rand(n, k // 32, dtype=torch.bfloat16), ops.int4_tile_rows())[0])
+            for n, k in shapes]
     k = shapes[0][1]
     large = [place(torch.randn(sum(n * kk for n, kk in shapes) // k // 8, k).to(weights[0].dtype)) for _ in range(8)]
     xs = {kk: torch.randn(1, kk).to(weights[0].dtype) for _, kk in shapes}
     total = torch.ones(1 << 28)
     cases = {"step's linears": (lambda: [ops.linear_dense(xs[w.shape[1]], w, None) for w in weights], weights),
+             "INT4 g32 linears": (lambda: [ops.linear_int4(xs[kk], w, 32, 2, None) for w, (_, kk) in
+                                           zip(int4, shapes)], int4),
              "8 large linears": (lambda: [ops.linear_dense(xs[k], w, None) for w in large], large),
              "1 GiB sum": (total.sum, [total])}
-    times: dict[str, list[float]] = {name: [] for name in cases}
     for run, _ in cases.values():
         run()
+    # each round tagged by where the CPUs sat before and after it (llmbench.placement): a hypervisor that moves a
+    # guest's CPUs changes the bandwidth they reach; rounds that straddle a move are left out
+    places: list[float | None] = []  # a round trip for each placement seen
+    rounds: list[tuple[float | None, dict]] = []
     for _ in range(iters):
-        for name, (run, _) in cases.items():
-            times[name].append(timed(run))
+        before = round_trip_ns()
+        times = {name: timed(run) for name, (run, _) in cases.items()}
+        after = round_trip_ns()
+        if not moved(before, after):
+            if not any(not moved(p, after) for p in places):
+                places.append(after)
+            rounds.append((next(p for p in places if not moved(p, after)), times))
     print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
-    rates = {}
-    for name, (_, tensors) in cases.items():
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        rates[name] = (nbytes, nbytes / min(times[name]) / 1e9, nbytes / statistics.median(times[name]) / 1e9)
-    _, sum_best, sum_median = rates["1 GiB sum"]
-    for name, (nbytes, best, median) in rates.items():
-        print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
-              f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
+    for where in places:
+        kept = [t for p, t in rounds if p == where]
+        if where is not None:
+            print(f" {len(kept)} rounds with the CPUs placed ~{where:.0f} ns apart (a cache line's round trip, "
+                  "llmbench.placement)")
+        rates = {}
+        for name, (_, tensors) in cases.items():
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            seconds = [t[name] for t in kept]
+            rates[name] = (nbytes, nbytes / min(seconds) / 1e9, nbytes / statistics.median(seconds) / 1e9)
+        _, sum_best, sum_median = rates["1 GiB sum"]
+        for name, (nbytes, best, median) in rates.items():
+            print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
+                  f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
     weights.clear()  # their memory, for what follows
     large.clear()
+    int4.clear()
     print(f"  one call per weight of N x {k}, as many weights as make 160 MB, best of 6:")
     for n in (64, 256, 576, 1024, 3072, 8192, 32768):
         copies = [place(torch.randn(n, k).to(xs[k].dtype)) for _ in range(max(2, 160_000_000 // (n * k * 2)))]
