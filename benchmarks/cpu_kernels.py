@@ -259,7 +259,7 @@ def stream(dtype: str, iters: int) -> None:
     import torch
 
     from llmbench.backends import cpu_kernels, int4_layout
-    from llmbench.placement import moved, round_trip_ns
+    from llmbench.placement import moved, placement_key, round_trip_ns
 
     why = cpu_kernels.load()
     if why:
@@ -290,9 +290,7 @@ def stream(dtype: str, iters: int) -> None:
         times = {name: timed(run) for name, (run, _) in cases.items()}
         after = round_trip_ns()
         if not moved(before, after):
-            if not any(not moved(p, after) for p in places):
-                places.append(after)
-            rounds.append((next(p for p in places if not moved(p, after)), times))
+            rounds.append((placement_key(places, after), times))
     print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
     for where in places:
         kept = [t for p, t in rounds if p == where]

@@ -13,7 +13,9 @@ and number of rows of x (batch x beams), the two builds alternating round by rou
 median ms, the host build's GB/s, and the median of the per-round time ratios (other / host's), with whether their
 outputs agree.
 Where memory and cores change speed from one minute to the next (a shared cloud host), two processes run one after
-the other can differ by more than what is compared; two builds that share every round do not.
+the other can differ by more than what is compared; two builds that share every round do not. Each round is tagged
+by where the CPUs sat before and after it (llmbench.placement), and the figures are printed per placement (rounds
+that straddle a move of the CPUs left out).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cpu_kernels import placed, step_shapes  # noqa: E402
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
+from llmbench.placement import moved, placement_key, round_trip_ns  # noqa: E402
 
 OTHER = "llmbench_other"  # the second build's ops' namespace (cpu_gemv.cpp's LLMBENCH_OPS)
 DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plain weights, by kind
@@ -99,17 +102,28 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
             agree = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
                         for a, b in zip(step(host), step(other)))
             times: dict[str, list[float]] = {"host": [], "other": []}
+            places: list[float | None] = []  # each round's placement of the CPUs (llmbench.placement)
+            where = []
             for r in range(rounds):
+                before = round_trip_ns()
                 for name, ops in ((("host", host), ("other", other)) if r % 2 == 0 else
                                   (("other", other), ("host", host))):
                     start = time.perf_counter()
                     step(ops)
                     times[name].append(time.perf_counter() - start)
-            a, b = times["host"], times["other"]
-            ratio = statistics.median(y / x for x, y in zip(a, b))
-            print(f"  {kind} {m} rows: host's {min(a) * 1e3:6.2f} / {statistics.median(a) * 1e3:6.2f} ms "
-                  f"({nbytes / min(a) / 1e9:5.1f} GB/s), other {min(b) * 1e3:6.2f} / {statistics.median(b) * 1e3:6.2f} "
-                  f"ms, other/host {ratio:.3f} (median of rounds){'' if agree else ', OUTPUTS DIFFER'}", flush=True)
+                after = round_trip_ns()
+                where.append(None if moved(before, after) else placement_key(places, after))  # None: it moved
+            if not places:
+                print(f"  {kind} {m} rows: the CPUs moved during every round", flush=True)
+            for place in places:  # rounds that straddled a move of the CPUs are left out
+                a = [t for t, w in zip(times["host"], where) if w == place]
+                b = [t for t, w in zip(times["other"], where) if w == place]
+                ratio = statistics.median(y / x for x, y in zip(a, b))
+                at = f", {len(a)} rounds with the CPUs ~{place:.0f} ns apart" if place else ""
+                print(f"  {kind} {m} rows: host's {min(a) * 1e3:6.2f} / {statistics.median(a) * 1e3:6.2f} ms "
+                      f"({nbytes / min(a) / 1e9:5.1f} GB/s), other {min(b) * 1e3:6.2f} / "
+                      f"{statistics.median(b) * 1e3:6.2f} ms, other/host {ratio:.3f} (median of rounds{at})"
+                      f"{'' if agree else ', OUTPUTS DIFFER'}", flush=True)
 
 
 def main() -> int:

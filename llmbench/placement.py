@@ -101,6 +101,16 @@ def moved(a_ns: float | None, b_ns: float | None) -> bool:
     return bool(a_ns and b_ns) and max(a_ns, b_ns) / min(a_ns, b_ns) > MOVED_RATIO
 
 
+def placement_key(seen: list, ns: float | None) -> float | None:
+    """The round trip that stands for `ns`'s placement among `seen` (the first not moved from it; benchmarks group
+    their rounds by it), appended to `seen` where none is."""
+    for known in seen:
+        if not moved(known, ns):
+            return known
+    seen.append(ns)
+    return ns
+
+
 def placement_of(placements: list[dict], ns: float | None) -> dict | None:
     """The entry of `placements` ({"round_trip_ns", "bandwidth_gb_s"}: the placements a host has been seen in, each
     with the best memory read there) for CPUs whose round trip is `ns`: the nearest not moved from it, else None."""

@@ -21,6 +21,9 @@
 // with no other tensor operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <torch/library.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -204,13 +207,14 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
       const int64_t M = checked_rows(xc, K, "linear_dense", kAmxMaxRows);
       int64_t C = 0;
       const std::vector<uint32_t> xp = amx_pairs(xc.data_ptr<at::BFloat16>(), M, K, C);
-      return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { amx_rows(xp.data(), M, C, K, w, o, n0, n1); },
+      const uint32_t* pairs = xp.data();
+      return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { amx_rows(pairs, M, C, K, w, o, n0, n1); },
                  kAmxRows);
     }
 #endif
     const int64_t M = checked_rows(xc, K, "linear_dense", kStepMaxRows);
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
@@ -219,17 +223,17 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   const int64_t M = rows.M;
   auto body = [&](auto* w) {
     return run(x, M, N, bias,
-               [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
+               [=](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
   };
 #if defined(__AVX512F__)
   auto wide = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
   };
   if (sixteen && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
   if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
   auto paired = [&](auto* w) {
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
   };
   auto sixteen_bit = [&](auto* w) { return sixteen ? paired(w) : body(w); };
   switch (weight.scalar_type()) {
@@ -264,9 +268,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   const Int4Args args{rows.x.data(), xq.q.data(), xq.d.data(), xq.sum.data(), M, K, packed.data_ptr<uint8_t>(),
                       stride, __builtin_ctzll(group_size)};
   if (value_bytes == 2)
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
+    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
                kWideTile);
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); },
+  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); },
              kWideTile);
 }
 

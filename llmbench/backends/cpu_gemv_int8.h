@@ -220,12 +220,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
   if ((K / groups) % 32 == 0) {  // x quantized per 32 values, integer dot products
     const QuantizedRows xq = quantize_rows(xr, M, K, K / groups);
     const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
-    return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) {
-      int8_rows(xq.q.data(), xq.d.data(), corr.data(), M, K, w, s, groups, o, n0, n1);
-    });
+    const int8_t* q = xq.q.data();
+    const float *d = xq.d.data(), *c = corr.data();
+    return run(x, M, N, bias,
+               [=](float* o, int64_t n0, int64_t n1) { int8_rows(q, d, c, M, K, w, s, groups, o, n0, n1); });
   }
 #endif
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
+  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
 }
 
 // x against int8 tiles (Int8Tiles' layout, packed (N, 4 * groups + K) bytes, N a multiple of 8, groups of a multiple
@@ -248,7 +249,7 @@ at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& packed, int6
   const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
   const Int8Tiles args{xq.q.data(), xq.d.data(), corr.data(), M, K, groups, packed.data_ptr<uint8_t>(),
                        packed.size(1)};
-  return run(x, M, N, bias, [&](float* o, int64_t n0, int64_t n1) { int8_tiles(args, o, n0, n1); }, kTile);
+  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int8_tiles(args, o, n0, n1); }, kTile);
 #else
   TORCH_CHECK(false, "linear_int8_tiles: built without AVX2 (use linear_int8)");
 #endif
