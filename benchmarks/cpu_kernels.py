@@ -30,9 +30,8 @@ and prints the tiles/stored ratio of best times.
 --stream (--dtype) times one step's plain linears (linear_dense, one row), its INT4 g32 linears (linear_int4), the
 same number of weights as eight large linears (as many rows, the default model's 576 inputs), and a 1 GiB float32
 sum, interleaved in one process for --iters rounds, and prints GB/s for each (best / median) with their ratios to
-the sum: what the kernels stream on their own, and what a step's many short calls keep of it, per placement of the
-CPUs (llmbench.placement: each round tagged by the round trip before and after it, those that straddle a move left
-out); then the rate of calls by weight size (N rows).
+the sum: what the kernels stream alone, and what a step's many short calls keep of it, per placement of the CPUs
+(llmbench.placement; rounds that straddle a move left out); then the rate of calls by weight size (N rows).
 The weights of --prefetch, --amx, --prefill, --int8 and --stream lie in huge pages as the compile backend places them
 (llmbench/backends/huge_pages.py; LLMBENCH_HUGE_PAGES=0: plain pages): on plain 4 KiB pages the page walks hide
 how fast each kernel streams (one step's bf16 linears on the AMX Xeon, 8 rows on AMX tiles against one row: 1.00x
@@ -279,12 +278,8 @@ def stream(dtype: str, iters: int) -> None:
                                            zip(int4, shapes)], int4),
              "8 large linears": (lambda: [ops.linear_dense(xs[k], w, None) for w in large], large),
              "1 GiB sum": (total.sum, [total])}
-    for run, _ in cases.values():
-        run()
-    # each round tagged by where the CPUs sat before and after it (llmbench.placement): a hypervisor that moves a
-    # guest's CPUs changes the bandwidth they reach; rounds that straddle a move are left out
-    places: list[float | None] = []  # a round trip for each placement seen
-    rounds: list[tuple[float | None, dict]] = []
+    [run() for run, _ in cases.values()]  # warm-up
+    places, rounds = [], []  # each round tagged by where the CPUs sat (llmbench.placement), straddling ones left out
     for _ in range(iters):
         before = round_trip_ns()
         times = {name: timed(run) for name, (run, _) in cases.items()}
@@ -294,9 +289,7 @@ def stream(dtype: str, iters: int) -> None:
     print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
     for where in places:
         kept = [t for p, t in rounds if p == where]
-        if where is not None:
-            print(f" {len(kept)} rounds with the CPUs placed ~{where:.0f} ns apart (a cache line's round trip, "
-                  "llmbench.placement)")
+        print(f" {len(kept)} rounds with the CPUs placed ~{where:.0f} ns apart (llmbench.placement)" if where else "")
         rates = {}
         for name, (_, tensors) in cases.items():
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -306,9 +299,8 @@ def stream(dtype: str, iters: int) -> None:
         for name, (nbytes, best, median) in rates.items():
             print(f"  {name:<16} {nbytes / 1e6:7.1f} MB  best {best:5.1f} GB/s ({best / sum_best:.0%} of the sum)  "
                   f"median {median:5.1f} GB/s ({median / sum_median:.0%})")
-    weights.clear()  # their memory, for what follows
-    large.clear()
-    int4.clear()
+    for held in (weights, large, int4):
+        held.clear()  # their memory, for what follows
     print(f"  one call per weight of N x {k}, as many weights as make 160 MB, best of 6:")
     for n in (64, 256, 576, 1024, 3072, 8192, 32768):
         copies = [place(torch.randn(n, k).to(xs[k].dtype)) for _ in range(max(2, 160_000_000 // (n * k * 2)))]
