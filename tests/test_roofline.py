@@ -260,6 +260,12 @@ def test_roofline_table_prints_ratios_with_where_the_cpus_sat():
                                     "during llama.cpp F16: its time mixes two placements, rerun for a ratio in one)")
 
 
+def test_alternate_refuses_bad_rounds_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alternate.py"), "--rounds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("--rounds must be at least 1")
+
+
 @pytest.mark.parametrize("script", ["roofline.py", "woq.py"])
 def test_benchmark_scripts_refuse_unknown_schemes(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--schemes", "bf16,int3"],
