@@ -169,7 +169,7 @@ def run_benchmark(config: RunConfig, world=None) -> int:
                 if memory.raised_from_gb_s:
                     record["roofline"] = with_bandwidth(record["roofline"], memory.host_read_bandwidth_gb_s)
                 record["roofline"]["run_read_bandwidth_gb_s"] = memory.read_bandwidth_gb_s
-                if (memory.placement_read_bandwidth_gb_s or 0) < memory.host_read_bandwidth_gb_s:
+                if 0 < (memory.placement_read_bandwidth_gb_s or 0) < memory.host_read_bandwidth_gb_s:
                     # the CPUs sat where the best read is less than the host's (llmbench.placement)
                     record["roofline"]["placement_read_bandwidth_gb_s"] = memory.placement_read_bandwidth_gb_s
             record["metrics"].update(roofline_metrics(record.get("roofline"),

@@ -146,10 +146,11 @@ class MeasuredWindow:
         gb_s, before = now["read_bandwidth_gb_s"], None
         placement = self.placement_figures
         noted = note_cpu_reading(gb_s, placement.after_ns if placement else None, keep=self._quiet())
-        if noted["raised"]:  # the host's figure was too low: raised, for this record too
+        raised = self._quiet() and gb_s > self.host_gb_s
+        if raised:  # the host's figure was too low: raised, for this record too (an unwritable cache or none: here)
             before, self.host_gb_s = self.host_gb_s, gb_s
-        if placement is not None and (noted["raised"] or placement.host_figure_ns is None):
-            placement.host_figure_ns = noted["host_figure_ns"]
+        if placement is not None and (raised or placement.host_figure_ns is None):
+            placement.host_figure_ns = noted["host_figure_ns"] or (placement.after_ns if raised else None)
         # the best this placement of the CPUs has read on this host, this check included where it was kept
         best = noted["placement_gb_s"]
         if self._quiet() and placement is not None and placement.after_ns:
