@@ -8,9 +8,9 @@
 // heads (or, where rows x cached heads are fewer than twice the threads, a part of its positions, the parts merged
 // after as in flash-decoding): the queries widened to float32 once, each cached key widened once and dotted with
 // every query of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed
-// with the weights, all within the head's few KB of cache; small calls run on the calling thread alone. The vector path (AVX-512, or AVX2 with FMA and F16C) keeps a head of
-// 16-128 values in registers; other CPUs and head sizes get portable loops (generated_kernels.attention_kernel decides
-// whether the op or inductor's generated form runs).
+// with the weights, all within the head's few KB of cache; small calls run on the calling thread alone. The vector
+// path (AVX-512, or AVX2 with FMA and F16C) keeps a head of 16-128 values in registers; other CPUs and head sizes get
+// portable loops (generated_kernels.attention_kernel decides whether the op or inductor's generated form runs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -3,9 +3,6 @@
 // benchmarks/step_split.py) run() returns zeros without reading the weights, so that a compiled decode step's time
 // splits into its weights' reads and everything else.
 std::atomic<bool> linear_work{true};
-#ifndef LLMBENCH_RAW_OMP
-#define LLMBENCH_RAW_OMP 1
-#endif
 
 bool set_linear_work(bool on) { return linear_work.exchange(on); }
 
@@ -82,22 +79,19 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
     }
   };
   const int64_t threads = at::get_num_threads();
-  if (M <= kEvenSplitRows) {
-#if defined(_OPENMP) && LLMBENCH_RAW_OMP
-    if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
-      {
-        std::vector<float> part, bf;
-        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        chunk(t * blocks / n, (t + 1) * blocks / n, part, bf);
-      }
-      return y;
-    }
+  if (M <= kEvenSplitRows) {  // one OpenMP region, no at::parallel_for wrappers for the threads to read through
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
 #endif
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    {
       std::vector<float> part, bf;
-      for (int64_t t = t0; t < t1; ++t) chunk(t * blocks / threads, (t + 1) * blocks / threads, part, bf);
-    });
+#ifdef _OPENMP
+      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+      const int64_t t = 0, n = 1;
+#endif
+      chunk(t * blocks / n, (t + 1) * blocks / n, part, bf);
+    }
     return y;
   }
   // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread
