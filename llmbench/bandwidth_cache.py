@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from llmbench.placement import host_placements, placement_of, with_reading
+from llmbench.placement import host_placements, placement_of
 from llmbench.roofline import (
     CHECK_REPEATS,
-    SAME_PLACEMENT_SHARE,
     cache_file,
     cpu_read_method,
     host_threads,
+    with_placement,
     write_json_atomically,
 )
 
@@ -41,7 +41,7 @@ def note_cpu_reading(gb_s: float, placement_ns: float | None, keep: bool = True)
     `placement_ns`. With `keep` (a quiet run: other work only ever lowers a reading) it is kept: above the host's
     figure it becomes the host's, with its placement (the best figure seen is the host's: a shared host's memory
     gives some moments far more than others); above the best its placement has read, that placement's; and a host
-    figure cached without its placement takes this one where the reading is at least SAME_PLACEMENT_SHARE of it.
+    figure cached without its placement may take this one (llmbench.roofline.with_placement).
     An unwritable cache keeps nothing. -> {"raised": whether the host's figure rose to `gb_s`, "placement_gb_s":
     the best this placement had read before (None: not seen before), "host_figure_ns": the host figure's placement
     now}."""
@@ -54,14 +54,12 @@ def note_cpu_reading(gb_s: float, placement_ns: float | None, keep: bool = True)
     if raised:
         check = cpu_read_method(host_threads(), repeats=CHECK_REPEATS)
         new.update(bandwidth_gb_s=gb_s, last_measured_gb_s=gb_s, raised_by=f"a run's memory check ({check})",
-                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   placement_round_trip_ns=placement_ns)
-    elif keep and placement_ns and not cached.get("placement_round_trip_ns") and \
-            gb_s >= SAME_PLACEMENT_SHARE * cached.get("bandwidth_gb_s", 0):
-        new["placement_round_trip_ns"] = placement_ns  # the other placement read 0.43-0.57x on the host measured
+                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if keep:
-        seen = host_placements(new)
-        new["placements"] = with_reading(seen, gb_s, placement_ns) or seen
+        fields = with_placement(cached, gb_s, placement_ns)
+        if fields["placement_round_trip_ns"] is None and "placement_round_trip_ns" not in cached:
+            del fields["placement_round_trip_ns"]  # still unnamed: no empty field
+        new.update(fields)
     if new != cached:
         try:
             write_json_atomically(path, new)

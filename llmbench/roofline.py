@@ -173,18 +173,29 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
              "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "cpu_busy_before": busy}
-    if device.type == "cpu":  # where the CPUs sat when the best figure was read, and each placement's best
-        best, ns = (cached["bandwidth_gb_s"] if cached else 0), round_trip_ns()
-        known = cached.get("placement_round_trip_ns") if cached else None
-        entry["placement_round_trip_ns"] = ns if now > best or \
-            (known is None and now >= SAME_PLACEMENT_SHARE * best) else known
-        seen = host_placements(cached)
-        entry["placements"] = (with_reading(seen, now, ns) if (busy or 0) <= BUSY_LIMIT else None) or seen
+    if device.type == "cpu":
+        entry.update(with_placement(cached, now, round_trip_ns(), keep=(busy or 0) <= BUSY_LIMIT))
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
     write_json_atomically(path, entry)
     return {**entry, "source": "measured", "cache_file": str(path)}
+
+
+def with_placement(cached: dict | None, gb_s: float, ns: float | None, keep: bool = True) -> dict:
+    """The placement fields of this host's cpu figure (`cached`) after a read of `gb_s` with the CPUs at round trip
+    `ns` (llmbench.placement): "placement_round_trip_ns", where they sat for the best figure (this read's where it is
+    higher, or where the figure names none and this read is at least SAME_PLACEMENT_SHARE of it: the other placement
+    read 0.43-0.57x on the host measured), and "placements", each placement's best read (this one counted with
+    `keep`: other work only lowers a read)."""
+    best = cached.get("bandwidth_gb_s", 0) if cached else 0
+    known = cached.get("placement_round_trip_ns") if cached else None
+    placement = ns if gb_s > best or (not known and gb_s >= SAME_PLACEMENT_SHARE * best) else known
+    # the placements seen, the old figure's and the new one's each counted for its own
+    seen = host_placements({"placements": host_placements(cached), "bandwidth_gb_s": max(best, gb_s),
+                            "placement_round_trip_ns": placement})
+    seen = (with_reading(seen, gb_s, ns) if keep else None) or seen
+    return {"placement_round_trip_ns": placement, "placements": seen}
 
 
 def with_bandwidth(roofline_info: dict, gb_s: float) -> dict:
