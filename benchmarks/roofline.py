@@ -200,13 +200,11 @@ def main() -> int:
     cores.append(after.get("cores"))
     placements.append(after.get("placement_ns"))
     # each bandwidth check with where the CPUs sat when it ran
-    checks = list(zip(run_measures, placements)) + [(r.get("run_gb_s"), (r.get("placement_ns") or [None])[-1])
-                                                     for r in rows]
-    seen = [m for m, _ in checks if m]
+    seen = [m for m in run_measures + [r.get("run_gb_s") for r in rows] if m]
     if device.type == "cpu" and gb_s and seen and bandwidth.get("source") != OVERRIDE_ENV:
-        for m, ns in checks:  # each placement's best, and the host's (the best seen)
-            if m:
-                note_cpu_reading(m, ns)
+        for r in rows:  # each case's check for its placement's best and the host's (the best seen); the checks
+            if r.get("run_gb_s"):  # before and after the cases were kept by measure_now
+                note_cpu_reading(r["run_gb_s"], r.get("run_placement_ns"))
         if max(seen) > gb_s:  # a shared host's memory gives some moments far more than others
             print(f"read bandwidth: a check during this run read {max(seen):.1f} GB/s, more than the host's figure "
                   f"{gb_s:.1f}: the roofline uses {max(seen):.1f}")

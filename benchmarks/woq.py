@@ -83,7 +83,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
         # the memory's bandwidth right after, as a record's validity checks it (a shared host lowers it), unless
         # the user set the bandwidth
         checked = run.device.type == "cpu" and override_bandwidth() is None
-        run_gb_s = check_cpu_read_bandwidth()["read_bandwidth_gb_s"] if checked else None
+        check = check_cpu_read_bandwidth() if checked else {}
         cores = measure_core_speed() if run.device.type == "cpu" else None  # and the cores' (a busy sibling)
     best = host_best(cores) if cores else None
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
@@ -94,7 +94,8 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
            "dtype": str(run.dtype).removeprefix("torch."), "next_ms": next_s * 1e3,
            "first_ms": metrics["first_token_latency_s"] * 1e3, "bytes_read": read, "gb_s": read / next_s / 1e9,
            "tokens": measurement.output_token_ids,
-           "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None, "run_gb_s": run_gb_s,
+           "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None,
+           "run_gb_s": check.get("read_bandwidth_gb_s"), "run_placement_ns": check.get("placement_ns"),
            "cores_share": core_share(cores, best) if best else None, "quantization": run.facts.get("quantization"),
            "placement_ns": placement}
     del run

@@ -24,7 +24,7 @@ from llmbench.errors import UserError
 from llmbench.host import cpu_kind
 from llmbench.models import _tensor_bytes, weight_bytes
 from llmbench.paths import PROJECT_ROOT, cache_dir
-from llmbench.placement import host_placements, round_trip_ns, with_reading
+from llmbench.placement import host_placements, moved, round_trip_ns, with_reading
 
 OVERRIDE_ENV = "LLMBENCH_READ_BANDWIDTH_GB_S"
 CPU_READ_BYTES = 1 << 30
@@ -63,14 +63,24 @@ def gpu_copy_method(size_bytes: int = GPU_COPY_BYTES, repeats: int = REPEATS) ->
 
 def measure_cpu_read_bandwidth(size_bytes: int = CPU_READ_BYTES, repeats: int = REPEATS) -> float:
     """Bytes/s a full-tensor sum streams from memory with torch's threads (best of `repeats`)."""
+    return measure_cpu_read(size_bytes, repeats)[0]
+
+
+def measure_cpu_read(size_bytes: int = CPU_READ_BYTES, repeats: int = REPEATS) -> tuple[float, float | None]:
+    """measure_cpu_read_bandwidth, and where the CPUs sat for its best sum (llmbench.placement: the round trip
+    before and after it, outside the timing; None where they moved during it or it could not be measured)."""
     data = torch.ones(size_bytes // 4, dtype=torch.float32)
     data.sum()
-    best = float("inf")
+    best, where = float("inf"), None
     for _ in range(repeats):
+        before = round_trip_ns()
         start = time.perf_counter()
         data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best
+        took = time.perf_counter() - start
+        after = round_trip_ns()
+        if took < best:
+            best, where = took, None if moved(before, after) else after
+    return size_bytes / best, where
 
 
 def host_threads() -> int:
@@ -83,14 +93,16 @@ def check_cpu_read_bandwidth(repeats: int = CHECK_REPEATS) -> dict:
     """The read bandwidth available now, measured in this process as the host's figure is (a 1 GiB sum, one thread
     per CPU), best of `repeats`: after a run's measured iterations it tells whether something else took the memory
     bandwidth the run needed, which no CPU counter of this machine shows when the other work runs in another
-    virtual machine. -> {"read_bandwidth_gb_s", "method"}."""
+    virtual machine. -> {"read_bandwidth_gb_s", "method", "placement_ns": where the CPUs sat for the best read
+    (measure_cpu_read)}."""
     threads, before = host_threads(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gb_s = measure_cpu_read_bandwidth(repeats=repeats) / 1e9
+        bytes_s, where = measure_cpu_read(repeats=repeats)
     finally:
         torch.set_num_threads(before)
-    return {"read_bandwidth_gb_s": gb_s, "method": cpu_read_method(threads, repeats=repeats)}
+    return {"read_bandwidth_gb_s": bytes_s / 1e9, "method": cpu_read_method(threads, repeats=repeats),
+            "placement_ns": where}
 
 
 def measure_copy_bandwidth(device: torch.device, size_bytes: int = GPU_COPY_BYTES, repeats: int = REPEATS) -> float:
@@ -169,12 +181,13 @@ def measured_bandwidth(device: torch.device, refresh: bool = False, measure: boo
     if not measure:
         raise RuntimeError(f"no cached bandwidth measurement ({path}): run a single-process benchmark once")
     busy = cpu_busy_share() if device.type == "cpu" else None  # this process is idle now: the rest is others' work
-    now = measure_in_subprocess(device, threads)["bandwidth_gb_s"]
+    child = measure_in_subprocess(device, threads)
+    now = child["bandwidth_gb_s"]
     entry = {"bandwidth_gb_s": max(now, cached["bandwidth_gb_s"] if cached else 0), "last_measured_gb_s": now,
              "method": method, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "cpu_busy_before": busy}
     if device.type == "cpu":
-        entry.update(with_placement(cached, now, round_trip_ns(), keep=(busy or 0) <= BUSY_LIMIT))
+        entry.update(with_placement(cached, now, child.get("placement_ns"), keep=(busy or 0) <= BUSY_LIMIT))
     if busy is not None and busy > BUSY_LIMIT and cached is None:
         # Kept for this run only: cached, a figure lowered by other work would stand for every later run.
         return {**entry, "source": "measured", "not_cached": f"{busy:.0%} of the CPUs were busy with other work"}
@@ -368,14 +381,11 @@ def cache_note(roofline_info: dict) -> str | None:
 
 
 def _main(argv: list[str]) -> int:
-    """python -m llmbench.roofline DEVICE THREADS: measure and print {"bandwidth_gb_s": ...} as JSON."""
+    """python -m llmbench.roofline DEVICE THREADS: measure and print {"bandwidth_gb_s", "placement_ns"} as JSON."""
     device, threads = torch.device(argv[0]), int(argv[1])
     torch.set_num_threads(threads)
-    if device.type == "cpu":
-        bandwidth = measure_cpu_read_bandwidth()
-    else:
-        bandwidth = measure_copy_bandwidth(device)
-    print(json.dumps({"bandwidth_gb_s": bandwidth / 1e9}))
+    bandwidth, where = measure_cpu_read() if device.type == "cpu" else (measure_copy_bandwidth(device), None)
+    print(json.dumps({"bandwidth_gb_s": bandwidth / 1e9, "placement_ns": where}))
     return 0
 
 

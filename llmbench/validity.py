@@ -179,6 +179,7 @@ class MemoryFigures:
     placement_read_bandwidth_gb_s: float | None = None  # the best read in this placement of the CPUs on this host
     placement_share: float | None = None  # read_bandwidth_gb_s / placement_read_bandwidth_gb_s
     first_in_placement: bool = False  # no earlier read in this placement: this check's is its best so far
+    placement_ns: float | None = None  # where the CPUs sat for this read (None: they moved during it, or unknown)
 
 
 @dataclass

@@ -144,21 +144,22 @@ class MeasuredWindow:
             self.memory_figures = MemoryFigures(None, self.host_gb_s, None, None, error=f"{type(exc).__name__}: {exc}")
             return
         gb_s, before = now["read_bandwidth_gb_s"], None
-        placement = self.placement_figures
-        noted = note_cpu_reading(gb_s, placement.after_ns if placement else None, keep=self._quiet())
+        placement, ns = self.placement_figures, now["placement_ns"]  # ns: where the CPUs sat for the read
+        noted = note_cpu_reading(gb_s, ns, keep=self._quiet())
         raised = self._quiet() and gb_s > self.host_gb_s
         if raised:  # the host's figure was too low: raised, for this record too (an unwritable cache or none: here)
             before, self.host_gb_s = self.host_gb_s, gb_s
         if placement is not None and (raised or placement.host_figure_ns is None):
-            placement.host_figure_ns = noted["host_figure_ns"] or (placement.after_ns if raised else None)
+            placement.host_figure_ns = noted["host_figure_ns"] or (ns if raised else None)
         # the best this placement of the CPUs has read on this host, this check included where it was kept
         best = noted["placement_gb_s"]
-        if self._quiet() and placement is not None and placement.after_ns:
+        if self._quiet() and ns:
             best = max(best or 0, gb_s)
         self.memory_figures = MemoryFigures(gb_s, self.host_gb_s, gb_s / self.host_gb_s, now["method"],
                                             raised_from_gb_s=before, placement_read_bandwidth_gb_s=best,
                                             placement_share=gb_s / best if best else None,
-                                            first_in_placement=bool(best) and noted["placement_gb_s"] is None)
+                                            first_in_placement=bool(best) and noted["placement_gb_s"] is None,
+                                            placement_ns=ns)
 
     def _quiet(self) -> bool:
         """Whether other work left this run's CPUs alone (a figure measured beside others' is never kept)."""
