@@ -128,3 +128,36 @@ def test_two_builds_side_by_side_in_one_process(cli):
     bad = cli("--rows", "9", script="benchmarks/kernel_builds.py")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("1 to 8 rows each (a decode step's); "
                                                                               "--rounds: at least 1")
+
+
+def test_call_timeline_of_a_traced_build(cli):
+    """benchmarks/call_timeline.py builds the kernels with LLMBENCH_CALL_TRACE and prints, per placement of the CPUs,
+    every shape of a step's linears with its stages (each call at least as long as either thread's share, the even
+    end no longer than the later share) and the step's sums; the host's build refuses to hand over notes it never
+    took; bad input is refused in one line."""
+    proc = cli("--kinds", "bf16", "--seconds", "2", script="benchmarks/call_timeline.py", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("bf16, 1 row: ")]
+    assert heads, proc.stdout
+    for i in heads:
+        rows = [line.split() for line in lines[i + 2:i + 7]]
+        assert sorted((int(r[0]), int(r[2])) for r in rows) == sorted(set(default_step_shapes())), lines[i:i + 8]
+        for r in rows:
+            setup, fork, t0, t1, uneven, join, call, even = map(float, r[4:12])
+            assert min(setup, fork, t0, t1, uneven, join) >= 0 and call >= max(t0, t1) and even <= max(t0, t1), r
+        assert lines[i + 7].startswith("  a step (ms, medians of the rounds' sums): set-up "), lines[i + 7]
+    host = subprocess.run([sys.executable, "-c", "import torch; from llmbench.backends import cpu_kernels; "
+                           "assert cpu_kernels.load() is None; torch.ops.llmbench_cpu.call_trace()"],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    assert host.returncode != 0 and "built without -DLLMBENCH_CALL_TRACE=1" in host.stderr
+    bad = cli("--kinds", "int3", script="benchmarks/call_timeline.py")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("a comma-separated choice of int4, "
+                                                                                "int8, bf16, fp16, fp32")
+
+
+def default_step_shapes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_kernels import step_shapes
+
+    return step_shapes()

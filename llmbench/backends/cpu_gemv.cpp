@@ -35,6 +35,7 @@
 #include <cstring>
 #include <vector>
 #include <atomic>
+#include <chrono>
 #include <type_traits>
 
 namespace {
@@ -325,6 +326,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
   m.def("topk_rows(Tensor scores, Tensor offset, int k, Tensor? bias=None, bool normalize=False) -> (Tensor, Tensor)");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
+  m.def("call_trace() -> Tensor", &call_trace);
 }
 
 LLMBENCH_LIBRARY_IMPL(LLMBENCH_OPS, m) {

@@ -6,6 +6,52 @@ std::atomic<bool> linear_work{true};
 
 bool set_linear_work(bool on) { return linear_work.exchange(on); }
 
+// Built with -DLLMBENCH_CALL_TRACE=1 (benchmarks/call_timeline.py), run() notes for each one-pass call when it was
+// entered, its region started, the first two threads began and finished their shares, and it returned (steady clock,
+// ns); call_trace() hands the notes over and starts again. Other builds note nothing.
+#ifndef LLMBENCH_CALL_TRACE
+#define LLMBENCH_CALL_TRACE 0
+#endif
+constexpr int64_t kTraceCalls = 8192, kTraceFields = 9;  // entry, region, 2 x (start, end), exit, N, M
+static int64_t traced[kTraceCalls][kTraceFields];
+static int64_t traced_shares[2][kTraceCalls][2];  // each thread writes its own lines
+static std::atomic<int64_t> traced_calls{0};
+
+inline int64_t trace_now() {
+  if constexpr (!LLMBENCH_CALL_TRACE) return 0;
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct CallTrace {
+  int64_t slot = -1;
+  CallTrace(int64_t entry, int64_t N, int64_t M) {
+    if constexpr (!LLMBENCH_CALL_TRACE) return;
+    slot = traced_calls.fetch_add(1) % kTraceCalls;
+    int64_t* const row = traced[slot];
+    row[0] = entry, row[7] = N, row[8] = M, row[1] = trace_now();
+  }
+  void share(int64_t t, int64_t start) const {
+    if (LLMBENCH_CALL_TRACE && t < 2) traced_shares[t][slot][0] = start, traced_shares[t][slot][1] = trace_now();
+  }
+  void done() const {
+    if (LLMBENCH_CALL_TRACE) traced[slot][6] = trace_now();
+  }
+};
+
+at::Tensor call_trace() {
+  TORCH_CHECK(LLMBENCH_CALL_TRACE, "call_trace: these kernels were built without -DLLMBENCH_CALL_TRACE=1");
+  const int64_t n = std::min(traced_calls.exchange(0), kTraceCalls);
+  at::Tensor out = at::empty({n, kTraceFields}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i, o += kTraceFields) {
+    std::copy(traced[i], traced[i] + kTraceFields, o);
+    std::copy(traced_shares[0][i], traced_shares[0][i] + 2, o + 2);
+    std::copy(traced_shares[1][i], traced_shares[1][i] + 2, o + 4);
+  }
+  return out;
+}
+
 // One output row: float32 values in the output's dtype (bf16 16 at a time where the CPU converts them).
 template <typename T>
 void store_row(const float* src, int64_t n, T* out) {
@@ -44,6 +90,7 @@ void bias_part(const T* b, int64_t n0, int64_t n1, std::vector<float>& part) {
 template <typename F>
 at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body,
                int64_t unit = R) {
+  const int64_t entry = trace_now();
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
@@ -80,6 +127,7 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   };
   const int64_t threads = at::get_num_threads();
   if (M <= kEvenSplitRows) {  // one OpenMP region, no at::parallel_for wrappers for the threads to read through
+    const CallTrace trace(entry, N, M);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
 #endif
@@ -90,8 +138,11 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
 #else
       const int64_t t = 0, n = 1;
 #endif
+      const int64_t start = trace_now();
       chunk(t * blocks / n, (t + 1) * blocks / n, part, bf);
+      trace.share(t, start);
     }
+    trace.done();
     return y;
   }
   // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Where one decode step's linear calls spend their time, per placement of the CPUs: each call's set-up, the fork of
+its OpenMP region, the first two threads' shares, how unevenly they end, and the join.
+
+    python benchmarks/call_timeline.py                      # bf16, 1 row of x, 60 s
+    python benchmarks/call_timeline.py --kinds bf16,int4 --rows 1,4 --seconds 120
+
+Builds this checkout's CPU kernels (llmbench/backends/cpu_gemv.cpp) once more with -DLLMBENCH_CALL_TRACE=1, whose
+run() notes the clock at each stage of every call of up to LLMBENCH_EVEN_SPLIT_ROWS rows (an even share per thread),
+and times one step's linears of the default model's shapes (random weights in huge pages, as
+benchmarks/kernel_builds.py places them) round after round under the CPU lock for --seconds. Each round is tagged by
+where the CPUs sat before and after it (llmbench.placement; rounds during which they moved are left out). Per
+placement it prints, per shape (medians of the calls, us) and per step (medians of the rounds' sums, ms): set-up
+(entry to the region: the output's allocation, the checks), fork (the region's start to the later thread's start),
+each thread's share, uneven (how far apart the two shares ended), join (the later end to the return), and what the
+step's shares would have taken had both threads read at their own rates and ended together (`even end`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernel_builds import OTHER, cases, load_other  # noqa: E402
+from woq import cpu_lock  # noqa: E402
+
+from llmbench.host import cpu_kind  # noqa: E402
+from llmbench.placement import moved, placement_key, round_trip_ns  # noqa: E402
+
+BACKENDS = Path(__file__).resolve().parent.parent / "llmbench" / "backends"
+KINDS = ("int4", "int8", "bf16", "fp16", "fp32")
+
+
+def stages(trace):
+    """(calls, 9) notes of call_trace() -> {stage: (calls,) float64 us}."""
+    t = trace.double() / 1e3
+    entry, region, s0, e0, s1, e1, leave = (t[:, i] for i in range(7))
+    return {"set-up": region - entry, "fork": s0.maximum(s1) - region, "share t0": e0 - s0, "share t1": e1 - s1,
+            "uneven": (e0 - e1).abs(), "join": leave - e0.maximum(e1), "call": leave - entry,
+            # both threads at their own rates over the whole call, ending together: 1 / (1/(2 a) + 1/(2 b))
+            "even end": 2 / (1 / (e0 - s0).clamp(min=1e-3) + 1 / (e1 - s1).clamp(min=1e-3))}
+
+
+def report(kind: str, m: int, ins: list[int], nbytes: int, place, rounds: list[tuple[float, object]]) -> None:
+    steps = [dt for dt, _ in rounds]
+    at = f"the CPUs placed ~{place:.0f} ns apart" if place else "one placement"
+    print(f"{kind}, {m} row{'s' * (m > 1)}: {len(rounds)} rounds with {at}; one step's linears "
+          f"{min(steps) * 1e3:.2f} / {statistics.median(steps) * 1e3:.2f} ms best / median "
+          f"({nbytes / min(steps) / 1e9:.1f} GB/s at best)")
+    per_round = [stages(tr) for _, tr in rounds]
+    names = list(per_round[0])
+    shapes = rounds[0][1][:, 7].tolist()
+    print(f"  {'out x in':>13} calls " + " ".join(f"{n:>9}" for n in names) + "   (us, medians of the calls)")
+    for shape in sorted({(n, k) for n, k in zip(shapes, ins)}):
+        pick = [i for i, s in enumerate(zip(shapes, ins)) if s == shape]
+        cells = [statistics.median(r[n][i].item() for r in per_round for i in pick) for n in names]
+        print(f"  {shape[0]:>6} x {shape[1]:<5}{len(pick):>5} " + " ".join(f"{c:9.2f}" for c in cells))
+    sums = {n: statistics.median(r[n].sum().item() for r in per_round) / 1e3 for n in names}
+    print("  a step (ms, medians of the rounds' sums): " + "  ".join(f"{n} {v:.3f}" for n, v in sums.items()))
+
+
+def timeline(kinds: list[str], rows: list[int], seconds: float) -> None:
+    import torch
+
+    ops = getattr(torch.ops, OTHER)
+    for kind, (weights, call, nbytes, ins) in cases(kinds).items():
+        for m in rows:
+            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in set(ins)}
+            places: list[float | None] = []
+            tagged: dict[object, list] = {}
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                before = round_trip_ns()
+                ops.call_trace()
+                start = time.perf_counter()
+                for w, k in zip(weights, ins):
+                    call(ops, xs[k], w)
+                dt = time.perf_counter() - start
+                trace, after = ops.call_trace(), round_trip_ns()
+                if len(trace) == len(ins) and not moved(before, after):
+                    tagged.setdefault(placement_key(places, after), []).append((dt, trace))
+            if not tagged:
+                print(f"{kind}, {m} rows: the CPUs moved during every round")
+            for place, rounds in tagged.items():
+                report(kind, m, ins, nbytes, place, rounds)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", default="bf16", help=f"comma-separated, of {', '.join(KINDS)}")
+    p.add_argument("--rows", default="1", help="rows of x (batch x beams), comma-separated, 1 to 8")
+    p.add_argument("--seconds", type=float, default=60.0, help="how long to time each kind and number of rows")
+    args = p.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds: a comma-separated choice of {', '.join(KINDS)}")
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error("--rows: comma-separated numbers of rows of x, e.g. 1,4")
+    if not rows or min(rows) < 1 or max(rows) > 8 or args.seconds <= 0:
+        p.error("--rows: 1 to 8 rows each; --seconds: more than 0")
+    import torch
+
+    from llmbench.backends import cpu_kernels
+
+    if torch.get_num_threads() < 2:
+        raise SystemExit("call_timeline.py: torch runs one thread here; the timeline compares two threads' shares")
+    why = cpu_kernels.load()
+    if why:
+        raise SystemExit(why)
+    load_other(BACKENDS, ["-DLLMBENCH_CALL_TRACE=1"])
+    print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; {torch.get_num_threads()} "
+          f"threads, the first two traced; {args.seconds:.0f} s per case")
+    with cpu_lock(True):
+        timeline(kinds, rows, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
