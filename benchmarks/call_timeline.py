@@ -4,6 +4,7 @@ its OpenMP region, the first two threads' shares, how unevenly they end, and the
 
     python benchmarks/call_timeline.py                      # bf16, 1 row of x, 60 s
     python benchmarks/call_timeline.py --kinds bf16,int4 --rows 1,4 --seconds 120
+    python benchmarks/call_timeline.py --step [--woq int4]  # inside compiled greedy generations
 
 Builds this checkout's CPU kernels (llmbench/backends/cpu_gemv.cpp) once more with -DLLMBENCH_CALL_TRACE=1, whose
 run() notes the clock at each stage of every call of up to LLMBENCH_EVEN_SPLIT_ROWS rows (an even share per thread),
@@ -14,11 +15,18 @@ placement it prints, per shape (medians of the calls, us) and per step (medians 
 (entry to the region: the output's allocation, the checks), fork (the region's start to the later thread's start),
 each thread's share, uneven (how far apart the two shares ended), join (the later end to the return), and what the
 step's shares would have taken had both threads read at their own rates and ended together (`even end`).
+
+With --step it traces whole compiled greedy generations of the default model instead (--backend compile, 32 in / 64
+new, the kernels it loads built with the trace): per placement, the step's linears as above, the time between them
+by the pair of shapes around it (after q/k/v: rotary, cache update, attention; after the MLP's gate/up: its
+activation; between the others: residuals and norms), and the time outside them (the step's call to its first linear,
+its last linear to the call's return, and between steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -35,6 +43,7 @@ from llmbench.placement import moved, placement_key, round_trip_ns  # noqa: E402
 
 BACKENDS = Path(__file__).resolve().parent.parent / "llmbench" / "backends"
 KINDS = ("int4", "int8", "bf16", "fp16", "fp32")
+TRACE = "-DLLMBENCH_CALL_TRACE=1"
 
 
 def stages(trace):
@@ -91,11 +100,101 @@ def timeline(kinds: list[str], rows: list[int], seconds: float) -> None:
                 report(kind, m, ins, nbytes, place, rounds)
 
 
+def compiled_steps(woq: str | None, seconds: float) -> None:
+    """Compiled greedy generations, each step's linears traced (the kernels built with LLMBENCH_CALL_TRACE)."""
+
+    from llmbench.backends import direct_steps
+    from llmbench.cli import RunConfig
+    from llmbench.pipeline import open_pipeline, quiet_libraries
+
+    quiet_libraries(verbose=False, no_progress=True)
+    new = 64
+    run = open_pipeline(RunConfig(device="cpu", dtype="bfloat16", woq=woq, backend="compile", quiet=True,
+                                  input_tokens=32, max_new_tokens=new))
+    backend, inputs = run.backend, run.inputs()
+    if "streaming_linears" not in backend.details:
+        raise SystemExit(f"the kernels did not load: {backend.details.get('streaming_linears_unavailable')}")
+    backend.warm_up_shapes(inputs, new, 1)
+    calls: list[tuple[int, int]] = []  # each direct step call's start and end (ns, the kernels' clock)
+    direct = direct_steps.DirectStep.__call__
+
+    def noted(self, ids, position):
+        start = time.perf_counter_ns()  # CLOCK_MONOTONIC, as the kernels' steady_clock
+        out = direct(self, ids, position)
+        calls.append((start, time.perf_counter_ns()))
+        return out
+
+    direct_steps.DirectStep.__call__ = noted
+    places, tagged = [], {}
+    stop = time.monotonic() + seconds
+    with cpu_lock(True):
+        timed(backend, inputs, new, stop, calls, tagged, places)
+    print(f"compiled greedy steps, default model, bfloat16{' ' + woq if woq else ''}, 32 in / {new} new")
+    for place, runs in tagged.items():
+        step_report(runs, new - 1, place)
+
+
+def timed(backend, inputs, new: int, stop: float, calls: list, tagged: dict, places: list) -> None:
+    import torch
+
+    ops = torch.ops.llmbench_cpu
+    while time.monotonic() < stop:
+        ops.call_trace()
+        calls.clear()
+        before = round_trip_ns()
+        backend.generate(inputs, new, 1)
+        trace, after = ops.call_trace(), round_trip_ns()
+        if len(trace) % (new - 1) or len(trace) // (new - 1) < 2 or not calls:
+            raise SystemExit(f"{len(trace)} linear calls traced and {len(calls)} direct step calls in {new - 1} "
+                             "steps: not a whole number of one-row calls a step, or no step called directly")
+        if not moved(before, after):
+            tagged.setdefault(placement_key(places, after), []).append((trace, torch.tensor(calls)))
+
+
+def step_report(runs: list, steps: int, place) -> None:
+    """Per placement: the steps' linears, the time between them by the shapes around it, and outside them."""
+    import torch
+
+    per = len(runs[0][0]) // steps
+    at = f"the CPUs placed ~{place:.0f} ns apart" if place else "one placement"
+    names = ("the step's call to its first linear", "its last linear to the return", "between steps")
+    linears, gap_sums, between, outside = [], [], {}, {n: [] for n in names}
+    for trace, calls in runs:
+        t = trace.double().reshape(steps, per, -1)
+        linears.append(stages(t.reshape(steps * per, -1)))
+        gaps = (t[:, 1:, 0] - t[:, :-1, 6]) / 1e3  # us from one linear's return to the next one's entry
+        shape = t[0, :, 7].long().tolist()
+        for j in range(per - 1):
+            between.setdefault((shape[j], shape[j + 1]), []).append(gaps[:, j])
+        # each step's direct call: the one that began last before its first linear (steps through dynamo: none)
+        c, first, last = calls.double() / 1e3, t[:, 0, 0] / 1e3, t[:, -1, 6] / 1e3
+        k = torch.searchsorted(c[:, 0].contiguous(), first.contiguous()) - 1
+        inside = (k >= 0) & (c[k.clamp(min=0), 1] >= last)
+        k, first, last = k[inside], first[inside], last[inside]
+        for name, part in zip(names, (first - c[k, 0], c[k, 1] - last, c[k[1:], 0] - c[k[:-1], 1])):
+            outside[name].append(part)
+        gap_sums.append(gaps.sum(1))
+    print(f"{len(runs)} generations with {at}; a step's {per} linear calls (ms, medians of the steps' sums):")
+    sums = {n: statistics.median(s[n][i * per:(i + 1) * per].sum().item() / 1e3 for s in linears
+                                 for i in range(steps)) for n in linears[0]}
+    print("  " + "  ".join(f"{n} {v:.3f}" for n, v in sums.items()))
+    print(f"  between them {torch.cat(gap_sums).median().item() / 1e3:.3f} ms a step (median), by the outputs of the "
+          "linears before and after (us, medians; ms a step):")
+    for (a, b), gaps in between.items():
+        g = torch.cat(gaps)
+        print(f"    {a:>6} -> {b:<6} {len(gaps) // len(runs):>3} a step  {g.median().item():7.2f} us  "
+              f"{g.median().item() * len(gaps) / len(runs) / 1e3:.3f} ms")
+    print("  outside them (us, medians): " + "  ".join(f"{n} {torch.cat(v).median().item():.1f}"
+                                                     for n, v in outside.items()))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="bf16", help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("--rows", default="1", help="rows of x (batch x beams), comma-separated, 1 to 8")
     p.add_argument("--seconds", type=float, default=60.0, help="how long to time each kind and number of rows")
+    p.add_argument("--step", action="store_true", help="trace compiled greedy generations instead (bf16)")
+    p.add_argument("--woq", choices=("int4", "int8"), help="with --step: weight-only quantized linears")
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
@@ -112,10 +211,14 @@ def main() -> int:
 
     if torch.get_num_threads() < 2:
         raise SystemExit("call_timeline.py: torch runs one thread here; the timeline compares two threads' shares")
+    if args.step:  # the compile backend loads the host's build: this one, with the trace
+        os.environ["LLMBENCH_CPU_KERNEL_FLAGS"] = f"{os.environ.get('LLMBENCH_CPU_KERNEL_FLAGS', '')} {TRACE}"
+        compiled_steps(args.woq, args.seconds)
+        return 0
     why = cpu_kernels.load()
     if why:
         raise SystemExit(why)
-    load_other(BACKENDS, ["-DLLMBENCH_CALL_TRACE=1"])
+    load_other(BACKENDS, [TRACE])
     print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; {torch.get_num_threads()} "
           f"threads, the first two traced; {args.seconds:.0f} s per case")
     with cpu_lock(True):
