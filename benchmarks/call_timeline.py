@@ -17,10 +17,10 @@ each thread's share, uneven (how far apart the two shares ended), join (the late
 step's shares would have taken had both threads read at their own rates and ended together (`even end`).
 
 With --step it traces whole compiled greedy generations of the default model instead (--backend compile, 32 in / 64
-new, the kernels it loads built with the trace): per placement, the step's linears as above, the time between them
-by the pair of shapes around it (after q/k/v: rotary, cache update, attention; after the MLP's gate/up: its
-activation; between the others: residuals and norms), and the time outside them (the step's call to its first linear,
-its last linear to the call's return, and between steps).
+new, the kernels it loads built with the trace, which notes decode attention's calls too): per placement, the
+step's linears as above, its attention calls, the time between the calls by the calls around it (q/k/v to attention:
+rotary and the cache's update; the MLP's gate/up to its down: the activation; the others: residuals and norms), and
+the time outside them (the step's call to its first linear, its last linear to the call's return, between steps).
 """
 
 from __future__ import annotations
@@ -144,9 +144,11 @@ def timed(backend, inputs, new: int, stop: float, calls: list, tagged: dict, pla
         before = round_trip_ns()
         backend.generate(inputs, new, 1)
         trace, after = ops.call_trace(), round_trip_ns()
-        if len(trace) % (new - 1) or len(trace) // (new - 1) < 2 or not calls:
-            raise SystemExit(f"{len(trace)} linear calls traced and {len(calls)} direct step calls in {new - 1} "
-                             "steps: not a whole number of one-row calls a step, or no step called directly")
+        per = len(trace) // (new - 1)  # the prompt's one-row calls (INT4's output head) come first
+        if per < 2 or not calls:
+            raise SystemExit(f"{len(trace)} one-row linear calls traced and {len(calls)} direct step calls in "
+                             f"{new - 1} steps: too few")
+        trace = trace[len(trace) - per * (new - 1):]
         if not moved(before, after):
             tagged.setdefault(placement_key(places, after), []).append((trace, torch.tensor(calls)))
 
@@ -158,12 +160,13 @@ def step_report(runs: list, steps: int, place) -> None:
     per = len(runs[0][0]) // steps
     at = f"the CPUs placed ~{place:.0f} ns apart" if place else "one placement"
     names = ("the step's call to its first linear", "its last linear to the return", "between steps")
-    linears, gap_sums, between, outside = [], [], {}, {n: [] for n in names}
+    linears, gap_sums, between, outside, whole = [], [], {}, {n: [] for n in names}, []
+    shape = runs[0][0][:per, 7].tolist()  # each call's outputs, or -1: decode attention (noted as one thread's)
+    linear = torch.tensor([n >= 0 for n in shape])
     for trace, calls in runs:
         t = trace.double().reshape(steps, per, -1)
-        linears.append(stages(t.reshape(steps * per, -1)))
-        gaps = (t[:, 1:, 0] - t[:, :-1, 6]) / 1e3  # us from one linear's return to the next one's entry
-        shape = t[0, :, 7].long().tolist()
+        linears.append(stages(t[:, linear].reshape(-1, t.shape[-1])))
+        gaps = (t[:, 1:, 0] - t[:, :-1, 6]) / 1e3  # us from one call's return to the next one's entry
         for j in range(per - 1):
             between.setdefault((shape[j], shape[j + 1]), []).append(gaps[:, j])
         # each step's direct call: the one that began last before its first linear (steps through dynamo: none)
@@ -173,16 +176,24 @@ def step_report(runs: list, steps: int, place) -> None:
         k, first, last = k[inside], first[inside], last[inside]
         for name, part in zip(names, (first - c[k, 0], c[k, 1] - last, c[k[1:], 0] - c[k[:-1], 1])):
             outside[name].append(part)
+        whole.append(c[k[1:], 0] - c[k[:-1], 0])
         gap_sums.append(gaps.sum(1))
-    print(f"{len(runs)} generations with {at}; a step's {per} linear calls (ms, medians of the steps' sums):")
-    sums = {n: statistics.median(s[n][i * per:(i + 1) * per].sum().item() / 1e3 for s in linears
-                                 for i in range(steps)) for n in linears[0]}
-    print("  " + "  ".join(f"{n} {v:.3f}" for n, v in sums.items()))
-    print(f"  between them {torch.cat(gap_sums).median().item() / 1e3:.3f} ms a step (median), by the outputs of the "
-          "linears before and after (us, medians; ms a step):")
+    n = int(linear.sum())
+    attention = [r[0].double().reshape(steps, per, -1)[:, ~linear] for r in runs]
+    spent = torch.cat([(a[..., 6] - a[..., 0]).sum(1) for a in attention]).median().item() / 1e6 if (~linear).any() \
+        else 0.0
+    print(f"{len(runs)} generations with {at}: a step {torch.cat(whole).median().item() / 1e3:.2f} ms (median, one "
+          f"step's call to the next's); its {n} linear calls (ms, medians of the steps' sums):")
+    sums = {name: statistics.median(s[name][i * n:(i + 1) * n].sum().item() / 1e3 for s in linears
+                                    for i in range(steps)) for name in linears[0]}
+    print("  " + "  ".join(f"{name} {v:.3f}" for name, v in sums.items()))
+    print(f"  its {per - n} decode attention calls {spent:.3f} ms; between the calls "
+          f"{torch.cat(gap_sums).median().item() / 1e3:.3f} ms a step (medians), by the calls before and after (a "
+          "linear's outputs or attention; us, medians; ms a step):")
     for (a, b), gaps in between.items():
         g = torch.cat(gaps)
-        print(f"    {a:>6} -> {b:<6} {len(gaps) // len(runs):>3} a step  {g.median().item():7.2f} us  "
+        a, b = ("attention" if x < 0 else x for x in (a, b))
+        print(f"    {a:>9} -> {b:<9} {len(gaps) // len(runs):>3} a step  {g.median().item():7.2f} us  "
               f"{g.median().item() * len(gaps) / len(runs) / 1e3:.3f} ms")
     print("  outside them (us, medians): " + "  ".join(f"{n} {torch.cat(v).median().item():.1f}"
                                                      for n, v in outside.items()))

@@ -158,21 +158,24 @@ def test_call_timeline_of_a_traced_build(cli):
 
 def test_call_timeline_of_compiled_steps(cli):
     """call_timeline.py --step traces compiled greedy generations of the default model: per placement, the sums of a
-    step's linear calls, the time between them by the shapes around it (every pair of a Llama layer and the last
-    layer's into the output head), and the three parts outside them, each a positive number of microseconds."""
+    step's linear calls, its decode attention calls, the time between the calls by the calls around it (every pair of a
+    Llama layer and the last layer's into the output head), and the three parts outside them, each a positive number
+    of microseconds."""
     proc = cli("--step", "--seconds", "1", script="benchmarks/call_timeline.py", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     heads = [i for i, line in enumerate(lines) if " generations with " in line]
-    assert heads and all("a step's 121 linear calls" in lines[i] for i in heads), proc.stdout
+    assert heads and all("its 121 linear calls" in lines[i] for i in heads), proc.stdout
     for i in heads:
         assert lines[i + 1].split()[:2] == ["set-up", lines[i + 1].split()[1]] and "even end" in lines[i + 1]
-        pairs = {tuple(line.split()[:3:2]) for line in lines[i + 3:i + 8]}
-        assert pairs == {("960", "576"), ("576", "3072"), ("3072", "576"), ("576", "960"), ("576", "49152")}, pairs
-        parts = lines[i + 8].split(": ", 1)[1]
+        assert lines[i + 2].startswith("  its 30 decode attention calls "), lines[i + 2]
+        pairs = {tuple(line.split()[:3:2]) for line in lines[i + 3:i + 9]}
+        assert pairs == {("960", "attention"), ("attention", "576"), ("576", "3072"), ("3072", "576"), ("576", "960"),
+                         ("576", "49152")}, pairs
+        parts = lines[i + 9].split(": ", 1)[1]
         figures = [float(word) for word in parts.split() if word.replace(".", "", 1).isdigit()]
-        assert parts.startswith("the step's call to its first linear") and len(figures) == 3, lines[i + 8]
-        assert all(f > 0 for f in figures), lines[i + 8]
+        assert parts.startswith("the step's call to its first linear") and len(figures) == 3, lines[i + 9]
+        assert all(f > 0 for f in figures), lines[i + 9]
 
 
 def default_step_shapes():

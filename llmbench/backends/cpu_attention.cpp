@@ -26,6 +26,10 @@
 #include <immintrin.h>
 #endif
 
+// The kernels' call trace (cpu_gemv.cpp; notes nothing unless built with -DLLMBENCH_CALL_TRACE=1)
+__attribute__((visibility("hidden"))) int64_t llmbench_trace_now();
+__attribute__((visibility("hidden"))) void llmbench_note_call(int64_t entry, int64_t rows);
+
 namespace {
 
 template <typename T>
@@ -255,6 +259,7 @@ void attend(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
 // -> (B, 1, H, D) in the query's dtype, as transformers' attention functions return it.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& mask, double scale) {
+  const int64_t entry = llmbench_trace_now();
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.sizes() == key.sizes() && mask.dim() == 4,
               "decode_attention: query, key, value and mask must be 4-D, key and value of one shape");
   TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
@@ -272,6 +277,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
     case at::kHalf: attend<at::Half>(query, key, value, mask, scale, out); break;
     default: TORCH_CHECK(false, "decode_attention: float32, bfloat16 or float16 only");
   }
+  llmbench_note_call(entry, query.size(0));
   return out;
 }
 

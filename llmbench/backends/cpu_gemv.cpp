@@ -304,6 +304,10 @@ bool wide_dense_built() {
 
 }  // namespace
 
+// decode_attention's calls in the trace of a -DLLMBENCH_CALL_TRACE=1 build (cpu_attention.cpp), beside the linears'
+__attribute__((visibility("hidden"))) int64_t llmbench_trace_now() { return trace_now(); }
+__attribute__((visibility("hidden"))) void llmbench_note_call(int64_t entry, int64_t rows) { note_call(entry, rows); }
+
 // The ops' namespace: llmbench_cpu, another where benchmarks/kernel_builds.py loads a second build beside the host's
 // (the indirections expand LLMBENCH_OPS before TORCH_LIBRARY pastes it into names)
 #ifndef LLMBENCH_OPS

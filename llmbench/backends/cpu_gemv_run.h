@@ -8,11 +8,12 @@ bool set_linear_work(bool on) { return linear_work.exchange(on); }
 
 // Built with -DLLMBENCH_CALL_TRACE=1 (benchmarks/call_timeline.py), run() notes for each one-pass call when it was
 // entered, its region started, the first two threads began and finished their shares, and it returned (steady clock,
-// ns); call_trace() hands the notes over and starts again. Other builds note nothing.
+// ns), and decode attention's calls (cpu_attention.cpp, N = -1); call_trace() hands the notes over and starts
+// again. Other builds note nothing.
 #ifndef LLMBENCH_CALL_TRACE
 #define LLMBENCH_CALL_TRACE 0
 #endif
-constexpr int64_t kTraceCalls = 8192, kTraceFields = 9;  // entry, region, 2 x (start, end), exit, N, M
+constexpr int64_t kTraceCalls = 16384, kTraceFields = 9;  // entry, region, 2 x (start, end), exit, N, M
 static int64_t traced[kTraceCalls][kTraceFields];
 static int64_t traced_shares[2][kTraceCalls][2];  // each thread writes its own lines
 static std::atomic<int64_t> traced_calls{0};
@@ -38,6 +39,16 @@ struct CallTrace {
     if (LLMBENCH_CALL_TRACE) traced[slot][6] = trace_now();
   }
 };
+
+// Another op's call (decode attention's, N = -1), one thread's span from its entry to its return.
+void note_call(int64_t entry, int64_t rows) {
+  if constexpr (!LLMBENCH_CALL_TRACE) return;
+  const CallTrace trace(entry, -1, rows);
+  const int64_t leave = trace_now();
+  traced[trace.slot][1] = entry, traced_shares[0][trace.slot][0] = entry, traced_shares[0][trace.slot][1] = leave;
+  traced_shares[1][trace.slot][0] = traced_shares[1][trace.slot][1] = leave;
+  traced[trace.slot][6] = leave;
+}
 
 at::Tensor call_trace() {
   TORCH_CHECK(LLMBENCH_CALL_TRACE, "call_trace: these kernels were built without -DLLMBENCH_CALL_TRACE=1");
