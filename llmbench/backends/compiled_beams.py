@@ -71,6 +71,7 @@ class BeamSearch:
         rows = batch * num_beams
         normalize = self._beam_ops  # decided before the steps compile: they return logits where it holds
         cache = self._cache_for(rows, length + max_new_tokens)
+        positions = self._step_positions(length, max_new_tokens)
         sequences = input_ids.repeat_interleave(num_beams, dim=0)
         out, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)  # logits where `normalize`
         scores = torch.zeros(batch, num_beams, device=self.device)
@@ -110,7 +111,6 @@ class BeamSearch:
                 for tensor in tensors:
                     moving = tensor[:, :, start:end] if shared_prompt else tensor
                     moving.copy_(moving.index_select(0, source_rows))
-            position = self._positions(length + i, length + i + 1)
-            out = self._call_step(self._beam_step, tokens, cache, position)
+            out = self._call_step(self._beam_step, tokens, cache, positions[i])
         best = scores.argmax(dim=1) + row_offset.squeeze(1)
         return sequences.index_select(0, best)
