@@ -52,10 +52,11 @@ void note_call(int64_t entry, int64_t rows) {
 
 at::Tensor call_trace() {
   TORCH_CHECK(LLMBENCH_CALL_TRACE, "call_trace: these kernels were built without -DLLMBENCH_CALL_TRACE=1");
-  const int64_t n = std::min(traced_calls.exchange(0), kTraceCalls);
+  const int64_t calls = traced_calls.exchange(0), n = std::min(calls, kTraceCalls);
   at::Tensor out = at::empty({n, kTraceFields}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i, o += kTraceFields) {
+  for (int64_t k = 0; k < n; ++k, o += kTraceFields) {  // oldest first: the last kTraceCalls calls
+    const int64_t i = (calls - n + k) % kTraceCalls;
     std::copy(traced[i], traced[i] + kTraceFields, o);
     std::copy(traced_shares[0][i], traced_shares[0][i] + 2, o + 2);
     std::copy(traced_shares[1][i], traced_shares[1][i] + 2, o + 4);
