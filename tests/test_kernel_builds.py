@@ -27,15 +27,20 @@ def run_in_build(code: str, flags: str, drop: tuple[str, ...] = (),
     return proc
 
 
+def check_in_build(code: str, flags: str) -> None:
+    """`code` run (run_in_build) after the kernels built with `flags` loaded, as `ops` (torch.ops.llmbench_cpu):
+    it must run to its end, its asserts holding."""
+    proc = run_in_build("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
+                        f"ops = torch.ops.llmbench_cpu; {code}; print('checked')", flags)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+
+
 def test_int8_and_int4_without_vnni_give_the_same_integers():
     """The AVX2 path of CPUs without VNNI (maddubs), built on this host with LLMBENCH_NO_VNNI: the same checks."""
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
-            "t8.check_int8_integer_path(torch.ops.llmbench_cpu); "
-            "[t.test_int4_tiles_of_any_rows_of_x(torch.ops.llmbench_cpu, m, r) "
-            "for m in (torch.bfloat16, torch.float32) for r in (1, 5, 8)]; print('checked')")
-    proc = run_in_build(code, "-DLLMBENCH_NO_VNNI")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+    check_in_build("from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
+                   "t8.check_int8_integer_path(ops); "
+                   "[t.test_int4_tiles_of_any_rows_of_x(ops, m, r) for m in (torch.bfloat16, torch.float32) "
+                   "for r in (1, 5, 8)]", "-DLLMBENCH_NO_VNNI")
 
 
 def test_a_build_without_avx512_promises_no_amx_tiles():
@@ -65,14 +70,12 @@ def test_a_build_without_avx512_promises_no_amx_tiles():
 def test_a_build_without_avx2_runs_the_portable_loops():
     """Built for an x86-64 CPU without AVX2, FMA and F16C, the kernels still build (their vector paths left out),
     and the dense and attention kernels' portable loops give the same results."""
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t; ops = torch.ops.llmbench_cpu; "
-            "assert not ops.attention_vectorized() and not ops.int8_tiles_built() and not ops.wide_dense_built(); "
-            "[t.test_dense_equals_linear(ops, d, r, 64) for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
-            "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64, n) "
-            "for d in (torch.float32, torch.bfloat16) for n in (40, 300)]; print('checked')")
-    proc = run_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+    check_in_build("from tests import test_cpu_kernels as t; assert not ops.attention_vectorized() and not "
+                   "ops.int8_tiles_built() and not ops.wide_dense_built(); [t.test_dense_equals_linear(ops, d, r, 64) "
+                   "for d in (torch.float32, torch.bfloat16) for r in (1, 3)]; "
+                   "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, 3, 8, 2, 'bool', 64, n) "
+                   "for d in (torch.float32, torch.bfloat16) for n in (40, 300)]",
+                   "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
 
 
 def test_the_other_vendors_schedule_gives_the_same_results():
@@ -81,16 +84,13 @@ def test_the_other_vendors_schedule_gives_the_same_results():
     other = "guided" if cpu_kernels.schedule() == "even" else "even"
     flags = {"guided": "-DLLMBENCH_EVEN_SPLIT_ROWS=0 -DLLMBENCH_ONE_ROW_STREAMS=0",
              "even": " ".join(cpu_kernels.SCHEDULE_FLAGS["even"])}[other]
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; ops = torch.ops.llmbench_cpu; "
-            "[t.test_dense_equals_linear(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) "
-            "for r in (1, 3, 8) for k in (64, 72, 80)]; "
-            "[t.test_dense_equals_linear(ops, d, 1, 64, n) for d in (torch.bfloat16, torch.float16) for n in (1, 3)]; "
-            "t8.check_int8_integer_path(ops); "
-            "[t.test_int4_tiles_of_any_rows_of_x(ops, m, r) for m in (torch.bfloat16, torch.float32) for r in (1, 5)]; "
-            "print('checked')")
-    proc = run_in_build(code, flags)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("checked"), proc.stderr[-3000:]
+    check_in_build("from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
+                   "[t.test_dense_equals_linear(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) "
+                   "for r in (1, 3, 8) for k in (64, 72, 80)]; "
+                   "[t.test_dense_equals_linear(ops, d, 1, 64, n) for d in (torch.bfloat16, torch.float16) "
+                   "for n in (1, 3)]; t8.check_int8_integer_path(ops); "
+                   "[t.test_int4_tiles_of_any_rows_of_x(ops, m, r) for m in (torch.bfloat16, torch.float32) "
+                   "for r in (1, 5)]", flags)
 
 
 def test_int4_tiles_of_16_rows_give_exactly_the_outputs_of_tiles_of_8():
@@ -181,15 +181,12 @@ def test_call_timeline_of_compiled_steps(cli):
 def test_a_traced_build_hands_over_its_last_calls_oldest_first():
     """More calls than the trace holds between two call_trace()s: the last 16384, oldest first, each call's stages in
     order (entry <= region <= return), its output size noted; the next call_trace() starts again."""
-    code = ("import torch; from llmbench.backends import cpu_kernels; assert cpu_kernels.load() is None; "
-            "ops = torch.ops.llmbench_cpu; w = torch.randn(64, 32); x = torch.randn(1, 32); ops.call_trace(); "
-            "[ops.linear_dense(x, w, None) for _ in range(20000)]; t = ops.call_trace(); "
-            "assert t.shape == (16384, 9), t.shape; assert bool((t[1:, 0] >= t[:-1, 0]).all()); "
-            "assert bool((t[:, 1] >= t[:, 0]).all() and (t[:, 6] >= t[:, 1]).all()); "
-            "assert set(t[:, 7].tolist()) == {64} and set(t[:, 8].tolist()) == {1}; "
-            "ops.linear_dense(x, w, None); assert ops.call_trace().shape == (1, 9); print('ok')")
-    proc = run_in_build(code, "-DLLMBENCH_CALL_TRACE=1")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    check_in_build("w = torch.randn(64, 32); x = torch.randn(1, 32); ops.call_trace(); "
+                   "[ops.linear_dense(x, w, None) for _ in range(20000)]; t = ops.call_trace(); "
+                   "assert t.shape == (16384, 9), t.shape; assert bool((t[1:, 0] >= t[:-1, 0]).all()); "
+                   "assert bool((t[:, 1] >= t[:, 0]).all() and (t[:, 6] >= t[:, 1]).all()); "
+                   "assert set(t[:, 7].tolist()) == {64} and set(t[:, 8].tolist()) == {1}; "
+                   "ops.linear_dense(x, w, None); assert ops.call_trace().shape == (1, 9)", "-DLLMBENCH_CALL_TRACE=1")
 
 
 def default_step_shapes():
