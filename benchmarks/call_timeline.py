@@ -214,6 +214,8 @@ def main() -> int:
         rows = [int(r) for r in args.rows.split(",")]
     except ValueError:
         p.error("--rows: comma-separated numbers of rows of x, e.g. 1,4")
+    if args.woq and not args.step:
+        p.error("--woq: with --step only (the linears alone time the kinds of --kinds)")
     if not rows or min(rows) < 1 or max(rows) > 8 or args.seconds <= 0:
         p.error("--rows: 1 to 8 rows each; --seconds: more than 0")
     import torch
