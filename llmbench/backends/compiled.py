@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import StaticCache
 
-from llmbench.backends import cpu_kernels, generated_kernels
+from llmbench.backends import cpu_kernels, generated_kernels, glu_epilogue
 from llmbench.backends.base import Backend, eos_bias, generation_config
 from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
@@ -37,7 +37,6 @@ from llmbench.backends.compile_settings import (
     choose_kernels,
     compile_guards,
     compile_options,
-    dedupe_pass,
     emulated_gemm,
     inductor_cache_dir,
 )
@@ -155,9 +154,11 @@ class CompileBackend(BeamSearch, Backend):
                 model, STEP_MAX_ROWS, arena)
             self.details["streaming_weights_memory"] = arena.describe() if arena else \
                 "as loaded (LLMBENCH_HUGE_PAGES=0)"
-            dedupe = dedupe_pass()
-            if dedupe is not None:  # fused siblings: one kernel call per group (not in the recorded options)
-                self.options = {**self.options, "post_grad_custom_pre_pass": dedupe}
+            passes = glu_epilogue.kernel_passes()
+            if passes is not None:  # fused siblings' one call per group, and SiLU-and-multiply in gate/up's call
+                self.options = {**self.options, "post_grad_custom_pre_pass": passes}
+                self.details["gate_up_activation"] = "SiLU and multiply in the gate/up kernel call" if \
+                    glu_epilogue.enabled() else "inductor's kernel after the gate/up call (LLMBENCH_FUSED_GLU=0)"
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
                 most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]

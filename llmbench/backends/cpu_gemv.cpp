@@ -193,9 +193,11 @@ Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* 
   return rows;
 }
 
+#include "cpu_gemv_vec.h"  // Vec and vexp (run's SiLU; beam search's softmax)
 #include "cpu_gemv_run.h"
 
-at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t act) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_dense: weight must be 2-D and contiguous");
   const int64_t N = weight.size(0), K = weight.size(1);
 #if defined(__AVX512BF16__)
@@ -209,13 +211,13 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
       int64_t C = 0;
       const std::vector<uint32_t> xp = amx_pairs(xc.data_ptr<at::BFloat16>(), M, K, C);
       const uint32_t* pairs = xp.data();
-      return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { amx_rows(pairs, M, C, K, w, o, n0, n1); },
+      return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { amx_rows(pairs, M, C, K, w, o, n0, n1); },
                  kAmxRows);
     }
 #endif
     const int64_t M = checked_rows(xc, K, "linear_dense", kStepMaxRows);
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
-    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
@@ -223,18 +225,18 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
   const float* xr = rows.x.data();
   const int64_t M = rows.M;
   auto body = [&](auto* w) {
-    return run(x, M, N, bias,
+    return run(x, M, N, bias, act,
                [=](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, nullptr, 1, o, n0, n1); });
   };
 #if defined(__AVX512F__)
   auto wide = [&](auto* w) {
-    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { wide_rows(xr, M, K, w, o, n0, n1); });
   };
   if (sixteen && weight.scalar_type() == at::kFloat) return wide(weight.data_ptr<float>());
   if (sixteen && weight.scalar_type() == at::kHalf) return wide(weight.data_ptr<at::Half>());
 #endif
   auto paired = [&](auto* w) {
-    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
+    return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { pair_rows(xr, M, K, w, o, n0, n1); });
   };
   auto sixteen_bit = [&](auto* w) { return sixteen ? paired(w) : body(w); };
   switch (weight.scalar_type()) {
@@ -249,7 +251,7 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
 #include "cpu_gemv_int8.h"
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, int64_t value_bytes,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, int64_t act) {
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
               "linear_int4: packed weight must be contiguous 2-D uint8");
   TORCH_CHECK(group_size >= 32 && (group_size & (group_size - 1)) == 0,
@@ -269,9 +271,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   const Int4Args args{rows.x.data(), xq.q.data(), xq.d.data(), xq.sum.data(), M, K, packed.data_ptr<uint8_t>(),
                       stride, __builtin_ctzll(group_size)};
   if (value_bytes == 2)
-    return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
+    return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<at::BFloat16>(args, o, n0, n1); },
                kWideTile);
-  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); },
+  return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { int4_tiles<float>(args, o, n0, n1); },
              kWideTile);
 }
 
@@ -299,7 +301,6 @@ bool wide_dense_built() {
 }
 
 #include "cpu_gemv_argmax.h"
-#include "cpu_gemv_vec.h"
 #include "cpu_gemv_beams.h"
 
 }  // namespace
@@ -317,10 +318,11 @@ __attribute__((visibility("hidden"))) void llmbench_note_call(int64_t entry, int
 #define LLMBENCH_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
 
 LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
-  m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("linear_int8_tiles(Tensor x, Tensor packed, int groups, Tensor? bias) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias) -> Tensor");
+  // act=1: silu(the first half of the outputs) * the second half (run)
+  m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias, int act=0) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, int act=0) -> Tensor");
+  m.def("linear_int8_tiles(Tensor x, Tensor packed, int groups, Tensor? bias, int act=0) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, int group_size, int value_bytes, Tensor? bias, int act=0) -> Tensor");
   m.def("amx_rows_from() -> int", &amx_rows_from);
   m.def("int4_tile_rows() -> int", &int4_tile_rows);
   m.def("int8_tiles_built() -> bool", &int8_tiles_built);

@@ -203,7 +203,7 @@ std::vector<float> vnni_corrections(const QuantizedRows& xq, int64_t M, int64_t 
 #endif
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, int64_t act) {
   TORCH_CHECK(qdata.dim() == 2 && qdata.is_contiguous() && qdata.scalar_type() == at::kChar,
               "linear_int8: weight must be contiguous 2-D int8");
   const int64_t N = qdata.size(0), K = qdata.size(1);
@@ -222,17 +222,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qdata, const at::T
     const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
     const int8_t* q = xq.q.data();
     const float *d = xq.d.data(), *c = corr.data();
-    return run(x, M, N, bias,
+    return run(x, M, N, bias, act,
                [=](float* o, int64_t n0, int64_t n1) { int8_rows(q, d, c, M, K, w, s, groups, o, n0, n1); });
   }
 #endif
-  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
+  return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { dense_rows(xr, M, K, w, s, groups, o, n0, n1); });
 }
 
 // x against int8 tiles (Int8Tiles' layout, packed (N, 4 * groups + K) bytes, N a multiple of 8, groups of a multiple
 // of 32 weights): the integer dot products of linear_int8, with the tiles' lanes as rows.
 at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& packed, int64_t groups,
-                             const c10::optional<at::Tensor>& bias) {
+                             const c10::optional<at::Tensor>& bias, int64_t act) {
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
               "linear_int8_tiles: packed weight must be contiguous 2-D uint8");
   const int64_t N = packed.size(0), K = x.size(-1);
@@ -249,7 +249,7 @@ at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& packed, int6
   const std::vector<float> corr = vnni_corrections(xq, M, K, groups);
   const Int8Tiles args{xq.q.data(), xq.d.data(), corr.data(), M, K, groups, packed.data_ptr<uint8_t>(),
                        packed.size(1)};
-  return run(x, M, N, bias, [=](float* o, int64_t n0, int64_t n1) { int8_tiles(args, o, n0, n1); }, kTile);
+  return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { int8_tiles(args, o, n0, n1); }, kTile);
 #else
   TORCH_CHECK(false, "linear_int8_tiles: built without AVX2 (use linear_int8)");
 #endif

@@ -77,17 +77,57 @@ void store_row(const float* src, int64_t n, T* out) {
   for (; j < n; ++j) out[j] = static_cast<T>(src[j]);
 }
 
-// Rows of src (M, n1 - n0), the bias (float32, columns n0..n1-1, or nullptr) added in place, into out (M, N)'s
-// columns n0..n1-1.
+// Rows of src (M, n1 - n0) with the bias (float32, columns n0..n1-1, or nullptr) added in place.
+inline void add_bias(float* src, int64_t M, int64_t n, const float* bias) {
+  if (bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j) src[m * n + j] += bias[j];
+}
+
+// p's count floats rounded to T's precision (as the separate kernels' outputs in memory would be).
 template <typename T>
-void write_out(float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, const float* bias, T* out) {
-  const int64_t n = n1 - n0;
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = src + m * n;
-    if (bias)
-      for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
-    store_row(row, n, out + m * N + n0);
+void round_to(float* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) return;
+  int64_t j = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    for (; j + 16 <= count; j += 16) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j));
+      _mm512_storeu_ps(p + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, at::Half>)
+    for (; j + 8 <= count; j += 8)
+      _mm256_storeu_ps(p + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(p + j), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+  for (; j < count; ++j) p[j] = static_cast<float>(static_cast<T>(p[j]));
+}
+
+// silu(g) * u in place of g, count values, rounded as inductor's own kernel after the linear would round them: g and
+// u (the linear's outputs in memory) to T, silu(g) = g / (1 + e^-g) and the product in float32, rounded by the
+// caller's store; e^-g clamped below float's overflow.
+template <typename T>
+void silu_mul(float* g, float* u, int64_t count) {
+  round_to<T>(g, count);
+  round_to<T>(u, count);
+  int64_t j = 0;
+#if defined(LLMBENCH_VEC)
+  const Vec::R one = Vec::set1(1.f), zero = Vec::zero(), low = Vec::set1(-88.f);
+  for (; j + Vec::W <= count; j += Vec::W) {
+    const Vec::R v = Vec::load(g + j);
+    const Vec::R silu = Vec::div(v, Vec::add(one, vexp(Vec::sub(zero, Vec::max(v, low)))));
+    Vec::store(g + j, Vec::mul(silu, Vec::load(u + j)));
   }
+#endif
+  for (; j < count; ++j) g[j] = g[j] / (1.f + std::exp(-std::max(g[j], -88.f))) * u[j];
+}
+
+// Rows of src (M, n1 - n0) into out (M, N)'s columns n0..n1-1.
+template <typename T>
+void write_out(const float* src, int64_t M, int64_t N, int64_t n0, int64_t n1, T* out) {
+  const int64_t n = n1 - n0;
+  for (int64_t m = 0; m < M; ++m) store_row(src + m * n, n, out + m * N + n0);
 }
 
 template <typename T>
@@ -97,30 +137,37 @@ void bias_part(const T* b, int64_t n0, int64_t n1, std::vector<float>& part) {
 }
 
 // Runs body(out_chunk, n0, n1) over the weight rows in parallel, in chunks of whole blocks of `unit` rows, and
-// writes y (x's dtype and leading shape, N outputs) with the bias added. Calls of up to kEvenSplitRows rows of x:
+// writes y (x's dtype and leading shape) with the bias added. act 0: y is the N outputs. act 1 (a gated unit's
+// gate and up projections in one weight, gate rows first): y is silu(gate) * up, N / 2 outputs, each chunk's gate
+// rows read with their up rows and multiplied in the thread that read them (llmbench.backends.glu_epilogue puts
+// such calls in place of a compiled graph's linear, SiLU and multiply). Calls of up to kEvenSplitRows rows of x:
 // one chunk per thread, an even share (cpu_kernels.schedule).
 template <typename F>
-at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, F body,
+at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, int64_t act, F body,
                int64_t unit = R) {
   const int64_t entry = trace_now();
+  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (the outputs) or 1 (SiLU of the first half times the second)");
+  const int64_t half = N / 2, cols = act ? half : N;
+  TORCH_CHECK(!act || (N % 2 == 0 && half % unit == 0), "act 1 needs the gate's and the up projection's rows in ",
+              "blocks of ", unit, ", got ", N, " rows");
   auto shape = x.sizes().vec();
-  shape.back() = N;
+  shape.back() = cols;
   at::Tensor y = at::empty(shape, x.options());
   if (!linear_work.load(std::memory_order_relaxed)) return y.zero_();
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.numel() == N && b.is_contiguous() &&
                                    (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16 ||
                                     b.scalar_type() == at::kHalf)),
-              "bias must be a contiguous float32, bfloat16 or float16 vector of the output size");
-  const int64_t blocks = (N + unit - 1) / unit;
+              "bias must be a contiguous float32, bfloat16 or float16 vector of the weight's rows");
+  const int64_t blocks = (cols + unit - 1) / unit;
   // What the threads read, resolved here and captured by value: another thread reads each line this one wrote just
   // before from this CPU's cache, one after another where a pointer leads to the next (tensors' metadata, references
   // to references), and on a 2-vCPU EPYC guest with its CPUs apart (llmbench.placement) each took ~0.3 us.
   void* const out = y.data_ptr();
   const at::ScalarType out_type = y.scalar_type(), bias_type = b.defined() ? b.scalar_type() : at::kFloat;
   const void* const bias_data = b.defined() ? b.data_ptr() : nullptr;
-  auto chunk = [=](int64_t b0, int64_t b1, std::vector<float>& part, std::vector<float>& bf) {
-    const int64_t n0 = b0 * unit, n1 = std::min(N, b1 * unit);
+  // weight rows n0..n1-1 into part (M, n1 - n0), their bias added
+  auto rows = [=](int64_t n0, int64_t n1, std::vector<float>& part, std::vector<float>& bf) {
     part.resize(M * (n1 - n0));
     body(part.data(), n0, n1);
     const float* bp = nullptr;
@@ -131,10 +178,22 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
         default: bias_part(static_cast<const at::Half*>(bias_data), n0, n1, bf); bp = bf.data(); break;
       }
     }
+    add_bias(part.data(), M, n1 - n0, bp);
+  };
+  auto chunk = [=](int64_t b0, int64_t b1, std::vector<float>& part, std::vector<float>& up, std::vector<float>& bf) {
+    const int64_t n0 = b0 * unit, n1 = std::min(cols, b1 * unit);
+    rows(n0, n1, part, bf);
+    if (act) {
+      rows(half + n0, half + n1, up, bf);
+    }
+    auto write = [&](auto* o) {
+      if (act) silu_mul<std::remove_pointer_t<decltype(o)>>(part.data(), up.data(), M * (n1 - n0));
+      write_out(part.data(), M, cols, n0, n1, o);
+    };
     switch (out_type) {
-      case at::kFloat: write_out(part.data(), M, N, n0, n1, bp, static_cast<float*>(out)); break;
-      case at::kBFloat16: write_out(part.data(), M, N, n0, n1, bp, static_cast<at::BFloat16*>(out)); break;
-      default: write_out(part.data(), M, N, n0, n1, bp, static_cast<at::Half*>(out)); break;
+      case at::kFloat: write(static_cast<float*>(out)); break;
+      case at::kBFloat16: write(static_cast<at::BFloat16*>(out)); break;
+      default: write(static_cast<at::Half*>(out)); break;
     }
   };
   const int64_t threads = at::get_num_threads();
@@ -144,14 +203,14 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
 #pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
 #endif
     {
-      std::vector<float> part, bf;
+      std::vector<float> part, up, bf;
 #ifdef _OPENMP
       const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
 #else
       const int64_t t = 0, n = 1;
 #endif
       const int64_t start = trace_now();
-      chunk(t * blocks / n, (t + 1) * blocks / n, part, bf);
+      chunk(t * blocks / n, (t + 1) * blocks / n, part, up, bf);
       trace.share(t, start);
     }
     trace.done();
@@ -163,12 +222,12 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   const int64_t least = 32 / unit;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> part, bf;
+    std::vector<float> part, up, bf;
     int64_t b0 = next.load();
     while (b0 < blocks) {
       const int64_t size = threads == 1 ? blocks : std::max<int64_t>(least, (blocks - b0) / (2 * threads));
       if (!next.compare_exchange_weak(b0, b0 + size)) continue;  // b0 now holds what another thread left
-      chunk(b0, std::min(blocks, b0 + size), part, bf);
+      chunk(b0, std::min(blocks, b0 + size), part, up, bf);
       b0 = next.load();
     }
   });

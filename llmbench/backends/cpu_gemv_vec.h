@@ -18,6 +18,7 @@ struct Vec {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
   static float sum(R v) { return _mm512_reduce_add_ps(v); }
@@ -50,6 +51,7 @@ struct Vec {
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
   static float sum(R v) {

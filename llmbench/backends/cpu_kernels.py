@@ -178,12 +178,17 @@ def _register_fakes() -> None:
     def out_like(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], n))
 
-    torch.library.register_fake("llmbench_cpu::linear_dense")(lambda x, weight, bias: out_like(x, weight.shape[0]))
-    torch.library.register_fake("llmbench_cpu::linear_int8")(lambda x, qdata, scale, bias: out_like(x, qdata.shape[0]))
+    def linear(rows: int, x: torch.Tensor, act: int) -> torch.Tensor:  # act 1: silu(first half) * second half
+        return out_like(x, rows // 2 if act else rows)
+
+    torch.library.register_fake("llmbench_cpu::linear_dense")(
+        lambda x, weight, bias, act=0: linear(weight.shape[0], x, act))
+    torch.library.register_fake("llmbench_cpu::linear_int8")(
+        lambda x, qdata, scale, bias, act=0: linear(qdata.shape[0], x, act))
     torch.library.register_fake("llmbench_cpu::linear_int8_tiles")(
-        lambda x, packed, groups, bias: out_like(x, packed.shape[0]))
+        lambda x, packed, groups, bias, act=0: linear(packed.shape[0], x, act))
     torch.library.register_fake("llmbench_cpu::linear_int4")(
-        lambda x, packed, group_size, value_bytes, bias: out_like(x, packed.shape[0]))
+        lambda x, packed, group_size, value_bytes, bias, act=0: linear(packed.shape[0], x, act))
     torch.library.register_fake("llmbench_cpu::argmax_rows")(
         lambda scores, bias: scores.new_empty((scores.shape[0], 1), dtype=torch.long))
     torch.library.register_fake("llmbench_cpu::decode_attention")(
