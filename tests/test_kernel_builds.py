@@ -78,6 +78,17 @@ def test_a_build_without_avx2_runs_the_portable_loops():
                    "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
 
 
+def test_the_gated_act_in_builds_without_avx512_and_without_avx2():
+    """act=1 (silu of the gate half times the up half, test_glu_epilogue's checks) in the AVX2 build's 8-float
+    vectors and F16C roundings, and in the portable build's scalar loops."""
+    code = ("from tests import test_glu_epilogue as g; "
+            "[g.test_dense_act_is_silu_of_the_first_half_times_the_second(ops, d, r) "
+            "for d in (torch.float32, torch.bfloat16, torch.float16) for r in (1, 3)]; g.test_int8_act(ops); "
+            "g.test_act_refuses_other_values_and_halves_of_part_blocks(ops)")
+    check_in_build(f"{code}; [g.test_int4_act(ops, m, 1) for m in (torch.bfloat16, torch.float32)]", "-mno-avx512f")
+    check_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
+
+
 def test_the_other_vendors_schedule_gives_the_same_results():
     """Built with the other CPU vendor's schedule (cpu_kernels.schedule: guided chunks, or even shares with one-row
     streams), the dense, INT4 and INT8 kernels give the same results, so both schedules are checked on any host."""
