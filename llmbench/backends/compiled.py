@@ -157,8 +157,7 @@ class CompileBackend(BeamSearch, Backend):
             passes = glu_epilogue.kernel_passes()
             if passes is not None:  # fused siblings' one call per group, and SiLU-and-multiply in gate/up's call
                 self.options = {**self.options, "post_grad_custom_pre_pass": passes}
-                self.details["gate_up_activation"] = "SiLU and multiply in the gate/up kernel call" if \
-                    glu_epilogue.enabled() else "inductor's kernel after the gate/up call (LLMBENCH_FUSED_GLU=0)"
+                self.details["gate_up_activation"] = glu_epilogue.describe()
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
                 most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]

@@ -183,9 +183,7 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
   auto chunk = [=](int64_t b0, int64_t b1, std::vector<float>& part, std::vector<float>& up, std::vector<float>& bf) {
     const int64_t n0 = b0 * unit, n1 = std::min(cols, b1 * unit);
     rows(n0, n1, part, bf);
-    if (act) {
-      rows(half + n0, half + n1, up, bf);
-    }
+    if (act) rows(half + n0, half + n1, up, bf);  // the matching up rows
     auto write = [&](auto* o) {
       if (act) silu_mul<std::remove_pointer_t<decltype(o)>>(part.data(), up.data(), M * (n1 - n0));
       write_out(part.data(), M, cols, n0, n1, o);

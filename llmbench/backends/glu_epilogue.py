@@ -28,6 +28,14 @@ def enabled() -> bool:
     return os.environ.get("LLMBENCH_FUSED_GLU", "1") != "0"
 
 
+def describe() -> str:
+    """The record's `gate_up_activation`."""
+    if enabled():
+        return ("SiLU and multiply in the gate/up kernel call, where a compiled graph computes silu(gate) * up of "
+                "one (not GELU or other activations)")
+    return "inductor's kernel after the gate/up call (LLMBENCH_FUSED_GLU=0)"
+
+
 def _linear(node: torch.fx.Node) -> bool:
     target = node.target
     return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
@@ -83,7 +91,8 @@ def _silu_input(node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
         return node.args[0], [node]
     if node.target is prims.convert_element_type.default:
         inner = _silu_input(node.args[0])
-        if inner is None or inner[0].target is not prims.convert_element_type.default:
+        if inner is None or inner[0].target is not prims.convert_element_type.default or \
+                inner[0].args[1] != torch.float32:
             return None
         source = inner[0].args[0]
         value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
