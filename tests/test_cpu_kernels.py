@@ -38,6 +38,21 @@ def test_dense_equals_linear(ops, dtype, rows, in_features, out_features=37):
     assert (without_bias - reference(x, weight, None)).abs().max().item() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_rows_of_x_of_calls_of_every_size_in_turn(ops, dtype):
+    """Five or more rows of x are copied, per thread, into a buffer that the next calls reuse (cpu_gemv_avx512.h's
+    packed_rows): calls that need more than the last one, then less, each against torch's linear; 200 weight rows,
+    enough for every thread to take blocks."""
+    torch.manual_seed(1)
+    for rows, in_features in [(5, 64), (32, 576), (8, 96), (19, 1536), (6, 576)]:
+        weight = torch.randn(200, in_features).to(dtype)
+        x = torch.randn(rows, in_features).to(dtype)
+        expected = reference(x, weight, None)
+        tolerance = 1e-3 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * expected.abs().max().item()
+        error = (ops.linear_dense(x, weight, None).float() - expected).abs().max().item()
+        assert error <= tolerance, (rows, in_features)
+
+
 def quantized_linear(scheme: str, group_size: int | None, in_features=128, out_features=40, dtype=torch.bfloat16):
     from torchao.quantization import quantize_
 
