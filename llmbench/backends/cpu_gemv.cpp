@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 #include <atomic>
 #include <chrono>
@@ -51,6 +52,7 @@ constexpr int64_t R = 4;         // weight rows per block
 constexpr int64_t kMaxRows = 8;  // rows of x the dense kernels take in one pass over a block of weight rows
 constexpr int64_t kStepMaxRows = 32;  // rows of a decode step's dense calls: passes of kMaxRows (more: use a GEMM)
 constexpr int64_t kAnyRows = INT64_MAX;  // INT4 and INT8 take any number of rows (prompts: the weights read once)
+std::atomic<uint64_t> run_calls{0};  // run()'s calls so far: per-call work a thread may keep for its next chunk
 #ifndef LLMBENCH_PREFETCH_BLOCKS
 #define LLMBENCH_PREFETCH_BLOCKS 4
 #endif

@@ -28,13 +28,18 @@ constexpr int64_t kWideOneRowAhead = LLMBENCH_WIDE_ONE_ROW_AHEAD;
 // x's rows packed for block_rows_of: pass p (rows pC..pC+C-1, those past M repeating row M-1) as K/S steps of C
 // vectors of S values side by side, so that the loop over k reads every row of x from one pointer at fixed offsets
 // (each row's own pointer left too few general registers: GCC kept them in vector registers, a move back before
-// every load). Per thread, reused from call to call; 64-byte aligned.
+// every load). Per thread, 64-byte aligned, its buffer reused from call to call, and its rows within a call: a thread
+// that takes several chunks of one call (guided scheduling) packs x once.
 template <int C, int S, typename X>
 const X* packed_rows(const X* x, int64_t M, int64_t K) {
   static thread_local std::vector<char> buffer;
+  static thread_local std::tuple<uint64_t, const X*, int64_t, int64_t> packed{};  // (call, x, M, K) in the buffer
   const int64_t passes = (M + C - 1) / C, bytes = passes * C * K * static_cast<int64_t>(sizeof(X)) + 64;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
   X* out = reinterpret_cast<X*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  const std::tuple<uint64_t, const X*, int64_t, int64_t> now{run_calls.load(std::memory_order_relaxed), x, M, K};
+  if (packed == now) return out;
+  packed = now;
   for (int64_t p = 0; p < passes; ++p)
     for (int i = 0; i < C; ++i) {
       const X* row = x + std::min<int64_t>(p * C + i, M - 1) * K;

@@ -146,6 +146,7 @@ template <typename F>
 at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, int64_t act, F body,
                int64_t unit = R) {
   const int64_t entry = trace_now();
+  run_calls.fetch_add(1, std::memory_order_relaxed);
   TORCH_CHECK(act == 0 || act == 1, "act must be 0 (the outputs) or 1 (SiLU of the first half times the second)");
   const int64_t half = N / 2, cols = act ? half : N;
   TORCH_CHECK(!act || (N % 2 == 0 && half % unit == 0), "act 1 needs the gate's and the up projection's rows in ",
