@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/backends.md ("GPU check") in one run on a CUDA machine, each step under its own time limit
-# so that one failure or overrun leaves the others' figures: a Llama-2-7B-shaped model (random weights)
+# The GPU figures of docs/measured.md (docs/backends.md, "GPU check") in one run on a CUDA machine, each step under
+# its own time limit so that one failure or overrun leaves the others' figures: a Llama-2-7B-shaped model (random
+# weights)
 #   fp16:      eager against the compile backend, greedy: whole-step CUDA graphs against compiled calls
 #   int4:      the compile backend with TorchAO INT4 (tinygemm, bfloat16), greedy
 #   cli:       the run_generation.py record of the fp16 compile case (warm inductor cache: set-up time)

@@ -4,7 +4,7 @@
 transformers' own compiled generate() recompiles, breaks graphs and (on cpu) skips compiling; a tight loop of our
 own over a reused StaticCache, with only the decode step compiled (fullgraph, static shapes) and dynamo's guards
 skipped once a shape is compiled, avoids all three; benchmarks/roofline.py measures it beside eager (figures:
-docs/backends.md). On cpu, once a shape is compiled and warmed up, each step calls its compiled graph directly
+docs/measured.md). On cpu, once a shape is compiled and warmed up, each step calls its compiled graph directly
 (DirectStep), without dynamo's frame evaluation and input gathering in Python; on cuda it replays the whole step
 captured as one CUDA graph (CudaGraphStep), and q/k/v and gate/up are one product each (fused_siblings).
 Greedy and beam search both run this loop; beam search reorders the cache in place.

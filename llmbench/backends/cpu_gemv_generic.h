@@ -122,7 +122,7 @@ void pair_rows_of(const float* x, int64_t M, int64_t K, const W* w, float* out, 
 // time (6 KB 0.85 / 0.95, 12 KB 1.01 / 1.00, 16 KB 0.89, 2 KB 1.25); whole compiled greedy bf16 steps, the distance
 // switched between generations of one process (16 rounds), 0.887 (6 KB against 8 KB 0.993, 16 KB 1.028). AVX2 code
 // (pair_stream): linears 1.02, whole steps 0.944 / 1.029, so it keeps 4 KB. (cpu_kernels.py --step, two models in one
-// process, saw no change: docs/backends.md.)
+// process, saw no change: docs/measured.md.)
 #ifndef LLMBENCH_STREAM_AHEAD
 #ifdef __AVX512F__
 #define LLMBENCH_STREAM_AHEAD 8192

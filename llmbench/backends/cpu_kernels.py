@@ -65,7 +65,7 @@ def prefetch_hint() -> str:
     step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
     (prefetcht0) at 10.0 and 13.5 GB/s; the AMX Xeon's INT4 tiles stream from memory faster with prefetcht2:
     Phi-3-mini's shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token
-    (docs/backends.md). On AMD CPUs: the AVX2 EPYC the kernels were written on streamed at ~85% of its read
+    (docs/measured.md). On AMD CPUs: the AVX2 EPYC the kernels were written on streamed at ~85% of its read
     bandwidth with prefetchnta; a 2-core AVX-512 EPYC (family 25 model 17), 6 alternating processes per build, best
     / median ms of one step's linears: bf16 nta 11.79 / 12.64, t2 8.39 / 10.23, t0 11.69 / 12.44; INT4 nta 3.33 /
     3.78, t2 3.11 / 3.76, t0 3.43 / 3.80. Whole compiled steps there, alternating processes, nta against t2: bf16

@@ -125,7 +125,7 @@ def attention_kernel(head_dim: int, vectorized: bool) -> bool:
     with the linear kernels; `vectorized`: cpu_kernels.attention_vectorized()), else inductor's generated form
     (generated_attention below): where its vector path was built (AVX-512, or AVX2 with FMA and F16C) and takes the
     head size. Batch 8 of the default model on the 2-core AMX Xeon: 46 us a layer inside the step against the
-    generated form's 92 us; built as AVX2 code there, whole steps 0.92-0.95x at batch 1 (docs/backends.md). Its
+    generated form's 92 us; built as AVX2 code there, whole steps 0.92-0.95x at batch 1 (docs/measured.md). Its
     portable loops (other CPUs and head sizes) were never measured against the generated form, so those keep it.
     LLMBENCH_ATTENTION_KERNEL=0 keeps the generated form, for comparisons."""
     forced = os.environ.get("LLMBENCH_ATTENTION_KERNEL", "1")

@@ -3,7 +3,7 @@
 Llama-style MLPs compute down(silu(gate(x)) * up(x)). With gate and up fused into one call of the suite's kernels
 (cpu_kernels' siblings), inductor still runs the SiLU and the multiply as a kernel of its own between that call and
 down's: an OpenMP region over the outputs whose every line comes from memory after the weights' stream, 4.8 us a layer
-with a 2-vCPU AVX-512 EPYC guest's CPUs together, 8.5-10 us apart (docs/backends.md). This inductor graph pass
+with a 2-vCPU AVX-512 EPYC guest's CPUs together, 8.5-10 us apart (docs/measured.md). This inductor graph pass
 replaces `silu(y[..., :n]) * y[..., n:]` (slices, or the halves of a split, in either order of the product), y a
 kernel linear's output used by nothing else, with the linear's `act=1` call, which multiplies in the threads that
 read the rows (cpu_gemv_run.h's run). Phi-3's fused gate_up_proj and ChatGLM's swiglu take the same form.
