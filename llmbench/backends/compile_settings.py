@@ -216,6 +216,48 @@ def compile_options(device: torch.device, kernels: str = "library", requested: s
                         "max-autotune or max-autotune-no-cudagraphs") from None
 
 
+# The suite's ops with C entries (cpu_gemv_entries.h) and the C type of each kind of argument in them
+ENTRY_OPS = ("linear_dense", "linear_int8", "linear_int8_tiles", "linear_int4", "argmax_rows", "decode_attention")
+ENTRY_TYPES = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*", "int": "int64_t",
+               "float": "double"}
+
+
+class OpEntries(dict):
+    """{op: [its C entry's declaration]}, pickled (inductor's graph cache key) by the ops' names: an op does not
+    pickle, and with it in the options every compile bypassed the cache (a warm set-up 57 s instead of 17)."""
+
+    def __reduce__(self):
+        return dict, ({str(op): declarations for op, declarations in self.items()},)
+
+
+def direct_entries() -> dict:
+    """inductor's `aot_inductor.custom_ops_to_c_shims` for the loaded CPU kernels' ops: their C entries' declarations
+    (from the ops' schemas), which the C++ wrapper calls directly instead of through the dispatcher (the op looked up
+    by name, its arguments boxed, on every call): one process alternating the two forms' generations of the default
+    model on a 2-vCPU AVX-512 EPYC, the same ids, the dispatcher's steps took 1.009-1.015x the time (bf16) and
+    1.010-1.011x (INT4). {} before torch 2.13 (the form verified; older inductors' C++ wrappers unchecked), where the
+    entries are not visible (kernels not loaded, or built without torch's headers for them), or with
+    LLMBENCH_DIRECT_OPS=0."""
+    import ctypes
+
+    from torch.torch_version import TorchVersion
+
+    if os.environ.get("LLMBENCH_DIRECT_OPS", "1") == "0" or TorchVersion(torch.__version__) < "2.13":
+        return {}
+    visible = ctypes.CDLL(None)  # the process's global symbols
+    entries = OpEntries()
+    for name in ENTRY_OPS:
+        symbol = f"aoti_torch_cpu_{name}"
+        op = getattr(getattr(torch.ops, "llmbench_cpu"), name, None)
+        if op is None or not hasattr(visible, symbol):
+            continue
+        schema = op.default._schema
+        args = [f"{ENTRY_TYPES[str(a.type)]} {a.name}" for a in schema.arguments]
+        args += [f"AtenTensorHandle* ret{i}" for i in range(len(schema.returns))]
+        entries[op.default] = [f"AOTITorchError {symbol}({', '.join(args)})"]
+    return entries
+
+
 def _hashable(value):
     """The node arguments as a dict key (lists as tuples); TypeError where one is not hashable."""
     if isinstance(value, (list, tuple)):

@@ -37,6 +37,7 @@ from llmbench.backends.compile_settings import (
     choose_kernels,
     compile_guards,
     compile_options,
+    direct_entries,
     emulated_gemm,
     inductor_cache_dir,
 )
@@ -158,6 +159,10 @@ class CompileBackend(BeamSearch, Backend):
             if passes is not None:  # fused siblings' one call per group, and SiLU-and-multiply in gate/up's call
                 self.options = {**self.options, "post_grad_custom_pre_pass": passes}
                 self.details["gate_up_activation"] = glu_epilogue.describe()
+            entries = direct_entries()  # the ops' C entries, which the C++ wrapper calls without the dispatcher
+            if entries:
+                self.options = {**self.options, "aot_inductor.custom_ops_to_c_shims": entries}
+            self.details["kernel_op_calls"] = "direct (C entries)" if entries else "through the dispatcher"
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
                 most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]

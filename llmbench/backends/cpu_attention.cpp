@@ -292,4 +292,15 @@ TORCH_LIBRARY_FRAGMENT(llmbench_cpu, m) {
   m.def("attention_vectorized() -> bool", &attention_vectorized);
 }
 
+#include "cpu_gemv_entries.h"
+#ifdef LLMBENCH_ENTRIES
+LLMBENCH_ENTRY aoti_torch_cpu_decode_attention(AtenTensorHandle query, AtenTensorHandle key, AtenTensorHandle value,
+                                               AtenTensorHandle mask, double scale, AtenTensorHandle* ret0) {
+  using llmbench_entries::tensor_of;
+  return llmbench_entries::entry("llmbench_cpu::decode_attention", [&] {
+    return decode_attention(tensor_of(query), tensor_of(key), tensor_of(value), tensor_of(mask), scale);
+  }, ret0);
+}
+#endif
+
 TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }

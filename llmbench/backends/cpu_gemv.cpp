@@ -319,6 +319,40 @@ __attribute__((visibility("hidden"))) void llmbench_note_call(int64_t entry, int
 #define LLMBENCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define LLMBENCH_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
 
+#include "cpu_gemv_entries.h"
+#ifdef LLMBENCH_ENTRIES
+using llmbench_entries::entry;
+using llmbench_entries::optional_of;
+using llmbench_entries::tensor_of;
+LLMBENCH_ENTRY aoti_torch_cpu_linear_dense(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* bias,
+                                           int64_t act, AtenTensorHandle* ret0) {
+  return entry("llmbench_cpu::linear_dense",
+               [&] { return linear_dense(tensor_of(x), tensor_of(weight), optional_of(bias), act); }, ret0);
+}
+LLMBENCH_ENTRY aoti_torch_cpu_linear_int8(AtenTensorHandle x, AtenTensorHandle qdata, AtenTensorHandle scale,
+                                          AtenTensorHandle* bias, int64_t act, AtenTensorHandle* ret0) {
+  return entry("llmbench_cpu::linear_int8", [&] {
+    return linear_int8(tensor_of(x), tensor_of(qdata), tensor_of(scale), optional_of(bias), act);
+  }, ret0);
+}
+LLMBENCH_ENTRY aoti_torch_cpu_linear_int8_tiles(AtenTensorHandle x, AtenTensorHandle packed, int64_t groups,
+                                                AtenTensorHandle* bias, int64_t act, AtenTensorHandle* ret0) {
+  return entry("llmbench_cpu::linear_int8_tiles", [&] {
+    return linear_int8_tiles(tensor_of(x), tensor_of(packed), groups, optional_of(bias), act);
+  }, ret0);
+}
+LLMBENCH_ENTRY aoti_torch_cpu_linear_int4(AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
+                                          int64_t value_bytes, AtenTensorHandle* bias, int64_t act,
+                                          AtenTensorHandle* ret0) {
+  return entry("llmbench_cpu::linear_int4", [&] {
+    return linear_int4(tensor_of(x), tensor_of(packed), group_size, value_bytes, optional_of(bias), act);
+  }, ret0);
+}
+LLMBENCH_ENTRY aoti_torch_cpu_argmax_rows(AtenTensorHandle scores, AtenTensorHandle* bias, AtenTensorHandle* ret0) {
+  return entry("llmbench_cpu::argmax_rows", [&] { return argmax_rows(tensor_of(scores), optional_of(bias)); }, ret0);
+}
+#endif
+
 LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   // act=1: silu(the first half of the outputs) * the second half (run)
   m.def("linear_dense(Tensor x, Tensor weight, Tensor? bias, int act=0) -> Tensor");

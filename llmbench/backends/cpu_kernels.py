@@ -161,7 +161,7 @@ def _load() -> str | None:
         return f"built only on linux, not {sys.platform}"
     amx_min_rows_env()  # a bad value stops here, in one line
     why = build("llmbench_cpu_gemv", [SOURCE, ATTENTION_SOURCE], host_flags(),
-                f"the CPU decode kernels for {cpu_kind().describe()}")
+                f"the CPU decode kernels for {cpu_kind().describe()}", share_symbols=True)
     if why:  # a missing compiler or ninja, a build error: the caller falls back and records why
         return f"the CPU decode kernels could not be built ({why})"
     _register_fakes()

@@ -3,6 +3,7 @@ compiled once per host, flags and source text into `$LLMBENCH_CACHE/kernels/`, l
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import sys
@@ -22,18 +23,32 @@ def build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def build(stem: str, sources: list[Path], extra: list[str], what: str) -> str | None:
+def build(stem: str, sources: list[Path], extra: list[str], what: str, share_symbols: bool = False) -> str | None:
     """Compile `sources` with `extra` flags, once per host, flags and text (every cpu_gemv_*.h beside them is part of
     that, so that a new header cannot be left out), as the ops library `stem`_<hash>, and load it; -> None, or why it
-    failed (a missing compiler or ninja, a build error). `what` names it while it builds."""
+    failed (a missing compiler or ninja, a build error). `what` names it while it builds. share_symbols: its C
+    entries made visible to libraries loaded later (inductor's compiled graphs call them: compile_settings.
+    direct_entries)."""
+    why = _build(stem, sources, extra, what)
+    if why is None and share_symbols:
+        ctypes.CDLL(str(_library(stem, sources, extra)), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    return why
+
+
+def _library(stem: str, sources: list[Path], extra: list[str]) -> Path:
+    """Where the ops library of these sources and flags is built: `stem`_<hash>/`stem`_<hash>.so."""
     files = [*sources, *sorted(sources[0].parent.glob("cpu_gemv_*.h"))]
     identity = [" ".join(extra), *(f.read_text() for f in files), " ".join(sorted(cpu_kind().flags)),
                 torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
     name = f"{stem}_{key}"
-    folder = build_dir() / name
+    return build_dir() / name / f"{name}.so"
+
+
+def _build(stem: str, sources: list[Path], extra: list[str], what: str) -> str | None:
+    built = _library(stem, sources, extra)
+    folder, name = built.parent, built.stem
     folder.mkdir(parents=True, exist_ok=True)
-    built = folder / f"{name}.so"
     if built.exists():
         # The name holds the hash of everything the library is built from, so a library of that name is this one:
         # loaded as it is (torch's loader would rebuild it for another checkout's source paths)
