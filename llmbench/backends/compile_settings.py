@@ -248,7 +248,7 @@ def direct_entries() -> dict:
     entries = OpEntries()
     for name in ENTRY_OPS:
         symbol = f"aoti_torch_cpu_{name}"
-        op = getattr(getattr(torch.ops, "llmbench_cpu"), name, None)
+        op = getattr(torch.ops.llmbench_cpu, name, None)
         if op is None or not hasattr(visible, symbol):
             continue
         schema = op.default._schema
