@@ -1,11 +1,13 @@
 // Entries that inductor's C++ wrapper calls directly (compile_settings.direct_entries, torch's
 // config.aot_inductor.custom_ops_to_c_shims): aoti_torch_cpu_<op>, as torch names the C entry of an op, with the
 // op's arguments as handles (a Tensor? as a pointer to one, nullptr for None; float as double) and its output
-// written to ret0. Without them each call went through the dispatcher: the op looked up by name,
-// its arguments boxed and unboxed, on every call of every step.
+// written to ret0. Without them each call went through the dispatcher: the op looked up by name, its arguments boxed
+// and unboxed, on every call of every step.
 #pragma once
 
-#if __has_include(<torch/csrc/inductor/aoti_torch/utils.h>)
+#include <torch/version.h>
+// torch 2.13's form (compile_settings.direct_entries declares them from 2.13 on; older torches keep the dispatcher)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
 #include <ATen/record_function.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #define LLMBENCH_ENTRIES 1
