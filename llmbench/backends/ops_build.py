@@ -29,10 +29,11 @@ def build(stem: str, sources: list[Path], extra: list[str], what: str, share_sym
     failed (a missing compiler or ninja, a build error). `what` names it while it builds. share_symbols: its C
     entries made visible to libraries loaded later (inductor's compiled graphs call them: compile_settings.
     direct_entries)."""
-    why = _build(stem, sources, extra, what)
+    built = _library(stem, sources, extra)
+    why = _build(built, sources, extra, what)
     if why is None and share_symbols:
         try:
-            ctypes.CDLL(str(_library(stem, sources, extra)), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+            ctypes.CDLL(str(built), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
         except OSError:
             pass  # its entries stay hidden: the compiled graphs call the ops through the dispatcher
     return why
@@ -48,9 +49,8 @@ def _library(stem: str, sources: list[Path], extra: list[str]) -> Path:
     return build_dir() / name / f"{name}.so"
 
 
-def _build(stem: str, sources: list[Path], extra: list[str], what: str) -> str | None:
-    """build()'s compile and load."""
-    built = _library(stem, sources, extra)
+def _build(built: Path, sources: list[Path], extra: list[str], what: str) -> str | None:
+    """build()'s compile (into `built`, _library's path) and load."""
     folder, name = built.parent, built.stem
     folder.mkdir(parents=True, exist_ok=True)
     if built.exists():
