@@ -24,6 +24,7 @@ FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # fp16 arithmetic in hardware (f16c on
 class CpuKind:
     model_name: str
     flags: frozenset[str]  # every flag /proc/cpuinfo lists (empty where it cannot be read)
+    generation: str = ""  # x86 'family F model M' (a guest's model name may say only 'AMD EPYC'), else ""
 
     @property
     def relevant_flags(self) -> list[str]:
@@ -55,26 +56,28 @@ class CpuKind:
         return f"{self.model_name}|{' '.join(sorted(self.flags))}"
 
     def describe(self) -> str:
-        """One line for consoles and tables: 'AMD EPYC (AVX2: avx2 fma)'."""
-        return f"{self.model_name} ({self.kind}: {' '.join(self.relevant_flags) or 'no listed flags'})"
+        """One line for consoles and tables: 'AMD EPYC family 25 model 1 (AVX2: avx2 fma)'."""
+        name = f"{self.model_name} {self.generation}".rstrip()
+        return f"{name} ({self.kind}: {' '.join(self.relevant_flags) or 'no listed flags'})"
 
     def to_record(self) -> dict:
-        return {"model_name": self.model_name, "kind": self.kind, "flags": self.relevant_flags}
+        return {"model_name": self.model_name, "generation": self.generation, "kind": self.kind,
+                "flags": self.relevant_flags}
 
 
 def parse_cpuinfo(text: str) -> CpuKind:
-    """The first processor's model name and flags from /proc/cpuinfo text (all cores of a host share them)."""
-    model_name, flags = "", frozenset()
+    """The first processor's model name, family and model numbers and flags from /proc/cpuinfo text (all cores of a
+    host share them)."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip() and fields:
+            break  # the end of the first processor's block
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model_name:
-            model_name = value.strip()
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
-        if model_name and flags:
-            break
-    return CpuKind(model_name or platform.processor() or platform.machine(), flags)
+        fields.setdefault(key.strip(), value.strip())
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    generation = f"family {family} model {model}" if family.isdigit() and model.isdigit() else ""
+    return CpuKind(fields.get("model name") or platform.processor() or platform.machine(),
+                   frozenset(fields.get("flags", "").split()), generation)
 
 
 @cache

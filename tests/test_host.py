@@ -56,6 +56,19 @@ def test_explicit_emulated_dtype_warns_once_with_what_is_native(sample):
     assert choose_dtype("float32", CPU, cpu).warning is None
 
 
+def test_family_and_model_numbers_tell_generations_apart():
+    """A guest's model name may say only 'AMD EPYC': the family and model numbers name the generation."""
+    text = cpuinfo_text(SAMPLES["avx-512 epyc"][0], model="AMD EPYC")
+    newer = parse_cpuinfo(text.replace("model name", "cpu family\t: 26\nmodel\t\t: 2\nmodel name"))
+    older = parse_cpuinfo(text.replace("model name", "cpu family\t: 25\nmodel\t\t: 17\nmodel name"))
+    assert newer.generation == "family 26 model 2" and older.generation == "family 25 model 17"
+    assert newer.describe().startswith("AMD EPYC family 26 model 2 (AVX-512 + bf16: ")
+    assert newer.to_record()["generation"] == "family 26 model 2" and newer.model_name == "AMD EPYC"
+    assert newer.flags == older.flags and newer.kind == older.kind
+    unnumbered = parse_cpuinfo(text)
+    assert unnumbered.generation == "" and unnumbered.describe().startswith("AMD EPYC (AVX-512 + bf16: ")
+
+
 def test_both_bf16_and_fp16_prefer_bf16():
     cpu = parse_cpuinfo(cpuinfo_text(SAMPLES["amx xeon"][0] + " amx_fp16"))
     assert cpu.native_bf16 and cpu.native_fp16 and cpu.kind == "AMX + fp16"
