@@ -308,3 +308,28 @@ def test_the_gpu_script_runs_its_cases_on_a_tiny_model_and_writes_each_as_it_is_
     assert "default / compiled calls: " in run.stdout
     bad = cli("--beams", "0", script="benchmarks/gpu_compile.py")
     assert bad.returncode == 2 and "beam widths of 1 or more" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_steps_small_kernels_run_serially_and_larger_ones_in_parallel(compile_env):
+    """cpu steps' norms and adds over a few rows run on one thread (a parallel region costs more than it saves
+    there); a prompt's larger ones still take every thread."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    _, options = compile_options(CPU, "generated")
+
+    def add_norm(x, residual, weight):
+        h = x + residual
+        return weight * (h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype), h
+
+    def code_for(rows: int, opts: dict) -> str:
+        torch._dynamo.reset()
+        inputs = (*torch.randn(2, rows, 576, dtype=torch.bfloat16).unbind(0), torch.randn(576, dtype=torch.bfloat16))
+        step = torch.compile(add_norm, fullgraph=True, dynamic=False, options=opts)
+        outputs, code = run_and_get_cpp_code(step, *inputs)
+        expected = add_norm(*inputs)
+        assert torch.equal(outputs[1], expected[1]) and torch.allclose(outputs[0], expected[0], rtol=0.02)
+        return code
+
+    assert "omp parallel" not in code_for(8, options)  # 8 rows x 576: a decode step of batch 8
+    assert "omp parallel" in code_for(8, {**options, "cpp.min_chunk_size": 512})  # inductor's default
+    assert "omp parallel" in code_for(256, options)  # a 256-token prompt

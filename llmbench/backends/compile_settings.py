@@ -22,11 +22,14 @@ from llmbench.host import cpu_kind
 # (direct_steps.CudaGraphStep), which removes the host's work between steps as well as launch overhead (inductor's
 # CUDA graphs, `reduce-overhead`, keep dynamo's and AOT autograd's wrappers in every step: on an H200, a 7B INT4
 # step took 3.40 ms against 8.62, fp16 4.47 against 4.45, two runs); coordinate descent tunes Triton kernels.
+# cpp.min_chunk_size 8192 (inductor's 512): a cpu step's small kernels (norms, adds, rotary over a few rows) on one
+# thread, not an OpenMP region each (batch 4 / beam 4 of the default model on a 2-vCPU EPYC: 0.90-0.95x the step's
+# time; docs/backends.md).
 SETTINGS = {
     ("cpu", "library"): ("max-autotune-no-cudagraphs",
                          {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
     ("cpu", "generated"): ("default", {"cpp_wrapper": True, "size_asserts": False, "scalar_asserts": False,
-                                       "alignment_asserts": False}),
+                                       "alignment_asserts": False, "cpp.min_chunk_size": 8192}),
     ("cuda", "library"): ("default", {"coordinate_descent_tuning": True}),
     ("cuda", "generated"): ("default", {"coordinate_descent_tuning": True}),
     ("xpu", "library"): ("default", {}),
