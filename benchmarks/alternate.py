@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from woq import ANCHOR, cpu_lock, run_anchor  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
-from llmbench.placement import host_placements, moved, placement_key, placement_of, round_trip_ns  # noqa: E402
+from llmbench.placement import PlacedRound, host_placements, placement_of  # noqa: E402
 
 
 def llama_bench_ms(gguf: Path, threads: int) -> float:
@@ -75,17 +75,16 @@ def main() -> int:
     with cpu_lock(True):
         for r in range(args.rounds):
             for who in (("ours", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "ours")):
-                before = round_trip_ns()
-                if who == "ours":
-                    timer = StepTimer(torch.device("cpu"))
-                    timer.start()
-                    backend.generate(inputs, 64, 1, timer)
-                    ms = statistics.median(timer.stop(64).token_latencies_s[1:]) * 1e3
-                else:
-                    ms = llama_bench_ms(gguf, torch.get_num_threads())
-                after = round_trip_ns()
-                if not moved(before, after):
-                    times[who].append((placement_key(places, after), ms))
+                with PlacedRound(places) as where:
+                    if who == "ours":
+                        timer = StepTimer(torch.device("cpu"))
+                        timer.start()
+                        backend.generate(inputs, 64, 1, timer)
+                        ms = statistics.median(timer.stop(64).token_latencies_s[1:]) * 1e3
+                    else:
+                        ms = llama_bench_ms(gguf, torch.get_num_threads())
+                if not where.moved:
+                    times[who].append((where.key, ms))
     ours = f"compile {'INT4 g32' if args.woq else 'bf16'}"
     print(f"{ours} against llama.cpp {anchor_type.upper()}, default model, greedy, 32 in / 64 new, {args.rounds} "
           f"alternating rounds (medians of ms/token); {cpu_kind().describe()}; {torch.get_num_threads()} threads")

@@ -39,7 +39,7 @@ from kernel_builds import OTHER, cases, load_other  # noqa: E402
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
-from llmbench.placement import moved, placement_key, round_trip_ns  # noqa: E402
+from llmbench.placement import PlacedRound  # noqa: E402
 
 BACKENDS = Path(__file__).resolve().parent.parent / "llmbench" / "backends"
 KINDS = ("int4", "int8", "bf16", "fp16", "fp32")
@@ -85,15 +85,15 @@ def timeline(kinds: list[str], rows: list[int], seconds: float) -> None:
             tagged: dict[object, list] = {}
             stop = time.monotonic() + seconds
             while time.monotonic() < stop:
-                before = round_trip_ns()
-                ops.call_trace()
-                start = time.perf_counter()
-                for w, k in zip(weights, ins):
-                    call(ops, xs[k], w)
-                dt = time.perf_counter() - start
-                trace, after = ops.call_trace(), round_trip_ns()
-                if len(trace) == len(ins) and not moved(before, after):
-                    tagged.setdefault(placement_key(places, after), []).append((dt, trace))
+                with PlacedRound(places) as where:
+                    ops.call_trace()
+                    start = time.perf_counter()
+                    for w, k in zip(weights, ins):
+                        call(ops, xs[k], w)
+                    dt = time.perf_counter() - start
+                    trace = ops.call_trace()
+                if len(trace) == len(ins) and not where.moved:
+                    tagged.setdefault(where.key, []).append((dt, trace))
             if not tagged:
                 print(f"{kind}, {m} rows: the CPUs moved during every round")
             for place, rounds in tagged.items():
@@ -141,16 +141,16 @@ def timed(backend, inputs, new: int, stop: float, calls: list, tagged: dict, pla
     while time.monotonic() < stop:
         ops.call_trace()
         calls.clear()
-        before = round_trip_ns()
-        backend.generate(inputs, new, 1)
-        trace, after = ops.call_trace(), round_trip_ns()
+        with PlacedRound(places) as where:
+            backend.generate(inputs, new, 1)
+            trace = ops.call_trace()
         per = len(trace) // (new - 1)  # the prompt's one-row calls (INT4's output head) come first
         if per < 2 or not calls:
             raise SystemExit(f"{len(trace)} one-row linear calls traced and {len(calls)} direct step calls in "
                              f"{new - 1} steps: too few")
         trace = trace[len(trace) - per * (new - 1):]
-        if not moved(before, after):
-            tagged.setdefault(placement_key(places, after), []).append((trace, torch.tensor(calls)))
+        if not where.moved:
+            tagged.setdefault(where.key, []).append((trace, torch.tensor(calls)))
 
 
 def step_report(runs: list, steps: int, place) -> None:

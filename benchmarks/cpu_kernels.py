@@ -258,7 +258,7 @@ def stream(dtype: str, iters: int) -> None:
     import torch
 
     from llmbench.backends import cpu_kernels, int4_layout
-    from llmbench.placement import moved, placement_key, round_trip_ns
+    from llmbench.placement import PlacedRound
 
     why = cpu_kernels.load()
     if why:
@@ -281,11 +281,10 @@ def stream(dtype: str, iters: int) -> None:
     [run() for run, _ in cases.values()]  # warm-up
     places, rounds = [], []  # each round tagged by where the CPUs sat (llmbench.placement), straddling ones left out
     for _ in range(iters):
-        before = round_trip_ns()
-        times = {name: timed(run) for name, (run, _) in cases.items()}
-        after = round_trip_ns()
-        if not moved(before, after):
-            rounds.append((placement_key(places, after), times))
+        with PlacedRound(places) as where:
+            times = {name: timed(run) for name, (run, _) in cases.items()}
+        if not where.moved:
+            rounds.append((where.key, times))
     print(f"one row, {dtype}, {iters} interleaved rounds; {cpu_kind().describe()}; {torch.get_num_threads()} threads")
     for where in places:
         kept = [t for p, t in rounds if p == where]

@@ -33,7 +33,7 @@ from cpu_kernels import placed, step_shapes  # noqa: E402
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
-from llmbench.placement import moved, placement_key, round_trip_ns  # noqa: E402
+from llmbench.placement import PlacedRound  # noqa: E402
 
 OTHER = "llmbench_other"  # the second build's ops' namespace (cpu_gemv.cpp's LLMBENCH_OPS)
 DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plain weights, by kind
@@ -105,14 +105,13 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
             places: list[float | None] = []  # each round's placement of the CPUs (llmbench.placement)
             where = []
             for r in range(rounds):
-                before = round_trip_ns()
-                for name, ops in ((("host", host), ("other", other)) if r % 2 == 0 else
-                                  (("other", other), ("host", host))):
-                    start = time.perf_counter()
-                    step(ops)
-                    times[name].append(time.perf_counter() - start)
-                after = round_trip_ns()
-                where.append(None if moved(before, after) else placement_key(places, after))  # None: it moved
+                with PlacedRound(places) as placed:
+                    for name, ops in ((("host", host), ("other", other)) if r % 2 == 0 else
+                                      (("other", other), ("host", host))):
+                        start = time.perf_counter()
+                        step(ops)
+                        times[name].append(time.perf_counter() - start)
+                where.append(None if placed.moved else placed.key)  # None: it moved
             if not places:
                 print(f"  {kind} {m} rows: the CPUs moved during every round", flush=True)
             for place in places:  # rounds that straddled a move of the CPUs are left out

@@ -111,6 +111,24 @@ def placement_key(seen: list, ns: float | None) -> float | None:
     return ns
 
 
+class PlacedRound:
+    """A benchmark's round between two round trips: `with PlacedRound(seen) as where: ...`; then `where.moved` says
+    whether the CPUs moved during it (such rounds are left out of figures per placement), else `where.key` is its
+    placement (placement_key among `seen`, which grows; None where round trips cannot be measured)."""
+
+    def __init__(self, seen: list):
+        self.seen, self.key, self.moved = seen, None, False
+
+    def __enter__(self) -> PlacedRound:
+        self.before = round_trip_ns()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        after = round_trip_ns()
+        self.moved = moved(self.before, after)
+        self.key = None if self.moved else placement_key(self.seen, after)
+
+
 def placement_of(placements: list[dict], ns: float | None) -> dict | None:
     """The entry of `placements` ({"round_trip_ns", "bandwidth_gb_s"}: the placements a host has been seen in, each
     with the best memory read there) for CPUs whose round trip is `ns`: the nearest not moved from it, else None."""

@@ -92,6 +92,21 @@ def test_low_memory_in_another_placement_is_judged_against_that_placements_best(
     assert not unknown.valid  # where the host's figure was read is not known: its figure stands
 
 
+def test_benchmark_rounds_are_tagged_by_placement_and_rounds_across_a_move_are_told(monkeypatch):
+    trips = iter([60.0, 64.0, 62.0, 320.0, 310.0, 330.0, 58.0, 61.0, None, None])
+    monkeypatch.setattr(placement, "round_trip_ns", lambda: next(trips))
+    seen: list = []
+    keys = []
+    for _ in range(4):
+        with placement.PlacedRound(seen) as where:
+            pass
+        keys.append(None if where.moved else where.key)
+    assert keys == [64.0, None, 330.0, 64.0] and seen == [64.0, 330.0]  # the second round straddled a move
+    with placement.PlacedRound([]) as where:  # round trips that cannot be measured: kept, in no known placement
+        pass
+    assert not where.moved and where.key is None
+
+
 def test_step_split_groups_rounds_by_placement():
     import sys
 
