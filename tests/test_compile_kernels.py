@@ -316,6 +316,12 @@ def test_a_steps_small_kernels_run_serially_and_larger_ones_in_parallel(compile_
     from torch._inductor.utils import run_and_get_cpp_code
 
     _, options = compile_options(CPU, "generated")
+    threads = torch.get_num_threads()
+    try:  # the threshold is the kernel's elements, whatever the threads: per thread, 16384 over them (at least 512)
+        torch.set_num_threads(32)
+        assert compile_options(CPU, "generated")[1]["cpp.min_chunk_size"] == 512
+    finally:
+        torch.set_num_threads(threads)
 
     def add_norm(x, residual, weight):
         h = x + residual

@@ -22,18 +22,20 @@ from llmbench.host import cpu_kind
 # (direct_steps.CudaGraphStep), which removes the host's work between steps as well as launch overhead (inductor's
 # CUDA graphs, `reduce-overhead`, keep dynamo's and AOT autograd's wrappers in every step: on an H200, a 7B INT4
 # step took 3.40 ms against 8.62, fp16 4.47 against 4.45, two runs); coordinate descent tunes Triton kernels.
-# cpp.min_chunk_size 8192 (inductor's 512): a cpu step's small kernels (norms, adds, rotary over a few rows) on one
-# thread, not an OpenMP region each (batch 4 / beam 4 of the default model on a 2-vCPU EPYC: 0.90-0.95x the step's
-# time; docs/backends.md).
 SETTINGS = {
     ("cpu", "library"): ("max-autotune-no-cudagraphs",
                          {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}),
     ("cpu", "generated"): ("default", {"cpp_wrapper": True, "size_asserts": False, "scalar_asserts": False,
-                                       "alignment_asserts": False, "cpp.min_chunk_size": 8192}),
+                                       "alignment_asserts": False}),
     ("cuda", "library"): ("default", {"coordinate_descent_tuning": True}),
     ("cuda", "generated"): ("default", {"coordinate_descent_tuning": True}),
     ("xpu", "library"): ("default", {}),
 }
+# Generated cpu kernels of fewer elements than this run on one thread (inductor's cpp.min_chunk_size, per thread, set
+# to this over the threads, at least inductor's 512): a step's norms, adds and rotary over a few rows forked every
+# thread for a microsecond's work each (batch 4 / beam 4 of the default model on a 2-vCPU EPYC: 0.90-0.95x the step's
+# time; docs/backends.md), while a prompt's larger kernels keep every thread.
+SERIAL_KERNEL_ELEMENTS = 16384
 KERNEL_CHOICES = ("generated", "library")
 # Rows (batch x beams) up to which a decode step's linears and attention are generated reductions. Measured on an
 # AVX2 EPYC: one row streams the weights at ~85% of the read bandwidth; at 4 rows (beam 4) the single-accumulator
@@ -200,6 +202,8 @@ def compile_options(device: torch.device, kernels: str = "library", requested: s
     if override:
         mode = override
         extra = {k: v for k, v in extra.items() if k == "freezing"}
+    if device.type == "cpu":
+        extra = {**extra, "cpp.min_chunk_size": max(512, SERIAL_KERNEL_ELEMENTS // torch.get_num_threads())}
     if os.environ.get("LLMBENCH_INDUCTOR_OPTIONS"):  # e.g. '{"cpp_wrapper": true}': replaces or adds options
         try:
             extra = {**extra, **json.loads(os.environ["LLMBENCH_INDUCTOR_OPTIONS"])}
