@@ -105,13 +105,13 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
             places: list[float | None] = []  # each round's placement of the CPUs (llmbench.placement)
             where = []
             for r in range(rounds):
-                with PlacedRound(places) as placed:
+                with PlacedRound(places) as this_round:
                     for name, ops in ((("host", host), ("other", other)) if r % 2 == 0 else
                                       (("other", other), ("host", host))):
                         start = time.perf_counter()
                         step(ops)
                         times[name].append(time.perf_counter() - start)
-                where.append(None if placed.moved else placed.key)  # None: it moved
+                where.append(None if this_round.moved else this_round.key)  # None: it moved
             if not places:
                 print(f"  {kind} {m} rows: the CPUs moved during every round", flush=True)
             for place in places:  # rounds that straddled a move of the CPUs are left out
