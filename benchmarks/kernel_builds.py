@@ -111,7 +111,7 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
                         start = time.perf_counter()
                         step(ops)
                         times[name].append(time.perf_counter() - start)
-                where.append(None if this_round.moved else this_round.key)  # None: it moved
+                where.append(this_round.key)  # None: it moved (or round trips cannot be measured)
             if not places:
                 print(f"  {kind} {m} rows: the CPUs moved during every round", flush=True)
             for place in places:  # rounds that straddled a move of the CPUs are left out
