@@ -342,7 +342,7 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
 # (16, 12, 2): six query heads a cached head, and enough rows that each thread takes whole cached heads
 @pytest.mark.parametrize("rows, heads, kv_heads", [(1, 9, 3), (8, 4, 4), (3, 8, 2), (16, 12, 2)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-@pytest.mark.parametrize("dim", [64, 40])  # 64: the vector path where the CPU has it; 40: the portable loops
+@pytest.mark.parametrize("dim", [64, 128, 40])  # 64, 128: the vector path where the CPU has it; 40: portable loops
 # 40 positions: on one thread (llmbench_cpu's serial_work); 300: rows' positions in parts on several, merged
 @pytest.mark.parametrize("length", [40, 300])
 def test_decode_attention_equals_sdpa_over_a_static_cache(ops, dtype, rows, heads, kv_heads, mask_kind, dim, length):

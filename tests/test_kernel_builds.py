@@ -78,6 +78,15 @@ def test_a_build_without_avx2_runs_the_portable_loops():
                    "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
 
 
+def test_an_avx2_build_attends_as_sdpa():
+    """Built as for an AVX2 CPU, decode attention's 8-float vector path (keys one position at a time, values summed
+    for three query heads at once at head size 64, one at 128) equals SDPA, on one thread and in parts."""
+    check_in_build("from tests import test_cpu_kernels as t; assert ops.attention_vectorized(); "
+                   "[t.test_decode_attention_equals_sdpa_over_a_static_cache(ops, d, r, h, kv, 'float', dim, n) "
+                   "for d in (torch.float32, torch.bfloat16, torch.float16) for r, h, kv in ((1, 9, 3), (16, 12, 2)) "
+                   "for dim in (64, 128) for n in (40, 300)]", "-mno-avx512f")
+
+
 def test_the_gated_act_in_builds_without_avx512_and_without_avx2():
     """act=1 (silu of the gate half times the up half, test_glu_epilogue's checks) in the AVX2 build's 8-float
     vectors and F16C roundings, and in the portable build's scalar loops."""

@@ -52,6 +52,29 @@ inline void widen(const T* src, float* dst, int64_t n) {
   }
 }
 
+// dst[i] = num[i] / den as T, rounded to nearest even as at::BFloat16 and at::Half round (a loop the compiler turns
+// into vector code: at::BFloat16's own conversion stayed scalar).
+template <typename T>
+inline void narrow_quotients(const float* num, float den, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float f = num[i] / den;
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      d[i] = f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    _Float16* d = reinterpret_cast<_Float16*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(num[i] / den);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = num[i] / den;
+  }
+}
+
 // Whether position j of a row may be attended, and what to add to its score: a bool mask (true: attend) or an
 // additive float one (-inf: never).
 struct MaskRow {
@@ -67,21 +90,53 @@ struct MaskRow {
 constexpr int64_t kMinPart = 32;       // positions at least in a part of a row's (see attend_heads)
 constexpr int64_t kMaxParts = 64;      // parts of a row at most
 constexpr int64_t kSerialWork = 1024;  // see serial_work()
+constexpr int64_t kMaxGroup = 64;      // query heads a cached head serves at most (decode_attention checks)
 
 // One cached head (b, kvh) for its `group` query heads (qf: group x D, scaled, float32) over the kept positions
 // kept[0..n) (a part of a row's, or all of them): each key widened once for the whole group. Into part, group x
 // (D + 2) floats: per query head its largest score, the sum of exp(score - largest) and the values summed with those
 // weights (not yet divided by the sum), which merge() combines over a row's parts. scores: group x n scratch.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + line, _MM_HINT_T0);
+}
+
 template <typename T, int CH>
 void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int64_t ks, int64_t vs,
                   const int64_t* kept, int64_t n, int64_t D, const MaskRow& row, float* scores, float* part) {
 #if defined(LLMBENCH_VEC)
   if constexpr (CH > 0) {
     constexpr int W = Vec::W;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    // 16 positions at a time: their keys widened once into kf, then per query head 16 dot products whose sums
+    // sum16 takes together (one horizontal sum per score was a third of a call's time)
+    thread_local std::vector<float> kf;
+    kf.resize(16 * D);
+    for (; i + 16 <= n; i += 16) {
+      alignas(64) float add[16];
+      for (int p = 0; p < 16; ++p) {
+        const int64_t j = kept[i + p];
+        prefetch_row(vh + j * vs, D);  // the values' pass comes next
+        for (int c = 0; c < CH; ++c) Vec::store(kf.data() + p * D + W * c, Vec::widen(kh + j * ks + W * c));
+        add[p] = row.bias(j);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        Vec::R q[CH], acc[16];
+        for (int c = 0; c < CH; ++c) q[c] = Vec::load(qf + g * D + W * c);
+        for (int p = 0; p < 16; ++p) {  // acc in sum16's order, so that its sums come out in the positions' order
+          const float* k = kf.data() + (4 * (p % 4) + p / 4) * D;
+          acc[p] = Vec::mul(q[0], Vec::load(k));
+          for (int c = 1; c < CH; ++c) acc[p] = Vec::fmadd(q[c], Vec::load(k + W * c), acc[p]);
+        }
+        Vec::store(scores + g * n + i, Vec::add(sum16(acc), Vec::load(add)));
+      }
+    }
+#endif
+    for (; i < n; ++i) {
       const int64_t j = kept[i];
-      for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)  // the values' pass comes next
-        _mm_prefetch(reinterpret_cast<const char*>(vh + j * vs) + line, _MM_HINT_T0);
+      prefetch_row(vh + j * vs, D);
       Vec::R k[CH];
       for (int c = 0; c < CH; ++c) k[c] = Vec::widen(kh + j * ks + W * c);
       const float add = row.bias(j);
@@ -91,29 +146,51 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
         scores[g * n + i] = Vec::sum(acc) + add;
       }
     }
+    float tops[kMaxGroup], totals[kMaxGroup];
     for (int64_t g = 0; g < group; ++g) {
       float* s = scores + g * n;
-      float top = -INFINITY;
-      for (int64_t i = 0; i < n; ++i) top = std::max(top, s[i]);
+      Vec::R top = Vec::set1(-INFINITY);
+      int64_t i2 = 0;
+      for (; i2 + W <= n; i2 += W) top = Vec::max(top, Vec::load(s + i2));
+      alignas(64) float lanes[W];
+      Vec::store(lanes, top);
+      float t = -INFINITY;
+      for (int l = 0; l < W; ++l) t = std::max(t, lanes[l]);
+      for (; i2 < n; ++i2) t = std::max(t, s[i2]);
       Vec::R sum = Vec::zero();
-      int64_t i = 0;
-      for (; i + W <= n; i += W) {
-        const Vec::R e = vexp(Vec::sub(Vec::load(s + i), Vec::set1(top)));
-        Vec::store(s + i, e);
+      i2 = 0;
+      for (; i2 + W <= n; i2 += W) {
+        const Vec::R e = vexp(Vec::sub(Vec::load(s + i2), Vec::set1(t)));
+        Vec::store(s + i2, e);
         sum = Vec::add(sum, e);
       }
       float total = Vec::sum(sum);
-      for (; i < n; ++i) total += s[i] = std::exp(s[i] - top);
-      Vec::R acc[CH];
-      for (int c = 0; c < CH; ++c) acc[c] = Vec::zero();
+      for (; i2 < n; ++i2) total += s[i2] = std::exp(s[i2] - t);
+      tops[g] = t, totals[g] = total;
+    }
+    // the values summed with the weights, each value widened once for up to G query heads
+    constexpr int G = CH > 8 ? 1 : 24 / CH;
+    for (int64_t g0 = 0; g0 < group; g0 += G) {
+      const int64_t gn = std::min<int64_t>(G, group - g0);
+      Vec::R acc[G][CH];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < CH; ++c) acc[g][c] = Vec::zero();
       for (int64_t i2 = 0; i2 < n; ++i2) {
-        const Vec::R p = Vec::set1(s[i2]);
         const T* v = vh + kept[i2] * vs;
-        for (int c = 0; c < CH; ++c) acc[c] = Vec::fmadd(p, Vec::widen(v + W * c), acc[c]);
+        Vec::R vv[CH];
+        for (int c = 0; c < CH; ++c) vv[c] = Vec::widen(v + W * c);
+#pragma GCC unroll 24
+        for (int g = 0; g < G; ++g) {
+          if (g >= gn) break;
+          const Vec::R p = Vec::set1(scores[(g0 + g) * n + i2]);
+          for (int c = 0; c < CH; ++c) acc[g][c] = Vec::fmadd(p, vv[c], acc[g][c]);
+        }
       }
-      float* o = part + g * (D + 2);
-      o[0] = top, o[1] = total;
-      for (int c = 0; c < CH; ++c) Vec::store(o + 2 + W * c, acc[c]);
+      for (int64_t g = 0; g < gn; ++g) {
+        float* o = part + (g0 + g) * (D + 2);
+        o[0] = tops[g0 + g], o[1] = totals[g0 + g];
+        for (int c = 0; c < CH; ++c) Vec::store(o + 2 + W * c, acc[g][c]);
+      }
     }
     return;
   }
@@ -209,17 +286,25 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (KVH * parts), kvh = t / parts % KVH, p = t % parts;
       const int64_t i0 = count[b] * p / parts, i1 = count[b] * (p + 1) / parts;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = static_cast<float>(qp[b * qs[0] + (kvh * group + g) * qs[1] + d * qs[3]]) *
-                          static_cast<float>(scale);
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qg = qp + b * qs[0] + (kvh * group + g) * qs[1];
+        float* to = qf.data() + g * D;
+        if (qs[3] == 1) widen(qg, to, D);
+        else for (int64_t d = 0; d < D; ++d) to[d] = static_cast<float>(qg[d * qs[3]]);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) to[d] *= static_cast<float>(scale);
+      }
       scores.resize(group * std::max<int64_t>(i1 - i0, 1));
+      float* part = partial + t * stride;
       attend_group<T, CH>(qf.data(), group, kp + b * ks[0] + kvh * ks[1], vp + b * vs[0] + kvh * vs[1], ks[2],
-                          vs[2], kept + b * L + i0, i1 - i0, D, row_of(b), scores.data(), partial + t * stride);
+                          vs[2], kept + b * L + i0, i1 - i0, D, row_of(b), scores.data(), part);
+      if (parts == 1)  // the task's heads are done: their outputs here, in parallel, not in a serial merge after
+        for (int64_t g = 0; g < group; ++g)
+          narrow_quotients(part + g * (D + 2) + 2, part[g * (D + 2) + 1], op + (t * group + g) * D, D);
     }
   });
   // merge: per query head, the parts' sums rescaled to the row's largest score
-  for (int64_t bh = 0; bh < heads; ++bh) {
+  for (int64_t bh = 0; bh < heads && parts > 1; ++bh) {
     const float* parts_of = partial + bh * parts * stride;
     for (int64_t g = 0; g < group; ++g) {
       float top = -INFINITY, sum = 0.f;
@@ -266,6 +351,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
               "decode_attention: query, key and value must share a dtype");
   TORCH_CHECK(key.size(0) == query.size(0) && key.size(3) == query.size(3) && query.size(1) % key.size(1) == 0,
               "decode_attention: key/value heads must divide the query's, with the same rows and head size");
+  TORCH_CHECK(query.size(1) / key.size(1) <= kMaxGroup, "decode_attention: at most ", kMaxGroup,
+              " query heads a key/value head");
   TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1, "decode_attention: key and value need unit stride in D");
   TORCH_CHECK((mask.size(0) == 1 || mask.size(0) == query.size(0)) && mask.size(3) >= key.size(2) &&
                   (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat),

@@ -154,6 +154,7 @@ inline void with_rows_per_pass(int64_t M, int most, F&& f) {
   return f(std::integral_constant<int, 4>{});
 }
 
+#include "cpu_gemv_vec.h"  // Vec, vexp (run's SiLU; beam search's softmax) and sum16
 #include "cpu_gemv_generic.h"
 #include "cpu_gemv_avx512.h"
 #include "cpu_gemv_int4.h"
@@ -195,7 +196,6 @@ Rows rows_of(const at::Tensor& input, int64_t K, bool deinterleave, const char* 
   return rows;
 }
 
-#include "cpu_gemv_vec.h"  // Vec and vexp (run's SiLU; beam search's softmax)
 #include "cpu_gemv_run.h"
 
 at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

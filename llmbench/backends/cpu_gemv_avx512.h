@@ -49,21 +49,6 @@ const X* packed_rows(const X* x, int64_t M, int64_t K) {
   return out;
 }
 
-// The sums of 16 vectors at once: element 4 * (n % 4) + n / 4 of the result is v[n]'s sum (a transpose of 128-bit
-// lanes, then of floats within them: 30 instructions, not 16 reductions of 8).
-inline __m512 sum16(const __m512 (&v)[16]) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
-  const __m512 p0 = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
-  const __m512 p1 = _mm512_add_ps(_mm512_shuffle_ps(u[2], u[3], 0x44), _mm512_shuffle_ps(u[2], u[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(p0, p1, 0x88), _mm512_shuffle_ps(p0, p1, 0xDD));
-}
-
 // C rows of x against blocks of R weight rows (each_block), S weights a step: load(p) reads a vector of weights or of
 // x, dot(acc, w, x) adds their products into acc. Five to eight rows of x take one pass over the weights, two weight
 // rows at a time against all eight (C x H accumulators, 16 at most), not two passes of four: the second pass would
