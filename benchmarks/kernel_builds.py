@@ -6,12 +6,14 @@ of the host's, its ops loaded as another namespace.
     python benchmarks/kernel_builds.py --flags=-DLLMBENCH_PREFETCH_TILES=2
     python benchmarks/kernel_builds.py --flags="-DLLMBENCH_EVEN_SPLIT_ROWS=8 -DLLMBENCH_ONE_ROW_STREAMS=1"
     python benchmarks/kernel_builds.py --source /tmp/changed/llmbench/backends --kinds int4 --rows 1,4
+    python benchmarks/kernel_builds.py --source /tmp/changed/llmbench/backends --kinds attention --rows 1,4,8
 
 Times one decode step's linears of the default model's shapes (random weights in huge pages, as the compile backend
 places them; its output head too) for each kind (int4: g32 tiles, int8: tiles, bf16 / fp16 / fp32: plain weights)
-and number of rows of x (batch x beams), the two builds alternating round by round, and prints each build's best and
-median ms, the host build's GB/s, and the median of the per-round time ratios (other / host's), with whether their
-outputs agree.
+and number of rows of x (batch x beams), or its 30 decode attention calls (attention: bf16, 64 positions of a static
+cache of 96 attended; cpu_attention.cpp in both builds), the two builds alternating round by round, and prints each
+build's best and median ms, the host build's GB/s, and the median of the per-round time ratios (other / host's),
+with whether their outputs agree.
 Where memory and cores change speed from one minute to the next (a shared cloud host), two processes run one after
 the other can differ by more than what is compared; two builds that share every round do not. Each round is tagged
 by where the CPUs sat before and after it (llmbench.placement), and the figures are printed per placement (rounds
@@ -46,7 +48,11 @@ def load_other(source: Path, flags: list[str]) -> None:
 
     if not (source / "cpu_gemv.cpp").exists():
         raise SystemExit(f"--source {source}: no cpu_gemv.cpp there (give the folder of a copy of the kernels)")
-    why = build("llmbench_other", [source / "cpu_gemv.cpp"],
+    sources = [source / "cpu_gemv.cpp"]
+    attention = source / "cpu_attention.cpp"
+    if attention.exists() and "LLMBENCH_OPS" in attention.read_text():  # older copies register llmbench_cpu's
+        sources.append(attention)
+    why = build("llmbench_other", sources,
                 [*cpu_kernels.host_flags(), *flags, f"-DLLMBENCH_OPS={OTHER}"],
                 f"the other kernels ({' '.join(flags) or 'no extra flags'})")
     if why:
@@ -83,6 +89,28 @@ def cases(kinds: list[str]):
     return {kind: (weights, call, nbytes(weights), [k for _, k in shapes]) for kind, (weights, call) in out.items()}
 
 
+def attention_step(rows: int, kept: int = 64, length: int = 96):
+    """-> (step(ops), bytes): one decode step's attention calls, default model, `rows` rows against a static cache of
+    `length` positions of which the first `kept` are attended (32 in / 64 new, halfway), a cache per layer."""
+    import torch
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    c = AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+    dim = c.hidden_size // c.num_attention_heads
+    mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool)
+    mask[..., :kept] = True
+    layers = [(torch.randn(rows, 1, c.num_attention_heads, dim, dtype=torch.bfloat16).transpose(1, 2),
+               *(torch.randn(rows, c.num_key_value_heads, length, dim, dtype=torch.bfloat16) for _ in range(2)))
+              for _ in range(c.num_hidden_layers)]
+
+    def step(ops):
+        return [ops.decode_attention(q, k, v, mask, dim ** -0.5) for q, k, v in layers]
+
+    return step, sum(k.nbytes + v.nbytes for _, k, v in layers) * kept // length
+
+
 def tile_rows(ops) -> int:
     """Rows per INT4 tile in a build's layout (8 in sources from before its 16-row tiles)."""
     return ops.int4_tile_rows() if hasattr(ops, "int4_tile_rows") else 8
@@ -92,12 +120,20 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
     import torch
 
     host, other = torch.ops.llmbench_cpu, getattr(torch.ops, OTHER)
-    for kind, (weights, call, nbytes, ins) in cases(kinds).items():
+    linears = cases([k for k in kinds if k != "attention"])
+    for kind in kinds:
         for m in rows:
-            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in set(ins)}
+            if kind == "attention":
+                step, nbytes = attention_step(m)
+            elif kind not in linears:
+                print(f"  {kind}: not built here (INT8 tiles need AVX-512 VNNI's wide tiles)", flush=True)
+                break
+            else:
+                weights, call, nbytes, ins = linears[kind]
+                xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in set(ins)}
 
-            def step(ops):
-                return [call(ops, xs[k], w) for w, k in zip(weights, ins)]
+                def step(ops, weights=weights, call=call, ins=ins, xs=xs):
+                    return [call(ops, xs[k], w) for w, k in zip(weights, ins)]
 
             agree = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
                         for a, b in zip(step(host), step(other)))
@@ -136,8 +172,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=21)
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
-    if not kinds or set(kinds) - {"int4", "int8", *DENSE}:
-        p.error(f"--kinds: a comma-separated choice of int4, int8, {', '.join(DENSE)}")
+    if not kinds or set(kinds) - {"int4", "int8", *DENSE, "attention"}:
+        p.error(f"--kinds: a comma-separated choice of int4, int8, {', '.join(DENSE)}, attention")
     try:
         rows = [int(r) for r in args.rows.split(",")]
     except ValueError:
@@ -150,7 +186,7 @@ def main() -> int:
     if why:
         raise SystemExit(why)
     load_other(args.source, args.flags.split())
-    print(f"one decode step's linears, default model shapes; {cpu_kind().describe()}; host's build "
+    print(f"one decode step's linears or attention calls, default model shapes; {cpu_kind().describe()}; host's build "
           f"({' '.join(cpu_kernels.host_flags())}) against other ({args.flags or 'no extra flags'}"
           f"{'' if args.source == p.get_default('source') else ', ' + str(args.source)}), {args.rounds} rounds "
           "alternating in one process; best / median ms")

@@ -136,14 +136,15 @@ def test_int4_tiles_of_16_rows_give_exactly_the_outputs_of_tiles_of_8():
 
 def test_two_builds_side_by_side_in_one_process(cli):
     """benchmarks/kernel_builds.py loads the host's build and another (INT4 and INT8 tiles prefetched three tiles
-    ahead, INT4 tiles of 8 rows) as two op namespaces in one process and times them round by round, each build's
-    INT4 weights packed for its tiles: one line per kind and rows of x, the two builds' outputs agreeing; bad input
-    is refused in one line."""
-    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3 -DLLMBENCH_NO_WIDE_TILES", "--kinds", "int4,bf16", "--rows", "1,2",
-               "--rounds", "2", script="benchmarks/kernel_builds.py", timeout=900)
+    ahead, INT4 tiles of 8 rows) as two op namespaces in one process, decode attention's too, and times them round by
+    round, each build's INT4 weights packed for its tiles: one line per kind and rows of x, the two builds' outputs
+    agreeing; bad input is refused in one line."""
+    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3 -DLLMBENCH_NO_WIDE_TILES", "--kinds", "int4,bf16,attention",
+               "--rows", "1,2", "--rounds", "2", script="benchmarks/kernel_builds.py", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "other/host" in line]
-    assert [line.split()[:2] for line in lines] == [["int4", "1"], ["int4", "2"], ["bf16", "1"], ["bf16", "2"]]
+    assert [line.split()[:2] for line in lines] == [[kind, rows] for kind in ("int4", "bf16", "attention")
+                                                    for rows in ("1", "2")]
     assert not any("DIFFER" in line for line in lines), lines
     bad = cli("--rows", "9", script="benchmarks/kernel_builds.py")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("1 to 8 rows each (a decode step's); "

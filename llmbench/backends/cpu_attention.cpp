@@ -374,7 +374,14 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 // 96 and 128 in registers); without it the portable loops run, which were never measured against inductor's form.
 bool attention_vectorized() { return Vec::W > 0; }
 
-TORCH_LIBRARY_FRAGMENT(llmbench_cpu, m) {
+// The ops' namespace, as in cpu_gemv.cpp (benchmarks/kernel_builds.py loads a second build as another)
+#ifndef LLMBENCH_OPS
+#define LLMBENCH_OPS llmbench_cpu
+#endif
+#define LLMBENCH_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define LLMBENCH_FRAGMENT_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
+LLMBENCH_FRAGMENT(LLMBENCH_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor");
   m.def("attention_vectorized() -> bool", &attention_vectorized);
 }
@@ -390,4 +397,4 @@ LLMBENCH_ENTRY aoti_torch_cpu_decode_attention(AtenTensorHandle query, AtenTenso
 }
 #endif
 
-TORCH_LIBRARY_IMPL(llmbench_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+LLMBENCH_FRAGMENT_IMPL(LLMBENCH_OPS, m) { m.impl("decode_attention", &decode_attention); }
