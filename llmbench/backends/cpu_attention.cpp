@@ -7,8 +7,10 @@
 // rows of the default model on a 2-core AMX Xeon. Here each task takes a cached head of a row with its grouped query
 // heads (or, where rows x cached heads are fewer than twice the threads, a part of its positions, the parts merged
 // after as in flash-decoding): the queries widened to float32 once, each cached key widened once and dotted with
-// every query of its group, masked positions skipped, a softmax in float32 (a vectorized exp) and the values summed
-// with the weights, all within the head's few KB of cache; small calls run on the calling thread alone. The vector
+// every query of its group (on AVX-512 16 positions at a time, their sums by one sum16), masked positions skipped, a
+// softmax in float32 (a vectorized exp) and the values summed with the weights (each value widened once for several
+// query heads), all within the head's few KB of cache; a task of whole heads writes its outputs itself (a serial
+// merge after the join was a third of an 8-row call); small calls run on the calling thread alone. The vector
 // path (AVX-512, or AVX2 with FMA and F16C) keeps a head of 16-128 values in registers; other CPUs and head sizes get
 // portable loops (generated_kernels.attention_kernel decides whether the op or inductor's generated form runs).
 #include <ATen/ATen.h>
