@@ -304,13 +304,13 @@ def test_layers_the_kernels_cannot_take_keep_their_forward():
 
 
 AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
-             "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1", "-DLLMBENCH_EVEN_SPLIT_ROWS=8",
-             "-DLLMBENCH_ONE_ROW_STREAMS=1"]
+             "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1",
+             "-DLLMBENCH_NEXT_PASS_PREFETCH=1", "-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"]
 
 
 @pytest.mark.parametrize("model_name, flags, hint, build", [
-    ("AMD EPYC 7B13", "avx2 fma", "t2, tiles nta 1 ahead", AMD_BUILD),
-    ("AMD EPYC", "avx2 fma avx512f avx512_bf16", "t2, tiles nta 1 ahead", AMD_BUILD),
+    ("AMD EPYC 7B13", "avx2 fma", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
+    ("AMD EPYC", "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
     ("Intel(R) Xeon(R) Platinum 8481C", "avx2 fma", "t0, tiles t2",
      ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"])])
 def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, flags, hint, build):

@@ -88,6 +88,15 @@ inline void prefetch(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_PREFETCH
 #define LLMBENCH_TILE_PREFETCH_LOCALITY LLMBENCH_PREFETCH_LOCALITY
 #endif
 inline void prefetch_tile(const void* p) { __builtin_prefetch(p, 0, LLMBENCH_TILE_PREFETCH_LOCALITY); }
+// Whether the 512-bit block kernel (block_rows_of, 5-8 rows of x on AMD builds) also brings the weight rows of its
+// next pass into L1 while it reads this pass's, a line for a line (cpu_kernels.prefetch_hint): the far prefetch (D
+// blocks ahead, t2 on AMD) fills the outer levels only, and at 8 rows the multiplies no longer hide the wait.
+#ifndef LLMBENCH_NEXT_PASS_PREFETCH
+#define LLMBENCH_NEXT_PASS_PREFETCH 0
+#endif
+inline void prefetch_next_pass(const void* p) {
+  if constexpr (LLMBENCH_NEXT_PASS_PREFETCH != 0) __builtin_prefetch(p, 0, 3);
+}
 
 // 8 weights widened to float32 (generic path: fp32, fp16, int8, and bf16 rows whose size is not a multiple of 16)
 inline v8f widen(const float* p) { return load_f32(p); }

@@ -79,6 +79,8 @@ void block_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int
               if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)  // once per cache line
                 for (int64_t r = 0; r < H; ++r) prefetch(wh[r] + D * R * K + k);
             }
+            if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
+              for (int64_t r = 0; r < H; ++r) prefetch_next_pass(wh[r] + H * K + k);  // rows H on: the next pass's
             decltype(load(w)) wv[H];
 #pragma GCC unroll 4
             for (int64_t r = 0; r < H; ++r) wv[r] = load(wh[r] + k);
