@@ -94,16 +94,17 @@ constexpr int64_t kMaxParts = 64;      // parts of a row at most
 constexpr int64_t kSerialWork = 1024;  // see serial_work()
 constexpr int64_t kMaxGroup = 64;      // query heads a cached head serves at most (decode_attention checks)
 
+// A cached row of D values into L1 (a value row while its key is scored: the values' pass comes next)
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + line, 0, 3);
+}
+
 // One cached head (b, kvh) for its `group` query heads (qf: group x D, scaled, float32) over the kept positions
 // kept[0..n) (a part of a row's, or all of them): each key widened once for the whole group. Into part, group x
 // (D + 2) floats: per query head its largest score, the sum of exp(score - largest) and the values summed with those
 // weights (not yet divided by the sum), which merge() combines over a row's parts. scores: group x n scratch.
-template <typename T>
-inline void prefetch_row(const T* p, int64_t D) {
-  for (int64_t line = 0; line < D * static_cast<int64_t>(sizeof(T)); line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p) + line, _MM_HINT_T0);
-}
-
 template <typename T, int CH>
 void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int64_t ks, int64_t vs,
                   const int64_t* kept, int64_t n, int64_t D, const MaskRow& row, float* scores, float* part) {
@@ -120,7 +121,7 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
       alignas(64) float add[16];
       for (int p = 0; p < 16; ++p) {
         const int64_t j = kept[i + p];
-        prefetch_row(vh + j * vs, D);  // the values' pass comes next
+        prefetch_row(vh + j * vs, D);
         for (int c = 0; c < CH; ++c) Vec::store(kf.data() + p * D + W * c, Vec::widen(kh + j * ks + W * c));
         add[p] = row.bias(j);
       }
@@ -170,7 +171,8 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
       for (; i2 < n; ++i2) total += s[i2] = std::exp(s[i2] - t);
       tops[g] = t, totals[g] = total;
     }
-    // the values summed with the weights, each value widened once for up to G query heads
+    // the values summed with the weights, each value widened once for up to G query heads (24 registers of sums;
+    // AVX2's 16 registers spill some at head size 64, which still took 0.91-0.95x the time of G = 1 there)
     constexpr int G = CH > 8 ? 1 : 24 / CH;
     for (int64_t g0 = 0; g0 < group; g0 += G) {
       const int64_t gn = std::min<int64_t>(G, group - g0);
