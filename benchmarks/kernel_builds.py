@@ -126,7 +126,7 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
             if kind == "attention":
                 step, nbytes = attention_step(m)
             elif kind not in linears:
-                print(f"  {kind}: not built here (INT8 tiles need AVX-512 VNNI's wide tiles)", flush=True)
+                print(f"  {kind}: not in this build (INT8 tiles need AVX2)", flush=True)
                 break
             else:
                 weights, call, nbytes, ins = linears[kind]

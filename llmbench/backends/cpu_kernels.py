@@ -131,10 +131,11 @@ def attention_vectorized() -> bool:
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
-PREFETCH_FLAGS = {"t2, next pass t0, tiles nta 1 ahead": [
-    "-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0", "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1",
-    "-DLLMBENCH_PREFETCH_TILES=1", "-DLLMBENCH_NEXT_PASS_PREFETCH=1"],
-                  "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
+PREFETCH_FLAGS = {
+    "t2, next pass t0, tiles nta 1 ahead": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
+                                            "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1",
+                                            "-DLLMBENCH_NEXT_PASS_PREFETCH=1"],
+    "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
 def schedule() -> str:
