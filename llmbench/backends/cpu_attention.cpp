@@ -54,8 +54,7 @@ inline void widen(const T* src, float* dst, int64_t n) {
   }
 }
 
-// dst[i] = num[i] / den as T, rounded to nearest even as at::BFloat16 and at::Half round (a loop the compiler turns
-// into vector code: at::BFloat16's own conversion stayed scalar).
+// dst[i] = num[i] / den as T, rounded as at::BFloat16 and at::Half round, in a loop the compiler vectorizes
 template <typename T>
 inline void narrow_quotients(const float* num, float den, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -157,12 +156,10 @@ void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int6
       for (; i2 + W <= n; i2 += W) top = Vec::max(top, Vec::load(s + i2));
       alignas(64) float lanes[W];
       Vec::store(lanes, top);
-      float t = -INFINITY;
-      for (int l = 0; l < W; ++l) t = std::max(t, lanes[l]);
+      float t = *std::max_element(lanes, lanes + W);
       for (; i2 < n; ++i2) t = std::max(t, s[i2]);
       Vec::R sum = Vec::zero();
-      i2 = 0;
-      for (; i2 + W <= n; i2 += W) {
+      for (i2 = 0; i2 + W <= n; i2 += W) {
         const Vec::R e = vexp(Vec::sub(Vec::load(s + i2), Vec::set1(t)));
         Vec::store(s + i2, e);
         sum = Vec::add(sum, e);
@@ -378,13 +375,11 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
 // 96 and 128 in registers); without it the portable loops run, which were never measured against inductor's form.
 bool attention_vectorized() { return Vec::W > 0; }
 
-// The ops' namespace, as in cpu_gemv.cpp (benchmarks/kernel_builds.py loads a second build as another)
-#ifndef LLMBENCH_OPS
+#ifndef LLMBENCH_OPS  // the ops' namespace, as in cpu_gemv.cpp (benchmarks/kernel_builds.py loads a second build)
 #define LLMBENCH_OPS llmbench_cpu
 #endif
 #define LLMBENCH_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define LLMBENCH_FRAGMENT_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
-
 LLMBENCH_FRAGMENT(LLMBENCH_OPS, m) {
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor");
   m.def("attention_vectorized() -> bool", &attention_vectorized);

@@ -80,11 +80,8 @@ def prefetch_hint() -> str:
     median of the per-round ratios), two tiles ahead took 1.039x the time of one with 1 row of x, 1.079x with 4 and
     1.011x with 8 for INT4, 1.018x / 1.019x / 1.007x for INT8 (4 and 8 tiles ahead were slower still: INT4 1.04x and
     1.08x with 1 row). INT4's 16-row tiles (AVX-512 VNNI builds) take t2 on AMD CPUs too: with nta one step's
-    linears there took 1.12-1.28x the time of 8-row tiles with nta (1 row of x), with t2 or t1 0.96-0.98x. On AMD
-    CPUs the 512-bit kernel of 5-8 rows of x also prefetches its next pass's two weight rows into L1 ("next pass
-    t0"): on a family 26 EPYC (2026-12-07) one step's linears at 5 / 8 rows took 0.94 / 0.95x the time in bf16 and
-    0.76 / 0.77x in float32 (fp16 the same, bound by its conversions); the same in the 256-bit kernels of an AVX2
-    build moved nothing beyond the rounds' drift, so those have none."""
+    linears there took 1.12-1.28x the time of 8-row tiles with nta (1 row of x), with t2 or t1 0.96-0.98x. AMD's
+    512-bit kernel of 5-8 rows also prefetches its next pass's rows into L1 ("next pass t0"; family 26, float32: 0.77x)."""
     if _amd():
         return "t2, next pass t0, tiles nta 1 ahead"
     return "t0, tiles t2"
@@ -131,11 +128,9 @@ def attention_vectorized() -> bool:
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
-PREFETCH_FLAGS = {
-    "t2, next pass t0, tiles nta 1 ahead": ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=0",
-                                            "-DLLMBENCH_WIDE_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_PREFETCH_TILES=1",
-                                            "-DLLMBENCH_NEXT_PASS_PREFETCH=1"],
-    "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
+PREFETCH_FLAGS = {"t2, next pass t0, tiles nta 1 ahead": [f"-DLLMBENCH_{f}" for f in (
+    "PREFETCH_LOCALITY=1", "TILE_PREFETCH_LOCALITY=0", "WIDE_TILE_PREFETCH_LOCALITY=1", "PREFETCH_TILES=1",
+    "NEXT_PASS_PREFETCH=1")], "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
 def schedule() -> str:
