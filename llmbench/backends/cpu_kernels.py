@@ -81,7 +81,7 @@ def prefetch_hint() -> str:
     1.011x with 8 for INT4, 1.018x / 1.019x / 1.007x for INT8 (4 and 8 tiles ahead were slower still: INT4 1.04x and
     1.08x with 1 row). INT4's 16-row tiles (AVX-512 VNNI builds) take t2 on AMD CPUs too: with nta one step's
     linears there took 1.12-1.28x the time of 8-row tiles with nta (1 row of x), with t2 or t1 0.96-0.98x. AMD's
-    512-bit kernel of 5-8 rows also prefetches its next pass's rows into L1 ("next pass t0"; family 26, float32: 0.77x)."""
+    512-bit kernel of 5-8 rows also prefetches its next pass's rows into L1 ("next pass t0"; family 26: 0.77x)."""
     if _amd():
         return "t2, next pass t0, tiles nta 1 ahead"
     return "t0, tiles t2"
