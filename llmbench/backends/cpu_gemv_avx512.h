@@ -75,12 +75,11 @@ void block_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int
         auto pass = [&](auto prefetching) {
           const X* xk = xs;
           for (int64_t k = 0; k < K; k += S, xk += C * S) {
-            if constexpr (decltype(prefetching)::value) {
-              if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)  // once per cache line
-                for (int64_t r = 0; r < H; ++r) prefetch(wh[r] + D * R * K + k);
-            }
-            if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
-              for (int64_t r = 0; r < H; ++r) prefetch_next_pass(wh[r] + H * K + k);  // rows H on: the next pass's
+            if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)  // once per cache line
+              for (int64_t r = 0; r < H; ++r) {
+                if constexpr (decltype(prefetching)::value) prefetch(wh[r] + D * R * K + k);
+                prefetch_next_pass(wh[r] + H * K + k);  // rows H on: the next pass's
+              }
             decltype(load(w)) wv[H];
 #pragma GCC unroll 4
             for (int64_t r = 0; r < H; ++r) wv[r] = load(wh[r] + k);
