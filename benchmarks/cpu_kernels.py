@@ -68,14 +68,19 @@ def placed():
     return (arena.place if arena else (lambda t: t)), arena
 
 
-def step_shapes() -> list[tuple[int, int]]:
-    """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
-    kernels run them) and its output head."""
+def default_config():
+    """The default model's transformers config (its shapes)."""
     from transformers import AutoConfig
 
     from llmbench.models import resolve_source
 
-    c = AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+    return AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+
+
+def step_shapes() -> list[tuple[int, int]]:
+    """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
+    kernels run them) and its output head."""
+    c = default_config()
     head_dim = c.hidden_size // c.num_attention_heads
     kv = c.num_key_value_heads * head_dim
     layer = [(c.hidden_size + 2 * kv, c.hidden_size), (c.hidden_size, c.hidden_size),

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpu_kernels import placed, step_shapes  # noqa: E402
+from cpu_kernels import default_config, placed, step_shapes  # noqa: E402
 from woq import cpu_lock  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
@@ -93,11 +93,8 @@ def attention_step(rows: int, kept: int = 64, length: int = 96):
     """-> (step(ops), bytes): one decode step's attention calls, default model, `rows` rows against a static cache of
     `length` positions of which the first `kept` are attended (32 in / 64 new, halfway), a cache per layer."""
     import torch
-    from transformers import AutoConfig
 
-    from llmbench.models import resolve_source
-
-    c = AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+    c = default_config()
     dim = c.hidden_size // c.num_attention_heads
     mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool)
     mask[..., :kept] = True
@@ -111,6 +108,19 @@ def attention_step(rows: int, kept: int = 64, length: int = 96):
     return step, sum(k.nbytes + v.nbytes for _, k, v in layers) * kept // length
 
 
+def linear_step(case, rows: int):
+    """-> (step(ops), bytes): one decode step's linears of a kind (a cases() entry) against `rows` rows of x."""
+    import torch
+
+    weights, call, nbytes, ins = case
+    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in set(ins)}
+
+    def step(ops):
+        return [call(ops, xs[k], w) for w, k in zip(weights, ins)]
+
+    return step, nbytes
+
+
 def tile_rows(ops) -> int:
     """Rows per INT4 tile in a build's layout (8 in sources from before its 16-row tiles)."""
     return ops.int4_tile_rows() if hasattr(ops, "int4_tile_rows") else 8
@@ -122,19 +132,11 @@ def compare(kinds: list[str], rows: list[int], rounds: int) -> None:
     host, other = torch.ops.llmbench_cpu, getattr(torch.ops, OTHER)
     linears = cases([k for k in kinds if k != "attention"])
     for kind in kinds:
+        if kind != "attention" and kind not in linears:
+            print(f"  {kind}: not in this build (INT8 tiles need AVX2)", flush=True)
+            continue
         for m in rows:
-            if kind == "attention":
-                step, nbytes = attention_step(m)
-            elif kind not in linears:
-                print(f"  {kind}: not in this build (INT8 tiles need AVX2)", flush=True)
-                break
-            else:
-                weights, call, nbytes, ins = linears[kind]
-                xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in set(ins)}
-
-                def step(ops, weights=weights, call=call, ins=ins, xs=xs):
-                    return [call(ops, xs[k], w) for w, k in zip(weights, ins)]
-
+            step, nbytes = attention_step(m) if kind == "attention" else linear_step(linears[kind], m)
             agree = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
                         for a, b in zip(step(host), step(other)))
             times: dict[str, list[float]] = {"host": [], "other": []}
