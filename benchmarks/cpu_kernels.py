@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from woq import cpu_lock, leading_agreement  # noqa: E402
+from woq import cpu_lock, default_config, leading_agreement  # noqa: E402
 
 from llmbench.host import cpu_kind, last_level_cache_bytes  # noqa: E402
 
@@ -66,15 +66,6 @@ def placed():
 
     arena = weights_arena()
     return (arena.place if arena else (lambda t: t)), arena
-
-
-def default_config():
-    """The default model's transformers config (its shapes)."""
-    from transformers import AutoConfig
-
-    from llmbench.models import resolve_source
-
-    return AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
 
 
 def step_shapes() -> list[tuple[int, int]]:

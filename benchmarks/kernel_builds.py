@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpu_kernels import default_config, placed, step_shapes  # noqa: E402
-from woq import cpu_lock  # noqa: E402
+from cpu_kernels import placed, step_shapes  # noqa: E402
+from woq import cpu_lock, default_config  # noqa: E402
 
 from llmbench.host import cpu_kind  # noqa: E402
 from llmbench.placement import PlacedRound  # noqa: E402

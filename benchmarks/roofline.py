@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, whatever the working folder
 
-from woq import LOCK, add_case_args, cpu_lock, run_anchor, run_one  # noqa: E402
+from woq import LOCK, add_case_args, cpu_lock, default_config, run_anchor, run_one  # noqa: E402
 
 from llmbench.bandwidth_cache import cached_cpu_figure, note_cpu_reading  # noqa: E402
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
@@ -64,11 +64,7 @@ def gguf_bytes_read(path: Path) -> int:
 
 def anchor_rows(args) -> list[dict]:
     """llama.cpp on the default model's weights, Q4_1 and F16, timed under the lock."""
-    from transformers import AutoConfig
-
-    from llmbench.models import resolve_source
-
-    kv = kv_cache_bytes_per_position(AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0]), torch.float16)
+    kv = kv_cache_bytes_per_position(default_config(), torch.float16)
     rows = []
     for anchor_type in ANCHOR_TYPES:
         print(f"[llama.cpp {anchor_type}] running ...", file=sys.stderr, flush=True)

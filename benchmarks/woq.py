@@ -187,3 +187,12 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def default_config():
+    """The default model's transformers config (its shapes)."""
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
