@@ -68,21 +68,23 @@ def cases(kinds: list[str]):
     torch.manual_seed(0)
     place, shapes = placed()[0], step_shapes()
     out = {}
-    if "int4" in kinds:  # packed for each build's tiles (16 rows where AVX-512 VNNI is built in, else 8)
+    # INT4 and INT8 packed for each build's tiles (16 rows where AVX-512 VNNI is built in, else 8)
+    if "int4" in kinds:
         scales = [torch.rand(n, k // 32, dtype=torch.bfloat16) / 64 for n, k in shapes]  # bfloat16: 2 bytes each
         q = [torch.randint(0, 16, s.shape[:1] + (k,)) for s, (_, k) in zip(scales, shapes)]
         builds = {tile_rows(torch.ops.llmbench_cpu), tile_rows(getattr(torch.ops, OTHER))}
         packed = [{t: place(int4_layout.int4_rows(qi, s, s, t)[0]) for t in builds} for qi, s in zip(q, scales)]
         out["int4"] = (packed, lambda ops, x, w: ops.linear_int4(x, w[tile_rows(ops)], 32, 2, None))
     if "int8" in kinds and torch.ops.llmbench_cpu.int8_tiles_built():
-        tiles = [place(cpu_kernels.int8_tiles(torch.randint(-128, 128, (n, k), dtype=torch.int8),
-                                              torch.rand(n, 1) / 64)) for n, k in shapes]
-        out["int8"] = (tiles, lambda ops, x, w: ops.linear_int8_tiles(x, w, 1, None))
+        q8 = [(torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, 1) / 64) for n, k in shapes]
+        builds = {tile_rows(torch.ops.llmbench_cpu, "int8"), tile_rows(getattr(torch.ops, OTHER), "int8")}
+        tiles = [{t: place(cpu_kernels.int8_tiles(q, s, t)) for t in builds} for q, s in q8]
+        out["int8"] = (tiles, lambda ops, x, w: ops.linear_int8_tiles(x, w[tile_rows(ops, "int8")], 1, None))
     for kind, dtype in DENSE.items():
         if kind in kinds:
             dense = [place(torch.randn(n, k, dtype=getattr(torch, dtype)) / 32) for n, k in shapes]
             out[kind] = (dense, lambda ops, x, w: ops.linear_dense(x, w, None))
-    def nbytes(weights) -> int:  # INT4's: one build's packing (the same bytes in either)
+    def nbytes(weights) -> int:  # INT4's and INT8's: one build's packing (the same bytes in either)
         return sum(w.numel() * w.element_size() for w in
                    (w if isinstance(w, torch.Tensor) else next(iter(w.values())) for w in weights))
 
@@ -121,9 +123,10 @@ def linear_step(case, rows: int):
     return step, nbytes
 
 
-def tile_rows(ops) -> int:
-    """Rows per INT4 tile in a build's layout (8 in sources from before its 16-row tiles)."""
-    return ops.int4_tile_rows() if hasattr(ops, "int4_tile_rows") else 8
+def tile_rows(ops, kind: str = "int4") -> int:
+    """Rows per INT4 or INT8 tile in a build's layout (8 in sources from before its 16-row tiles)."""
+    found = getattr(ops, f"{kind}_tile_rows", None)
+    return found() if found is not None else 8
 
 
 def compare(kinds: list[str], rows: list[int], rounds: int) -> None:

@@ -113,37 +113,42 @@ def test_the_other_vendors_schedule_gives_the_same_results():
                    "for r in (1, 5)]", flags)
 
 
-def test_int4_tiles_of_16_rows_give_exactly_the_outputs_of_tiles_of_8():
-    """AVX-512 VNNI builds pack INT4 weights in tiles of 16 rows (int4_tile_rows); a build without them
-    (LLMBENCH_NO_WIDE_TILES) takes tiles of 8. The same weights, each packed for its build, give the same outputs
-    bit for bit (every output lane sums the same products in the same order), 1 to 13 rows of x, 56 rows of
-    weights (a last tile of 8 in the 16-row layout), bfloat16 and float32 scales."""
+def test_int4_and_int8_tiles_of_16_rows_give_exactly_the_outputs_of_tiles_of_8():
+    """AVX-512 VNNI builds pack INT4 and INT8 weights in tiles of 16 rows (int4_tile_rows, int8_tile_rows); a build
+    without them (LLMBENCH_NO_WIDE_TILES) takes tiles of 8. The same weights, each packed for its build, give the same
+    outputs bit for bit (every output lane sums the same products in the same order), 1 to 13 rows of x, 56 rows of
+    weights (a last tile of 8 in the 16-row layout), INT4 with bfloat16 and float32 scales, INT8 per row and per
+    group of 64."""
     code = ("import torch, sys; from llmbench.backends import cpu_kernels, int4_layout; "
             "assert cpu_kernels.load() is None; ops = torch.ops.llmbench_cpu; torch.manual_seed(0); "
             "q = torch.randint(0, 16, (56, 192)); s = torch.rand(56, 6) / 8; z = torch.randn(56, 6) / 4; "
+            "q8 = torch.randint(-128, 128, (56, 192), dtype=torch.int8); "
             "x = [torch.randn(r, 192) for r in (1, 4, 8, 13)]; out = []; "
             "[out.append(ops.linear_int4(xi, int4_layout.int4_rows(q, s.to(m), z.to(m), ops.int4_tile_rows())[0], "
             "32, m.itemsize, None)) for m in (torch.bfloat16, torch.float32) for xi in x]; "
-            "torch.save((ops.int4_tile_rows(), out), sys.stdout.buffer)")
+            "[out.append(ops.linear_int8_tiles(xi, cpu_kernels.int8_tiles(q8, s[:, :g], ops.int8_tile_rows()), g, "
+            "None)) for g in (1, 3) for xi in x]; "
+            "torch.save((ops.int4_tile_rows(), ops.int8_tile_rows(), out), sys.stdout.buffer)")
     host = run_in_build(code, "", binary=True)
     eight = run_in_build(code, "-DLLMBENCH_NO_WIDE_TILES", binary=True)
     assert host.returncode == 0 and eight.returncode == 0, (host.stderr + eight.stderr)[-3000:]
-    (host_rows, host_out), (eight_rows, eight_out) = (torch.load(io.BytesIO(p.stdout)) for p in (host, eight))
-    assert host_rows == (16 if {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_kernels.cpu_kind().flags) else 8)
-    assert eight_rows == 8
-    assert all(torch.equal(a, b) for a, b in zip(host_out, eight_out, strict=True))
+    (*host_rows, host_out), (*eight_rows, eight_out) = (torch.load(io.BytesIO(p.stdout)) for p in (host, eight))
+    wide = {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_kernels.cpu_kind().flags)
+    assert host_rows == [16 if wide else 8] * 2
+    assert eight_rows == [8, 8]
+    assert len(host_out) == 16 and all(torch.equal(a, b) for a, b in zip(host_out, eight_out, strict=True))
 
 
 def test_two_builds_side_by_side_in_one_process(cli):
     """benchmarks/kernel_builds.py loads the host's build and another (INT4 and INT8 tiles prefetched three tiles
-    ahead, INT4 tiles of 8 rows) as two op namespaces in one process, decode attention's too, and times them round by
-    round, each build's INT4 weights packed for its tiles: one line per kind and rows of x, the two builds' outputs
-    agreeing; bad input is refused in one line."""
-    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3 -DLLMBENCH_NO_WIDE_TILES", "--kinds", "int4,bf16,attention",
+    ahead, and of 8 rows) as two op namespaces in one process, decode attention's too, and times them round by
+    round, each build's INT4 and INT8 weights packed for its tiles: one line per kind and rows of x, the two builds'
+    outputs agreeing; bad input is refused in one line."""
+    proc = cli("--flags=-DLLMBENCH_PREFETCH_TILES=3 -DLLMBENCH_NO_WIDE_TILES", "--kinds", "int4,int8,bf16,attention",
                "--rows", "1,2", "--rounds", "2", script="benchmarks/kernel_builds.py", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "other/host" in line]
-    assert [line.split()[:2] for line in lines] == [[kind, rows] for kind in ("int4", "bf16", "attention")
+    assert [line.split()[:2] for line in lines] == [[kind, rows] for kind in ("int4", "int8", "bf16", "attention")
                                                     for rows in ("1", "2")]
     assert not any("DIFFER" in line for line in lines), lines
     bad = cli("--rows", "9", script="benchmarks/kernel_builds.py")

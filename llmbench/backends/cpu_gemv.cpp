@@ -293,6 +293,9 @@ int64_t int4_tile_rows() {
   return kWideTile;
 }
 
+// Rows per INT8 tile in this build's layout (cpu_kernels.int8_tiles' tile_rows): 16 on AVX-512 VNNI, else 8.
+int64_t int8_tile_rows() { return kInt8Tile; }
+
 bool int8_tiles_built() {
 #ifdef __AVX2__
   return true;
@@ -371,6 +374,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("amx_rows_from() -> int", &amx_rows_from);
   m.def("int4_tile_rows() -> int", &int4_tile_rows);
   m.def("int8_tiles_built() -> bool", &int8_tiles_built);
+  m.def("int8_tile_rows() -> int", &int8_tile_rows);
   m.def("wide_dense_built() -> bool", &wide_dense_built);
   m.def("amx_max_rows() -> int", &amx_max_rows);
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");

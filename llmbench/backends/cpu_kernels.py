@@ -12,11 +12,9 @@ weights read once per call, each tile or block taken 8 rows of x at a time while
 prompts and steps of up to 64 rows.
 
 Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
-them); TorchAO INT8 weight-only (int8 values, float scale per row or group) copied once into tiles of eight rows
-(int8_tiles; as stored where the tiles do not fit); TorchAO's CPU INT4
-(`Int4OpaqueTensor`, an opaque tile layout for aten's kernel) repacked once into this kernel's layout
-(`int4_layout.py`: tiles of eight rows, 16 on AVX-512 VNNI builds, their groups' scales and zeros as stored, then
-two weights per byte, interleaved so that the vector lanes are the rows) with exactly the same values.
+them); TorchAO INT8 weight-only (float scale per row or group) copied once into tiles of 8 rows, 16 on AVX-512 VNNI
+builds (int8_tiles; as stored where tiles do not fit); TorchAO's CPU INT4 (`Int4OpaqueTensor`) repacked once into tiles
+of the same sizes (`int4_layout.py`): exactly the same values, interleaved so that the vector lanes are the rows.
 """
 
 from __future__ import annotations
@@ -222,25 +220,26 @@ def _int8_parts(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def int8_tiles_take(qdata: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether an int8 weight runs as tiles of eight rows (linear_int8_tiles; else as stored, linear_int8): whole
-    tiles, groups of a multiple of 32 weights, a build with AVX2, and LLMBENCH_INT8_TILES not 0. One step's int8
-    linears of the default model, a 2-core AVX-512 EPYC (benchmarks/cpu_kernels.py --int8 --rounds 20), tiles against
-    as stored, best ms, with the rows' prefetcht2 of that CPU kind: 1 row 4.40 / 4.64 (0.95x), 8 rows 7.87 / 12.50,
-    64 rows 45.75 / 80.08 (0.57x); with prefetchnta for the rows, 1 row 4.46 / 7.43, 8 rows 7.84 / 14.27."""
+    """Whether an int8 weight runs as tiles (int8_tiles, linear_int8_tiles; else as stored, linear_int8): whole tiles
+    of 8 rows, groups of a multiple of 32 weights, an AVX2 build, LLMBENCH_INT8_TILES not 0. A step's int8 linears,
+    default model, 2-core AVX-512 EPYC (benchmarks/cpu_kernels.py --int8 --rounds 20), 8-row tiles against as stored,
+    best ms: 1 row 4.40 / 4.64 (0.95x), 8 rows 7.87 / 12.50, 64 rows 45.75 / 80.08 (0.57x)."""
     return (os.environ.get("LLMBENCH_INT8_TILES") != "0" and qdata.shape[0] % 8 == 0
             and (qdata.shape[1] // scale.shape[1]) % 32 == 0 and torch.ops.llmbench_cpu.int8_tiles_built())
 
 
-def int8_tiles(qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """TorchAO's int8 weight (N, K) and its float scales (N, groups) as linear_int8_tiles reads them: tiles of eight
-    rows, each the tile's scales as [group][row] (float32), then per 32 weights eight 32-byte vectors whose 4-byte
-    lane r holds four of row r's weights; -> (N, 4 * groups + K) uint8, a tile per eight rows (the same values: a
-    copy beside TorchAO's, which the eager prefill keeps using)."""
-    n, k = qdata.shape
-    groups = scale.shape[1]
-    weights = qdata.reshape(n // 8, 8, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, 8 * k)
-    scales = scale.float().reshape(n // 8, 8, groups).transpose(1, 2).contiguous().view(torch.uint8)
-    return torch.cat([scales.reshape(n // 8, 32 * groups), weights.view(torch.uint8)], dim=1).reshape(n, -1)
+def int8_tiles(qdata: torch.Tensor, scale: torch.Tensor, tile_rows: int | None = None) -> torch.Tensor:
+    """TorchAO's int8 weight (N, K) and its float scales (N, groups) as linear_int8_tiles reads them, (N, 4 * groups
+    + K) uint8 (a copy beside TorchAO's, which the eager prefill keeps using): tiles of tile_rows rows (the build's
+    int8_tile_rows(): 16 on AVX-512 VNNI, else 8; the last 8 where N is an odd multiple of 8), each the tile's scales
+    as [group][row] (float32), then per 32 weights eight vectors whose 4-byte lane r holds four of row r's weights."""
+    (n, k), groups, rows = qdata.shape, scale.shape[1], tile_rows or torch.ops.llmbench_cpu.int8_tile_rows()
+    wide, parts = n // rows * rows, []
+    for q, s, t in ((qdata[:wide], scale[:wide], rows), (qdata[wide:], scale[wide:], 8)):  # either may be empty
+        weights = q.reshape(-1, t, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, t * k).view(torch.uint8)
+        scales = s.float().reshape(-1, t, groups).transpose(1, 2).reshape(-1, t * groups).view(torch.uint8)
+        parts.append(torch.cat([scales, weights], dim=1).reshape(-1, 4 * groups + k))
+    return torch.cat(parts)
 
 
 SCORED_WITH = "eager+cpu_kernels"  # an accuracy record's scored_with when its linears ran these kernels
@@ -328,9 +327,9 @@ def kernel_call(module: torch.nn.Linear, arena: HugePageArena | None = None):
 def _fuse(members: list[torch.nn.Linear],
           arena: HugePageArena | None = None) -> tuple[str, KernelCall, list[tuple[int, int]]] | None:
     """One kernel call over sibling linears of the same kind, or None where they differ (kind, input size, int4
-    group size, int8 groups, bias or no bias) or where an INT4 member but the last ends in a short tile (16-row
-    tiles: an odd multiple of 8 rows). Plain weights are rebound as row slices of their concatenation (no second
-    copy); quantized ones are concatenated from the kernels' own copies."""
+    group size, int8 groups, bias or no bias) or where an INT4 or INT8 tiles' member but the last ends in a short
+    tile (16-row tiles: an odd multiple of 8 rows). Plain weights are rebound as row slices of their concatenation
+    (no second copy); quantized ones are concatenated from the kernels' own copies."""
     try:
         parts = [kernel_parts(m) for m in members]
     except _Refused:
@@ -339,7 +338,8 @@ def _fuse(members: list[torch.nn.Linear],
     biases = [m.bias for m in members]
     if len(kinds) != 1 or len({b is None for b in biases}) != 1:
         return None
-    if parts[0][0] == "int4" and any(m.out_features % torch.ops.llmbench_cpu.int4_tile_rows() for m in members[:-1]):
+    tile_rows = {"int4": torch.ops.llmbench_cpu.int4_tile_rows, "int8": torch.ops.llmbench_cpu.int8_tile_rows}
+    if parts[0][2] and any(m.out_features % tile_rows[parts[0][0]]() for m in members[:-1]):
         return None  # the kernel takes a short tile only at the end of its rows
     kind, _, layout = parts[0]
     tensors = tuple(_into(arena, torch.cat([t.detach() for t in column])) for column in zip(*(t for _, t, _ in parts)))
