@@ -144,10 +144,12 @@ def test_quantized_step_stays_close_to_torchao_eager(tiny_llama, compile_env, mo
 
     backend, difference = quantized_step_log_prob_difference(tiny_llama, monkeypatch, scheme)
     assert backend.details["streaming_linears"][scheme] > 0
+    from llmbench.backends import cpu_kernels
+
     assert backend.details["quantized_prefill"] == {
         "int4": "prompts through the kernels, up to 256 rows a call",
-        "int8": "prompts of up to 128 rows (tokens x batch) through the kernels, up to 256 rows a call; longer ones "
-                "through TorchAO's kernels"}[scheme]
+        "int8": f"prompts of up to {cpu_kernels.quantized_prefill_rows('int8')} rows (tokens x batch) through the "
+                "kernels, up to 256 rows a call; longer ones through TorchAO's kernels"}[scheme]
     expected = "int8 per 32 values" if "avx2" in cpu_kind().flags else "float32"
     assert backend.details[f"{scheme}_activations"].startswith(expected)
     assert difference.max().item() < 0.05, difference.max().item()

@@ -97,9 +97,9 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_quantized_prefills_run_the_kernels_in_calls_of_many_rows(ops, scheme):
-    """INT4 and INT8 prompts of up to QUANTIZED_PREFILL_ROWS rows (INT4: any) take the kernels outside compiled
-    steps (TorchAO's INT4 kernel is compute-bound), QUANTIZED_CHUNK rows a call, each row as it is alone; longer
-    INT8 ones keep TorchAO's F.linear."""
+    """INT4 and INT8 prompts of up to quantized_prefill_rows (INT4: any; INT8 512 where the build has 16-row tiles and
+    the CPU no AMX, else 128) take the kernels outside compiled steps (TorchAO's INT4 kernel is compute-bound),
+    QUANTIZED_CHUNK rows a call, each row as it is alone; longer INT8 ones keep TorchAO's F.linear."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -108,7 +108,11 @@ def test_quantized_prefills_run_the_kernels_in_calls_of_many_rows(ops, scheme):
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     op = f"llmbench_cpu::linear_{scheme}{'_tiles' if scheme == 'int8' and ops.int8_tiles_built() else ''}"
     chunk = cpu_kernels.QUANTIZED_CHUNK
-    cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (128, 2), (129, 0)]
+    most = cpu_kernels.quantized_prefill_rows(scheme)
+    wide = ops.int8_tile_rows() == 16 and "amx_bf16" not in cpu_kernels.cpu_kind().flags
+    assert most == (sys.maxsize if scheme == "int4" else 512 if wide else 128)
+    cases = [(40, 2), (chunk + 3, 2 * 2)] if scheme == "int4" else [(40, 2), (most, 2 * -(-most // chunk)),
+                                                                    (most + 1, 0)]
     for rows, calls in cases:  # calls: q/k/v as one, o_proj alone, per chunk
         x = torch.randn(rows, 128, dtype=torch.bfloat16)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

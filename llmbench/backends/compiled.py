@@ -165,7 +165,7 @@ class CompileBackend(BeamSearch, Backend):
             self.details["kernel_op_calls"] = "direct (C entries)" if entries else "through the dispatcher"
             for kind in set(counts) & set(cpu_kernels.QUANTIZED):
                 self.details[f"{kind}_activations"] = cpu_kernels.quantized_activations(kind)
-                most = cpu_kernels.QUANTIZED_PREFILL_ROWS[kind]
+                most = cpu_kernels.quantized_prefill_rows(kind)
                 through = f"through the kernels, up to {cpu_kernels.QUANTIZED_CHUNK} rows a call"
                 self.details["quantized_prefill"] = f"prompts {through}" if most == sys.maxsize else \
                     f"prompts of up to {most} rows (tokens x batch) {through}; longer ones through TorchAO's kernels"

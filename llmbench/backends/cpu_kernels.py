@@ -33,10 +33,10 @@ from llmbench.backends.huge_pages import HugePageArena
 from llmbench.backends.kernel_linears import (  # noqa: F401 - QUANTIZED_*: part of this module's face
     QUANTIZED,
     QUANTIZED_CHUNK,
-    QUANTIZED_PREFILL_ROWS,
     KernelCall,
     KernelLinearForward,
     kernel_of,
+    quantized_prefill_rows,
     score_with_kernels,
 )
 from llmbench.backends.ops_build import build

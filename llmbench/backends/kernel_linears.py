@@ -21,8 +21,20 @@ QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies 
 # 512 rows 593 against 994 ms, 1800 rows 2178 against 3323). INT8, before its tiles (a pass per block of 4 weight
 # rows), up to 64 rows (TorchAO 145 against 159 ms at 96 rows, 151 against 189 at 128); its tiles took 0.54x that
 # kernel's time at 64 rows (benchmarks/cpu_kernels.py --int8) and, on a 2-core AVX-512 EPYC, 107/112 against
-# TorchAO's 130/130 ms at 128 rows, a tie at 512 (487/604 against 491/483), hence 128.
-QUANTIZED_PREFILL_ROWS = {"int4": sys.maxsize, "int8": 128}
+# TorchAO's 130/130 ms at 128 rows, a tie at 512 (487/604 against 491/483), hence 128. The 16-row INT8 tiles of
+# AVX-512 VNNI builds went further on a CPU without AMX (2-core family 26 EPYC, 2026-12-07): 256 rows 100-123
+# against TorchAO's 152-156 ms, 512 rows 298/298 against 307/323, 1024 a tie (670/597 against 615/693), hence 512
+# there; AMX CPUs, whose bf16 GEMMs TorchAO's prompts use, keep 128.
+def quantized_prefill_rows(kind: str) -> int:
+    """The longest prompt (rows of x) that the `kind` ("int4" or "int8") kernels serve on this host."""
+    if kind == "int4":
+        return sys.maxsize
+    from llmbench.host import cpu_kind
+
+    wide = torch.ops.llmbench_cpu.int8_tile_rows() == 16 and "amx_bf16" not in cpu_kind().flags
+    return 512 if wide else 128
+
+
 QUANTIZED_CHUNK = 256  # rows of x a call (its copies of x held per call; 1024 was no faster at 1024 rows of INT4)
 
 
@@ -59,10 +71,11 @@ class KernelCall:
 
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
-    INT8 prompts of up to QUANTIZED_PREFILL_ROWS in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch emulates
-    here (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
+    INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
+    emulates here (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps
+    only."""
     if kind in QUANTIZED:
-        return KernelCall(call, members, QUANTIZED_PREFILL_ROWS[kind], QUANTIZED_CHUNK)
+        return KernelCall(call, members, quantized_prefill_rows(kind), QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
         return KernelCall(call, members, MAX_ROWS, widen=True)
