@@ -80,13 +80,13 @@ def unpack_int8_tiles(packed: torch.Tensor, groups: int, tile_rows: int) -> tupl
 @pytest.mark.parametrize("tile_rows", [8, 16])
 def test_int8_tiles_hold_torchaos_values(tile_rows):
     """Tiles of 8 or 16 rows hold the weights and scales as given (40 rows: in 16-row tiles, a last tile of 8; 8 rows:
-    only that one)."""
-    for rows in (40, 8):
+    only that one), per row or per group, the scales a slice of a wider tensor or not."""
+    for rows, groups, sliced in ((40, 2, False), (8, 2, False), (40, 1, True), (40, 2, True)):
         q = torch.randint(-128, 128, (rows, 128), dtype=torch.int8)
-        scale = torch.rand(rows, 2)
+        scale = torch.rand(rows, 4)[:, :groups] if sliced else torch.rand(rows, groups)
         packed = cpu_kernels.int8_tiles(q, scale, tile_rows)
-        assert packed.shape == (rows, 8 + 128) and packed.dtype == torch.uint8
-        assert all(torch.equal(a, b) for a, b in zip(unpack_int8_tiles(packed, 2, tile_rows), (q, scale)))
+        assert packed.shape == (rows, 4 * groups + 128) and packed.dtype == torch.uint8
+        assert all(torch.equal(a, b) for a, b in zip(unpack_int8_tiles(packed, groups, tile_rows), (q, scale)))
         if tile_rows == 16 and rows == 40:  # the 16-row layout differs from the 8-row one
             assert not torch.equal(packed, cpu_kernels.int8_tiles(q, scale, 8))
 

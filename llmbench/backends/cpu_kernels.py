@@ -237,7 +237,7 @@ def int8_tiles(qdata: torch.Tensor, scale: torch.Tensor, tile_rows: int | None =
     wide, parts = n // rows * rows, []
     for q, s, t in ((qdata[:wide], scale[:wide], rows), (qdata[wide:], scale[wide:], 8)):  # either may be empty
         weights = q.reshape(-1, t, k // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, t * k).view(torch.uint8)
-        scales = s.float().reshape(-1, t, groups).transpose(1, 2).reshape(-1, t * groups).view(torch.uint8)
+        scales = s.float().reshape(-1, t, groups).transpose(1, 2).contiguous().reshape(-1, t * groups).view(torch.uint8)
         parts.append(torch.cat([scales, weights], dim=1).reshape(-1, 4 * groups + k))
     return torch.cat(parts)
 
