@@ -308,15 +308,23 @@ AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALIT
              "-DLLMBENCH_NEXT_PASS_PREFETCH=1", "-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"]
 
 
-@pytest.mark.parametrize("model_name, flags, hint, build", [
-    ("AMD EPYC 7B13", "avx2 fma", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
-    ("AMD EPYC", "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
-    ("Intel(R) Xeon(R) Platinum 8481C", "avx2 fma", "t0, tiles t2",
+@pytest.mark.parametrize("model_name, family, flags, hint, build", [
+    ("AMD EPYC 7B13", 25, "avx2 fma", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
+    ("AMD EPYC", 25, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
+    ("AMD EPYC", None, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
+    ("AMD EPYC", 26, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead, 16-row INT4 tiles t0",
+     [f.replace("WIDE_TILE_PREFETCH_LOCALITY=1", "WIDE_TILE_PREFETCH_LOCALITY=3") for f in AMD_BUILD]),
+    ("Intel(R) Xeon(R) Platinum 8481C", 6, "avx2 fma", "t0, tiles t2",
      ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"])])
-def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, flags, hint, build):
+def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, family, flags, hint,
+                                                                  build):
+    """Per vendor, and for AMD per family (from 26, INT4's 16-row tiles prefetched to every level; a cpuinfo without
+    the family keeps the earlier choice)."""
     from llmbench.host import parse_cpuinfo
 
-    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\nflags : {flags}"))
+    generation = f"cpu family : {family}\nmodel : 2\n" if family else ""
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: parse_cpuinfo(f"model name : {model_name}\n{generation}"
+                                                                       f"flags : {flags}"))
     monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
     assert cpu_kernels.prefetch_hint() == hint
     assert cpu_kernels.build_flags() == build

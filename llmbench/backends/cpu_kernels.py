@@ -56,33 +56,22 @@ def _amd() -> bool:
 
 
 def prefetch_hint() -> str:
-    """Which software prefetch the kernels issue for weight rows a few blocks ahead, chosen per CPU vendor: "t2, tiles
-    nta 1 ahead" (rows to the outer cache levels, the INT4 and INT8 tiles non-temporal, one tile ahead) or "t0,
-    tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last level, two tiles ahead). Measured with
-    benchmarks/cpu_kernels.py --prefetch: on a 2-core AMX Xeon, non-temporal prefetches (prefetchnta) left a decode
-    step's worth of INT4 weights streaming at 6.7 GB/s and bf16 at 5.5 GB/s, prefetches into all cache levels
-    (prefetcht0) at 10.0 and 13.5 GB/s; the AMX Xeon's INT4 tiles stream from memory faster with prefetcht2:
-    Phi-3-mini's shapes, whole compiled steps, alternating processes, 123.2/122.6 -> 107.6/107.0 ms/token
-    (docs/measured.md). On AMD CPUs: the AVX2 EPYC the kernels were written on streamed at ~85% of its read
-    bandwidth with prefetchnta; a 2-core AVX-512 EPYC (family 25 model 17), 6 alternating processes per build, best
-    / median ms of one step's linears: bf16 nta 11.79 / 12.64, t2 8.39 / 10.23, t0 11.69 / 12.44; INT4 nta 3.33 /
-    3.78, t2 3.11 / 3.76, t0 3.43 / 3.80. Whole compiled steps there, alternating processes, nta against t2: bf16
-    batch 4 15.33/16.44 -> 11.35/10.71 ms/token, INT8 tiles 5.32/5.27/5.28 -> 5.59/5.52/5.47, INT4 tiles no clear
-    difference (3.93/4.49/4.86 against 3.80/4.46/3.62), hence t2 for the rows and nta for the tiles there. AVX2-only
-    AMD CPUs take the same: the same EPYC running AVX2 code only (ATEN_CPU_CAPABILITY=avx2, kernels built with
-    -mno-avx512f -mno-avxvnni) took 0.755x the time for one step's bf16 linears with t2 as with nta, INT4 0.935x,
-    and whole compiled runs at batch 4, alternating processes, went bf16 16.86/19.48/16.63 -> 13.25/13.10/14.86 and
-    float32 28.63/29.51/29.14 -> 23.25/23.88/23.81 ms/token (2026-12-05; prefetchnta there had been chosen on an
-    AVX2 EPYC without a comparison). The INT4 and INT8 tiles' prefetch runs one tile ahead on AMD CPUs, two on
-    others: on the AVX-512 EPYC, one step's linears in huge pages, two builds alternating in one process (21 rounds,
-    median of the per-round ratios), two tiles ahead took 1.039x the time of one with 1 row of x, 1.079x with 4 and
-    1.011x with 8 for INT4, 1.018x / 1.019x / 1.007x for INT8 (4 and 8 tiles ahead were slower still: INT4 1.04x and
-    1.08x with 1 row). INT4's 16-row tiles (AVX-512 VNNI builds) take t2 on AMD CPUs too: with nta one step's
-    linears there took 1.12-1.28x the time of 8-row tiles with nta (1 row of x), with t2 or t1 0.96-0.98x. AMD's
-    512-bit kernel of 5-8 rows also prefetches its next pass's rows into L1 ("next pass t0"; family 26: 0.77x)."""
-    if _amd():
-        return "t2, next pass t0, tiles nta 1 ahead"
-    return "t0, tiles t2"
+    """Which software prefetch the kernels issue for weight rows a few blocks ahead, per CPU vendor (docs/measured.md
+    has every figure): "t0, tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last, two tiles
+    ahead) on Intel CPUs, where on a 2-core AMX Xeon prefetchnta left a step's INT4 weights streaming at 6.7 GB/s and
+    bf16 at 5.5, prefetcht0 at 10.0 and 13.5, and INT4 tiles with t2 took 0.87x the time of t0 (Phi-3-mini, whole
+    steps). "t2, next pass t0, tiles nta 1 ahead" on AMD ones: rows to the outer levels (a 2-core family 25 EPYC, one
+    step's linears, best ms: bf16 nta 11.79, t2 8.39, t0 11.69; batch 4 whole runs 15.33/16.44 -> 11.35/10.71
+    ms/token; AVX2 code 0.755x for bf16 with t2 as with nta), the tiles non-temporal (INT8 there 5.32-5.28 against
+    5.59-5.47 ms/token with t2) one tile ahead (two: INT4 1.04-1.08x the time, INT8 1.02x), INT4's 16-row tiles to
+    the outer levels (nta: 1.12-1.28x), and the 512-bit kernel of 5-8 rows its next pass's rows into L1 (family 26:
+    0.77x). From family 26 on, INT4's 16-row tiles to every level ("16-row INT4 tiles t0"): one step's INT4 linears
+    0.90 / 0.92 / 0.97 / 0.99x the time of t2 at 1 / 2 / 4 / 8 rows of x, greedy whole runs 1.62-1.92 (median
+    1.66) against 1.76-1.92 (1.79) ms/token, batch 8 level."""
+    if not _amd():
+        return "t0, tiles t2"
+    family = cpu_kind().generation.split()[1:2]
+    return AMD_HINT + (", 16-row INT4 tiles t0" if family and int(family[0]) >= 26 else "")
 
 
 def dense_one_row_kernels(dtype: torch.dtype) -> bool:
@@ -126,9 +115,12 @@ def attention_vectorized() -> bool:
 
 
 # The build's -D flags per prefetch_hint() (__builtin_prefetch's locality: 0 nta, 1 t2, 3 t0)
-PREFETCH_FLAGS = {"t2, next pass t0, tiles nta 1 ahead": [f"-DLLMBENCH_{f}" for f in (
-    "PREFETCH_LOCALITY=1", "TILE_PREFETCH_LOCALITY=0", "WIDE_TILE_PREFETCH_LOCALITY=1", "PREFETCH_TILES=1",
-    "NEXT_PASS_PREFETCH=1")], "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
+AMD_HINT = "t2, next pass t0, tiles nta 1 ahead"
+AMD_FLAGS = [f"-DLLMBENCH_{f}" for f in ("PREFETCH_LOCALITY=1", "TILE_PREFETCH_LOCALITY=0",
+                                         "WIDE_TILE_PREFETCH_LOCALITY=1", "PREFETCH_TILES=1", "NEXT_PASS_PREFETCH=1")]
+PREFETCH_FLAGS = {AMD_HINT: AMD_FLAGS, AMD_HINT + ", 16-row INT4 tiles t0": [
+    f.replace("WIDE_TILE_PREFETCH_LOCALITY=1", "WIDE_TILE_PREFETCH_LOCALITY=3") for f in AMD_FLAGS],
+    "t0, tiles t2": ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"]}
 
 
 def schedule() -> str:
