@@ -262,12 +262,28 @@ void with_tile_rows(int64_t M, F&& f) {
 constexpr int64_t kWideTile = kTile;  // rows per INT4 tile in this build's layout
 #endif
 
+#ifdef __AVX2__
+// Whole tiles [n0, n1) into out (M, n1 - n0), MR rows of x at a time (each_tile): the first rows in tiles of Wide
+// rows where Wide is 16 (their outputs in 512-bit lanes, wide(m0, tile, next, acc)), the rest (all of them where
+// Wide is 8) in tiles of 8 (narrow(...)). Shared by the INT4 and INT8 tiles.
+template <int MR, int64_t Wide, typename WideTile, typename NarrowTile>
+void wide_then_narrow(int64_t M, const uint8_t* w, int64_t stride, float* out, int64_t n0, int64_t n1, WideTile&& wide,
+                      NarrowTile&& narrow) {
+  int64_t n = n0;  // where the 8-row tiles start
+  if constexpr (Wide > kTile) {
+    n = n0 + (n1 - n0) / Wide * Wide;
+    each_tile<MR, Wide, __m512>(M, w, stride, out, n1 - n0, n0, n, wide);
+  }
+  each_tile<MR>(M, w, stride, out + (n - n0), n1 - n0, n, n1, narrow);
+}
+#endif
+
 // The outputs of rows [n0, n1) (whole tiles of kWideTile rows, the last of the call 8 where N is an odd multiple of
 // 8) into out (M, n1 - n0).
 template <typename T>
 void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
 #ifdef __AVX2__
-  const int64_t blocks = a.K / 32, groups = a.K >> a.shift, ld = n1 - n0;
+  const int64_t blocks = a.K / 32, groups = a.K >> a.shift;
   return with_tile_rows(a.M, [&](auto c) {
     constexpr int MR = decltype(c)::value;
     auto rows_from = [&](int64_t m0) {
@@ -275,16 +291,15 @@ void int4_tiles(const Int4Args& a, float* out, int64_t n0, int64_t n1) {
       part.xq += m0 * a.K, part.xd += m0 * blocks, part.xsum += m0 * groups;
       return part;
     };
-    int64_t n = n0;  // where the 8-row tiles start: at once, or after the 16-row ones
 #ifdef LLMBENCH_WIDE_TILES
-    n = n0 + (n1 - n0) / kWideTile * kWideTile;
-    each_tile<MR, kWideTile, __m512>(a.M, a.w, a.stride, out, ld, n0, n, [&](int64_t m0, const uint8_t* tile,
-                                                                            const uint8_t* next, __m512* acc) {
+    auto wide = [&](int64_t m0, const uint8_t* tile, const uint8_t* next, __m512* acc) {
       int4_wide_tile<T, MR>(rows_from(m0), tile, next, acc);
-    });
+    };
+#else
+    auto wide = nullptr;
 #endif
-    each_tile<MR>(a.M, a.w, a.stride, out + (n - n0), ld, n, n1, [&](int64_t m0, const uint8_t* tile,
-                                                                     const uint8_t* next, __m256* acc) {
+    wide_then_narrow<MR, kWideTile>(a.M, a.w, a.stride, out, n0, n1, wide, [&](int64_t m0, const uint8_t* tile,
+                                                                              const uint8_t* next, __m256* acc) {
       int4_tile<T, MR>(rows_from(m0), tile, next, acc);
     });
   });

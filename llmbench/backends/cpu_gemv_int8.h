@@ -193,12 +193,14 @@ void int8_wide_tile(const Int8Tiles& a, const uint8_t* tile, const uint8_t* next
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_fnmadd_ps(scale, _mm512_set1_ps(a.corr[m * a.groups + g]), acc[m]);
   }
 }
+#else
+constexpr int64_t kInt8Tile = kTile;  // rows per INT8 tile in this build's layout
 #endif
 
 // The outputs of rows [n0, n1) (whole tiles of kInt8Tile rows, the last of the call 8 where N is an odd multiple of
 // 8) into out (M, n1 - n0).
 void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t blocks = a.K / 32, ld = n1 - n0;
+  const int64_t blocks = a.K / 32;
   with_tile_rows(a.M, [&](auto c) {
     constexpr int MR = decltype(c)::value;
     auto rows_from = [&](int64_t m0) {
@@ -206,16 +208,15 @@ void int8_tiles(const Int8Tiles& a, float* out, int64_t n0, int64_t n1) {
       part.xq += m0 * a.K, part.xd += m0 * blocks, part.corr += m0 * a.groups;
       return part;
     };
-    int64_t n = n0;  // where the 8-row tiles start: at once, or after the 16-row ones
 #ifdef LLMBENCH_INT8_WIDE_TILES
-    n = n0 + (n1 - n0) / kWideTile * kWideTile;
-    each_tile<MR, kWideTile, __m512>(a.M, a.w, a.stride, out, ld, n0, n, [&](int64_t m0, const uint8_t* tile,
-                                                                            const uint8_t* next, __m512* acc) {
+    auto wide = [&](int64_t m0, const uint8_t* tile, const uint8_t* next, __m512* acc) {
       int8_wide_tile<MR>(rows_from(m0), tile, next, acc);
-    });
+    };
+#else
+    auto wide = nullptr;
 #endif
-    each_tile<MR>(a.M, a.w, a.stride, out + (n - n0), ld, n, n1, [&](int64_t m0, const uint8_t* tile,
-                                                                     const uint8_t* next, __m256* acc) {
+    wide_then_narrow<MR, kInt8Tile>(a.M, a.w, a.stride, out, n0, n1, wide, [&](int64_t m0, const uint8_t* tile,
+                                                                              const uint8_t* next, __m256* acc) {
       int8_tile<MR>(rows_from(m0), tile, next, acc);
     });
   });
@@ -256,7 +257,7 @@ std::vector<float> vnni_corrections(const QuantizedRows& xq, int64_t M, int64_t 
   return corr;
 }
 #endif
-#ifndef LLMBENCH_INT8_WIDE_TILES
+#ifndef __AVX2__
 constexpr int64_t kInt8Tile = kTile;  // rows per INT8 tile in this build's layout
 #endif
 
