@@ -71,9 +71,10 @@ def placed():
 def step_shapes() -> list[tuple[int, int]]:
     """(out, in) of every linear of one decode step of the default model (q/k/v and gate/up fused, as the
     kernels run them) and its output head."""
+    from llmbench.roofline import head_size
+
     c = default_config()
-    head_dim = c.hidden_size // c.num_attention_heads
-    kv = c.num_key_value_heads * head_dim
+    kv = c.num_key_value_heads * head_size(c)
     layer = [(c.hidden_size + 2 * kv, c.hidden_size), (c.hidden_size, c.hidden_size),
              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
     return layer * c.num_hidden_layers + [(c.vocab_size, c.hidden_size)]

@@ -96,8 +96,10 @@ def attention_step(rows: int, kept: int = 64, length: int = 96):
     `length` positions of which the first `kept` are attended (32 in / 64 new, halfway), a cache per layer."""
     import torch
 
+    from llmbench.roofline import head_size
+
     c = default_config()
-    dim = c.hidden_size // c.num_attention_heads
+    dim = head_size(c)
     mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool)
     mask[..., :kept] = True
     layers = [(torch.randn(rows, 1, c.num_attention_heads, dim, dtype=torch.bfloat16).transpose(1, 2),

@@ -148,6 +148,15 @@ def add_case_args(p: argparse.ArgumentParser, schemes: str, backends: str) -> No
     p.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK} while timing")
 
 
+def default_config():
+    """The default model's transformers config (its shapes)."""
+    from transformers import AutoConfig
+
+    from llmbench.models import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(p, schemes="bf16,int8,int4", backends="eager,compile")
@@ -188,11 +197,3 @@ def main() -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def default_config():
-    """The default model's transformers config (its shapes)."""
-    from transformers import AutoConfig
-
-    from llmbench.models import resolve_source
-
-    return AutoConfig.from_pretrained(resolve_source(None, quiet=True)[0])

@@ -304,8 +304,10 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
           narrow_quotients(part + g * (D + 2) + 2, part[g * (D + 2) + 1], op + (t * group + g) * D, D);
     }
   });
-  // merge: per query head, the parts' sums rescaled to the row's largest score
-  for (int64_t bh = 0; bh < heads && parts > 1; ++bh) {
+  if (parts == 1) return;  // each task wrote its heads' outputs; else per query head the parts' sums, merged:
+  thread_local std::vector<float> merged;  // rescaled to the row's largest score
+  merged.resize(D);
+  for (int64_t bh = 0; bh < heads; ++bh) {
     const float* parts_of = partial + bh * parts * stride;
     for (int64_t g = 0; g < group; ++g) {
       float top = -INFINITY, sum = 0.f;
@@ -313,15 +315,13 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
       float w[kMaxParts];
       for (int64_t p = 0; p < parts; ++p) {
         const float* o = parts_of + p * stride + g * (D + 2);
-        w[p] = parts == 1 ? 1.f : std::exp(o[0] - top);
+        w[p] = std::exp(o[0] - top);
         sum += w[p] * o[1];
       }
-      T* dst = op + (bh * group + g) * D;  // (b, kvh) -> heads b * H + kvh * group + g
-      for (int64_t d = 0; d < D; ++d) {
-        float v = 0.f;
-        for (int64_t p = 0; p < parts; ++p) v += w[p] * parts_of[p * stride + g * (D + 2) + 2 + d];
-        dst[d] = static_cast<T>(v / sum);
-      }
+      std::fill(merged.begin(), merged.end(), 0.f);  // the parts added in their order
+      for (int64_t p = 0; p < parts; ++p)
+        for (int64_t d = 0; d < D; ++d) merged[d] += w[p] * parts_of[p * stride + g * (D + 2) + 2 + d];
+      narrow_quotients(merged.data(), sum, op + (bh * group + g) * D, D);  // (b, kvh) -> heads b * H + kvh * group + g
     }
   }
 }
