@@ -117,7 +117,9 @@ def linear_step(case, rows: int):
     import torch
 
     weights, call, nbytes, ins = case
-    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in set(ins)}
+    first = weights[0] if isinstance(weights[0], torch.Tensor) else None  # plain weights: x in their dtype
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.bfloat16
+    xs = {k: torch.randn(rows, k, dtype=dtype) for k in set(ins)}
 
     def step(ops):
         return [call(ops, xs[k], w) for w, k in zip(weights, ins)]

@@ -313,13 +313,14 @@ AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALIT
     ("AMD EPYC", 25, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
     ("AMD EPYC", None, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead", AMD_BUILD),
     ("AMD EPYC", 26, "avx2 fma avx512f avx512_bf16", "t2, next pass t0, tiles nta 1 ahead, 16-row INT4 tiles t0",
-     [f.replace("WIDE_TILE_PREFETCH_LOCALITY=1", "WIDE_TILE_PREFETCH_LOCALITY=3") for f in AMD_BUILD]),
+     [f.replace("WIDE_TILE_PREFETCH_LOCALITY=1", "WIDE_TILE_PREFETCH_LOCALITY=3") for f in AMD_BUILD]
+     + ["-DLLMBENCH_HALF_STREAM_ROWS=2"]),
     ("Intel(R) Xeon(R) Platinum 8481C", 6, "avx2 fma", "t0, tiles t2",
      ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"])])
 def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, family, flags, hint,
                                                                   build):
-    """Per vendor, and for AMD per family (from 26, INT4's 16-row tiles prefetched to every level; a cpuinfo without
-    the family keeps the earlier choice)."""
+    """Per vendor, and for AMD per family (from 26, INT4's 16-row tiles prefetched to every level and fp16 streams up
+    to 2 rows of x; a cpuinfo without the family keeps the earlier choices)."""
     from llmbench.host import parse_cpuinfo
 
     generation = f"cpu family : {family}\nmodel : 2\n" if family else ""

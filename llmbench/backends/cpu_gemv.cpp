@@ -72,6 +72,10 @@ constexpr bool kOneRowStreams = LLMBENCH_ONE_ROW_STREAMS;
 #define LLMBENCH_STREAM_ROWS (LLMBENCH_ONE_ROW_STREAMS ? 4 : 0)
 #endif
 constexpr int64_t kStreamRows = LLMBENCH_STREAM_ROWS;
+#ifndef LLMBENCH_HALF_STREAM_ROWS  // the same for the 512-bit fp16 kernel (cpu_gemv_avx512.h's wide_rows)
+#define LLMBENCH_HALF_STREAM_ROWS LLMBENCH_STREAM_ROWS
+#endif
+constexpr int64_t kHalfStreamRows = LLMBENCH_HALF_STREAM_ROWS;
 
 inline v8f load_f32(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 inline v8u load_u32(const void* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }

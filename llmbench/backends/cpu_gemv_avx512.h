@@ -214,7 +214,7 @@ void wide_stream_rows(const float* x, int64_t M, int64_t K, const W* w, float* o
 template <typename W>
 void wide_rows(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1) {
   if (kOneRowStreams && M == 1) return wide_stream(x, K, w, out, n0, n1);
-  if (M <= kStreamRows)
+  if (M <= (std::is_same_v<W, at::Half> ? kHalfStreamRows : kStreamRows))
     return with_rows_per_pass(M, 4, [&](auto c) { wide_stream_rows<decltype(c)::value>(x, M, K, w, out, n0, n1); });
   with_rows_per_pass<8>(M, LLMBENCH_WIDE_ROWS_PER_PASS, [&](auto c) {
     wide_rows_of<decltype(c)::value>(x, M, K, w, out, n0, n1);

@@ -158,7 +158,8 @@ inline float total(__m512 v) { return _mm512_reduce_add_ps(v); }
 // the 2-core AVX-512 EPYC, one step's linears in 512-bit code (benchmarks/kernel_builds.py, medians of 11 rounds'
 // ratios) took 0.93-0.94x the time at 2 rows (bf16, fp16; float32 0.99x), 0.92-0.95x at 3-4 (float32 0.98x), but
 // 1.02 / 1.06 / 1.10x at 8 (bf16 / fp16 / float32: a weight vector's loads of x outnumber its multiplies there):
-// kStreamRows rows at most.
+// kStreamRows rows at most (fp16: kHalfStreamRows, 2 from AMD family 26, where 3-4 rows as streams took 1.36-1.40x
+// the time of blocks: cpu_kernels.half_stream_rows).
 template <int C, int S, typename A, typename W, typename X, typename Step>
 void stream_rows_of(const X* x, int64_t M, int64_t K, const W* w, float* out, int64_t n0, int64_t n1, Step&& step) {
   const X* xm[C];

@@ -1,20 +1,18 @@
 """Weight-streaming linear kernels for decode steps on CPUs (`llmbench/backends/cpu_gemv.cpp`).
 
-Built once per host with the host's own instruction set (`-march=native`: the same source gives AVX2 code on an AVX2
-EPYC and AVX-512 code where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops
-(`torch.ops.llmbench_cpu.linear_dense / linear_int8(_tiles) / linear_int4`) that torch.compile calls from inside the
-compiled decode step. They serve steps of at most compile_settings.STEP_MAX_ROWS rows (batch x beams; MAX_ROWS of
-them per pass over a block of weights, while it is in cache): every weight is read once from
-memory per step, widened to float32 in registers, with independent accumulators per weight row, so the step streams
-weights near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel is compute-bound.
-They serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (and steps of more rows; the
-weights read once per call, each tile or block taken 8 rows of x at a time while in cache), and on AMX CPUs bf16
-prompts and steps of up to 64 rows.
+Built once per host with the host's own instruction set (`-march=native`: AVX2 code on an AVX2 EPYC, AVX-512 code
+where the CPU has it) into `$LLMBENCH_CACHE/kernels/`, loaded as torch ops (`torch.ops.llmbench_cpu.linear_dense /
+linear_int8(_tiles) / linear_int4`) that torch.compile calls from inside the compiled decode step. They serve steps
+of at most compile_settings.STEP_MAX_ROWS rows (batch x beams; MAX_ROWS of them per pass over a block of weights,
+while it is in cache): every weight read once from memory per step, with independent accumulators per weight row,
+so the step streams weights near the memory bandwidth where aten's GEMV reaches about half of it and its INT4 kernel
+is compute-bound. They serve prefills too where they beat the library (KernelCall): INT4 and INT8 prompts (each
+tile or block taken 8 rows of x at a time while in cache), and on AMX CPUs bf16 prompts and steps of up to 64 rows.
 
-Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has
-them); TorchAO INT8 weight-only (float scale per row or group) copied once into tiles of 8 rows, 16 on AVX-512 VNNI
-builds (int8_tiles; as stored where tiles do not fit); TorchAO's CPU INT4 (`Int4OpaqueTensor`) repacked once into tiles
-of the same sizes (`int4_layout.py`): exactly the same values, interleaved so that the vector lanes are the rows.
+Weights: float32, bfloat16 and float16 as stored (bf16 steps of several rows on AMX tiles where the CPU has them);
+TorchAO INT8 weight-only (float scale per row or group) copied once into tiles of 8 rows, 16 on AVX-512 VNNI builds
+(int8_tiles; as stored where tiles do not fit); TorchAO's CPU INT4 (`Int4OpaqueTensor`) repacked once into tiles of
+the same sizes (`int4_layout.py`): exactly the same values, interleaved so that the vector lanes are the rows.
 """
 
 from __future__ import annotations
@@ -58,20 +56,29 @@ def _amd() -> bool:
 def prefetch_hint() -> str:
     """Which software prefetch the kernels issue for weight rows a few blocks ahead, per CPU vendor (docs/measured.md
     has every figure): "t0, tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last, two tiles
-    ahead) on Intel CPUs, where on a 2-core AMX Xeon prefetchnta left a step's INT4 weights streaming at 6.7 GB/s and
-    bf16 at 5.5, prefetcht0 at 10.0 and 13.5, and INT4 tiles with t2 took 0.87x the time of t0 (Phi-3-mini, whole
-    steps). "t2, next pass t0, tiles nta 1 ahead" on AMD ones: rows to the outer levels (a 2-core family 25 EPYC, one
-    step's linears, best ms: bf16 nta 11.79, t2 8.39, t0 11.69; batch 4 whole runs 15.33/16.44 -> 11.35/10.71
-    ms/token; AVX2 code 0.755x for bf16 with t2 as with nta), the tiles non-temporal (INT8 there 5.32-5.28 against
-    5.59-5.47 ms/token with t2) one tile ahead (two: INT4 1.04-1.08x the time, INT8 1.02x), INT4's 16-row tiles to
-    the outer levels (nta: 1.12-1.28x), and the 512-bit kernel of 5-8 rows its next pass's rows into L1 (family 26:
-    0.77x). From family 26 on, INT4's 16-row tiles to every level ("16-row INT4 tiles t0"): one step's INT4 linears
-    0.90 / 0.92 / 0.97 / 0.99x the time of t2 at 1 / 2 / 4 / 8 rows of x, greedy whole runs 1.62-1.92 (median
-    1.66) against 1.76-1.92 (1.79) ms/token, batch 8 level."""
+    ahead) on Intel CPUs (a 2-core AMX Xeon: prefetchnta left a step's INT4 weights at 6.7 GB/s, prefetcht0 at 10.0;
+    INT4 tiles with t2 0.87x the time of t0). "t2, next pass t0, tiles nta 1 ahead" on AMD ones: rows to the outer
+    levels (a family 25 EPYC, one step's bf16 linears: nta 11.79 ms, t2 8.39, t0 11.69), the tiles non-temporal one
+    tile ahead, INT4's 16-row tiles to the outer levels (nta: 1.12-1.28x the time), and the 512-bit kernel of 5-8
+    rows its next pass's rows into L1 (family 26: 0.77x). From family 26 on, INT4's 16-row tiles to every level
+    ("16-row INT4 tiles t0": one step's INT4 linears 0.90-0.99x the time of t2, greedy runs 1.66 / 1.79 ms/token)."""
     if not _amd():
         return "t0, tiles t2"
-    family = cpu_kind().generation.split()[1:2]
-    return AMD_HINT + (", 16-row INT4 tiles t0" if family and int(family[0]) >= 26 else "")
+    return AMD_HINT + (", 16-row INT4 tiles t0" if _amd_family() >= 26 else "")
+
+
+def _amd_family() -> int:
+    """The AMD CPU's family (25: Zen 3 and 4, 26: Zen 5), 0 where /proc/cpuinfo does not say."""
+    return int(next(iter(cpu_kind().generation.split()[1:2]), 0))  # generation: "family F model M"
+
+
+def half_stream_rows() -> int | None:
+    """Up to how many rows of x the 512-bit fp16 kernel reads a thread's share as one stream (the weight rows one
+    after another); more rows read four weight rows side by side. 2 on AMD CPUs from family 26: there, at 3 / 4 rows
+    side by side took 0.72 / 0.74x the time of streams (one step's linears, benchmarks/kernel_builds.py) and whole
+    fp16 beam-4 runs 5.33-5.39 against 7.38-7.49 ms/token. None elsewhere: as bf16 and float32, whose streams stay
+    ahead to 4 rows on family 26 (side by side bf16 1.23-1.27x, float32 1.00x) and fp16's on family 25 (0.92-0.95x)."""
+    return 2 if _amd() and _amd_family() >= 26 else None
 
 
 def dense_one_row_kernels(dtype: torch.dtype) -> bool:
@@ -138,8 +145,9 @@ SCHEDULE_FLAGS = {"even": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_S
 
 
 def build_flags() -> list[str]:
-    """The build's -D flags for this CPU kind (prefetch_hint, schedule)."""
-    return [*PREFETCH_FLAGS[prefetch_hint()], *SCHEDULE_FLAGS[schedule()]]
+    """The build's -D flags for this CPU kind (prefetch_hint, schedule, half_stream_rows)."""
+    streams = [f"-DLLMBENCH_HALF_STREAM_ROWS={half_stream_rows()}"] if half_stream_rows() else []
+    return [*PREFETCH_FLAGS[prefetch_hint()], *SCHEDULE_FLAGS[schedule()], *streams]
 
 
 def load() -> str | None:
