@@ -16,6 +16,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -100,128 +103,7 @@ inline void prefetch_row(const T* p, int64_t D) {
     __builtin_prefetch(reinterpret_cast<const char*>(p) + line, 0, 3);
 }
 
-// One cached head (b, kvh) for its `group` query heads (qf: group x D, scaled, float32) over the kept positions
-// kept[0..n) (a part of a row's, or all of them): each key widened once for the whole group. Into part, group x
-// (D + 2) floats: per query head its largest score, the sum of exp(score - largest) and the values summed with those
-// weights (not yet divided by the sum), which merge() combines over a row's parts. scores: group x n scratch.
-template <typename T, int CH>
-void attend_group(const float* qf, int64_t group, const T* kh, const T* vh, int64_t ks, int64_t vs,
-                  const int64_t* kept, int64_t n, int64_t D, const MaskRow& row, float* scores, float* part) {
-#if defined(LLMBENCH_VEC)
-  if constexpr (CH > 0) {
-    constexpr int W = Vec::W;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    // 16 positions at a time: their keys widened once into kf, then per query head 16 dot products whose sums
-    // sum16 takes together (one horizontal sum per score was a third of a call's time)
-    thread_local std::vector<float> kf;
-    kf.resize(16 * D);
-    for (; i + 16 <= n; i += 16) {
-      alignas(64) float add[16];
-      for (int p = 0; p < 16; ++p) {
-        const int64_t j = kept[i + p];
-        prefetch_row(vh + j * vs, D);
-        for (int c = 0; c < CH; ++c) Vec::store(kf.data() + p * D + W * c, Vec::widen(kh + j * ks + W * c));
-        add[p] = row.bias(j);
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        Vec::R q[CH], acc[16];
-        for (int c = 0; c < CH; ++c) q[c] = Vec::load(qf + g * D + W * c);
-        for (int p = 0; p < 16; ++p) {  // acc in sum16's order, so that its sums come out in the positions' order
-          const float* k = kf.data() + (4 * (p % 4) + p / 4) * D;
-          acc[p] = Vec::mul(q[0], Vec::load(k));
-          for (int c = 1; c < CH; ++c) acc[p] = Vec::fmadd(q[c], Vec::load(k + W * c), acc[p]);
-        }
-        Vec::store(scores + g * n + i, Vec::add(sum16(acc), Vec::load(add)));
-      }
-    }
-#endif
-    for (; i < n; ++i) {
-      const int64_t j = kept[i];
-      prefetch_row(vh + j * vs, D);
-      Vec::R k[CH];
-      for (int c = 0; c < CH; ++c) k[c] = Vec::widen(kh + j * ks + W * c);
-      const float add = row.bias(j);
-      for (int64_t g = 0; g < group; ++g) {
-        Vec::R acc = Vec::mul(Vec::load(qf + g * D), k[0]);
-        for (int c = 1; c < CH; ++c) acc = Vec::fmadd(Vec::load(qf + g * D + W * c), k[c], acc);
-        scores[g * n + i] = Vec::sum(acc) + add;
-      }
-    }
-    float tops[kMaxGroup], totals[kMaxGroup];
-    for (int64_t g = 0; g < group; ++g) {
-      float* s = scores + g * n;
-      Vec::R top = Vec::set1(-INFINITY);
-      int64_t i2 = 0;
-      for (; i2 + W <= n; i2 += W) top = Vec::max(top, Vec::load(s + i2));
-      alignas(64) float lanes[W];
-      Vec::store(lanes, top);
-      float t = *std::max_element(lanes, lanes + W);
-      for (; i2 < n; ++i2) t = std::max(t, s[i2]);
-      Vec::R sum = Vec::zero();
-      for (i2 = 0; i2 + W <= n; i2 += W) {
-        const Vec::R e = vexp(Vec::sub(Vec::load(s + i2), Vec::set1(t)));
-        Vec::store(s + i2, e);
-        sum = Vec::add(sum, e);
-      }
-      float total = Vec::sum(sum);
-      for (; i2 < n; ++i2) total += s[i2] = std::exp(s[i2] - t);
-      tops[g] = t, totals[g] = total;
-    }
-    // the values summed with the weights, each value widened once for up to G query heads (24 registers of sums;
-    // AVX2's 16 registers spill some at head size 64, which still took 0.91-0.95x the time of G = 1 there)
-    constexpr int G = CH > 8 ? 1 : 24 / CH;
-    for (int64_t g0 = 0; g0 < group; g0 += G) {
-      const int64_t gn = std::min<int64_t>(G, group - g0);
-      Vec::R acc[G][CH];
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < CH; ++c) acc[g][c] = Vec::zero();
-      for (int64_t i2 = 0; i2 < n; ++i2) {
-        const T* v = vh + kept[i2] * vs;
-        Vec::R vv[CH];
-        for (int c = 0; c < CH; ++c) vv[c] = Vec::widen(v + W * c);
-#pragma GCC unroll 24
-        for (int g = 0; g < G; ++g) {
-          if (g >= gn) break;
-          const Vec::R p = Vec::set1(scores[(g0 + g) * n + i2]);
-          for (int c = 0; c < CH; ++c) acc[g][c] = Vec::fmadd(p, vv[c], acc[g][c]);
-        }
-      }
-      for (int64_t g = 0; g < gn; ++g) {
-        float* o = part + (g0 + g) * (D + 2);
-        o[0] = tops[g0 + g], o[1] = totals[g0 + g];
-        for (int c = 0; c < CH; ++c) Vec::store(o + 2 + W * c, acc[g][c]);
-      }
-    }
-    return;
-  }
-#endif
-  std::vector<float> kf(D);
-  for (int64_t i = 0; i < n; ++i) {
-    widen(kh + kept[i] * ks, kf.data(), D);
-    for (int64_t g = 0; g < group; ++g) {
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qf[g * D + d] * kf[d];
-      scores[g * n + i] = dot + row.bias(kept[i]);
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * n;
-    float* o = part + g * (D + 2);
-    const float top = n ? *std::max_element(s, s + n) : -INFINITY;
-    float total = 0.f;
-    std::fill(o + 2, o + 2 + D, 0.f);
-    for (int64_t i = 0; i < n; ++i) {
-      const float p = std::exp(s[i] - top);
-      total += p;
-      widen(vh + kept[i] * vs, kf.data(), D);
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[2 + d] += p * kf[d];
-    }
-    o[0] = top, o[1] = total;
-  }
-}
+#include "cpu_attention_group.h"  // attend_group: one cached head of a row for its query heads
 
 // Query-head-positions (rows x heads x kept positions) below which a call runs on the calling thread alone: a
 // parallel region and the hand-over of its results cost more than they save there (LLMBENCH_ATTENTION_SERIAL_WORK).
@@ -238,38 +120,38 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
                   double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = key.size(1), L = key.size(2);
   const int64_t group = H / KVH;
-  const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
-  const int64_t ks[3] = {key.stride(0), key.stride(1), key.stride(2)};
-  const int64_t vs[3] = {value.stride(0), value.stride(1), value.stride(2)};
-  const int64_t ms[4] = {mask.stride(0), mask.stride(1), mask.stride(2), mask.stride(3)};
-  const T* qp = q.data_ptr<T>() + (q.size(2) - 1) * qs[2];
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs3 = q.stride(3);
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
+  const T* qp = q.data_ptr<T>() + (q.size(2) - 1) * q.stride(2);
   const T* kp = key.data_ptr<T>();
   const T* vp = value.data_ptr<T>();
   T* op = out.data_ptr<T>();  // (B, 1, H, D) contiguous
   const bool is_bool = mask.scalar_type() == at::kBool;
-  const char* mp = static_cast<const char*>(mask.data_ptr()) + (mask.size(2) - 1) * ms[2] * mask.element_size();
-  auto row_of = [&](int64_t b) {
+  const int64_t mask_row = mask.size(0) == 1 ? 0 : mask.stride(0) * mask.element_size(), ms3 = mask.stride(3);
+  const char* mp = static_cast<const char*>(mask.data_ptr()) + (mask.size(2) - 1) * mask.stride(2) *
+                                                                    mask.element_size();
+  auto row_of = [=](int64_t b) {
     MaskRow row;
-    const char* at = mp + (mask.size(0) == 1 ? 0 : b) * ms[0] * mask.element_size();
-    row.stride = ms[3];
-    if (is_bool) row.keep = reinterpret_cast<const bool*>(at);
-    else row.add = reinterpret_cast<const float*>(at);
+    row.stride = ms3;
+    if (is_bool) row.keep = reinterpret_cast<const bool*>(mp + b * mask_row);
+    else row.add = reinterpret_cast<const float*>(mp + b * mask_row);
     return row;
   };
-  // Scratch kept between calls (a decode step calls once per layer; this thread's, so the parallel work below reads
-  // it through pointers): each row's attended positions, found once, and the tasks' results.
-  thread_local std::vector<int64_t> kept_rows, counts;
-  thread_local std::vector<float> partials;
-  kept_rows.resize(B * L), counts.resize(B);
-  int64_t* kept = kept_rows.data();
-  int64_t* count = counts.data();
-  int64_t fewest = L, total = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  // row b's attended positions into kept, -> how many
+  auto kept_of = [=](int64_t b, int64_t* kept) {
     const MaskRow row = row_of(b);
     int64_t n = 0;
     for (int64_t j = 0; j < L; ++j)
-      if (!row.masked(j)) kept[b * L + n++] = j;
-    count[b] = n, fewest = std::min(fewest, n), total += n;
+      if (!row.masked(j)) kept[n++] = j;
+    return n;
+  };
+  thread_local std::vector<int64_t> kept_here;
+  kept_here.resize(L);
+  int64_t fewest = L, total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = kept_of(b, kept_here.data());
+    fewest = std::min(fewest, n), total += n;
   }
   // One task per cached head of a row with its query heads (each key read and widened once for them); with fewer
   // such tasks than twice the threads, each takes a part of the row's positions (kMinPart at least), and the parts'
@@ -279,31 +161,46 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
   const int64_t parts = serial || heads >= 2 * threads ? 1
       : std::max<int64_t>(1, std::min({(2 * threads + heads - 1) / heads, fewest / kMinPart, kMaxParts}));
   const int64_t tasks = heads * parts, stride = group * (D + 2);
-  partials.resize(tasks * stride);
-  float* partial = partials.data();
-  at::parallel_for(0, tasks, serial ? tasks : 1, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> qf, scores;
-    qf.resize(group * D);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (KVH * parts), kvh = t / parts % KVH, p = t % parts;
-      const int64_t i0 = count[b] * p / parts, i1 = count[b] * (p + 1) / parts;
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qg = qp + b * qs[0] + (kvh * group + g) * qs[1];
-        float* to = qf.data() + g * D;
-        if (qs[3] == 1) widen(qg, to, D);
-        else for (int64_t d = 0; d < D; ++d) to[d] = static_cast<float>(qg[d * qs[3]]);
+  thread_local std::vector<float> partials;  // the parts' results, for the merge after the join
+  partials.resize(parts > 1 ? tasks * stride : 0);
+  float* const partial = partials.data();
+  // A task, and all it reads, captured by value: the other thread reads each line this one wrote just before from
+  // this CPU's cache, one after another where a pointer leads to the next (as in cpu_gemv_run.h's run); each row's
+  // positions found by the task itself from the mask.
+  auto task = [=](int64_t t) {
+    thread_local std::vector<float> qf, scores, own;
+    thread_local std::vector<int64_t> kept;
+    qf.resize(group * D), kept.resize(L);
+    const int64_t b = t / (KVH * parts), kvh = t / parts % KVH, p = t % parts;
+    const int64_t n = kept_of(b, kept.data()), i0 = n * p / parts, i1 = n * (p + 1) / parts;
+    for (int64_t g = 0; g < group; ++g) {
+      const T* qg = qp + b * qs0 + (kvh * group + g) * qs1;
+      float* to = qf.data() + g * D;
+      if (qs3 == 1) widen(qg, to, D);
+      else for (int64_t d = 0; d < D; ++d) to[d] = static_cast<float>(qg[d * qs3]);
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) to[d] *= static_cast<float>(scale);
-      }
-      scores.resize(group * std::max<int64_t>(i1 - i0, 1));
-      float* part = partial + t * stride;
-      attend_group<T, CH>(qf.data(), group, kp + b * ks[0] + kvh * ks[1], vp + b * vs[0] + kvh * vs[1], ks[2],
-                          vs[2], kept + b * L + i0, i1 - i0, D, row_of(b), scores.data(), part);
-      if (parts == 1)  // the task's heads are done: their outputs here, in parallel, not in a serial merge after
-        for (int64_t g = 0; g < group; ++g)
-          narrow_quotients(part + g * (D + 2) + 2, part[g * (D + 2) + 1], op + (t * group + g) * D, D);
+      for (int64_t d = 0; d < D; ++d) to[d] *= static_cast<float>(scale);
     }
-  });
+    scores.resize(group * std::max<int64_t>(i1 - i0, 1));
+    if (parts == 1) own.resize(stride);
+    float* part = parts == 1 ? own.data() : partial + t * stride;
+    attend_group<T, CH>(qf.data(), group, kp + b * ks0 + kvh * ks1, vp + b * vs0 + kvh * vs1, ks2, vs2,
+                        kept.data() + i0, i1 - i0, D, row_of(b), scores.data(), part);
+    if (parts == 1)  // the task's heads are done: their outputs here, in parallel, not in a serial merge after
+      for (int64_t g = 0; g < group; ++g)
+        narrow_quotients(part + g * (D + 2) + 2, part[g * (D + 2) + 1], op + (t * group + g) * D, D);
+  };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (!serial && !omp_in_parallel())
+#endif
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int64_t t = 0, n = 1;
+#endif
+    for (int64_t k = t * tasks / n; k < (t + 1) * tasks / n; ++k) task(k);
+  }
   if (parts == 1) return;  // each task wrote its heads' outputs; else per query head the parts' sums, merged:
   thread_local std::vector<float> merged;  // rescaled to the row's largest score
   merged.resize(D);

@@ -24,7 +24,7 @@ def build_dir() -> Path:
 
 
 def build(stem: str, sources: list[Path], extra: list[str], what: str, share_symbols: bool = False) -> str | None:
-    """Compile `sources` with `extra` flags, once per host, flags and text (every cpu_gemv_*.h beside them is part of
+    """Compile `sources` with `extra` flags, once per host, flags and text (every cpu_*.h beside them is part of
     that, so that a new header cannot be left out), as the ops library `stem`_<hash>, and load it; -> None, or why it
     failed (a missing compiler or ninja, a build error). `what` names it while it builds. share_symbols: its C
     entries made visible to libraries loaded later (inductor's compiled graphs call them: compile_settings.
@@ -41,7 +41,7 @@ def build(stem: str, sources: list[Path], extra: list[str], what: str, share_sym
 
 def _library(stem: str, sources: list[Path], extra: list[str]) -> Path:
     """Where the ops library of these sources and flags is built: `stem`_<hash>/`stem`_<hash>.so."""
-    files = [*sources, *sorted(sources[0].parent.glob("cpu_gemv_*.h"))]
+    files = [*sources, *sorted(sources[0].parent.glob("cpu_*.h"))]
     identity = [" ".join(extra), *(f.read_text() for f in files), " ".join(sorted(cpu_kind().flags)),
                 torch.__version__]
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
