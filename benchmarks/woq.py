@@ -66,7 +66,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
     """Time one (scheme, backend) case through the run_generation.py pipeline -> a row for the tables."""
     quantized = scheme not in SCHEME_DTYPES
     config = RunConfig(model_id=args.model, device=args.device, dtype=SCHEME_DTYPES.get(scheme, args.dtype),
-                       backend=backend, num_beams=1, input_tokens=args.input_tokens,
+                       backend=backend, num_beams=getattr(args, "num_beams", 1), input_tokens=args.input_tokens,
                        max_new_tokens=args.max_new_tokens, num_iter=args.num_iter, num_warmup=args.num_warmup,
                        token_latency=True, quiet=True, woq=scheme if quantized else None,
                        woq_group_size=args.group_size if scheme == "int4" else None,
@@ -87,7 +87,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
         cores = measure_core_speed() if run.device.type == "cpu" else None  # and the cores' (a busy sibling)
     best = host_best(cores) if cores else None
     metrics = metrics_for(measurement, config.batch_size, weight_bytes(run.loaded.model))
-    read = decode_bytes_read(run.loaded.model, run.dtype, 1, inputs.num_tokens,
+    read = decode_bytes_read(run.loaded.model, run.dtype, config.num_beams, inputs.num_tokens,
                              config.max_new_tokens)["bytes_read_per_token"]
     next_s = metrics["next_token_latency_s"]
     row = {"scheme": scheme, "backend": backend, "model": run.loaded.name,
@@ -97,7 +97,7 @@ def run_one(scheme: str, backend: str, args: argparse.Namespace) -> dict:
            "compile_s": sum(run.backend.details.get("compile_time_s", {}).values()) or None,
            "run_gb_s": check.get("read_bandwidth_gb_s"), "run_placement_ns": check.get("placement_ns"),
            "cores_share": core_share(cores, best) if best else None, "quantization": run.facts.get("quantization"),
-           "placement_ns": placement}
+           "placement_ns": placement, "details": dict(run.backend.details)}
     del run
     gc.collect()
     return row

@@ -8,6 +8,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmbench.backends import cpu_kernels
 from llmbench.compat import dtype_kwargs
 from llmbench.main import main
 from llmbench.prompts import DEFAULT_PROMPT_FILE, cut_prompt, load_prompt_text
@@ -64,6 +65,9 @@ def test_family_benchmarks_with_greedy_and_beam_search(family, backend, family_f
         assert record["prompt_source"] == "prompt.json:en"
         assert record["num_parameters"] > 0
         assert record["output_token_ids"] == reference_generate(folder, beams)
+        if family == "bloom" and backend == "compile" and cpu_kernels.attention_vectorized():
+            # its ALiBi attention, written in Bloom's own module, in the kernel as a per-head mask
+            assert "ALiBi" in record["backend_details"]["decode_attention"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import StaticCache
 
-from llmbench.backends import cpu_kernels, generated_kernels, glu_epilogue
+from llmbench.backends import alibi_attention, cpu_kernels, generated_kernels, glu_epilogue
 from llmbench.backends.base import Backend, eos_bias, generation_config
 from llmbench.backends.compile_settings import (
     GENERATED_LINEAR_MAX_ROWS,
@@ -190,6 +190,8 @@ class CompileBackend(BeamSearch, Backend):
         self.details.update(generated_kernels.use_generated(model, GENERATED_LINEAR_MAX_ROWS, kernel))
         if self.details["generated_attention"]:
             self.details["decode_attention"] = "llmbench_cpu.decode_attention" if kernel else "generated"
+        elif kernel and alibi_attention.use_alibi_kernel_attention(model):
+            self.details["decode_attention"] = "llmbench_cpu.decode_attention (Bloom: ALiBi as a per-head mask)"
 
     def prepare_scoring(self) -> None:
         """Accuracy runs score through the same linear kernels as the decode step (in chunks they take)."""

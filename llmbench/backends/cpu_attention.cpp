@@ -129,18 +129,19 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
   T* op = out.data_ptr<T>();  // (B, 1, H, D) contiguous
   const bool is_bool = mask.scalar_type() == at::kBool;
   const int64_t mask_row = mask.size(0) == 1 ? 0 : mask.stride(0) * mask.element_size(), ms3 = mask.stride(3);
+  const int64_t mask_head = mask.size(1) == 1 ? 0 : mask.stride(1) * mask.element_size();  // a per-head bias: ALiBi
   const char* mp = static_cast<const char*>(mask.data_ptr()) + (mask.size(2) - 1) * mask.stride(2) *
                                                                     mask.element_size();
-  auto row_of = [=](int64_t b) {
+  auto row_of = [=](int64_t b, int64_t h) {  // row b's mask for cached head h (whose query heads share it)
     MaskRow row;
     row.stride = ms3;
-    if (is_bool) row.keep = reinterpret_cast<const bool*>(mp + b * mask_row);
-    else row.add = reinterpret_cast<const float*>(mp + b * mask_row);
+    if (is_bool) row.keep = reinterpret_cast<const bool*>(mp + b * mask_row + h * mask_head);
+    else row.add = reinterpret_cast<const float*>(mp + b * mask_row + h * mask_head);
     return row;
   };
-  // row b's attended positions into kept, -> how many
-  auto kept_of = [=](int64_t b, int64_t* kept) {
-    const MaskRow row = row_of(b);
+  // the positions cached head h of row b attends into kept, -> how many
+  auto kept_of = [=](int64_t b, int64_t h, int64_t* kept) {
+    const MaskRow row = row_of(b, h);
     int64_t n = 0;
     for (int64_t j = 0; j < L; ++j)
       if (!row.masked(j)) kept[n++] = j;
@@ -150,7 +151,7 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
   kept_here.resize(L);
   int64_t fewest = L, total = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = kept_of(b, kept_here.data());
+    const int64_t n = kept_of(b, 0, kept_here.data());  // (head 0's: the parts are found per task)
     fewest = std::min(fewest, n), total += n;
   }
   // One task per cached head of a row with its query heads (each key read and widened once for them); with fewer
@@ -172,7 +173,7 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
     thread_local std::vector<int64_t> kept;
     qf.resize(group * D), kept.resize(L);
     const int64_t b = t / (KVH * parts), kvh = t / parts % KVH, p = t % parts;
-    const int64_t n = kept_of(b, kept.data()), i0 = n * p / parts, i1 = n * (p + 1) / parts;
+    const int64_t n = kept_of(b, kvh, kept.data()), i0 = n * p / parts, i1 = n * (p + 1) / parts;
     for (int64_t g = 0; g < group; ++g) {
       const T* qg = qp + b * qs0 + (kvh * group + g) * qs1;
       float* to = qf.data() + g * D;
@@ -185,7 +186,7 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
     if (parts == 1) own.resize(stride);
     float* part = parts == 1 ? own.data() : partial + t * stride;
     attend_group<T, CH>(qf.data(), group, kp + b * ks0 + kvh * ks1, vp + b * vs0 + kvh * vs1, ks2, vs2,
-                        kept.data() + i0, i1 - i0, D, row_of(b), scores.data(), part);
+                        kept.data() + i0, i1 - i0, D, row_of(b, kvh), scores.data(), part);
     if (parts == 1)  // the task's heads are done: their outputs here, in parallel, not in a serial merge after
       for (int64_t g = 0; g < group; ++g)
         narrow_quotients(part + g * (D + 2) + 2, part[g * (D + 2) + 1], op + (t * group + g) * D, D);
@@ -238,7 +239,8 @@ void attend(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
 }
 
 // query (B, H, Q, D), any strides (its last position attends); key/value (B, KVH, L, D) with unit stride in D, H a
-// multiple of KVH (grouped-query heads share a cached head); mask (B or 1, 1, Q, >= L) bool or float32;
+// multiple of KVH (grouped-query heads share a cached head); mask (B or 1, 1, Q, >= L) bool or float32, or per
+// head (B or 1, H, Q, >= L) where H == KVH (a bias such as ALiBi's added to each head's scores);
 // -> (B, 1, H, D) in the query's dtype, as transformers' attention functions return it.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& mask, double scale) {
@@ -253,8 +255,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
               " query heads a key/value head");
   TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1, "decode_attention: key and value need unit stride in D");
   TORCH_CHECK((mask.size(0) == 1 || mask.size(0) == query.size(0)) && mask.size(3) >= key.size(2) &&
+                  (mask.size(1) == 1 || (mask.size(1) == query.size(1) && key.size(1) == query.size(1))) &&
                   (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat),
-              "decode_attention: the mask must be bool or float32, (1 or rows, 1, Q, >= cache length)");
+              "decode_attention: the mask must be bool or float32, (1 or rows, 1 or heads, Q, >= cache length); ",
+              "per head only where every query head has its own cached head");
   at::Tensor out = at::empty({query.size(0), 1, query.size(1), query.size(3)}, query.options());
   switch (query.scalar_type()) {
     case at::kFloat: attend<float>(query, key, value, mask, scale, out); break;
