@@ -267,7 +267,8 @@ class CpuWatch:
             return figures
         own_s = own - own0
         figures.own_share = own_s / capacity_s
-        figures.other_share = max(0.0, (times["busy_s"] - times0["busy_s"] - own_s) / capacity_s)
+        # a share of the window's capacity: the counters' ticks can put a short window's difference outside [0, 1]
+        figures.other_share = min(1.0, max(0.0, (times["busy_s"] - times0["busy_s"] - own_s) / capacity_s))
         figures.steal_share = (times["steal_s"] - times0["steal_s"]) / capacity_s
         # Each counter delta is exact only to one tick: the CPUs' busy sums and the job's user + system times.
         ticks = 2 * len(self.cpus) + 2 * (len(self.own_pids) + len(self.lone_pids))
