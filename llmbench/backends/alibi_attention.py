@@ -57,7 +57,9 @@ def use_alibi_kernel_attention(model: torch.nn.Module) -> int:
     """Route every BloomAttention of `model` through _decode_forward; -> how many (0: not Bloom, or a transformers
     whose BloomAttention this was not written against)."""
     cls = _bloom_attention_class()
-    modules = [m for m in model.modules() if cls is not None and isinstance(m, cls)]
+    if cls is None:
+        return 0
+    modules = [m for m in model.modules() if isinstance(m, cls)]
     for module in modules:
         module.forward = types.MethodType(_decode_forward, module)
     return len(modules)

@@ -139,19 +139,20 @@ void attend_heads(const at::Tensor& q, const at::Tensor& key, const at::Tensor& 
     else row.add = reinterpret_cast<const float*>(mp + b * mask_row + h * mask_head);
     return row;
   };
-  // the positions cached head h of row b attends into kept, -> how many
+  // how many positions cached head h of row b attends, and (kept not null) which, into kept
   auto kept_of = [=](int64_t b, int64_t h, int64_t* kept) {
     const MaskRow row = row_of(b, h);
     int64_t n = 0;
     for (int64_t j = 0; j < L; ++j)
-      if (!row.masked(j)) kept[n++] = j;
+      if (!row.masked(j)) {
+        if (kept) kept[n] = j;
+        ++n;
+      }
     return n;
   };
-  thread_local std::vector<int64_t> kept_here;
-  kept_here.resize(L);
   int64_t fewest = L, total = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = kept_of(b, 0, kept_here.data());  // (head 0's: the parts are found per task)
+    const int64_t n = kept_of(b, 0, nullptr);  // (head 0's: each task finds its own positions)
     fewest = std::min(fewest, n), total += n;
   }
   // One task per cached head of a row with its query heads (each key read and widened once for them); with fewer

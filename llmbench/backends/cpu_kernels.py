@@ -146,7 +146,7 @@ SCHEDULE_FLAGS = {"even": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_S
 
 def build_flags() -> list[str]:
     """The build's -D flags for this CPU kind (prefetch_hint, schedule, half_stream_rows)."""
-    streams = [f"-DLLMBENCH_HALF_STREAM_ROWS={half_stream_rows()}"] if half_stream_rows() else []
+    streams = [f"-DLLMBENCH_HALF_STREAM_ROWS={rows}"] if (rows := half_stream_rows()) else []
     return [*PREFETCH_FLAGS[prefetch_hint()], *SCHEDULE_FLAGS[schedule()], *streams]
 
 
