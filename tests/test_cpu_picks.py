@@ -35,6 +35,38 @@ def test_reorder_rows_gathers_every_tensor_in_place(ops):
         ops.reorder_rows([torch.randn(4, 6)[:, ::2]], torch.tensor([1, 0, 2, 3]))
 
 
+def test_reorder_rows_with_writers_copies_only_what_differs(ops):
+    """Beam search's steps with `writers`: each step writes its position of every row, then the rows are reordered;
+    the caches end as reordering every generated position gives, while positions a row already holds from the same
+    writer are not copied."""
+    torch.manual_seed(0)
+    rows, start, steps = 6, 3, 12
+    caches = [torch.randn(rows, 2, start + steps, 8).to(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    expected = [c.clone() for c in caches]
+    writers = torch.full((rows, steps), -7, dtype=torch.long)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for tensors in (caches, expected):  # the step writes its position in every row
+            for t in tensors:
+                t[:, :, start + step] = torch.arange(rows).view(rows, 1, 1) * 100 + step
+        source = torch.randint(0, rows, (rows,), generator=generator)
+        if step % 4 == 3:
+            source = torch.arange(rows)  # nothing moves
+        ops.reorder_rows(caches, source, start, start + step + 1, writers)
+        for e in expected:
+            e[:, :, start:start + step + 1] = e[:, :, start:start + step + 1].index_select(0, source)
+        assert all(torch.equal(c, e) for c, e in zip(caches, expected)), step
+        assert writers[:, step].tolist() == source.tolist()  # the step's writer of each row's position
+    # positions a row holds from its source's writer are skipped: row 0 keeps position 0 (both hold row 0's write)
+    cache = torch.stack([torch.zeros(1, 3, 4), torch.ones(1, 3, 4)])
+    two = torch.tensor([[0, 0, -1], [0, 1, -1]])  # the op notes position 2's writers itself
+    ops.reorder_rows([cache], torch.tensor([1, 1]), 0, 3, two)
+    assert cache[0, 0, :, 0].tolist() == [0.0, 1.0, 1.0] and cache[1].eq(1).all()
+    assert two.tolist() == [[0, 1, 1], [0, 1, 1]]
+    with pytest.raises(RuntimeError, match="writers must be a contiguous int64 tensor of 6 rows and at least 13"):
+        ops.reorder_rows([torch.zeros(rows, 1, 20, 4)], torch.arange(rows), start, start + 13, writers)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, vocab", [(1, 40000), (8, 49152), (3, 37)])
 def test_argmax_rows_picks_as_torch_argmax(ops, dtype, rows, vocab):

@@ -29,7 +29,9 @@ class BeamSearch:
         return logits where it holds), so greedy runs never build the kernels for it."""
         use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
             cpu_kernels.load() is None
-        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step" if use \
+        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step (where a prompt's " \
+            "beams share its positions: only the generated ones where a beam's source holds another step's keys)" \
+            if use \
             else "index_select and copy_ per cache tensor"
         self.details["beam_candidates"] = f"llmbench_cpu.topk_rows over the logits' log-softmax (up to " \
             f"{TOPK_ROWS_MOST} beams; torch.topk for more)" if use else "torch.topk"
@@ -81,6 +83,8 @@ class BeamSearch:
         eos = self._eos_columns(vocab) if normalize else None
         beam_offset = (torch.arange(num_beams, device=self.device) * vocab).view(1, -1, 1)
         tensors = cache_tensors(cache)
+        # per row and generated position, the row whose step wrote what the row holds there (reorder_rows fills it)
+        writers = torch.empty(rows, max_new_tokens, dtype=torch.long) if self._beam_ops and shared_prompt else None
         for i in range(max_new_tokens):
             # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
             # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
@@ -106,7 +110,7 @@ class BeamSearch:
             if start == end:
                 pass
             elif self._beam_ops:
-                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end)
+                torch.ops.llmbench_cpu.reorder_rows(tensors, source_rows, start, end, writers)
             else:
                 for tensor in tensors:
                     moving = tensor[:, :, start:end] if shared_prompt else tensor

@@ -381,7 +381,7 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("int8_tile_rows() -> int", &int8_tile_rows);
   m.def("wide_dense_built() -> bool", &wide_dense_built);
   m.def("amx_max_rows() -> int", &amx_max_rows);
-  m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1) -> ()");
+  m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1, Tensor(b!)? writers=None) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
   m.def("topk_rows(Tensor scores, Tensor offset, int k, Tensor? bias=None, bool normalize=False) -> (Tensor, Tensor)");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
