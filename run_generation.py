@@ -3,7 +3,10 @@
 
 import sys
 
-from llmbench.main import main
+from llmbench.allocator import restart_with_allocator
 
 if __name__ == "__main__":
+    restart_with_allocator()  # first: tcmalloc or jemalloc where installed (--allocator)
+    from llmbench.main import main
+
     sys.exit(main())

@@ -6,7 +6,10 @@
 
 import sys
 
-from llmbench.launcher import main
+from llmbench.allocator import restart_with_allocator
 
 if __name__ == "__main__":
+    restart_with_allocator()  # first: tcmalloc or jemalloc where installed (--allocator), in every rank
+    from llmbench.launcher import main
+
     sys.exit(main())

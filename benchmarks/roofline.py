@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 
 from woq import LOCK, add_case_args, cpu_lock, default_config, run_anchor, run_one  # noqa: E402
 
+from llmbench.allocator import loaded  # noqa: E402
 from llmbench.bandwidth_cache import cached_cpu_figure, note_cpu_reading  # noqa: E402
 from llmbench.core_speed import core_share, host_best, measure_core_speed  # noqa: E402
 from llmbench.devices import resolve_device  # noqa: E402
@@ -163,7 +164,8 @@ def main() -> int:
     args = p.parse_args()
     quiet_libraries(verbose=False, no_progress=True)
     device = resolve_device(args.device)
-    print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}", flush=True)
+    print(f"CPU: {cpu_kind().describe()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+          f"allocator {loaded()[0]}", flush=True)
     def measure_now() -> dict:
         with cpu_lock(not args.no_lock and device.type == "cpu"):
             figures = device_bandwidth(device, refresh=True)
@@ -241,4 +243,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from llmbench.allocator import restart_with_allocator
+
+    restart_with_allocator()  # the allocator run_generation.py takes (llmbench/allocator.py)
     sys.exit(main())

@@ -150,4 +150,7 @@ def report(steps: list[tuple[bool, float, float | None]], sums: list[tuple[float
 
 
 if __name__ == "__main__":
+    from llmbench.allocator import restart_with_allocator
+
+    restart_with_allocator()  # the allocator run_generation.py takes (llmbench/allocator.py)
     sys.exit(main())

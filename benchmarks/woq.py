@@ -195,5 +195,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmbench.allocator import restart_with_allocator
 
+    restart_with_allocator()  # the allocator run_generation.py takes (llmbench/allocator.py)
+    sys.exit(main())

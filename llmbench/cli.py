@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbench.allocator import CHOICES as ALLOCATORS
 from llmbench.backends import COMPILE_MODES, backend_names
 from llmbench.errors import UserError
 
@@ -83,6 +84,7 @@ class RunConfig:
     acc_data_dir: Path | None = None
     profile: Path | None = None
     compile_mode: str | None = None  # --backend compile's torch.compile mode; None: the device's (docs/backends.md)
+    allocator: str = "auto"  # the memory allocator the entry script restarts with (llmbench.allocator)
 
     def to_record(self) -> dict:
         """The settings that were asked for, JSON-ready (the record's `config`)."""
@@ -164,6 +166,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="load a --woq-checkpoint whose pickle needs more than tensors (can run code it holds)")
     opt.add_argument("--compile-mode", choices=COMPILE_MODES, default=DEFAULTS.compile_mode,
                      help="torch.compile mode of --backend compile (default: chosen per device and CPU kind)")
+    opt.add_argument("--allocator", choices=ALLOCATORS, default=DEFAULTS.allocator,
+                     help="memory allocator: auto takes tcmalloc, else jemalloc, where installed (the entry script "
+                          "restarts with it preloaded); system keeps the C library's malloc")
     opt.add_argument("--ki", action="store_true", help="DeepSpeed kernel injection (distributed runs)")
     opt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -242,4 +247,5 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
         acc_data_dir=args.acc_data_dir,
         profile=args.profile,
         compile_mode=args.compile_mode,
+        allocator=args.allocator,
     )
