@@ -45,21 +45,21 @@ setup_ipex() {
   say "done: $vpy run_generation.py --benchmark --ipex ...; tests: LLMBENCH_IPEX_TESTS=1 $vpy -m pytest -q -m ipex tests"
 }
 
-# tcmalloc, which the entry scripts preload (llmbench/allocator.py: ~5% off a small model's decode steps on cpu):
-# Debian's package where this runs as root with apt-get and neither tcmalloc nor jemalloc is installed.
+# jemalloc, which the entry scripts preload (llmbench/allocator.py: 5-10% off a small model's decode steps on cpu):
+# Debian's package where this runs as root with apt-get and neither jemalloc nor tcmalloc is installed.
 install_allocator() {
-  if "$1" -c "import sys; from llmbench.allocator import find; sys.exit(not (find('tcmalloc') or find('jemalloc')))"
+  if "$1" -c "import sys; from llmbench.allocator import find; sys.exit(not (find('jemalloc') or find('tcmalloc')))"
   then
     return
   fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing Debian's libtcmalloc-minimal4 (the allocator run_generation.py preloads)"
+    say "installing Debian's libjemalloc2 (the allocator run_generation.py preloads)"
     export DEBIAN_FRONTEND=noninteractive
-    { apt-get install -y -q libtcmalloc-minimal4 || { apt-get update -q && apt-get install -y -q libtcmalloc-minimal4; }
+    { apt-get install -y -q libjemalloc2 || { apt-get update -q && apt-get install -y -q libjemalloc2; }
     } >/dev/null 2>&1 || say "could not install it: runs keep the C library's malloc"
   else
-    say "no tcmalloc or jemalloc: runs keep the C library's malloc (Debian/Ubuntu: apt install" \
-        "libtcmalloc-minimal4; conda: conda install -c conda-forge gperftools)"
+    say "no jemalloc or tcmalloc: runs keep the C library's malloc (Debian/Ubuntu: apt install libjemalloc2;" \
+        "conda: conda install -c conda-forge jemalloc)"
   fi
 }
 

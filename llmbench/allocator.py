@@ -1,9 +1,10 @@
-"""The process's memory allocator: tcmalloc or jemalloc in place of glibc's malloc, as Intel's and PyTorch's CPU
+"""The process's memory allocator: jemalloc or tcmalloc in place of glibc's malloc, as Intel's and PyTorch's CPU
 performance guides advise. A decode step allocates and frees a few hundred tensors (each op's output, the compiled
 graph's buffers) after its weights' stream has pushed every allocator's bookkeeping out of the caches; glibc's
 malloc then walks cold bins (its `_int_free`, `_int_malloc` and `malloc_consolidate` were ~3% of a beam-4 step's
-samples). Default model, compile bf16, 2-vCPU AMD EPYC family 26: greedy 3.54 -> 3.29 ms/token with tcmalloc (3.25
-with jemalloc), beam 4 4.40 -> 4.15 (4.19), first token 29 -> 27 ms (docs/measured.md).
+samples). Default model, compile bf16, 2-vCPU AMD EPYC family 26, ms/token, glibc / jemalloc / tcmalloc: greedy
+3.54 / 3.25 / 3.24, beam 4 4.40 / 4.14 / 4.14, batch 8 5.12 / 4.84 / 5.18 (tcmalloc's larger blocks); eager beam 4
+26.4 / 24.5 / 23.9 (docs/measured.md). So auto takes jemalloc first.
 
 An allocator takes effect only from a process's start (LD_PRELOAD), so the entry scripts call
 restart_with_allocator() before anything else loads: where --allocator (auto by default) names one that is found
@@ -18,11 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-CHOICES = ("auto", "tcmalloc", "jemalloc", "system")
-LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
+LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 RESTARTED = "LLMBENCH_ALLOCATOR_RESTARTED"  # set in a restarted process (its value: the allocator preloaded)
-HOW_TO_INSTALL = ("Debian/Ubuntu: apt install libtcmalloc-minimal4 (bash setup.sh does, as root); conda: conda "
-                  "install -c conda-forge gperftools")
+HOW_TO_INSTALL = "Debian/Ubuntu: apt install libjemalloc2 (bash setup.sh does, as root); conda: conda install " \
+    "-c conda-forge jemalloc"
 
 
 def requested(argv: list[str]) -> str:
@@ -69,7 +70,7 @@ def loaded() -> tuple[str, str | None]:
 
 
 def restart_with_allocator(argv: list[str] | None = None) -> None:
-    """At an entry script's start, before torch loads: where --allocator (auto: tcmalloc, else jemalloc) names an
+    """At an entry script's start, before torch loads: where --allocator (auto: jemalloc, else tcmalloc) names an
     allocator that is found, none is in this process yet and it was not restarted already, start the same command
     again with the library in LD_PRELOAD. Returns where it does not restart (main() then reports why in the
     record, or refuses an allocator asked for by name that this process lacks). Linux only."""
@@ -78,7 +79,7 @@ def restart_with_allocator(argv: list[str] | None = None) -> None:
     want = requested(sys.argv[1:] if argv is None else argv)
     if want == "system" or loaded()[0] != "system":
         return
-    for name in ("tcmalloc", "jemalloc") if want == "auto" else (want,):
+    for name in ("jemalloc", "tcmalloc") if want == "auto" else (want,):
         library = find(name)
         if library:
             break
@@ -117,7 +118,7 @@ def state(want: str = "auto") -> dict:
     elif want == "system":
         how = "--allocator system"
     elif any(find(n) for n in LIBRARIES):
-        how = "tcmalloc or jemalloc is installed, but this process did not start through an entry script"
+        how = "jemalloc or tcmalloc is installed, but this process did not start through an entry script"
     else:
-        how = f"no tcmalloc or jemalloc found ({HOW_TO_INSTALL})"
+        how = f"no jemalloc or tcmalloc found ({HOW_TO_INSTALL})"
     return {"name": name, "library": library, "reason": how}

@@ -167,7 +167,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--compile-mode", choices=COMPILE_MODES, default=DEFAULTS.compile_mode,
                      help="torch.compile mode of --backend compile (default: chosen per device and CPU kind)")
     opt.add_argument("--allocator", choices=ALLOCATORS, default=DEFAULTS.allocator,
-                     help="memory allocator: auto takes tcmalloc, else jemalloc, where installed (the entry script "
+                     help="memory allocator: auto takes jemalloc, else tcmalloc, where installed (the entry script "
                           "restarts with it preloaded); system keeps the C library's malloc")
     opt.add_argument("--ki", action="store_true", help="DeepSpeed kernel injection (distributed runs)")
     opt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
