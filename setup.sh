@@ -45,21 +45,22 @@ setup_ipex() {
   say "done: $vpy run_generation.py --benchmark --ipex ...; tests: LLMBENCH_IPEX_TESTS=1 $vpy -m pytest -q -m ipex tests"
 }
 
-# jemalloc, which the entry scripts preload (llmbench/allocator.py: 5-10% off a small model's decode steps on cpu):
-# Debian's package where this runs as root with apt-get and neither jemalloc nor tcmalloc is installed.
+# jemalloc, which the entry scripts preload (llmbench/allocator.py: 5-10% off a small model's decode steps on cpu),
+# and tcmalloc for --allocator tcmalloc: Debian's packages where this runs as root with apt-get and jemalloc is not
+# installed.
 install_allocator() {
-  if "$1" -c "import sys; from llmbench.allocator import find; sys.exit(not (find('jemalloc') or find('tcmalloc')))"
-  then
+  if "$1" -c "import sys; from llmbench.allocator import find; sys.exit(not find('jemalloc'))"; then
     return
   fi
+  local packages=(libjemalloc2 libtcmalloc-minimal4)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing Debian's libjemalloc2 (the allocator run_generation.py preloads)"
+    say "installing Debian's ${packages[*]} (the allocators run_generation.py preloads)"
     export DEBIAN_FRONTEND=noninteractive
-    { apt-get install -y -q libjemalloc2 || { apt-get update -q && apt-get install -y -q libjemalloc2; }
-    } >/dev/null 2>&1 || say "could not install it: runs keep the C library's malloc"
+    { apt-get install -y -q "${packages[@]}" || { apt-get update -q && apt-get install -y -q "${packages[@]}"; }
+    } >/dev/null 2>&1 || say "could not install them: runs keep the C library's malloc"
   else
-    say "no jemalloc or tcmalloc: runs keep the C library's malloc (Debian/Ubuntu: apt install libjemalloc2;" \
-        "conda: conda install -c conda-forge jemalloc)"
+    say "no jemalloc: runs keep the C library's malloc, or take tcmalloc where installed (Debian/Ubuntu: apt" \
+        "install libjemalloc2; conda: conda install -c conda-forge jemalloc)"
   fi
 }
 

@@ -3,8 +3,9 @@ performance guides advise. A decode step allocates and frees a few hundred tenso
 graph's buffers) after its weights' stream has pushed every allocator's bookkeeping out of the caches; glibc's
 malloc then walks cold bins (its `_int_free`, `_int_malloc` and `malloc_consolidate` were ~3% of a beam-4 step's
 samples). Default model, compile bf16, 2-vCPU AMD EPYC family 26, ms/token, glibc / jemalloc / tcmalloc: greedy
-3.54 / 3.25 / 3.24, beam 4 4.40 / 4.14 / 4.14, batch 8 5.12 / 4.84 / 5.18 (tcmalloc's larger blocks); eager beam 4
-26.4 / 24.5 / 23.9 (docs/measured.md). So auto takes jemalloc first.
+3.54 / 3.25 / 3.24, beam 4 4.40 / 4.14 / 4.14, batch 8 5.12 / 4.84 / 5.18; eager beam 4 26.4 / 24.5 / 23.9, eager
+INT8 greedy 38.5 / 38.5 / 28.1 (docs/measured.md). auto takes jemalloc first, for the compile backend's batches;
+--allocator tcmalloc suits eager runs better.
 
 An allocator takes effect only from a process's start (LD_PRELOAD), so the entry scripts call
 restart_with_allocator() before anything else loads: where --allocator (auto by default) names one that is found
