@@ -6,7 +6,7 @@ import sys
 from llmbench.allocator import restart_with_allocator
 
 if __name__ == "__main__":
-    restart_with_allocator()  # first: tcmalloc or jemalloc where installed (--allocator)
+    restart_with_allocator()  # first: jemalloc or tcmalloc where installed (--allocator)
     from llmbench.main import main
 
     sys.exit(main())

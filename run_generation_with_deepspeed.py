@@ -9,7 +9,7 @@ import sys
 from llmbench.allocator import restart_with_allocator
 
 if __name__ == "__main__":
-    restart_with_allocator()  # first: tcmalloc or jemalloc where installed (--allocator), in every rank
+    restart_with_allocator()  # first: jemalloc or tcmalloc where installed (--allocator), in every rank
     from llmbench.launcher import main
 
     sys.exit(main())

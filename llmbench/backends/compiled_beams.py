@@ -29,10 +29,9 @@ class BeamSearch:
         return logits where it holds), so greedy runs never build the kernels for it."""
         use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
             cpu_kernels.load() is None
-        self.details["beam_cache_reorder"] = "llmbench_cpu.reorder_rows, one call per step (where a prompt's " \
-            "beams share its positions: only the generated ones where a beam's source holds another step's keys)" \
-            if use \
-            else "index_select and copy_ per cache tensor"
+        reorder = "llmbench_cpu.reorder_rows, one call per step (where a prompt's beams share its positions: only " \
+            "the generated ones where a beam's source holds another step's keys)"
+        self.details["beam_cache_reorder"] = reorder if use else "index_select and copy_ per cache tensor"
         self.details["beam_candidates"] = f"llmbench_cpu.topk_rows over the logits' log-softmax (up to " \
             f"{TOPK_ROWS_MOST} beams; torch.topk for more)" if use else "torch.topk"
         return use
