@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends.compile_settings import KERNEL_MAX_ROWS as MAX_ROWS
-from llmbench.backends.compile_settings import amx_large_rows, emulated_gemm
+from llmbench.backends.compile_settings import STEP_MAX_ROWS, amx_large_rows, emulated_gemm
 
 QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
 
@@ -69,15 +69,25 @@ class KernelCall:
         return out
 
 
+# Prompts of a 16-bit kind whose GEMM torch emulates that the 512-bit kernels take, in calls of STEP_MAX_ROWS rows
+# (each reading the weights once, 8 rows a pass over each block): fp16 on the family 26 EPYC (no avx512_fp16), one
+# prefill's linears of the default model, 32 / 64 / 128 / 256 rows 31 / 66 / 130 / 256 ms against F.linear in
+# float32's 84 / 175 / 273 / 446 (weights widened per call). AVX2 builds keep one call of up to MAX_ROWS (float32
+# beyond): on the AMX Xeon built for AVX2 alone, 32 rows of bf16 took the kernels 78 ms in 8-row calls, float32 68.
+EMULATED_WIDE_ROWS = 256
+
+
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
     INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
-    emulates here (emulated_gemm) in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps
-    only."""
+    emulates here (emulated_gemm) up to EMULATED_WIDE_ROWS in calls of STEP_MAX_ROWS where the kernels are built
+    with AVX-512, else in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
     if kind in QUANTIZED:
         return KernelCall(call, members, quantized_prefill_rows(kind), QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
+        if torch.ops.llmbench_cpu.wide_dense_built():
+            return KernelCall(call, members, EMULATED_WIDE_ROWS, STEP_MAX_ROWS, widen=True)
         return KernelCall(call, members, MAX_ROWS, widen=True)
     return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
 
