@@ -332,9 +332,9 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
     assert cpu_kernels.schedule() == ("even" if "AMD" in model_name else "guided")
     for wide in (False, True):  # the kernels' build: 256-bit or 512-bit paths
         monkeypatch.setattr(cpu_kernels, "wide_build", lambda: wide)
-        # Intel CPUs: the kernels; AMD ones: the kernels for bf16, for fp16 where built without AVX-512 and for
-        # float32 where built with it
-        for dtype, amd_kernels in ((torch.bfloat16, True), (torch.float16, not wide), (torch.float32, wide)):
+        # Intel: the kernels; AMD: for bf16, fp16 built without AVX-512 or from family 26, float32 built with it
+        fp16 = not wide or (family or 0) >= 26
+        for dtype, amd_kernels in ((torch.bfloat16, True), (torch.float16, fp16), (torch.float32, wide)):
             assert cpu_kernels.dense_one_row_kernels(dtype) == ("AMD" not in model_name or amd_kernels)
     monkeypatch.setenv("LLMBENCH_ONE_ROW_DENSE", "reductions")
     assert not cpu_kernels.dense_one_row_kernels(torch.bfloat16)

@@ -93,9 +93,9 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
     take the kernels for bf16 weights, for fp16 ones where built without AVX-512, and keep the reductions for
     float32 (the dtype AVX2 CPUs default to; 1.03 / 1.09 in AVX2 code). Once the 512-bit one-row kernels kept their
     two accumulators in registers (cpu_gemv_avx512.h's two_chains): bf16 0.929 / 0.906, fp16 0.996 / 0.965 and
-    1.044 / 1.038 (a tie), float32 1.012 / 1.014 (a tie). The next EPYC (family 26 model 2, 2026-12-07): float32
-    0.922 / 0.917, bf16 0.781 / 0.778, fp16 0.994 / 0.998; so AMD CPUs take the kernels for float32 too where built
-    with AVX-512. LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides. Needs load() to have succeeded."""
+    1.044 / 1.038 (a tie), float32 1.012 / 1.014 (a tie). Family 26 model 2 (2026-12-07): float32 0.922 / 0.917,
+    bf16 0.781 / 0.778, fp16 0.994 / 0.998 (with jemalloc 0.91x, whole runs): so AMD CPUs take them for float32 built
+    with AVX-512, fp16 from family 26 on. LLMBENCH_ONE_ROW_DENSE=kernels or reductions overrides. Needs load()."""
     forced = os.environ.get("LLMBENCH_ONE_ROW_DENSE")
     if forced not in (None, "", "kernels", "reductions"):
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
@@ -104,7 +104,7 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
     if not _amd():
         return True
     if dtype == torch.float16:
-        return not wide_build()
+        return not wide_build() or _amd_family() >= 26
     if dtype == torch.float32:
         return wide_build()
     return dtype == torch.bfloat16
