@@ -23,6 +23,7 @@ from pathlib import Path
 CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
 LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 RESTARTED = "LLMBENCH_ALLOCATOR_RESTARTED"  # set in a restarted process (its value: the allocator preloaded)
+NONE_FOUND = "no jemalloc or tcmalloc found"  # the start of `reason` where neither is installed
 HOW_TO_INSTALL = "Debian/Ubuntu: apt install libjemalloc2 (bash setup.sh does, as root); conda: conda install " \
     "-c conda-forge jemalloc"
 
@@ -121,5 +122,5 @@ def state(want: str = "auto") -> dict:
     elif any(find(n) for n in LIBRARIES):
         how = "jemalloc or tcmalloc is installed, but this process did not start through an entry script"
     else:
-        how = f"no jemalloc or tcmalloc found ({HOW_TO_INSTALL})"
+        how = f"{NONE_FOUND} ({HOW_TO_INSTALL})"
     return {"name": name, "library": library, "reason": how}

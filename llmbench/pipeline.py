@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmbench import errors_only
+from llmbench.allocator import NONE_FOUND
 from llmbench.allocator import state as allocator_state
 from llmbench.backends import backend_overrides, get_backend
 from llmbench.backends.base import Backend
@@ -141,7 +142,7 @@ def open_pipeline(config: RunConfig, world=None) -> Pipeline:
     choice = choose_dtype(config.dtype, device)
     if choice.warning and (world is None or world.is_main):
         print(choice.warning, file=sys.stderr, flush=True)
-    if device.type == "cpu" and allocator["reason"].startswith("no jemalloc") and not config.quiet and \
+    if device.type == "cpu" and allocator["reason"].startswith(NONE_FOUND) and not config.quiet and \
             (world is None or world.is_main):
         print(f"note: the C library's malloc ({allocator['reason']}): jemalloc or tcmalloc take ~5-10% off a small "
               "model's decode steps on cpu", file=sys.stderr, flush=True)

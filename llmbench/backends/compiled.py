@@ -45,7 +45,7 @@ from llmbench.backends.compiled_beams import BeamSearch
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import weights_arena
-from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, prompt_pass, prompt_rows
+from llmbench.backends.kernel_linears import emulated_prompt_rows, prompt_pass, prompt_rows
 from llmbench.backends.static_caches import new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
@@ -171,8 +171,7 @@ class CompileBackend(BeamSearch, Backend):
                     f"prompts of up to {most} rows (tokens x batch) {through}; longer ones through TorchAO's kernels"
             emulated = [kind for kind in ("bfloat16", "float16") if kind in counts and emulated_gemm(kind)]
             if emulated:
-                most, chunk = (EMULATED_WIDE_ROWS, STEP_MAX_ROWS) if cpu_kernels.wide_build() else \
-                    (cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS)
+                most, chunk = emulated_prompt_rows()
                 self.details["emulated_prefill"] = (
                     f"torch has no native {' or '.join(emulated)} GEMM here: prompts of up to {most} rows through "
                     f"the kernels, {chunk} a call, longer ones in float32")

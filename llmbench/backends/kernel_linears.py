@@ -77,18 +77,24 @@ class KernelCall:
 EMULATED_WIDE_ROWS = 256
 
 
+def emulated_prompt_rows() -> tuple[int, int]:
+    """(the most rows, rows a call) of the prompts of a 16-bit kind whose GEMM torch emulates that the loaded kernels
+    take."""
+    wide = torch.ops.llmbench_cpu.wide_dense_built()
+    return (EMULATED_WIDE_ROWS, STEP_MAX_ROWS) if wide else (MAX_ROWS, MAX_ROWS)
+
+
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
     INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
-    emulates here (emulated_gemm) up to EMULATED_WIDE_ROWS in calls of STEP_MAX_ROWS where the kernels are built
-    with AVX-512, else in one call of up to MAX_ROWS, larger ones in float32; other kinds in decode steps only."""
+    emulates here (emulated_gemm) as emulated_prompt_rows() says (up to EMULATED_WIDE_ROWS in calls of STEP_MAX_ROWS
+    where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; other kinds in
+    decode steps only."""
     if kind in QUANTIZED:
         return KernelCall(call, members, quantized_prefill_rows(kind), QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
-        if torch.ops.llmbench_cpu.wide_dense_built():
-            return KernelCall(call, members, EMULATED_WIDE_ROWS, STEP_MAX_ROWS, widen=True)
-        return KernelCall(call, members, MAX_ROWS, widen=True)
+        return KernelCall(call, members, *emulated_prompt_rows(), widen=True)
     return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
 
 
