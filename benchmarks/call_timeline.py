@@ -5,6 +5,7 @@ its OpenMP region, the first two threads' shares, how unevenly they end, and the
     python benchmarks/call_timeline.py                      # bf16, 1 row of x, 60 s
     python benchmarks/call_timeline.py --kinds bf16,int4 --rows 1,4 --seconds 120
     python benchmarks/call_timeline.py --step [--woq int4]  # inside compiled greedy generations
+    python benchmarks/call_timeline.py --step --num-beams 4  # beam search's steps (4 rows of x)
 
 Builds this checkout's CPU kernels (llmbench/backends/cpu_gemv.cpp) once more with -DLLMBENCH_CALL_TRACE=1, whose
 run() notes the clock at each stage of every call of up to LLMBENCH_EVEN_SPLIT_ROWS rows (an even share per thread),
@@ -16,7 +17,7 @@ placement it prints, per shape (medians of the calls, us) and per step (medians 
 each thread's share, uneven (how far apart the two shares ended), join (the later end to the return), and what the
 step's shares would have taken had both threads read at their own rates and ended together (`even end`).
 
-With --step it traces whole compiled greedy generations of the default model instead (--backend compile, 32 in / 64
+With --step it traces whole compiled greedy (or --num-beams) generations of the default model instead (--backend compile, 32 in / 64
 new, the kernels it loads built with the trace, which notes decode attention's calls too): per placement, the
 step's linears as above, its attention calls, the time between the calls by the calls around it (q/k/v to attention:
 rotary and the cache's update; the MLP's gate/up to its down: the activation; the others: residuals and norms), and
@@ -100,8 +101,8 @@ def timeline(kinds: list[str], rows: list[int], seconds: float) -> None:
                 report(kind, m, ins, nbytes, place, rounds)
 
 
-def compiled_steps(woq: str | None, seconds: float) -> None:
-    """Compiled greedy generations, each step's linears traced (the kernels built with LLMBENCH_CALL_TRACE)."""
+def compiled_steps(woq: str | None, seconds: float, beams: int) -> None:
+    """Compiled generations (greedy, or `beams` beams), each step's linears traced (the kernels built with LLMBENCH_CALL_TRACE)."""
 
     from llmbench.backends import direct_steps
     from llmbench.cli import RunConfig
@@ -114,7 +115,7 @@ def compiled_steps(woq: str | None, seconds: float) -> None:
     backend, inputs = run.backend, run.inputs()
     if "streaming_linears" not in backend.details:
         raise SystemExit(f"the kernels did not load: {backend.details.get('streaming_linears_unavailable')}")
-    backend.warm_up_shapes(inputs, new, 1)
+    backend.warm_up_shapes(inputs, new, beams)
     calls: list[tuple[int, int]] = []  # each direct step call's start and end (ns, the kernels' clock)
     direct = direct_steps.DirectStep.__call__
 
@@ -128,13 +129,13 @@ def compiled_steps(woq: str | None, seconds: float) -> None:
     places, tagged = [], {}
     stop = time.monotonic() + seconds
     with cpu_lock(True):
-        timed(backend, inputs, new, stop, calls, tagged, places)
-    print(f"compiled greedy steps, default model, bfloat16{' ' + woq if woq else ''}, 32 in / {new} new")
+        timed(backend, inputs, new, beams, stop, calls, tagged, places)
+    print(f"compiled {'greedy' if beams == 1 else f'beam {beams}'} steps, default model, bfloat16{' ' + woq if woq else ''}, 32 in / {new} new")
     for place, runs in tagged.items():
         step_report(runs, new - 1, place)
 
 
-def timed(backend, inputs, new: int, stop: float, calls: list, tagged: dict, places: list) -> None:
+def timed(backend, inputs, new: int, beams: int, stop: float, calls: list, tagged: dict, places: list) -> None:
     import torch
 
     ops = torch.ops.llmbench_cpu
@@ -142,7 +143,7 @@ def timed(backend, inputs, new: int, stop: float, calls: list, tagged: dict, pla
         ops.call_trace()
         calls.clear()
         with PlacedRound(places) as where:
-            backend.generate(inputs, new, 1)
+            backend.generate(inputs, new, beams)
             trace = ops.call_trace()
         per = len(trace) // (new - 1)  # the prompt's one-row calls (INT4's output head) come first
         if per < 2 or not calls:
@@ -206,6 +207,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="how long to time each kind and number of rows")
     p.add_argument("--step", action="store_true", help="trace compiled greedy generations instead (bf16)")
     p.add_argument("--woq", choices=("int4", "int8"), help="with --step: weight-only quantized linears")
+    p.add_argument("--num-beams", type=int, default=1, help="with --step: beam search's steps (1: greedy)")
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
@@ -216,6 +218,8 @@ def main() -> int:
         p.error("--rows: comma-separated numbers of rows of x, e.g. 1,4")
     if args.woq and not args.step:
         p.error("--woq: with --step only (the linears alone time the kinds of --kinds)")
+    if args.num_beams != 1 and not args.step or not 1 <= args.num_beams <= 8:
+        p.error("--num-beams: 1 to 8, with --step only")
     if not rows or min(rows) < 1 or max(rows) > 8 or args.seconds <= 0:
         p.error("--rows: 1 to 8 rows each; --seconds: more than 0")
     import torch
@@ -226,7 +230,7 @@ def main() -> int:
         raise SystemExit("call_timeline.py: torch runs one thread here; the timeline compares two threads' shares")
     if args.step:  # the compile backend loads the host's build: this one, with the trace
         os.environ["LLMBENCH_CPU_KERNEL_FLAGS"] = f"{os.environ.get('LLMBENCH_CPU_KERNEL_FLAGS', '')} {TRACE}"
-        compiled_steps(args.woq, args.seconds)
+        compiled_steps(args.woq, args.seconds, args.num_beams)
         return 0
     why = cpu_kernels.load()
     if why:

@@ -93,7 +93,7 @@ def test_compile_beam_search_equals_eager_in_fp32(tiny_llama, compile_env, monke
     assert prefill_rows == [(1, INPUT_TOKENS)]
     assert backend.details["beam_prefill"].startswith("one row per prompt")
     assert backend.details["beam_cache_reorder"].startswith("llmbench_cpu" if cpu_kernels == "1" else "index_select")
-    assert backend.details["beam_candidates"].startswith("llmbench_cpu.topk_rows" if cpu_kernels == "1"
+    assert backend.details["beam_candidates"].startswith("llmbench_cpu.beam_choose" if cpu_kernels == "1"
                                                          else "torch.topk")
     assert backend.details["direct_steps"] == {f"beam prompt, 1 rows, cache of {INPUT_TOKENS}": True,
                                                f"beam, 4 rows, cache of {INPUT_TOKENS + NEW_TOKENS}": True}

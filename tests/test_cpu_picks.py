@@ -162,3 +162,47 @@ def test_topk_rows_normalizes_logits_as_log_softmax(ops, dtype, rows, vocab, k):
         values, indices = ops.topk_rows(odd, offset, k, None, True)
         expected = (odd.float().log_softmax(-1) + offset[:, None]).topk(k, dim=1)
         assert torch.equal(values.isnan(), expected.values.isnan()) and torch.equal(indices[1:], expected.indices[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, beams, vocab", [(1, 4, 49152), (2, 4, 1000), (3, 2, 37), (1, 1, 50), (2, 8, 300)])
+def test_beam_choose_takes_a_beam_search_step_as_torch_ops_do(ops, dtype, batch, beams, vocab):
+    """One step's choice in one call: each prompt's best `beams` of its beams' log-probabilities plus their scores
+    (EOS forbidden by the bias), the rows they continue, their tokens, the new scores, and the sequences' rows taken
+    from the rows they continue with the new token written, as the torch ops of the loop give them."""
+    torch.manual_seed(batch * 100 + beams)
+    rows, column = batch * beams, 6
+    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    logits[1 % rows] = logits[0]  # equal sums in two beams (their scores equal below): the lower beam first
+    bias = torch.zeros(vocab)
+    bias[vocab // 2] = float("-inf")
+    scores = torch.randn(rows) * 2
+    scores[1 % rows] = scores[0]
+    sequences = torch.randint(0, vocab, (rows, column + 3))
+    sums = logits.float().log_softmax(-1) + bias + scores[:, None]
+    per_beam = torch.sort(-sums, dim=1, stable=True).indices[:, :beams].contiguous()  # lower columns first
+    candidates = sums.gather(1, per_beam).view(batch, beams * beams)
+    pick = torch.sort(-candidates, dim=1, stable=True).indices[:, :beams]
+    expected_rows = (torch.arange(batch)[:, None] * beams + pick // beams).view(-1)
+    expected_tokens = per_beam.view(batch, -1).gather(1, pick).view(-1, 1)
+    expected_scores = candidates.gather(1, pick).view(-1)
+    expected = sequences.index_select(0, expected_rows)
+    expected[:, column] = expected_tokens.view(-1)
+    expected[:, column + 1:] = sequences[:, column + 1:]  # past the column: as they were
+    source, tokens = ops.beam_choose(logits, scores, beams, bias, sequences, column)
+    assert torch.equal(source, expected_rows) and torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+    assert torch.equal(sequences, expected)
+    assert vocab // 2 not in tokens.flatten().tolist()
+
+
+def test_beam_choose_refuses_bad_calls(ops):
+    logits, scores, sequences = torch.randn(4, 100), torch.zeros(4), torch.zeros(4, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="rows a multiple of beams"):
+        ops.beam_choose(logits, scores, 3, None, sequences, 2)
+    with pytest.raises(RuntimeError, match="scores must be contiguous float32 with one value per row"):
+        ops.beam_choose(logits, torch.zeros(4, dtype=torch.float64), 4, None, sequences, 2)
+    with pytest.raises(RuntimeError, match="more than 8 columns"):
+        ops.beam_choose(logits, scores, 4, None, sequences, 8)
+    with pytest.raises(RuntimeError, match="k must be 1 to 64, got 65"):
+        ops.beam_choose(torch.randn(65, 100), torch.zeros(65), 65, None, torch.zeros(65, 8, dtype=torch.long), 2)

@@ -22,18 +22,21 @@ class BeamSearch:
     @functools.cached_property
     def _beam_ops(self) -> bool:
         """Whether beam search reorders the cache by one C++ call for every cache tensor (cpu; two aten ops per
-        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step) and picks each beam's best
-        candidates from the step's logits by llmbench_cpu.topk_rows, which takes their log-softmax itself (aten's
-        add and topk over the default model's 4 x 49152 took ~200 us of every beam-4 step on 2 cores, the compiled
-        step's log-softmax ~180 us more). Decided at the first beam search, before its steps are compiled (they
-        return logits where it holds), so greedy runs never build the kernels for it."""
+        tensor, 60 for the default model, took ~1 ms of a 7 ms INT4 beam-4 step) and takes each step's choice by
+        one more, llmbench_cpu.beam_choose: each beam's best candidates from the step's logits (topk_rows, which
+        takes their log-softmax itself: aten's add and topk over the default model's 4 x 49152 took ~200 us of
+        every beam-4 step on 2 cores, the compiled step's log-softmax ~180 us more), each prompt's best of them, the
+        scores and the sequences (the dozen tensor ops that did the rest took ~80 us a step). Decided at the first
+        beam search, before its steps are compiled (they return logits where it holds), so greedy runs never build
+        the kernels for it."""
         use = self.device.type == "cpu" and os.environ.get("LLMBENCH_CPU_KERNELS", "1") != "0" and \
             cpu_kernels.load() is None
         reorder = "llmbench_cpu.reorder_rows, one call per step (where a prompt's beams share its positions: only " \
             "the generated ones where a beam's source holds another step's keys)"
         self.details["beam_cache_reorder"] = reorder if use else "index_select and copy_ per cache tensor"
-        self.details["beam_candidates"] = f"llmbench_cpu.topk_rows over the logits' log-softmax (up to " \
-            f"{TOPK_ROWS_MOST} beams; torch.topk for more)" if use else "torch.topk"
+        self.details["beam_candidates"] = f"llmbench_cpu.beam_choose, one call per step: topk_rows over the " \
+            f"logits' log-softmax, then each prompt's best (up to {TOPK_ROWS_MOST} beams; torch.topk for more)" \
+            if use else "torch.topk"
         return use
 
     def _eos_columns(self, vocab: int) -> torch.Tensor | None:
@@ -73,10 +76,12 @@ class BeamSearch:
         normalize = self._beam_ops  # decided before the steps compile: they return logits where it holds
         cache = self._cache_for(rows, length + max_new_tokens)
         positions = self._step_positions(length, max_new_tokens)
-        sequences = input_ids.repeat_interleave(num_beams, dim=0)
+        sequences = torch.empty(rows, length + max_new_tokens, dtype=torch.long, device=self.device)
+        sequences[:, :length] = input_ids.repeat_interleave(num_beams, dim=0)
         out, shared_prompt = self._prefill_beams(input_ids, cache, num_beams)  # logits where `normalize`
         scores = torch.zeros(batch, num_beams, device=self.device)
         scores[:, 1:] = -1e9  # the beams start identical: expand only the first one
+        scores = scores.view(-1)  # per row: its beam's sum of log-probabilities
         row_offset = (torch.arange(batch, device=self.device) * num_beams).unsqueeze(1)
         vocab = out.shape[-1]
         eos = self._eos_columns(vocab) if normalize else None
@@ -85,20 +90,22 @@ class BeamSearch:
         # per row and generated position, the row whose step wrote what the row holds there (reorder_rows fills it)
         writers = torch.empty(rows, max_new_tokens, dtype=torch.long) if self._beam_ops and shared_prompt else None
         for i in range(max_new_tokens):
-            # the best num_beams of all beams' candidates are among each beam's best num_beams (one pass over each
-            # beam's row, in parallel, instead of one long row): the same choice, up to the order of exact ties
-            if normalize and num_beams <= TOPK_ROWS_MOST:
-                best, index = torch.ops.llmbench_cpu.topk_rows(out.reshape(rows, vocab), scores.reshape(-1),
-                                                               num_beams, eos, True)
+            column = length + i
+            if normalize and num_beams <= TOPK_ROWS_MOST:  # the choice below in one call
+                source_rows, tokens = torch.ops.llmbench_cpu.beam_choose(out.reshape(rows, vocab), scores,
+                                                                         num_beams, eos, sequences, column)
             else:
+                # the best num_beams of all beams' candidates are among each beam's best num_beams
                 log_probs = self._log_probs(out) if normalize else out
-                best, index = (log_probs.view(batch, num_beams, vocab) + scores.unsqueeze(-1)).topk(num_beams, dim=2)
-            best, index = best.view(batch, num_beams, num_beams), index.view(batch, num_beams, num_beams)
-            scores, pick = best.view(batch, -1).topk(num_beams, dim=1)
-            flat = (index + beam_offset).view(batch, -1).gather(1, pick)
-            source_rows = (row_offset + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
-            tokens = (flat % vocab).view(-1, 1)
-            sequences = torch.cat([sequences.index_select(0, source_rows), tokens], dim=1)
+                best, index = (log_probs.view(batch, num_beams, vocab) + scores.view(batch, num_beams, 1)).topk(
+                    num_beams, dim=2)
+                top, pick = best.view(batch, -1).topk(num_beams, dim=1)
+                scores = top.view(-1)
+                flat = (index + beam_offset).view(batch, -1).gather(1, pick)
+                source_rows = (row_offset + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
+                tokens = (flat % vocab).view(-1, 1)
+                sequences[:, :column] = sequences[:, :column].index_select(0, source_rows)
+                sequences[:, column] = tokens.view(-1)
             if timer is not None:
                 timer.step()
             if i == max_new_tokens - 1:
@@ -115,5 +122,5 @@ class BeamSearch:
                     moving = tensor[:, :, start:end] if shared_prompt else tensor
                     moving.copy_(moving.index_select(0, source_rows))
             out = self._call_step(self._beam_step, tokens, cache, positions[i])
-        best = scores.argmax(dim=1) + row_offset.squeeze(1)
+        best = scores.view(batch, num_beams).argmax(dim=1) + row_offset.squeeze(1)
         return sequences.index_select(0, best)

@@ -292,12 +292,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t gr
              kWideTile);
 }
 
-// Rows per INT4 tile in this build's layout (int4_layout.int4_rows' tile_rows): 16 on AVX-512 VNNI, else 8.
-int64_t int4_tile_rows() {
-  return kWideTile;
-}
-
-// Rows per INT8 tile in this build's layout (cpu_kernels.int8_tiles' tile_rows): 16 on AVX-512 VNNI, else 8.
+// Rows per INT4 and INT8 tile in this build's layouts (int4_layout.int4_rows', cpu_kernels.int8_tiles' tile_rows):
+// 16 on AVX-512 VNNI, else 8.
+int64_t int4_tile_rows() { return kWideTile; }
 int64_t int8_tile_rows() { return kInt8Tile; }
 
 bool int8_tiles_built() {
@@ -384,6 +381,8 @@ LLMBENCH_LIBRARY(LLMBENCH_OPS, m) {
   m.def("reorder_rows(Tensor(a!)[] tensors, Tensor source, int start=0, int end=-1, Tensor(b!)? writers=None) -> ()");
   m.def("argmax_rows(Tensor scores, Tensor? bias) -> Tensor");
   m.def("topk_rows(Tensor scores, Tensor offset, int k, Tensor? bias=None, bool normalize=False) -> (Tensor, Tensor)");
+  m.def("beam_choose(Tensor logits, Tensor(a!) scores, int beams, Tensor? bias, Tensor(b!) sequences, int column) "
+        "-> (Tensor, Tensor)");
   m.def("set_linear_work(bool on) -> bool", &set_linear_work);
   m.def("call_trace() -> Tensor", &call_trace);
 }
@@ -396,4 +395,5 @@ LLMBENCH_LIBRARY_IMPL(LLMBENCH_OPS, m) {
   m.impl("reorder_rows", &reorder_rows);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("topk_rows", &topk_rows);
+  m.impl("beam_choose", &beam_choose);
 }

@@ -254,3 +254,52 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, const at:
     default: return topk_rows_of<float>(scores, off, k, b, normalize);
   }
 }
+
+// One step's choice of beam search in one call (llmbench_cpu::beam_choose), where the loop had taken topk_rows and a
+// dozen small tensor ops (~180 us of a 4.2 ms beam-4 step of the default model on 2 cores, their code and data cold
+// after the step's weights had gone through the caches). Rows are a prompt's beams one after another; scores (one
+// float32 per row) hold each beam's sum of log-probabilities so far. Each row's `beams` best (topk_rows, the logits
+// taken to their log-softmax, plus bias and the row's score), then per prompt the best `beams` of its beams x beams
+// candidates, largest first (equal sums: the lower beam, then its better pick). scores become the chosen sums; row
+// r of sequences (int64, rows x more than `column`) takes the first `column` ids of the row it continues and its new
+// token at `column`. -> (the rows continued, int64 (rows); the new tokens, int64 (rows, 1)).
+std::tuple<at::Tensor, at::Tensor> beam_choose(const at::Tensor& logits, at::Tensor& scores, int64_t beams,
+                                               const c10::optional<at::Tensor>& bias, at::Tensor& sequences,
+                                               int64_t column) {
+  const int64_t rows = logits.dim() == 2 ? logits.size(0) : 0;
+  TORCH_CHECK(rows > 0 && beams >= 1 && rows % beams == 0, "beam_choose: logits must be (rows, vocabulary) with ",
+              "rows a multiple of beams (", beams, "), got ", logits.sizes());
+  TORCH_CHECK(scores.is_contiguous() && scores.scalar_type() == at::kFloat && scores.numel() == rows,
+              "beam_choose: scores must be contiguous float32 with one value per row (", rows, ")");
+  TORCH_CHECK(sequences.dim() == 2 && sequences.is_contiguous() && sequences.scalar_type() == at::kLong &&
+                  sequences.size(0) == rows && 0 <= column && column < sequences.size(1),
+              "beam_choose: sequences must be contiguous int64 (", rows, " rows, more than ", column, " columns)");
+  const auto [values, indices] = topk_rows(logits, scores, beams, bias, true);
+  const float* v = values.data_ptr<float>();
+  const int64_t* picked = indices.data_ptr<int64_t>();
+  float* s = scores.data_ptr<float>();
+  at::Tensor source = at::empty({rows}, indices.options()), tokens = at::empty({rows, 1}, indices.options());
+  int64_t* from = source.data_ptr<int64_t>();
+  int64_t* token = tokens.data_ptr<int64_t>();
+  auto key = [&](int64_t c) { return std::isnan(v[c]) ? -std::numeric_limits<float>::infinity() : v[c]; };
+  std::vector<int64_t> order(beams * beams);
+  for (int64_t b = 0; b < rows / beams; ++b) {
+    const int64_t first = b * beams * beams;  // the prompt's candidates: beams x beams, beam by beam
+    for (int64_t c = 0; c < beams * beams; ++c) order[c] = first + c;
+    std::partial_sort(order.begin(), order.begin() + beams, order.end(), [&](int64_t x, int64_t y) {
+      return key(x) > key(y) || (key(x) == key(y) && x < y);
+    });
+    for (int64_t j = 0; j < beams; ++j) {
+      const int64_t c = order[j], r = b * beams + j;
+      from[r] = c / beams, token[r] = picked[c], s[r] = v[c];
+    }
+  }
+  const int64_t width = sequences.size(1);
+  int64_t* ids = sequences.data_ptr<int64_t>();
+  std::vector<int64_t> held(ids, ids + rows * width);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (from[r] != r) std::copy_n(held.data() + from[r] * width, column, ids + r * width);
+    ids[r * width + column] = token[r];
+  }
+  return {source, tokens};
+}
