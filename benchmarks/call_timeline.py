@@ -17,11 +17,12 @@ placement it prints, per shape (medians of the calls, us) and per step (medians 
 each thread's share, uneven (how far apart the two shares ended), join (the later end to the return), and what the
 step's shares would have taken had both threads read at their own rates and ended together (`even end`).
 
-With --step it traces whole compiled greedy (or --num-beams) generations of the default model instead (--backend compile, 32 in / 64
-new, the kernels it loads built with the trace, which notes decode attention's calls too): per placement, the
-step's linears as above, its attention calls, the time between the calls by the calls around it (q/k/v to attention:
-rotary and the cache's update; the MLP's gate/up to its down: the activation; the others: residuals and norms), and
-the time outside them (the step's call to its first linear, its last linear to the call's return, between steps).
+With --step it traces whole compiled greedy (or --num-beams) generations of the default model instead (--backend
+compile, 32 in / 64 new, the kernels it loads built with the trace, which notes decode attention's calls too): per
+placement, the step's linears as above, its attention calls, the time between the calls by the calls around it
+(q/k/v to attention: rotary and the cache's update; the MLP's gate/up to its down: the activation; the others:
+residuals and norms), and the time outside them (the step's call to its first linear, its last linear to the call's
+return, between steps).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def timeline(kinds: list[str], rows: list[int], seconds: float) -> None:
 
 
 def compiled_steps(woq: str | None, seconds: float, beams: int) -> None:
-    """Compiled generations (greedy, or `beams` beams), each step's linears traced (the kernels built with LLMBENCH_CALL_TRACE)."""
+    """Compiled generations (greedy, or `beams` beams), each step's linears traced (the kernels built with
+    LLMBENCH_CALL_TRACE)."""
 
     from llmbench.backends import direct_steps
     from llmbench.cli import RunConfig
@@ -130,7 +132,8 @@ def compiled_steps(woq: str | None, seconds: float, beams: int) -> None:
     stop = time.monotonic() + seconds
     with cpu_lock(True):
         timed(backend, inputs, new, beams, stop, calls, tagged, places)
-    print(f"compiled {'greedy' if beams == 1 else f'beam {beams}'} steps, default model, bfloat16{' ' + woq if woq else ''}, 32 in / {new} new")
+    mode = "greedy" if beams == 1 else f"beam {beams}"
+    print(f"compiled {mode} steps, default model, bfloat16{' ' + woq if woq else ''}, 32 in / {new} new")
     for place, runs in tagged.items():
         step_report(runs, new - 1, place)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbench.backends import cpu_kernels, generated_kernels, huge_pages, int4_layout
-from llmbench.backends.compile_settings import STEP_MAX_ROWS, dedupe_pass
+from llmbench.backends.compile_settings import DENSE_CALL_MAX_ROWS, dedupe_pass
 from llmbench.backends.huge_pages import HugePageArena
 
 
@@ -278,9 +278,9 @@ def test_dedupe_pass_keeps_one_of_identical_kernel_calls(ops):
 
 def test_bad_calls_are_refused(ops):
     weight = torch.randn(8, 64)
-    # the op's limit (cpu_gemv.cpp's kStepMaxRows) is the one the compiled steps are built for (INT4 and INT8 take any)
-    with pytest.raises(RuntimeError, match=f"at most {STEP_MAX_ROWS} rows"):
-        ops.linear_dense(torch.randn(STEP_MAX_ROWS + 1, 64), weight, None)
+    # the op's limit (cpu_gemv.cpp's kDenseMaxRows), the one compiled steps and prompts are built for (INT4/8: any)
+    with pytest.raises(RuntimeError, match=f"at most {DENSE_CALL_MAX_ROWS} rows"):
+        ops.linear_dense(torch.randn(DENSE_CALL_MAX_ROWS + 1, 64), weight, None)
     with pytest.raises(RuntimeError, match="input size 32 != weight input size 64"):
         ops.linear_dense(torch.randn(1, 32), weight, None)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmbench.backends import compile_settings, cpu_kernels
-from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS
+from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, NATIVE_BF16_PROMPT_ROWS
 from tests.test_cpu_kernels import quantized_linear, reference, siblings
 
 
@@ -68,8 +68,9 @@ def test_a_bad_amx_row_count_is_refused(ops, monkeypatch):
 
 
 def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
-    """Outside compiled steps (the prefill), bf16 linears of up to 64 rows run the kernels where the CPU has AMX
-    (one call per fused group, its output dropped once each member has its part), else the library's F.linear."""
+    """Outside compiled steps (the prefill), bf16 linears of up to 64 rows run the kernels where the CPU has AMX or
+    native bf16 without it (one call per fused group, its output dropped once each member has its part); where torch
+    emulates bf16, the 512-bit kernels 32 rows a call; else the library's F.linear."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -80,20 +81,22 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
     emulated = not tiles and compile_settings.emulated_gemm("bfloat16")  # 40 rows: float32 F.linear (below)
     wide = emulated and ops.wide_dense_built()  # 40 rows: the 512-bit kernels, in calls of 32 rows
+    native = not tiles and not emulated and "avx512_bf16" in cpu_kernels.cpu_kind().flags and ops.wide_dense_built()
     assert parent.q_proj.forward.kernel.large_rows == (tiles or (EMULATED_WIDE_ROWS if wide else
-                                                                 cpu_kernels.MAX_ROWS if emulated else 0))
+                                                                 cpu_kernels.MAX_ROWS if emulated else
+                                                                 NATIVE_BF16_PROMPT_ROWS if native else 0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
-    assert calls == (2 if tiles else 4 if wide else 0)  # q/k/v as one call, o_proj alone (per 32 rows)
+    assert calls == (2 if tiles or native else 4 if wide else 0)  # q/k/v as one call, o_proj alone (per 32 rows)
     for name, out in outs.items():
         assert out.shape == expected[name].shape
         tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected[name].abs().max().item()
         assert (out.float() - expected[name]).abs().max().item() <= tolerance, name
     assert parent.q_proj.forward.kernel._last is None  # all three members served: nothing held
     parent.q_proj(x)
-    assert (parent.q_proj.forward.kernel._last is not None) == bool(tiles or wide)  # k and v have not had theirs
-    most = 64 if amx_expected() else compile_settings.STEP_MAX_ROWS  # the op's own limit (decode steps' rows)
+    assert (parent.q_proj.forward.kernel._last is not None) == bool(tiles or wide or native)  # k, v: not yet theirs
+    most = compile_settings.DENSE_CALL_MAX_ROWS  # the op's own limit (AMX tiles' too)
     with pytest.raises(RuntimeError, match=f"at most {most} rows"):
         ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
 
@@ -130,7 +133,7 @@ EMULATED_PREFILL = """
 import torch, torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from llmbench.backends import compile_settings, cpu_kernels
-from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS
+from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, NATIVE_BF16_PROMPT_ROWS
 from tests.test_cpu_kernels import siblings
 assert cpu_kernels.load() is None
 built_wide = torch.ops.llmbench_cpu.wide_dense_built()  # 512-bit kernels: up to 256 rows, 32 a call

@@ -43,11 +43,12 @@ KERNEL_CHOICES = ("generated", "library")
 GENERATED_LINEAR_MAX_ROWS = 1
 KERNEL_MAX_ROWS = 8  # rows of x the kernels take in one pass over a weight block (cpu_gemv.cpp's kMaxRows)
 # Rows (batch x beams, e.g. batch 8 with beam 4) up to which a decode step's linears and attention call the suite's
-# kernels (cpu_gemv.cpp's kStepMaxRows): beyond KERNEL_MAX_ROWS a weight block takes the rows of x in passes of 8
+# kernels: beyond KERNEL_MAX_ROWS a weight block takes the rows of x in passes of 8
 # while it is in cache, still one read from memory. Before, such steps took aten's GEMM and SDPA: batch 4 with beam
 # 4 (16 rows) of the default model in bf16 on a 2-core AVX-512 EPYC spent 32 ms a step in the GEMM (8 GB/s of
 # weights) and 23 ms in SDPA (docs/measured.md).
 STEP_MAX_ROWS = 32
+DENSE_CALL_MAX_ROWS = 64  # rows of x one dense kernel call takes (cpu_gemv.cpp's kDenseMaxRows: prompts)
 AMX_DEFAULT_MIN_ROWS = 3  # cpu_gemv_amx.h's default
 
 

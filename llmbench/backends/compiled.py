@@ -45,7 +45,13 @@ from llmbench.backends.compiled_beams import BeamSearch
 from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import weights_arena
-from llmbench.backends.kernel_linears import emulated_prompt_rows, prompt_pass, prompt_rows
+from llmbench.backends.kernel_linears import (
+    NATIVE_BF16_PROMPT_ROWS,
+    emulated_prompt_rows,
+    native_bf16_prompts,
+    prompt_pass,
+    prompt_rows,
+)
 from llmbench.backends.static_caches import new_static_cache
 from llmbench.devices import synchronize
 from llmbench.errors import UserError, exception_name, one_line
@@ -175,6 +181,10 @@ class CompileBackend(BeamSearch, Backend):
                 self.details["emulated_prefill"] = (
                     f"torch has no native {' or '.join(emulated)} GEMM here: prompts of up to {most} rows through "
                     f"the kernels, {chunk} a call, longer ones in float32")
+            elif "bfloat16" in counts and native_bf16_prompts():
+                self.details["native_bf16_prefill"] = (
+                    f"prompts of up to {NATIVE_BF16_PROMPT_ROWS} rows through the kernels' vdpbf16ps, one call per "
+                    "fused group (oneDNN's bf16 GEMM without AMX is slow at few rows); longer ones through oneDNN")
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx

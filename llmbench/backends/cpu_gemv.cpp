@@ -50,7 +50,7 @@ typedef _Float16 v8h __attribute__((vector_size(16)));
 
 constexpr int64_t R = 4;         // weight rows per block
 constexpr int64_t kMaxRows = 8;  // rows of x the dense kernels take in one pass over a block of weight rows
-constexpr int64_t kStepMaxRows = 32;  // rows of a decode step's dense calls: passes of kMaxRows (more: use a GEMM)
+constexpr int64_t kDenseMaxRows = 64;  // rows of a dense call (steps' <= 32, prompts'): passes of kMaxRows
 constexpr int64_t kAnyRows = INT64_MAX;  // INT4 and INT8 take any number of rows (prompts: the weights read once)
 std::atomic<uint64_t> run_calls{0};  // run()'s calls so far: per-call work a thread may keep for its next chunk
 #ifndef LLMBENCH_PREFETCH_BLOCKS
@@ -230,13 +230,13 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
                  kAmxRows);
     }
 #endif
-    const int64_t M = checked_rows(xc, K, "linear_dense", kStepMaxRows);
+    const int64_t M = checked_rows(xc, K, "linear_dense", kDenseMaxRows);
     const at::BFloat16* xb = xc.data_ptr<at::BFloat16>();
     return run(x, M, N, bias, act, [=](float* o, int64_t n0, int64_t n1) { bf16_dot_rows(xb, M, K, w, o, n0, n1); });
   }
 #endif
   const bool sixteen = K % 16 == 0;  // weights 16 a step (wide_rows, pair_rows; bf16's x deinterleaved)
-  const Rows rows = rows_of(x, K, sixteen && weight.scalar_type() == at::kBFloat16, "linear_dense", kStepMaxRows);
+  const Rows rows = rows_of(x, K, sixteen && weight.scalar_type() == at::kBFloat16, "linear_dense", kDenseMaxRows);
   const float* xr = rows.x.data();
   const int64_t M = rows.M;
   auto body = [&](auto* w) {

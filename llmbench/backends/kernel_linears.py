@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from llmbench.backends.compile_settings import DENSE_CALL_MAX_ROWS, STEP_MAX_ROWS, amx_large_rows, emulated_gemm
 from llmbench.backends.compile_settings import KERNEL_MAX_ROWS as MAX_ROWS
-from llmbench.backends.compile_settings import STEP_MAX_ROWS, amx_large_rows, emulated_gemm
 
 QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
 
@@ -84,17 +84,42 @@ def emulated_prompt_rows() -> tuple[int, int]:
     return (EMULATED_WIDE_ROWS, STEP_MAX_ROWS) if wide else (MAX_ROWS, MAX_ROWS)
 
 
+# Prompts up to which native bf16 linears take the vdpbf16ps kernels on CPUs without AMX, in one call (compiled
+# prompts keep one kernel call per fused group): oneDNN's bf16 GEMM (its avx512_bf16 kernels) is slow at few rows
+# there. One prefill's linears of the default model (q/k/v and gate/up fused) on the 2-core family 26 EPYC, 8 / 16 /
+# 32 / 64 / 128 rows: kernels 4.1 / 7.7 / 14.3 / 29.1 / 55.6 ms (64 in calls of 32: 28.6), oneDNN 15.4 / 17.3 / 22.6
+# / 37.2 / 56.7.
+NATIVE_BF16_PROMPT_ROWS = DENSE_CALL_MAX_ROWS
+
+
+def native_bf16_prompts() -> bool:
+    """Whether the loaded kernels multiply bf16 by vdpbf16ps (AVX-512 builds on CPUs with avx512_bf16) on a CPU
+    without AMX: then they take native bf16 prompts (NATIVE_BF16_PROMPT_ROWS)."""
+    from llmbench.host import cpu_kind
+
+    flags = cpu_kind().flags
+    return "avx512_bf16" in flags and "amx_bf16" not in flags and torch.ops.llmbench_cpu.wide_dense_built()
+
+
+def native_bf16_prompt_rows(kind: str, weight: torch.Tensor) -> int:
+    """NATIVE_BF16_PROMPT_ROWS for a bf16 weight whose input size is a multiple of 32 where native_bf16_prompts();
+    else 0."""
+    return NATIVE_BF16_PROMPT_ROWS if kind == "bfloat16" and weight.shape[1] % 32 == 0 and native_bf16_prompts() else 0
+
+
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
     INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
     emulates here (emulated_gemm) as emulated_prompt_rows() says (up to EMULATED_WIDE_ROWS in calls of STEP_MAX_ROWS
-    where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; other kinds in
-    decode steps only."""
+    where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; native bf16
+    without AMX up to native_bf16_prompt_rows() in one call; other kinds in decode steps only."""
     if kind in QUANTIZED:
         return KernelCall(call, members, quantized_prefill_rows(kind), QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
         return KernelCall(call, members, *emulated_prompt_rows(), widen=True)
+    if not tiles and native_bf16_prompt_rows(kind, weight):
+        return KernelCall(call, members, NATIVE_BF16_PROMPT_ROWS, NATIVE_BF16_PROMPT_ROWS, torch.bfloat16)
     return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
 
 
