@@ -80,7 +80,7 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
     emulated = not tiles and compile_settings.emulated_gemm("bfloat16")  # 40 rows: float32 F.linear (below)
-    wide = emulated and ops.wide_dense_built()  # 40 rows: the 512-bit kernels, in calls of 32 rows
+    wide = emulated and ops.wide_dense_built()  # 40 rows: the 512-bit kernels, in one call
     native = not tiles and not emulated and "avx512_bf16" in cpu_kernels.cpu_kind().flags and ops.wide_dense_built()
     assert parent.q_proj.forward.kernel.large_rows == (tiles or (EMULATED_WIDE_ROWS if wide else
                                                                  cpu_kernels.MAX_ROWS if emulated else
@@ -88,7 +88,7 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
-    assert calls == (2 if tiles or native else 4 if wide else 0)  # q/k/v as one call, o_proj alone (per 32 rows)
+    assert calls == (2 if tiles or native or wide else 0)  # q/k/v as one call, o_proj alone
     for name, out in outs.items():
         assert out.shape == expected[name].shape
         tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected[name].abs().max().item()
@@ -133,11 +133,11 @@ EMULATED_PREFILL = """
 import torch, torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from llmbench.backends import compile_settings, cpu_kernels
-from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, NATIVE_BF16_PROMPT_ROWS
+from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS
 from tests.test_cpu_kernels import siblings
 assert cpu_kernels.load() is None
-built_wide = torch.ops.llmbench_cpu.wide_dense_built()  # 512-bit kernels: up to 256 rows, 32 a call
-most, chunk = (EMULATED_WIDE_ROWS, compile_settings.STEP_MAX_ROWS) if built_wide else (cpu_kernels.MAX_ROWS,) * 2
+built_wide = torch.ops.llmbench_cpu.wide_dense_built()  # 512-bit kernels: up to 256 rows, 64 a call
+most, chunk = (EMULATED_WIDE_ROWS, compile_settings.DENSE_CALL_MAX_ROWS) if built_wide else (cpu_kernels.MAX_ROWS,) * 2
 for dtype in (torch.bfloat16, torch.float16):
     assert compile_settings.emulated_gemm(str(dtype).removeprefix("torch."))
     torch.manual_seed(0)
@@ -145,7 +145,7 @@ for dtype in (torch.bfloat16, torch.float16):
     kept = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     assert parent.q_proj.forward.kernel.large_rows == most
-    for rows, calls in ((chunk, 2), (40, 4 if built_wide else 0), (most, 2 * -(-most // chunk)), (most + 1, 0)):
+    for rows, calls in ((chunk, 2), (40, 2 if built_wide else 0), (most, 2 * -(-most // chunk)), (most + 1, 0)):
         x = torch.randn(rows, 128, dtype=dtype)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             outs = {name: getattr(parent, name)(x) for name in kept}
@@ -163,8 +163,8 @@ print("ok")
 def test_emulated_16_bit_prefills_take_the_kernels_or_float32(ops):
     """Where torch has no native bf16/fp16 GEMM (oneDNN held to AVX2 here, as on CPUs without avx512_bf16/fp16),
     16-bit prompts run the kernels (one call per fused group; with the 512-bit kernels up to EMULATED_WIDE_ROWS rows
-    in calls of STEP_MAX_ROWS, else up to MAX_ROWS in one) and longer ones F.linear in float32, not torch's emulated
-    16-bit GEMM."""
+    in calls of DENSE_CALL_MAX_ROWS, else up to MAX_ROWS in one) and longer ones F.linear in float32, not torch's
+    emulated 16-bit GEMM."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "LLMBENCH_AMX_MAX_ROWS": "0", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", EMULATED_PREFILL], cwd=root, env=env, capture_output=True,

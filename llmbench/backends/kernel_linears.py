@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llmbench.backends.compile_settings import DENSE_CALL_MAX_ROWS, STEP_MAX_ROWS, amx_large_rows, emulated_gemm
+from llmbench.backends.compile_settings import DENSE_CALL_MAX_ROWS, amx_large_rows, emulated_gemm
 from llmbench.backends.compile_settings import KERNEL_MAX_ROWS as MAX_ROWS
 
 QUANTIZED = ("int8", "int4")  # kinds whose tensors are the kernels' own copies (plain weights are the module's)
@@ -69,11 +69,13 @@ class KernelCall:
         return out
 
 
-# Prompts of a 16-bit kind whose GEMM torch emulates that the 512-bit kernels take, in calls of STEP_MAX_ROWS rows
-# (each reading the weights once, 8 rows a pass over each block): fp16 on the family 26 EPYC (no avx512_fp16), one
-# prefill's linears of the default model, 32 / 64 / 128 / 256 rows 31 / 66 / 130 / 256 ms against F.linear in
-# float32's 84 / 175 / 273 / 446 (weights widened per call). AVX2 builds keep one call of up to MAX_ROWS (float32
-# beyond): on the AMX Xeon built for AVX2 alone, 32 rows of bf16 took the kernels 78 ms in 8-row calls, float32 68.
+# Prompts of a 16-bit kind whose GEMM torch emulates that the 512-bit kernels take, in calls of DENSE_CALL_MAX_ROWS
+# rows (each reading the weights once, 8 rows a pass over each block; compiled prompts up to one call): fp16 on the
+# family 26 EPYC (no avx512_fp16), one prefill's linears of the default model, 32 / 64 / 128 / 256 rows 31 / 66 / 130
+# / 256 ms (calls of 32) against F.linear in float32's 84 / 175 / 273 / 446 (weights widened per call); whole compile
+# fp16 first tokens at 64 tokens 74-76 ms in calls of 32 (the prompt eager), 62-63 in one (compiled). AVX2 builds keep
+# one call of up to MAX_ROWS (float32 beyond): on the AMX Xeon built for AVX2 alone, 32 rows of bf16 took the kernels
+# 78 ms in 8-row calls, float32 68.
 EMULATED_WIDE_ROWS = 256
 
 
@@ -81,7 +83,7 @@ def emulated_prompt_rows() -> tuple[int, int]:
     """(the most rows, rows a call) of the prompts of a 16-bit kind whose GEMM torch emulates that the loaded kernels
     take."""
     wide = torch.ops.llmbench_cpu.wide_dense_built()
-    return (EMULATED_WIDE_ROWS, STEP_MAX_ROWS) if wide else (MAX_ROWS, MAX_ROWS)
+    return (EMULATED_WIDE_ROWS, DENSE_CALL_MAX_ROWS) if wide else (MAX_ROWS, MAX_ROWS)
 
 
 # Prompts up to which native bf16 linears take the vdpbf16ps kernels on CPUs without AMX, in one call (compiled
@@ -110,7 +112,7 @@ def native_bf16_prompt_rows(kind: str, weight: torch.Tensor) -> int:
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
     INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
-    emulates here (emulated_gemm) as emulated_prompt_rows() says (up to EMULATED_WIDE_ROWS in calls of STEP_MAX_ROWS
+    emulates here (emulated_gemm) as emulated_prompt_rows() says (up to EMULATED_WIDE_ROWS in calls of 64 rows
     where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; native bf16
     without AMX up to native_bf16_prompt_rows() in one call; other kinds in decode steps only."""
     if kind in QUANTIZED:
