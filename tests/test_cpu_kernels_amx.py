@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmbench.backends import compile_settings, cpu_kernels
-from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, NATIVE_BF16_PROMPT_ROWS
+from llmbench.backends.kernel_linears import EMULATED_WIDE_ROWS, NATIVE_PROMPT_ROWS, native_prompt_kinds
 from tests.test_cpu_kernels import quantized_linear, reference, siblings
 
 
@@ -81,10 +82,10 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     tiles = 64 if amx_expected() and os.environ.get("LLMBENCH_AMX_MAX_ROWS") is None else 0
     emulated = not tiles and compile_settings.emulated_gemm("bfloat16")  # 40 rows: float32 F.linear (below)
     wide = emulated and ops.wide_dense_built()  # 40 rows: the 512-bit kernels, in one call
-    native = not tiles and not emulated and "avx512_bf16" in cpu_kernels.cpu_kind().flags and ops.wide_dense_built()
+    native = not tiles and "bfloat16" in native_prompt_kinds()  # avx512_bf16 without AMX: the kernels' vdpbf16ps
     assert parent.q_proj.forward.kernel.large_rows == (tiles or (EMULATED_WIDE_ROWS if wide else
                                                                  cpu_kernels.MAX_ROWS if emulated else
-                                                                 NATIVE_BF16_PROMPT_ROWS if native else 0))
+                                                                 NATIVE_PROMPT_ROWS["bfloat16"][0] if native else 0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         outs = {name: getattr(parent, name)(x) for name in expected}
     calls = sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense")
@@ -99,6 +100,30 @@ def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     most = compile_settings.DENSE_CALL_MAX_ROWS  # the op's own limit (AMX tiles' too)
     with pytest.raises(RuntimeError, match=f"at most {most} rows"):
         ops.linear_dense(torch.randn(most + 1, 128, dtype=torch.bfloat16), parent.o_proj.weight, None)
+
+
+def test_float32_prompts_take_the_kernels_where_the_library_gemm_is_slow(ops):
+    """On AMD CPUs with the 512-bit kernels (MKL's sgemm took 2-3x their time there), float32 prompts of up to
+    NATIVE_PROMPT_ROWS["float32"] rows run the kernels (one call per fused group and 64 rows), the products of
+    F.linear within float32 rounding; longer ones, and every one elsewhere, the library's F.linear."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parent = siblings(lambda out_features: torch.nn.Linear(128, out_features))
+    kept = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in parent.named_children()}
+    cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
+    native = "float32" in native_prompt_kinds()
+    assert native == (cpu_kernels.amd() and ops.wide_dense_built())
+    most, chunk = NATIVE_PROMPT_ROWS["float32"]
+    for rows, calls in ((40, 2), (most, 2 * most // chunk), (most + 1, 0)):
+        x = torch.randn(rows, 128)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = {name: getattr(parent, name)(x) for name in kept}
+        assert sum(e.count for e in prof.key_averages() if e.key == "llmbench_cpu::linear_dense") == \
+            (calls if native else 0)
+        for name, (weight, bias) in kept.items():
+            expected = F.linear(x, weight, bias)
+            assert (outs[name] - expected).abs().max() <= 1e-5 * expected.abs().max(), (rows, name)
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])

@@ -46,9 +46,9 @@ from llmbench.backends.direct_steps import CudaGraphStep, DirectStep, StepGraphs
 from llmbench.backends.fused_siblings import fuse_for_compile
 from llmbench.backends.huge_pages import weights_arena
 from llmbench.backends.kernel_linears import (
-    NATIVE_BF16_PROMPT_ROWS,
+    NATIVE_PROMPT_ROWS,
     emulated_prompt_rows,
-    native_bf16_prompts,
+    native_prompt_kinds,
     prompt_pass,
     prompt_rows,
 )
@@ -181,10 +181,11 @@ class CompileBackend(BeamSearch, Backend):
                 self.details["emulated_prefill"] = (
                     f"torch has no native {' or '.join(emulated)} GEMM here: prompts of up to {most} rows through "
                     f"the kernels, {chunk} a call, longer ones in float32")
-            elif "bfloat16" in counts and native_bf16_prompts():
-                self.details["native_bf16_prefill"] = (
-                    f"prompts of up to {NATIVE_BF16_PROMPT_ROWS} rows through the kernels' vdpbf16ps, one call per "
-                    "fused group (oneDNN's bf16 GEMM without AMX is slow at few rows); longer ones through oneDNN")
+            native = [kind for kind in native_prompt_kinds() if kind in counts and not emulated_gemm(kind)]
+            if native:  # the library's GEMM is slow at few rows here
+                self.details["native_prefill"] = "; ".join(
+                    f"{kind} prompts of up to {NATIVE_PROMPT_ROWS[kind][0]} rows through the kernels, "
+                    f"{NATIVE_PROMPT_ROWS[kind][1]} a call, longer ones through the library" for kind in native)
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx

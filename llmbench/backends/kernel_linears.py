@@ -86,42 +86,52 @@ def emulated_prompt_rows() -> tuple[int, int]:
     return (EMULATED_WIDE_ROWS, DENSE_CALL_MAX_ROWS) if wide else (MAX_ROWS, MAX_ROWS)
 
 
-# Prompts up to which native bf16 linears take the vdpbf16ps kernels on CPUs without AMX, in one call (compiled
-# prompts keep one kernel call per fused group): oneDNN's bf16 GEMM (its avx512_bf16 kernels) is slow at few rows
-# there. One prefill's linears of the default model (q/k/v and gate/up fused) on the 2-core family 26 EPYC, 8 / 16 /
-# 32 / 64 / 128 rows: kernels 4.1 / 7.7 / 14.3 / 29.1 / 55.6 ms (64 in calls of 32: 28.6), oneDNN 15.4 / 17.3 / 22.6
-# / 37.2 / 56.7.
-NATIVE_BF16_PROMPT_ROWS = DENSE_CALL_MAX_ROWS
+# Prompts of a kind torch multiplies natively that the kernels take instead, where its library GEMM is slow at few
+# rows: (the most rows, rows a call; compiled prompts up to one call). One prefill's linears of the default model
+# (q/k/v and gate/up fused) on the 2-core family 26 EPYC (benchmarks/cpu_kernels.py --prefill):
+# - bf16 on CPUs with avx512_bf16 and no AMX (the kernels' vdpbf16ps against oneDNN's avx512_bf16 GEMM), 8 / 16 / 32
+#   / 64 / 128 rows: kernels 4.1 / 7.7 / 14.3 / 29.1 / 55.6 ms (64 in calls of 32: 28.6), oneDNN 15.4 / 17.3 / 22.6
+#   / 37.2 / 56.7: up to 64 rows.
+# - float32 on AMD CPUs (512-bit kernels against MKL's sgemm), 8 / 32 / 128 / 256 rows: kernels 9.9 / 37.0 / 73.8 /
+#   143.6 ms, MKL 40.3 / 80.2 / 234.8 / 402.6: up to EMULATED_WIDE_ROWS, 64 a call.
+NATIVE_PROMPT_ROWS = {"bfloat16": (DENSE_CALL_MAX_ROWS, DENSE_CALL_MAX_ROWS),
+                      "float32": (EMULATED_WIDE_ROWS, DENSE_CALL_MAX_ROWS)}
 
 
-def native_bf16_prompts() -> bool:
-    """Whether the loaded kernels multiply bf16 by vdpbf16ps (AVX-512 builds on CPUs with avx512_bf16) on a CPU
-    without AMX: then they take native bf16 prompts (NATIVE_BF16_PROMPT_ROWS)."""
+def native_prompt_kinds() -> list[str]:
+    """The kinds of NATIVE_PROMPT_ROWS whose prompts the loaded kernels take on this CPU: bf16 where they multiply it
+    by vdpbf16ps (AVX-512 builds on CPUs with avx512_bf16) and the CPU has no AMX, float32 on AMD CPUs with the
+    512-bit kernels."""
+    from llmbench.backends.cpu_kernels import amd
     from llmbench.host import cpu_kind
 
-    flags = cpu_kind().flags
-    return "avx512_bf16" in flags and "amx_bf16" not in flags and torch.ops.llmbench_cpu.wide_dense_built()
+    flags, wide = cpu_kind().flags, torch.ops.llmbench_cpu.wide_dense_built()
+    return [kind for kind, takes in (("bfloat16", "avx512_bf16" in flags and "amx_bf16" not in flags),
+                                     ("float32", amd())) if wide and takes]
 
 
-def native_bf16_prompt_rows(kind: str, weight: torch.Tensor) -> int:
-    """NATIVE_BF16_PROMPT_ROWS for a bf16 weight whose input size is a multiple of 32 where native_bf16_prompts();
-    else 0."""
-    return NATIVE_BF16_PROMPT_ROWS if kind == "bfloat16" and weight.shape[1] % 32 == 0 and native_bf16_prompts() else 0
+def native_prompt_rows(kind: str, weight: torch.Tensor) -> tuple[int, int] | None:
+    """NATIVE_PROMPT_ROWS[kind] where native_prompt_kinds() has it and the weight's input size suits the kernel
+    (bf16's vdpbf16ps: a multiple of 32, else 16), else None."""
+    if kind not in native_prompt_kinds() or weight.shape[1] % (32 if kind == "bfloat16" else 16):
+        return None
+    return NATIVE_PROMPT_ROWS[kind]
 
 
 def kernel_of(call, kind: str, weight: torch.Tensor, members: int = 1) -> KernelCall:
     """The KernelCall of `kind` weights: bf16 on AMX tiles (amx_large_rows) in one call of up to 64 rows; INT4 and
     INT8 prompts of up to quantized_prefill_rows(kind) in calls of QUANTIZED_CHUNK; 16-bit kinds whose GEMM torch
     emulates here (emulated_gemm) as emulated_prompt_rows() says (up to EMULATED_WIDE_ROWS in calls of 64 rows
-    where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; native bf16
-    without AMX up to native_bf16_prompt_rows() in one call; other kinds in decode steps only."""
+    where the kernels are built with AVX-512, else one call of up to MAX_ROWS), larger ones in float32; kinds
+    torch multiplies natively as native_prompt_rows() says; other kinds in decode steps only."""
     if kind in QUANTIZED:
         return KernelCall(call, members, quantized_prefill_rows(kind), QUANTIZED_CHUNK)
     tiles = amx_large_rows(kind, weight)
     if not tiles and emulated_gemm(kind):
         return KernelCall(call, members, *emulated_prompt_rows(), widen=True)
-    if not tiles and native_bf16_prompt_rows(kind, weight):
-        return KernelCall(call, members, NATIVE_BF16_PROMPT_ROWS, NATIVE_BF16_PROMPT_ROWS, torch.bfloat16)
+    native = None if tiles else native_prompt_rows(kind, weight)
+    if native:
+        return KernelCall(call, members, *native, getattr(torch, kind))
     return KernelCall(call, members, tiles, tiles or MAX_ROWS, torch.bfloat16)
 
 
