@@ -184,8 +184,10 @@ class CompileBackend(BeamSearch, Backend):
             native = [kind for kind in native_prompt_kinds() if kind in counts and not emulated_gemm(kind)]
             if native:  # the library's GEMM is slow at few rows here
                 self.details["native_prefill"] = "; ".join(
-                    f"{kind} prompts of up to {NATIVE_PROMPT_ROWS[kind][0]} rows through the kernels, "
-                    f"{NATIVE_PROMPT_ROWS[kind][1]} a call, longer ones through the library" for kind in native)
+                    f"{kind} prompts through the kernels, {NATIVE_PROMPT_ROWS[kind][1]} rows a call" +
+                    ("" if NATIVE_PROMPT_ROWS[kind][0] == sys.maxsize else
+                      f", up to {NATIVE_PROMPT_ROWS[kind][0]} rows (longer ones through the library)")
+                    for kind in native)
             amx = amx_description() if "bfloat16" in counts else None
             if amx:
                 self.details["amx_tiles"] = amx

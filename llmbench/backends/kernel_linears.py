@@ -92,10 +92,10 @@ def emulated_prompt_rows() -> tuple[int, int]:
 # - bf16 on CPUs with avx512_bf16 and no AMX (the kernels' vdpbf16ps against oneDNN's avx512_bf16 GEMM), 8 / 16 / 32
 #   / 64 / 128 rows: kernels 4.1 / 7.7 / 14.3 / 29.1 / 55.6 ms (64 in calls of 32: 28.6), oneDNN 15.4 / 17.3 / 22.6
 #   / 37.2 / 56.7: up to 64 rows.
-# - float32 on AMD CPUs (512-bit kernels against MKL's sgemm), 8 / 32 / 128 / 256 rows: kernels 9.9 / 37.0 / 73.8 /
-#   143.6 ms, MKL 40.3 / 80.2 / 234.8 / 402.6: up to EMULATED_WIDE_ROWS, 64 a call.
+# - float32 on AMD CPUs (512-bit kernels, 64 rows a call, against MKL's sgemm), 8 / 32 / 128 / 256 / 1024 rows:
+#   kernels 9.9 / 37.0 / 127 / 250 / 985 ms, MKL 40.3 / 80.2 / 230 / 408 / 1359: any length.
 NATIVE_PROMPT_ROWS = {"bfloat16": (DENSE_CALL_MAX_ROWS, DENSE_CALL_MAX_ROWS),
-                      "float32": (EMULATED_WIDE_ROWS, DENSE_CALL_MAX_ROWS)}
+                      "float32": (sys.maxsize, DENSE_CALL_MAX_ROWS)}
 
 
 def native_prompt_kinds() -> list[str]:
