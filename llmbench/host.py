@@ -31,6 +31,11 @@ class CpuKind:
         return [f for f in RELEVANT_FLAGS if f in self.flags]
 
     @property
+    def amd(self) -> bool:
+        """The vendor per-CPU choices are made by (the suite's kernels: AMD CPUs measured apart from Intel's)."""
+        return "AMD" in self.model_name.upper()
+
+    @property
     def native_bf16(self) -> bool:
         return any(f in self.flags for f in BF16_FLAGS)
 

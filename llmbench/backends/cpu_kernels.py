@@ -50,7 +50,7 @@ _state: dict[str, object] = {}
 
 def amd() -> bool:
     """The vendor the per-CPU choices below are made by (AMD: what the AVX2 EPYC measured; others: the AMX Xeon)."""
-    return "AMD" in cpu_kind().model_name.upper()
+    return cpu_kind().amd
 
 
 def prefetch_hint() -> str:

@@ -102,12 +102,11 @@ def native_prompt_kinds() -> list[str]:
     """The kinds of NATIVE_PROMPT_ROWS whose prompts the loaded kernels take on this CPU: bf16 where they multiply it
     by vdpbf16ps (AVX-512 builds on CPUs with avx512_bf16) and the CPU has no AMX, float32 on AMD CPUs with the
     512-bit kernels."""
-    from llmbench.backends.cpu_kernels import amd
     from llmbench.host import cpu_kind
 
-    flags, wide = cpu_kind().flags, torch.ops.llmbench_cpu.wide_dense_built()
-    return [kind for kind, takes in (("bfloat16", "avx512_bf16" in flags and "amx_bf16" not in flags),
-                                     ("float32", amd())) if wide and takes]
+    cpu, wide = cpu_kind(), torch.ops.llmbench_cpu.wide_dense_built()
+    return [kind for kind, takes in (("bfloat16", "avx512_bf16" in cpu.flags and "amx_bf16" not in cpu.flags),
+                                     ("float32", cpu.amd)) if wide and takes]
 
 
 def native_prompt_rows(kind: str, weight: torch.Tensor) -> tuple[int, int] | None:
