@@ -4,8 +4,8 @@ graph's buffers) after its weights' stream has pushed every allocator's bookkeep
 malloc then walks cold bins (its `_int_free`, `_int_malloc` and `malloc_consolidate` were ~3% of a beam-4 step's
 samples). Default model, compile bf16, 2-vCPU AMD EPYC family 26, ms/token, glibc / jemalloc / tcmalloc: greedy
 3.54 / 3.25 / 3.24, beam 4 4.40 / 4.14 / 4.14, batch 8 5.12 / 4.84 / 5.18; eager beam 4 26.4 / 24.5 / 23.9, eager
-INT8 greedy 38.5 / 38.5 / 28.1 (docs/measured.md). auto takes jemalloc first, for the compile backend's batches;
---allocator tcmalloc suits eager runs better.
+INT8 greedy 38.5 / 38.5 / 28.1 (docs/measured.md); auto takes jemalloc first, for the compile backend's batches.
+jemalloc starts with JEMALLOC_CONF (where MALLOC_CONF is unset): eager INT8 then takes 29.2 ms.
 
 An allocator takes effect only from a process's start (LD_PRELOAD), so the entry scripts call
 restart_with_allocator() before anything else loads: where --allocator (auto by default) names one that is found
@@ -23,6 +23,12 @@ from pathlib import Path
 CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
 LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 RESTARTED = "LLMBENCH_ALLOCATOR_RESTARTED"  # set in a restarted process (its value: the allocator preloaded)
+# jemalloc keeps the pages it has freed instead of handing them back over time: TorchAO's eager INT8 linears allocate
+# and free tens of MB per call, and with jemalloc's default decay each reuse faulted its pages in again (default
+# model, eager INT8 greedy, 2 alternating pairs: 38.5 / 39.8 -> 29.1 / 29.4 ms/token, tcmalloc 28.5 / 28.7; peak
+# memory +0.7%; dirty_decay_ms:60000 or muzzy_decay_ms:-1 alone, or oversize_threshold:0, changed nothing; compile
+# bf16 batch 8, eager bf16 beam 4 and eager INT4 level).
+JEMALLOC_CONF = "dirty_decay_ms:-1"
 NONE_FOUND = "no jemalloc or tcmalloc found"  # the start of `reason` where neither is installed
 HOW_TO_INSTALL = "Debian/Ubuntu: apt install libjemalloc2 (bash setup.sh does, as root); conda: conda install " \
     "-c conda-forge jemalloc"
@@ -90,6 +96,8 @@ def restart_with_allocator(argv: list[str] | None = None) -> None:
     env = dict(os.environ, **{RESTARTED: name})
     env["LD_PRELOAD"] = ":".join(p for p in (library, os.environ.get("LD_PRELOAD")) if p)
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))  # no line per allocation over 1 GiB
+    if name == "jemalloc" and not env.get("MALLOC_CONF"):  # the user's options stand
+        env["MALLOC_CONF"] = JEMALLOC_CONF
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -123,4 +131,7 @@ def state(want: str = "auto") -> dict:
         how = "jemalloc or tcmalloc is installed, but this process did not start through an entry script"
     else:
         how = f"{NONE_FOUND} ({HOW_TO_INSTALL})"
-    return {"name": name, "library": library, "reason": how}
+    out = {"name": name, "library": library, "reason": how}
+    if name == "jemalloc":  # its options (JEMALLOC_CONF from the restart, or the user's)
+        out["malloc_conf"] = os.environ.get("MALLOC_CONF") or "jemalloc's defaults"
+    return out

@@ -30,22 +30,25 @@ def test_restart_keeps_the_process_and_preloads_the_library():
     """The restart is an exec of the same command: the process id stays, and the new image has the library mapped."""
     code = ("import os, sys; print(os.getpid(), flush=True); from llmbench.allocator import restart_with_allocator, "
             "loaded; restart_with_allocator([]); print(os.getpid(), loaded()[0], "
-            "os.environ.get('LLMBENCH_ALLOCATOR_RESTARTED'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.RESTARTED)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout.split("\n")
-    pid = out[0]
-    if EXPECTED == "system":  # nothing to restart with: one run, nothing mapped
-        assert out[:2] == [pid, f"{pid} system None"]
-    else:  # the first image printed its id, then the restarted one printed the same id twice
-        assert out[:3] == [pid, pid, f"{pid} {EXPECTED} {EXPECTED}"]
+            "os.environ.get('LLMBENCH_ALLOCATOR_RESTARTED'), os.environ.get('MALLOC_CONF'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.RESTARTED, "MALLOC_CONF")}
+    for conf in (None, "narenas:2"):  # jemalloc's options: the suite's, or the user's kept
+        extra = {"MALLOC_CONF": conf} if conf else {}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             env={**env, **extra}, timeout=120, check=True).stdout.split("\n")
+        pid = out[0]
+        if EXPECTED == "system":  # nothing to restart with: one run, nothing mapped
+            assert out[:2] == [pid, f"{pid} system None {conf}"]
+        else:  # the first image printed its id, then the restarted one printed the same id twice
+            expected_conf = conf or (allocator.JEMALLOC_CONF if EXPECTED == "jemalloc" else None)
+            assert out[:3] == [pid, pid, f"{pid} {EXPECTED} {EXPECTED} {expected_conf}"]
 
 
 def test_the_record_names_the_allocator(tiny_llama, tmp_path):
     results = tmp_path / "r.jsonl"
     common = ["--benchmark", "-m", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--greedy",
               "--num-iter", "1", "--num-warmup", "0", "--max-new-tokens", "2", "--results", str(results)]
-    env = {"LD_PRELOAD": "", allocator.RESTARTED: ""}
+    env = {"LD_PRELOAD": "", allocator.RESTARTED: "", "MALLOC_CONF": ""}
     runs = [run_cli(*common, *extra, env=env) for extra in ([], ["--allocator", "system"])]
     assert [done.returncode for done in runs] == [0, 0], runs[0].stderr + runs[1].stderr
     auto, system = (json.loads(line)["environment"]["allocator"] for line in results.read_text().splitlines())
@@ -56,6 +59,7 @@ def test_the_record_names_the_allocator(tiny_llama, tmp_path):
     else:
         assert auto["reason"] == "preloaded at the entry script's restart (--allocator auto)"
         assert f"lib{EXPECTED}" in auto["library"]
+        assert auto.get("malloc_conf") == (allocator.JEMALLOC_CONF if EXPECTED == "jemalloc" else None)
     assert system == {"name": "system", "library": None, "reason": "--allocator system"}
 
 
