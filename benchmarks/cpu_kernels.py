@@ -5,7 +5,7 @@ measured side by side on this host under the CPU lock.
     python benchmarks/cpu_kernels.py --prefetch   # the kernels built with each prefetch hint: one step's linears
     python benchmarks/cpu_kernels.py --step       # one-row linears as generated reductions vs the kernels
     python benchmarks/cpu_kernels.py --amx        # bf16 linears of 1-8 rows: AMX tiles vs vdpbf16ps
-    python benchmarks/cpu_kernels.py --prefill    # bf16 prefill linears of 16-64 rows: AMX tiles vs oneDNN
+    python benchmarks/cpu_kernels.py --prefill [--dtype float32]  # prefill linears: the kernels vs F.linear
     python benchmarks/cpu_kernels.py --int8       # int8 linears of 1-64 rows: as stored vs tiles of eight rows
     python benchmarks/cpu_kernels.py --stream     # one step's plain linears vs the same bytes in large ones vs a sum
 
@@ -21,9 +21,9 @@ ratio, and how many greedy tokens the two agree on.
 --amx (CPUs with AMX_BF16) times one step's bf16 linears with 1, 2, 3, 4 and 8 rows of x (batch x beams) on AMX
 tiles (LLMBENCH_AMX_MIN_ROWS=1) and through the vdpbf16ps kernel (LLMBENCH_AMX_MIN_ROWS=0), each in its own
 process, alternating for --rounds rounds, and prints the AMX/vdpbf16ps ratio of best times per row count.
---prefill (CPUs with AMX_BF16) times one prefill's bf16 linears (every layer's, not the output head) of 16, 32 and
-64 rows (prompt tokens x batch, the AMX kernel's limit) through torch's F.linear (oneDNN) and the AMX kernel,
-alternating in one process.
+--prefill times one prefill's linears (--dtype; every layer's, not the output head) of 8 to 256 rows (prompt tokens
+x batch) through torch's F.linear (oneDNN, MKL) and the kernels (64 rows a call; bf16 on AMX CPUs: tiles),
+alternating in one process: what kernel_linears' prompt limits rest on.
 --int8 times one step's int8 linears (per-row scales) with 1, 2, 4, 8, 16 and 64 rows of x, TorchAO's layout as
 stored (linear_int8) against tiles of eight rows (linear_int8_tiles), alternating in one process for --rounds rounds,
 and prints the tiles/stored ratio of best times.
@@ -182,7 +182,7 @@ def amx(rounds: int, beyond: list[str]) -> None:
         print(f"  {r} rows amx/vdpbf16ps best-time ratio: {best['amx'] / best['vdpbf16ps']:.3f}")
 
 
-def prefill(iters: int) -> None:
+def prefill(iters: int, dtype_name: str) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -194,13 +194,14 @@ def prefill(iters: int) -> None:
     torch.manual_seed(0)
     shapes = step_shapes()[:-1]
     place, arena = placed()
-    weights = [place(torch.randn(n, k, dtype=torch.bfloat16)) for n, k in shapes]
-    print(f"one prefill's bf16 linears, default model shapes; {cpu_kind().describe()}; {iters} alternating rounds; "
-          f"weights: {arena.describe() if arena else 'plain pages (LLMBENCH_HUGE_PAGES=0)'}")
-    for rows in (16, 32, 64):
-        xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
-        cases = {"oneDNN": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
-                 "amx": lambda: [torch.ops.llmbench_cpu.linear_dense(xs[w.shape[1]], w, None) for w in weights]}
+    weights = [place(torch.randn(n, k, dtype=getattr(torch, dtype_name))) for n, k in shapes]
+    print(f"one prefill's {dtype_name} linears, default model shapes; {cpu_kind().describe()}; {iters} alternating "
+          f"rounds; weights: {arena.describe() if arena else 'plain pages (LLMBENCH_HUGE_PAGES=0)'}")
+    for rows in (8, 16, 32, 64, 128, 256):
+        xs = {k: torch.randn(rows, k, dtype=weights[0].dtype) for _, k in shapes}
+        cases = {"library": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                 "kernels": lambda: [torch.ops.llmbench_cpu.linear_dense(x, w, None) for w in weights
+                                     for x in xs[w.shape[1]].split(64)]}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for run in cases.values():
             run()
@@ -211,7 +212,7 @@ def prefill(iters: int) -> None:
                 times[name].append(time.perf_counter() - start)
         for name, ts in times.items():
             print(f"  {rows} rows {name:<7} best {min(ts) * 1e3:6.2f}  median {statistics.median(ts) * 1e3:6.2f} ms")
-        print(f"  {rows} rows amx/oneDNN best-time ratio: {min(times['amx']) / min(times['oneDNN']):.3f}")
+        print(f"  {rows} rows kernels/library best-time ratio: {min(times['kernels']) / min(times['library']):.3f}")
 
 
 def step(dtype: str, iters: int) -> None:
@@ -369,8 +370,8 @@ def main() -> int:
     beyond = ["--beyond-cache"] if args.beyond_cache else []
     if not (args.prefetch or args.step or args.amx or args.prefill or args.int8 or args.stream):
         p.error("choose --prefetch, --step, --amx, --prefill, --int8, --stream or several")
-    if (args.amx or args.prefill) and "amx_bf16" not in cpu_kind().flags:
-        p.error("--amx and --prefill: this CPU has no AMX_BF16")
+    if args.amx and "amx_bf16" not in cpu_kind().flags:
+        p.error("--amx: this CPU has no AMX_BF16")
     if args.prefetch:
         with cpu_lock(True):
             prefetch(args.rounds, beyond)
@@ -379,7 +380,7 @@ def main() -> int:
             amx(args.rounds, beyond)
     if args.prefill:
         with cpu_lock(True):
-            prefill(args.iters)
+            prefill(args.iters, args.dtype)
     if args.int8:
         with cpu_lock(True):
             int8(max(args.rounds, 10))

@@ -87,13 +87,13 @@ def emulated_prompt_rows() -> tuple[int, int]:
 
 
 # Prompts of a kind torch multiplies natively that the kernels take instead, where its library GEMM is slow at few
-# rows: (the most rows, rows a call; compiled prompts up to one call). One prefill's linears of the default model
-# (q/k/v and gate/up fused) on the 2-core family 26 EPYC (benchmarks/cpu_kernels.py --prefill):
-# - bf16 on CPUs with avx512_bf16 and no AMX (the kernels' vdpbf16ps against oneDNN's avx512_bf16 GEMM), 8 / 16 / 32
-#   / 64 / 128 rows: kernels 4.1 / 7.7 / 14.3 / 29.1 / 55.6 ms (64 in calls of 32: 28.6), oneDNN 15.4 / 17.3 / 22.6
-#   / 37.2 / 56.7: up to 64 rows.
-# - float32 on AMD CPUs (512-bit kernels, 64 rows a call, against MKL's sgemm), 8 / 32 / 128 / 256 / 1024 rows:
-#   kernels 9.9 / 37.0 / 127 / 250 / 985 ms, MKL 40.3 / 80.2 / 230 / 408 / 1359: any length.
+# rows: (the most rows, rows a call; compiled prompts up to one call). One prefill's linears of the default model on
+# the 2-core family 26 EPYC, kernels / library best time (`benchmarks/cpu_kernels.py --prefill [--dtype float32]`),
+# 8 / 16 / 32 / 64 / 128 / 256 rows:
+# - bf16 on CPUs with avx512_bf16 and no AMX (the kernels' vdpbf16ps against oneDNN's avx512_bf16 GEMM): 0.36 / 0.53
+#   / 0.68 / 0.81 / 1.08 / 1.36, hence 64 (one call of 64 rows as fast as two of 32).
+# - float32 on AMD CPUs (512-bit kernels against MKL's sgemm): 0.27 / 0.41 / 0.48 / 0.50 / 0.58 / 0.66 (1024 rows,
+#   with the output head: 0.72), hence any length.
 NATIVE_PROMPT_ROWS = {"bfloat16": (DENSE_CALL_MAX_ROWS, DENSE_CALL_MAX_ROWS),
                       "float32": (sys.maxsize, DENSE_CALL_MAX_ROWS)}
 
