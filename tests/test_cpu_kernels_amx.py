@@ -71,7 +71,7 @@ def test_a_bad_amx_row_count_is_refused(ops, monkeypatch):
 def test_bf16_prefills_run_on_amx_tiles_and_let_go_of_their_outputs(ops):
     """Outside compiled steps (the prefill), bf16 linears of up to 64 rows run the kernels where the CPU has AMX or
     native bf16 without it (one call per fused group, its output dropped once each member has its part); where torch
-    emulates bf16, the 512-bit kernels 32 rows a call; else the library's F.linear."""
+    emulates bf16, the 512-bit kernels 64 rows a call; else the library's F.linear."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
