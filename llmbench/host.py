@@ -32,7 +32,7 @@ class CpuKind:
 
     @property
     def amd(self) -> bool:
-        """The vendor per-CPU choices are made by (the suite's kernels: AMD CPUs measured apart from Intel's)."""
+        """The vendor the kernels' per-CPU choices are made by (AMD: what the EPYCs measured; others: the AMX Xeon)."""
         return "AMD" in self.model_name.upper()
 
     @property

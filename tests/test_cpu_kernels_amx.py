@@ -113,7 +113,7 @@ def test_float32_prompts_take_the_kernels_where_the_library_gemm_is_slow(ops):
     kept = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in parent.named_children()}
     cpu_kernels.use_kernel_linears(parent, cpu_kernels.MAX_ROWS)
     native = "float32" in native_prompt_kinds()
-    assert native == (cpu_kernels.amd() and ops.wide_dense_built())
+    assert native == (cpu_kernels.cpu_kind().amd and ops.wide_dense_built())
     most, chunk = NATIVE_PROMPT_ROWS["float32"]
     assert most == sys.maxsize  # any length
     for rows, calls in ((40, 2), (3 * chunk + 1, 8)):

@@ -48,11 +48,6 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def amd() -> bool:
-    """The vendor the per-CPU choices below are made by (AMD: what the AVX2 EPYC measured; others: the AMX Xeon)."""
-    return cpu_kind().amd
-
-
 def prefetch_hint() -> str:
     """Which software prefetch the kernels issue for weight rows a few blocks ahead, per CPU vendor (docs/measured.md
     has every figure): "t0, tiles t2" (rows to every cache level, the INT4 and INT8 tiles to the last, two tiles
@@ -62,7 +57,7 @@ def prefetch_hint() -> str:
     tile ahead, INT4's 16-row tiles to the outer levels (nta: 1.12-1.28x the time), and the 512-bit kernel of 5-8
     rows its next pass's rows into L1 (family 26: 0.77x). From family 26 on, INT4's 16-row tiles to every level
     ("16-row INT4 tiles t0": one step's INT4 linears 0.90-0.99x the time of t2, greedy runs 1.66 / 1.79 ms/token)."""
-    if not amd():
+    if not cpu_kind().amd:
         return "t0, tiles t2"
     return AMD_HINT + (", 16-row INT4 tiles t0" if _amd_family() >= 26 else "")
 
@@ -78,7 +73,7 @@ def half_stream_rows() -> int | None:
     side by side took 0.72 / 0.74x the time of streams (one step's linears, benchmarks/kernel_builds.py) and whole
     fp16 beam-4 runs 5.33-5.39 against 7.38-7.49 ms/token. None elsewhere: as bf16 and float32, whose streams stay
     ahead to 4 rows on family 26 (side by side bf16 1.23-1.27x, float32 1.00x) and fp16's on family 25 (0.92-0.95x)."""
-    return 2 if amd() and _amd_family() >= 26 else None
+    return 2 if cpu_kind().amd and _amd_family() >= 26 else None
 
 
 def dense_one_row_kernels(dtype: torch.dtype) -> bool:
@@ -101,7 +96,7 @@ def dense_one_row_kernels(dtype: torch.dtype) -> bool:
         raise UserError(f"LLMBENCH_ONE_ROW_DENSE={forced!r}: use kernels or reductions")
     if forced:
         return forced == "kernels"
-    if not amd():
+    if not cpu_kind().amd:
         return True
     if dtype == torch.float16:
         return not wide_build() or _amd_family() >= 26
@@ -138,7 +133,7 @@ def schedule() -> str:
     AVX-512 EPYC (2026-12-06, whole compiled greedy runs, alternating processes): INT4 0.81-0.89x the time in even
     shares (4 pairs), INT8 0.88-0.97x, bf16 batch 4 0.90-0.96x, INT4 beam 4 0.66-1.18x; AVX2 code bf16 one row as
     streams 0.78-1.02x. So AMD CPUs split evenly, others keep guided chunks."""
-    return "even" if amd() else "guided"
+    return "even" if cpu_kind().amd else "guided"
 
 
 SCHEDULE_FLAGS = {"even": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"], "guided": []}
