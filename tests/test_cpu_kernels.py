@@ -316,7 +316,7 @@ AMD_BUILD = ["-DLLMBENCH_PREFETCH_LOCALITY=1", "-DLLMBENCH_TILE_PREFETCH_LOCALIT
      [f.replace("WIDE_TILE_PREFETCH_LOCALITY=1", "WIDE_TILE_PREFETCH_LOCALITY=3") for f in AMD_BUILD]
      + ["-DLLMBENCH_HALF_STREAM_ROWS=2"]),
     ("Intel(R) Xeon(R) Platinum 8481C", 6, "avx2 fma", "t0, tiles t2",
-     ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1"])])
+     ["-DLLMBENCH_PREFETCH_LOCALITY=3", "-DLLMBENCH_TILE_PREFETCH_LOCALITY=1", "-DLLMBENCH_EVEN_SPLIT_ROWS=8"])])
 def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, model_name, family, flags, hint,
                                                                   build):
     """Per vendor, and for AMD per family (from 26, INT4's 16-row tiles prefetched to every level and fp16 streams up
@@ -329,7 +329,7 @@ def test_prefetch_schedule_and_one_row_choice_follow_the_cpu_kind(monkeypatch, m
     monkeypatch.delenv("LLMBENCH_ONE_ROW_DENSE", raising=False)
     assert cpu_kernels.prefetch_hint() == hint
     assert cpu_kernels.build_flags() == build
-    assert cpu_kernels.schedule() == ("even" if "AMD" in model_name else "guided")
+    assert cpu_kernels.schedule() == ("even shares, one-row streams" if "AMD" in model_name else "even shares")
     for wide in (False, True):  # the kernels' build: 256-bit or 512-bit paths
         monkeypatch.setattr(cpu_kernels, "wide_build", lambda: wide)
         # Intel: the kernels; AMD: for bf16, fp16 built without AVX-512 or from family 26, float32 built with it

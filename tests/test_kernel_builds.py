@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from llmbench.backends import cpu_kernels
@@ -98,12 +99,14 @@ def test_the_gated_act_in_builds_without_avx512_and_without_avx2():
     check_in_build(code, "-mno-avx2 -mno-avx512f -mno-fma -mno-f16c")
 
 
-def test_the_other_vendors_schedule_gives_the_same_results():
-    """Built with the other CPU vendor's schedule (cpu_kernels.schedule: guided chunks, or even shares with one-row
-    streams), the dense, INT4 and INT8 kernels give the same results, so both schedules are checked on any host."""
-    other = "guided" if cpu_kernels.schedule() == "even" else "even"
+@pytest.mark.parametrize("schedule", ["guided", "even shares", "even shares, one-row streams"])
+def test_every_schedule_gives_the_same_results(schedule):
+    """Built with each way of sharing a call between threads (guided chunks for every call; even shares per
+    cpu_kernels.schedule, with one-row streams on AMD CPUs), the dense, INT4 and INT8 kernels give the same results,
+    so every schedule is checked on any host."""
     flags = {"guided": "-DLLMBENCH_EVEN_SPLIT_ROWS=0 -DLLMBENCH_ONE_ROW_STREAMS=0",
-             "even": " ".join(cpu_kernels.SCHEDULE_FLAGS["even"])}[other]
+             **{name: " ".join(f) for name, f in cpu_kernels.SCHEDULE_FLAGS.items()}}[schedule]
+    flags += "" if "streams" in schedule else " -DLLMBENCH_ONE_ROW_STREAMS=0"
     check_in_build("from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
                    "[t.test_dense_equals_linear(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) "
                    "for r in (1, 3, 8) for k in (64, 72, 80)]; "

@@ -4,8 +4,8 @@
 // (-march=native: AVX2, AVX-512, ...) by llmbench/backends/cpu_kernels.py and called from inside the compiled
 // decode step as torch ops (llmbench_cpu::*).
 //
-// Threads claim contiguous chunks of weight rows (guided scheduling, cpu_gemv_run.h's run; on AMD CPUs decode
-// steps' calls in even shares) in blocks of four; for every row of x a block keeps one vector accumulator per
+// Threads take contiguous shares of weight rows (decode steps' calls in even shares, larger ones in guided chunks:
+// cpu_gemv_run.h's run) in blocks of four; for every row of x a block keeps one vector accumulator per
 // weight row (four independent chains) and prefetches the rows ahead, so the loop is bound by memory (on AMD CPUs
 // one row of x reads the rows one after another instead, each thread's share as one stream: cpu_gemv_generic.h's
 // pair_stream).

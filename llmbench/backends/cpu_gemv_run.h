@@ -215,9 +215,8 @@ at::Tensor run(const at::Tensor& x, int64_t M, int64_t N, const c10::optional<at
     trace.done();
     return y;
   }
-  // Guided scheduling: threads claim chunks of half their share of what is left (at least 32 rows), so a thread
-  // whose core runs slower (a busy hyperthread sibling on a shared host) takes less. Against an even split fixed in
-  // advance, alternating processes on a 2-vCPU AMX Xeon guest took 0.94x the step time, INT4 and bf16 alike.
+  // Guided scheduling (calls of more rows, and every call of builds without LLMBENCH_EVEN_SPLIT_ROWS): threads claim
+  // chunks of half their share of what is left (at least 32 rows), so a thread whose core runs slower takes less.
   const int64_t least = 32 / unit;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {

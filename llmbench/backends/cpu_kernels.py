@@ -126,17 +126,21 @@ PREFETCH_FLAGS = {AMD_HINT: AMD_FLAGS, AMD_HINT + ", 16-row INT4 tiles t0": [
 
 
 def schedule() -> str:
-    """How the kernels share a decode step's call between threads, per CPU vendor: "guided" (chunks claimed in turn,
-    each half the claimant's share of what is left; one row of x reads four weight rows side by side) or "even" (calls
-    of up to 8 rows of x in one even share per thread; one row of x reads the rows one after another, each share
-    one stream). On a 2-vCPU AMX Xeon guided chunks took 0.94x an even split's step time (INT4 and bf16). On a 2-core
-    AVX-512 EPYC (2026-12-06, whole compiled greedy runs, alternating processes): INT4 0.81-0.89x the time in even
-    shares (4 pairs), INT8 0.88-0.97x, bf16 batch 4 0.90-0.96x, INT4 beam 4 0.66-1.18x; AVX2 code bf16 one row as
-    streams 0.78-1.02x. So AMD CPUs split evenly, others keep guided chunks."""
-    return "even" if cpu_kind().amd else "guided"
+    """How the kernels share a decode step's call between threads, per CPU vendor: calls of up to 8 rows of x in one
+    even share per thread (larger calls in guided chunks, each half the claimant's share of what is left), and on AMD
+    CPUs one to four rows of x read a share's weight rows one after another, one stream (elsewhere four weight rows
+    side by side). On a 2-core AVX-512 EPYC (2026-12-06, whole compiled greedy runs, alternating processes, against
+    guided chunks): INT4 0.81-0.89x the time (4 pairs), INT8 0.88-0.97x, bf16 batch 4 0.90-0.96x, INT4 beam 4
+    0.66-1.18x; AVX2 code bf16 one row as streams 0.78-1.02x. On a 2-vCPU AMX Xeon (family 6 model 167, 2026-12-08;
+    an earlier build there had favoured guided chunks, 0.94x): even shares, one step's linears in one process
+    alternating with guided chunks (benchmarks/kernel_builds.py), 0.93-0.98x the time for every kind at 1 and 4 rows
+    (bf16 AMX tiles at 8 rows 1.02x), whole greedy runs bf16 11.82 / 11.93 -> 11.34 / 11.07 ms/token, INT4 3.85 /
+    3.63 -> 3.12 / 3.26; one-row streams there 1.27x (bf16), 1.12x (fp16), 1.09x (float32)."""
+    return "even shares, one-row streams" if cpu_kind().amd else "even shares"
 
 
-SCHEDULE_FLAGS = {"even": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"], "guided": []}
+SCHEDULE_FLAGS = {"even shares, one-row streams": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"],
+                  "even shares": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8"]}
 
 
 def build_flags() -> list[str]:
