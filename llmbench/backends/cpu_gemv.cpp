@@ -221,7 +221,7 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const c10
     const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
 #if defined(LLMBENCH_AMX)
     const int64_t amx_from = amx_min_rows(), rows = x.numel() / std::max<int64_t>(K, 1);
-    if (amx_from && rows >= amx_from && N % kAmxRows == 0) {
+    if (amx_from && rows >= amx_from && N % ((act ? 2 : 1) * kAmxRows) == 0) {  // act 1: halves of whole tiles
       const int64_t M = checked_rows(xc, K, "linear_dense", kAmxMaxRows);
       int64_t C = 0;
       const std::vector<uint32_t> xp = amx_pairs(xc.data_ptr<at::BFloat16>(), M, K, C);
