@@ -104,9 +104,8 @@ def test_every_schedule_gives_the_same_results(schedule):
     """Built with each way of sharing a call between threads (guided chunks for every call; even shares per
     cpu_kernels.schedule, with one-row streams on AMD CPUs), the dense, INT4 and INT8 kernels give the same results,
     so every schedule is checked on any host."""
-    flags = {"guided": "-DLLMBENCH_EVEN_SPLIT_ROWS=0 -DLLMBENCH_ONE_ROW_STREAMS=0",
-             **{name: " ".join(f) for name, f in cpu_kernels.SCHEDULE_FLAGS.items()}}[schedule]
-    flags += "" if "streams" in schedule else " -DLLMBENCH_ONE_ROW_STREAMS=0"
+    flags = {"guided": ["-DLLMBENCH_EVEN_SPLIT_ROWS=0"], **cpu_kernels.SCHEDULE_FLAGS}[schedule]
+    flags = " ".join(flags if "streams" in schedule else [*flags, "-DLLMBENCH_ONE_ROW_STREAMS=0"])
     check_in_build("from tests import test_cpu_kernels as t, test_cpu_kernels_int8 as t8; "
                    "[t.test_dense_equals_linear(ops, d, r, k) for d in (torch.float32, torch.bfloat16, torch.float16) "
                    "for r in (1, 3, 8) for k in (64, 72, 80)]; "

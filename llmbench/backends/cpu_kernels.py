@@ -139,8 +139,9 @@ def schedule() -> str:
     return "even shares, one-row streams" if cpu_kind().amd else "even shares"
 
 
-SCHEDULE_FLAGS = {"even shares, one-row streams": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8", "-DLLMBENCH_ONE_ROW_STREAMS=1"],
-                  "even shares": ["-DLLMBENCH_EVEN_SPLIT_ROWS=8"]}
+EVEN_SHARES = ["-DLLMBENCH_EVEN_SPLIT_ROWS=8"]
+SCHEDULE_FLAGS = {"even shares": EVEN_SHARES,
+                  "even shares, one-row streams": [*EVEN_SHARES, "-DLLMBENCH_ONE_ROW_STREAMS=1"]}
 
 
 def build_flags() -> list[str]:
